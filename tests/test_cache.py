@@ -1,0 +1,121 @@
+"""The mixed-precision cache on a tiny random Llama: layout, eviction, overflow, equivalences."""
+
+import pytest
+import torch
+
+from kvexport.errors import KvxError
+from kvexport.kv.cache import CacheLayout
+from kvexport.kv.policy import CLASSES
+from kvexport.session import CacheOptions, Session, build_cache
+
+IDS = list(range(1000, 1100))
+
+
+def run(session, ids, chunk):
+    return torch.cat([session.step(ids[i : i + chunk]) for i in range(0, len(ids), chunk)])
+
+
+def test_nbytes_is_the_sum_of_buffer_sizes(tiny_model):
+    cache = build_cache(tiny_model, CacheOptions(policy="random:4", max_context=256, window=8))
+    total = sum(b.numel() * b.element_size() for b in cache.state_buffers().values())
+    assert cache.nbytes() == total
+    lay = cache.layout
+    per_class = lay.class_bytes_per_token()
+    pooled = sum(c * b for c, b in zip(lay.capacities, per_class))
+    assert pooled < cache.nbytes() < pooled + (lay.sinks + lay.window + 4 + 2) * per_class[3] + 4096
+
+
+def test_fp32_chunked_prefill_matches_token_by_token(tiny_model):
+    a = Session(tiny_model, CacheOptions(policy="fp32", max_context=128, window=8, sinks=2))
+    b = Session(tiny_model, CacheOptions(policy="fp32", max_context=128, window=8, sinks=2))
+    la, lb = run(a, IDS[:40], 8), run(b, IDS[:40], 1)
+    assert (la - lb).abs().max() < 1e-3
+
+
+def test_window_then_pools_hold_every_position_once(tiny_model):
+    s = Session(tiny_model, CacheOptions(policy="random:0.25,0.25,0.25,0.25", max_context=128, window=8, sinks=3))
+    run(s, IDS[:50], 4)
+    c = s.cache
+    win = sorted(p for p in c.win_pos[:8].tolist() if p >= 0)
+    assert win == list(range(42, 50))
+    pooled = []
+    for cls, cap in zip(CLASSES, c.layout.capacities):
+        n = int(c.fill[CLASSES.index(cls)])
+        pooled += getattr(c, f"pool_pos{cls}")[:n].tolist()
+    assert sorted(pooled) == list(range(3, 42))
+    stats = s.kv_stats()
+    assert stats["tokens_cached"] == 50 and sum(stats["class_histogram"].values()) == 50
+
+
+def test_static4_window0_quantizes_every_token_and_counts_bits(tiny_model):
+    s = Session(tiny_model, CacheOptions(policy="static-4", max_context=64, window=0, sinks=0))
+    run(s, IDS[:20], 5)
+    st = s.kv_stats()
+    assert st["class_histogram"] == {"2": 0, "4": 20, "8": 0, "16": 0}
+    head_dim = tiny_model.args.head_dim  # 16 -> group 16: 4 + 32/16 = 6 bits per element
+    assert st["avg_bits"] == pytest.approx(4 + 32 / head_dim)
+
+
+def test_overflow_falls_to_cheaper_then_dearer_classes(tiny_model):
+    from kvexport.kv.cache import MixedKVCache
+    from kvexport.kv.policy import FixedClass
+
+    lay = CacheLayout(n_layers=2, n_kv_heads=2, head_dim=32, max_context=12, sinks=0, window=0, group=32,
+                      capacities=(2, 3, 2, 5))  # sums to the 12 pooled tokens
+    cache = MixedKVCache(lay, FixedClass(8), torch.zeros(49152))
+    s = Session(tiny_model, CacheOptions(policy="static-8", max_context=12, window=0, sinks=0))
+    s.cache = cache
+    run(s, IDS[:12], 3)
+    # wants 8: 8-pool (2) fills first, then 4 (3), then 2 (2), then the dearer 16 pool (5)
+    assert cache.pool_pos8[:2].tolist() == [0, 1]
+    assert cache.pool_pos4[:3].tolist() == [2, 3, 4]
+    assert cache.pool_pos2[:2].tolist() == [5, 6]
+    assert cache.pool_pos16[:5].tolist() == [7, 8, 9, 10, 11]
+
+
+def test_export_mode_masks_match_trimmed_eager(tiny_model):
+    opts = CacheOptions(policy="random:4.5", max_context=96, window=4, sinks=2)
+    a = Session(tiny_model, opts)
+    b = Session(tiny_model, opts)
+    b.cache = build_cache(tiny_model, opts, trim=False)
+    # Different matmul sizes round differently (~1e-6), which can flip a code at a rounding boundary.
+    assert (run(a, IDS[:30], 4) - run(b, IDS[:30], 4)).abs().max() < 5e-3
+
+
+def test_quantized_policies_change_logits_in_order_of_bits(tiny_model):
+    ref = run(Session(tiny_model, CacheOptions(policy="fp32", max_context=96, window=0, sinks=0)), IDS[:60], 1)
+    errs = {}
+    for p in ("static-8", "static-4", "static-2"):
+        out = run(Session(tiny_model, CacheOptions(policy=p, max_context=96, window=0, sinks=0)), IDS[:60], 1)
+        errs[p] = (out - ref).abs().mean().item()
+    assert 0 < errs["static-8"] < errs["static-4"] < errs["static-2"]
+
+
+def test_rotation_keeps_fp_results_and_changes_quantized_ones(tiny_model):
+    base = CacheOptions(policy="fp32", max_context=64, window=0, sinks=0)
+    rot = CacheOptions(policy="fp32", max_context=64, window=0, sinks=0, rotate_keys=True)
+    a, b = run(Session(tiny_model, base), IDS[:20], 4), run(Session(tiny_model, rot), IDS[:20], 4)
+    assert (a - b).abs().max() < 1e-4
+    q = CacheOptions(policy="static-2", max_context=64, window=0, sinks=0)
+    qr = CacheOptions(policy="static-2", max_context=64, window=0, sinks=0, rotate_keys=True)
+    assert (run(Session(tiny_model, q), IDS[:20], 4) - run(Session(tiny_model, qr), IDS[:20], 4)).abs().max() > 1e-3
+
+
+def test_context_overflow_is_a_clear_error(tiny_model):
+    s = Session(tiny_model, CacheOptions(policy="fp16", max_context=16, window=4, sinks=2))
+    with pytest.raises(KvxError, match="exceed the cache's context of 16"):
+        s.prefill(IDS[:17])
+
+
+@pytest.mark.parametrize("opts,msg", [
+    (CacheOptions(policy="static-3"), "static bit-width"),
+    (CacheOptions(policy="random:1"), "average bits"),
+    (CacheOptions(policy="random:2.1", max_context=64, window=32), "below the minimum"),
+    (CacheOptions(policy="fp16", window=3000), "must fit in the context"),
+    (CacheOptions(policy="fp16", group=5), "group size"),
+    (CacheOptions(policy="learned:/nonexistent.safetensors"), "controller file not found"),
+])
+def test_bad_options_are_one_line_errors(tiny_model, opts, msg):
+    with pytest.raises(KvxError, match=msg) as err:
+        build_cache(tiny_model, opts)
+    assert "\n" not in str(err.value)

@@ -1,0 +1,63 @@
+"""Quantizers and packing: round trips, error bounds, storage accounting."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvexport.kv import quant
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), rows=st.integers(1, 5), seed=st.integers(0, 10_000))
+def test_unpack_inverts_pack(bits, rows, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (rows, 3, 64), generator=g, dtype=torch.uint8)
+    packed = quant.pack(codes, bits)
+    assert packed.shape[-1] == 64 * bits // 8 and packed.dtype == torch.uint8
+    assert torch.equal(quant.unpack(packed, bits), codes)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), group=st.sampled_from([16, 32, 64]), seed=st.integers(0, 10_000),
+       scale=st.floats(1e-3, 1e3), shift=st.floats(-100, 100))
+def test_dequantization_error_within_half_a_step(bits, group, seed, scale, shift):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 2, 64, generator=g) * scale + shift
+    codes, s, z = quant.quantize(x, bits, group)
+    assert codes.max() <= 2**bits - 1
+    err = (quant.dequantize(codes, s, z, group) - x).abs().reshape(4, 2, 64 // group, group)
+    half_step = s.float().unsqueeze(-1) / 2
+    # fp32 arithmetic adds a few ulps of the values involved on top of the half step
+    assert (err <= half_step + 4e-7 * (x.abs().max() + abs(shift))).all()
+
+
+def test_constant_group_is_exact():
+    x = torch.full((1, 1, 64), 0.3)
+    codes, s, z = quant.quantize(x, 4, 64)
+    assert torch.allclose(quant.dequantize(codes, s, z, 64), x, atol=2e-4)
+
+
+def test_known_packing_layout():
+    codes = torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8)
+    assert quant.pack(codes, 2).tolist() == [[1 + 2 * 4 + 3 * 16]]
+    assert quant.pack(torch.tensor([[5, 9]], dtype=torch.uint8), 4).tolist() == [[5 + 9 * 16]]
+
+
+@pytest.mark.parametrize("bits,group,expected", [(4, 64, 4.5), (2, 64, 2.5), (8, 64, 8.5), (4, 32, 5.0), (16, 64, 16.0)])
+def test_bits_per_element_counts_metadata(bits, group, expected):
+    assert quant.bits_per_element(bits, group) == expected
+
+
+def test_hadamard_is_orthonormal_and_rejects_odd_dims():
+    h = quant.hadamard(64)
+    assert torch.allclose(h @ h.T, torch.eye(64), atol=1e-6)
+    with pytest.raises(ValueError):
+        quant.hadamard(48)
+
+
+def test_layout_checks():
+    with pytest.raises(ValueError, match="group size"):
+        quant.check_layout(64, 4, 48)
+    with pytest.raises(ValueError, match="bit-width"):
+        quant.check_layout(64, 3, 64)

@@ -105,8 +105,7 @@ class Session:
 
     @property
     def max_chunk(self) -> int:
-        """Largest chunk one step may take (the window, so evictions never skip a token)."""
-        return self.cache.layout.window or 64
+        return self.cache.max_chunk
 
     def reset(self) -> None:
         self.cache.reset()
@@ -131,6 +130,30 @@ class Session:
         """Feed a prompt in chunks; returns the logits of every prompt token ``[T, V]``."""
         self.check_room(len(ids))
         return torch.cat([self.step(ids[i : i + self.max_chunk]) for i in range(0, len(ids), self.max_chunk)])
+
+    @torch.no_grad()
+    def score_continuations(self, context: list[int], continuations: list[list[int]]) -> list[float]:
+        """Sum of log-probabilities of each continuation after ``context``.
+
+        The context goes through the cache exactly as decoding would (chunks, window, eviction,
+        quantization); the continuations are then teacher-forced together as one batch over that
+        quantized cache without being committed. Returns one float per continuation.
+        """
+        if not context or not continuations or not all(continuations):
+            raise ValueError("context and every continuation need at least one token")
+        self.reset()
+        self.check_room(len(context) + max(map(len, continuations)))
+        last = torch.log_softmax(self.prefill(context)[-1], dim=-1)
+        width = max(map(len, continuations))
+        tokens = torch.tensor([c + [c[-1]] * (width - len(c)) for c in continuations], dtype=torch.int64)
+        logp = torch.log_softmax(self.model(tokens, torch.tensor([self.pos]), self.cache), dim=-1)
+        scores = []
+        for row, cont in enumerate(continuations):
+            total = last[cont[0]].item()
+            if len(cont) > 1:
+                total += logp[row, torch.arange(len(cont) - 1), torch.tensor(cont[1:])].sum().item()
+            scores.append(total)
+        return scores
 
     def kv_stats(self) -> dict:
         s = self.cache.stats().tolist()

@@ -39,3 +39,22 @@ def tiny_model(real_model) -> LoadedModel:
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def hand_controller(tmp_path_factory):
+    """A hand-set controller file: 8-bit for tokens that received above-uniform attention, else 2-bit."""
+    from kvexport.controller.model import Controller
+    from kvexport.kv.policy import FEATURES
+
+    ctrl = Controller(len(FEATURES), 2, 4, meta={"features": list(FEATURES), "classes": [2, 4, 8, 16],
+                                                  "fractions": [0.5, 0.0, 0.5, 0.0], "note": "hand-set for tests"})
+    with torch.no_grad():
+        ctrl.w1[0, 3] = 5.0  # hidden 0 ~ tanh(5 * (attn_received - 1))
+        ctrl.feat_mean[3] = 1.0
+        ctrl.w2[0, 0] = -1.0  # class 2-bit when attention is low
+        ctrl.w2[2, 0] = 1.0  # class 8-bit when attention is high
+        ctrl.b2[1] = ctrl.b2[3] = -10.0
+    path = tmp_path_factory.mktemp("ctrl") / "hand.safetensors"
+    ctrl.save(path)
+    return path

@@ -119,3 +119,20 @@ def test_bad_options_are_one_line_errors(tiny_model, opts, msg):
     with pytest.raises(KvxError, match=msg) as err:
         build_cache(tiny_model, opts)
     assert "\n" not in str(err.value)
+
+
+def test_batched_continuation_scores_equal_one_by_one_decoding(tiny_model):
+    opts = CacheOptions(policy="static-4", max_context=128, window=4, sinks=1)
+    s = Session(tiny_model, opts)
+    ctx, conts = IDS[:21], [IDS[30:33], IDS[40:45], [IDS[50]]]
+    batched = s.score_continuations(ctx, conts)
+    for cont, score in zip(conts, batched):
+        # reference: decode the continuation token by token (chunk of the whole continuation at once
+        # sees the same quantized context; the continuation's own tokens are full precision either way)
+        s.reset()
+        lp = torch.log_softmax(s.prefill(ctx)[-1], -1)
+        ref = lp[cont[0]].item()
+        if len(cont) > 1:
+            out = torch.log_softmax(s.model(torch.tensor([cont]), torch.tensor([s.pos]), s.cache)[0], -1)
+            ref += sum(out[j, cont[j + 1]].item() for j in range(len(cont) - 1))
+        assert abs(score - ref) < 1e-3

@@ -203,10 +203,11 @@ def _apt_private(tc: Toolchain, suite: str, pkgs: list[str]) -> None:
         "-o", f"Dir::Cache={base / 'cache'}",
         "-o", f"Dir::State::status={base / 'status'}",
         "-o", "Debug::NoLocking=1",
-        "-o", "APT::Sandbox::User=root",
         "-o", "Acquire::Languages=none",
         "-o", "Acquire::IndexTargets::deb::Contents-deb::DefaultEnabled=false",
     ]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        opts += ["-o", "APT::Sandbox::User=root"]  # keep files in our private dirs owned by us
     (base / "status").touch()
     try:
         if not any((base / "lists").glob("*Packages*")):

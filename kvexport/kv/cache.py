@@ -2,12 +2,14 @@
 
 Layout (all buffers have static shapes; ``L`` layers, ``H`` KV heads, ``D`` head_dim, ``G`` group):
 
-* ``sink_k/v``   fp ``[L, S+1, H, D]``   the first ``S`` positions, kept at full precision;
-* ``win_k/v``    fp ``[L, W+1, H, D]``   recent window, a ring: position ``p >= S`` lives in slot
+Buffers are slot-major (slot first, then layer), so every write is a 1-D ``index_put_``:
+
+* ``sink_k/v``   fp ``[S+1, L, H, D]``   the first ``S`` positions, kept at full precision;
+* ``win_k/v``    fp ``[W+1, L, H, D]``   recent window, a ring: position ``p >= S`` lives in slot
   ``(p - S) % W``; ``win_pos [W+1]`` (-1 = empty) and ``win_feat [W+1, 6]`` (features so far);
 * one **pool** per class, filled front to back (``fill [4]`` counts), never evicted:
-  ``pool16_k/v`` fp ``[L, C16+1, H, D]`` and for b in 2, 4, 8: ``pool{b}_k/v`` uint8
-  ``[L, Cb+1, H, D*b/8]`` (packed codes) with fp16 ``pool{b}_ks/kz/vs/vz [L, Cb+1, H, D/G]``;
+  ``pool16_k/v`` fp ``[C16+1, L, H, D]`` and for b in 2, 4, 8: ``pool{b}_k/v`` uint8
+  ``[Cb+1, L, H, D*b/8]`` (packed codes) with fp16 ``pool{b}_ks/kz/vs/vz [Cb+1, L, H, D/G]``;
   ``pool_pos{c} [Cc+1]`` records which position sits in each slot.
 
 The last slot of every buffer is a *trash* slot: writes that must not land anywhere go there, so a
@@ -127,28 +129,37 @@ class MixedKVCache(nn.Module):
         self.register_buffer("rarity", rarity.float(), persistent=False)
         if layout.rotate_keys:
             self.register_buffer("rotation", quant.hadamard(D), persistent=False)
-        self.register_buffer("sink_k", torch.zeros(L, S + 1, H, D, dtype=fp))
-        self.register_buffer("sink_v", torch.zeros(L, S + 1, H, D, dtype=fp))
-        self.register_buffer("win_k", torch.zeros(L, W + 1, H, D, dtype=fp))
-        self.register_buffer("win_v", torch.zeros(L, W + 1, H, D, dtype=fp))
+        self.register_buffer("sink_k", torch.zeros(S + 1, L, H, D, dtype=fp))
+        self.register_buffer("sink_v", torch.zeros(S + 1, L, H, D, dtype=fp))
+        self.register_buffer("win_k", torch.zeros(W + 1, L, H, D, dtype=fp))
+        self.register_buffer("win_v", torch.zeros(W + 1, L, H, D, dtype=fp))
         self.register_buffer("win_pos", torch.full((W + 1,), -1, dtype=torch.int64))
         self.register_buffer("win_feat", torch.zeros(W + 1, N_FEAT_STATE))
         for c, cap in zip(CLASSES, layout.capacities):
             self.register_buffer(f"pool_pos{c}", torch.full((cap + 1,), -1, dtype=torch.int64))
             if c == 16:
-                self.register_buffer("pool16_k", torch.zeros(L, cap + 1, H, D, dtype=fp))
-                self.register_buffer("pool16_v", torch.zeros(L, cap + 1, H, D, dtype=fp))
+                self.register_buffer("pool16_k", torch.zeros(cap + 1, L, H, D, dtype=fp))
+                self.register_buffer("pool16_v", torch.zeros(cap + 1, L, H, D, dtype=fp))
                 continue
             for kv in "kv":
-                self.register_buffer(f"pool{c}_{kv}", torch.zeros(L, cap + 1, H, D * c // 8, dtype=torch.uint8))
-                self.register_buffer(f"pool{c}_{kv}s", torch.zeros(L, cap + 1, H, D // layout.group, dtype=torch.float16))
-                self.register_buffer(f"pool{c}_{kv}z", torch.zeros(L, cap + 1, H, D // layout.group, dtype=torch.float16))
+                self.register_buffer(f"pool{c}_{kv}", torch.zeros(cap + 1, L, H, D * c // 8, dtype=torch.uint8))
+                self.register_buffer(f"pool{c}_{kv}s", torch.zeros(cap + 1, L, H, D // layout.group, dtype=torch.float16))
+                self.register_buffer(f"pool{c}_{kv}z", torch.zeros(cap + 1, L, H, D // layout.group, dtype=torch.float16))
         self.register_buffer("fill", torch.zeros(len(CLASSES), dtype=torch.int64))
         self.register_buffer("n_seen", torch.zeros(1, dtype=torch.int64))
+        # constants (non-persistent: not state, not counted in nbytes)
         self.register_buffer("preference", _PREFERENCE.clone(), persistent=False)
         self.register_buffer("caps", torch.tensor(layout.capacities, dtype=torch.int64), persistent=False)
+        self.register_buffer("class_bytes", torch.tensor(layout.class_bytes_per_token(), dtype=torch.float32), persistent=False)
+        self.register_buffer("is_fp_class", torch.tensor([0, 0, 0, 1], dtype=torch.int64), persistent=False)
+        self.register_buffer("allocated", torch.tensor([float(self.nbytes())]), persistent=False)
 
     # ------------------------------------------------------------------ bookkeeping
+    @property
+    def max_chunk(self) -> int:
+        """Largest chunk one step takes: the window (so no token skips eviction), or 32 without one."""
+        return self.layout.window or 32
+
     def state_buffers(self) -> dict[str, torch.Tensor]:
         """The mutable state (persistent buffers), by name."""
         return {n: b for n, b in self.named_buffers() if "." not in n and n in self.state_dict()}
@@ -167,13 +178,11 @@ class MixedKVCache(nn.Module):
         lay = self.layout
         n_sink = self.n_seen.clamp(max=lay.sinks)
         n_win = (self.win_pos[: lay.window] >= 0).sum()
-        counts = self.fill + torch.tensor([0, 0, 0, 1]) * (n_sink + n_win)
-        per_token = torch.tensor(lay.class_bytes_per_token(), dtype=torch.float32)
-        used = (counts.float() * per_token).sum()
-        n = counts.sum()
+        counts = self.fill + self.is_fp_class * (n_sink + n_win)
+        used = (counts.float() * self.class_bytes).sum().reshape(1)
+        n = counts.sum().reshape(1)
         avg_bits = used * 8 / (n.clamp(min=1).float() * lay.elements_per_token())
-        head = torch.stack([torch.tensor(float(self.nbytes())), used, avg_bits])
-        return torch.cat([head, counts.float(), n.float().reshape(1)])
+        return torch.cat([self.allocated, used, avg_bits, counts.float(), n.float()])
 
     # ------------------------------------------------------------------ step
     def begin(self, input_pos: torch.Tensor, n_tokens: int) -> None:
@@ -204,23 +213,23 @@ class MixedKVCache(nn.Module):
         parts = []
         if lay.sinks:
             sink_mask = torch.arange(lay.sinks) < self._p0
-            parts.append(attention.partial_attention(rows, self.sink_k[layer, : lay.sinks].float(),
-                                                     self.sink_v[layer, : lay.sinks].float(), sink_mask, scale)[:3])
+            parts.append(attention.partial_attention(rows, self.sink_k[: lay.sinks, layer].float(),
+                                                     self.sink_v[: lay.sinks, layer].float(), sink_mask, scale)[:3])
         if lay.window:
             win_mask = self.win_pos[: lay.window] >= 0
-            o, m, l, p = attention.partial_attention(rows, self.win_k[layer, : lay.window].float(),
-                                                     self.win_v[layer, : lay.window].float(), win_mask, scale)
+            o, m, l, p = attention.partial_attention(rows, self.win_k[: lay.window, layer].float(),
+                                                     self.win_v[: lay.window, layer].float(), win_mask, scale)
             parts.append((o, m, l))
             win_part = (p, m)
         n16 = self._n_fill[3]
         if n16:
             mask16 = torch.arange(n16) < self.fill[3]
-            parts.append(attention.partial_attention(rows, self.pool16_k[layer, :n16].float(),
-                                                     self.pool16_v[layer, :n16].float(), mask16, scale)[:3])
+            parts.append(attention.partial_attention(rows, self.pool16_k[:n16, layer].float(),
+                                                     self.pool16_v[:n16, layer].float(), mask16, scale)[:3])
         for i, bits in enumerate(QUANT_BITS):
             n = self._n_fill[i]
             if n:
-                kv = [getattr(self, f"pool{bits}_{name}")[layer, :n] for name in ("k", "ks", "kz", "v", "vs", "vz")]
+                kv = [getattr(self, f"pool{bits}_{name}")[:n, layer] for name in ("k", "ks", "kz", "v", "vs", "vz")]
                 parts.append(self.pool_attention(rows, *kv, self.fill[i : i + 1], bits, lay.group, scale))
         # the chunk itself, causal, per batch row
         rep = hq // k.shape[1]
@@ -293,8 +302,8 @@ class MixedKVCache(nn.Module):
         S, W, fp = lay.sinks, lay.window, lay.torch_fp_dtype
         t = tokens.shape[1]
         pos = self._p0 + torch.arange(t)
-        new_k = torch.stack([k[0] for k in self._new_k]).transpose(1, 2)  # [L, T, H, D]
-        new_v = torch.stack([v[0] for v in self._new_v]).transpose(1, 2)
+        new_k = torch.stack([k[0].transpose(0, 1) for k in self._new_k], dim=1)  # [T, L, H, D]
+        new_v = torch.stack([v[0].transpose(0, 1) for v in self._new_v], dim=1)
 
         if self.policy.needs_features:
             logp = torch.log_softmax(logits[0].float(), dim=-1)
@@ -312,7 +321,7 @@ class MixedKVCache(nn.Module):
         if W:
             ring = torch.where(in_win, torch.remainder(pos - S, W), W)
             cand_pos, cand_feat = self.win_pos[ring], self.win_feat[ring]
-            cand_k, cand_v = self.win_k[:, ring].float(), self.win_v[:, ring].float()
+            cand_k, cand_v = self.win_k[ring].float(), self.win_v[ring].float()
         else:
             cand_pos, cand_feat, cand_k, cand_v = torch.where(in_win, pos, -1), new_feat, new_k, new_v
         valid = cand_pos >= S
@@ -323,29 +332,35 @@ class MixedKVCache(nn.Module):
             if cap == 0:
                 continue
             idx = torch.where(cls == i, slot, cap)
-            getattr(self, f"pool_pos{c}").index_copy_(0, idx, cand_pos)
+            self._write(getattr(self, f"pool_pos{c}"), idx, cand_pos)
             if c == 16:
-                self.pool16_k.index_copy_(1, idx, cand_k.to(fp))
-                self.pool16_v.index_copy_(1, idx, cand_v.to(fp))
+                self._write(self.pool16_k, idx, cand_k.to(fp))
+                self._write(self.pool16_v, idx, cand_v.to(fp))
                 continue
             for kv, x in (("k", cand_k), ("v", cand_v)):
                 packed, scale, zero = self.quantize_pack(x, c, lay.group)
-                getattr(self, f"pool{c}_{kv}").index_copy_(1, idx, packed)
-                getattr(self, f"pool{c}_{kv}s").index_copy_(1, idx, scale)
-                getattr(self, f"pool{c}_{kv}z").index_copy_(1, idx, zero)
+                self._write(getattr(self, f"pool{c}_{kv}"), idx, packed)
+                self._write(getattr(self, f"pool{c}_{kv}s"), idx, scale)
+                self._write(getattr(self, f"pool{c}_{kv}z"), idx, zero)
         self.fill.copy_(new_fill)
 
         # 2. the chunk enters the window ring (or the sinks)
         if W:
-            self.win_k.index_copy_(1, ring, new_k.to(fp))
-            self.win_v.index_copy_(1, ring, new_v.to(fp))
-            self.win_pos.index_copy_(0, ring, torch.where(in_win, pos, -1))
-            self.win_feat.index_copy_(0, ring, new_feat)
+            self._write(self.win_k, ring, new_k.to(fp))
+            self._write(self.win_v, ring, new_v.to(fp))
+            self._write(self.win_pos, ring, torch.where(in_win, pos, -1))
+            self._write(self.win_feat, ring, new_feat)
         if S:
             sink_slot = torch.where(in_win, S, pos)
-            self.sink_k.index_copy_(1, sink_slot, new_k.to(fp))
-            self.sink_v.index_copy_(1, sink_slot, new_v.to(fp))
+            self._write(self.sink_k, sink_slot, new_k.to(fp))
+            self._write(self.sink_v, sink_slot, new_v.to(fp))
         self.n_seen.copy_((self._p0 + t).reshape(1))
+
+    @staticmethod
+    def _write(buf: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+        """In-place ``buf[slots] = values`` as a 1-D ``index_put_``: the one scatter every backend
+        runs in place (ExecuTorch's portable kernels have no ``index_copy``)."""
+        buf.index_put_((slots,), values)
 
     def quantize_pack(self, x: torch.Tensor, bits: int, group: int):
         """Hook for the export path (custom op); reference: :func:`quant.quantize_packed`."""

@@ -7,9 +7,12 @@ custom kernels in ``kvexport.ops`` must reproduce bit for bit.
 Conventions (all functions):
   * ``x`` is float32 ``[..., D]``; the last dim is split into ``D // group`` groups of ``group``.
   * codes are uint8 values in ``[0, 2**bits - 1]``; ``x ~= code * scale + zero``.
-  * ``scale`` and ``zero`` are float16 ``[..., D // group]``. ``zero`` is the group minimum rounded
-    *down* to fp16 and ``scale`` is rounded *up*, so every element lies inside the quantization
-    grid and the dequantization error is at most half a step.
+  * ``scale`` and ``zero`` are float16 ``[..., D // group]``. ``zero`` is an fp16 value at or just
+    below the group minimum, ``scale`` an fp16 value at or just above ``(max - zero) / qmax``, so
+    every element lies inside the quantization grid and the dequantization error is at most half a
+    step. Both are found without ``nextafter`` (ExecuTorch's portable kernels lack it): nudging
+    ``y`` by ``|y| * 2**-10 + 2**-24`` (at least one fp16 ulp) before rounding to fp16 guarantees the
+    direction. Arithmetic is float32, in exactly the order written (kernels must match bit for bit).
   * packing: ``8 // bits`` codes per byte, code ``i`` of a byte in bits ``[bits*i, bits*(i+1))``
     (little-endian within the byte); packed shape ``[..., D * bits // 8]``.
 """
@@ -21,6 +24,8 @@ import math
 import torch
 
 SUPPORTED_BITS = (2, 4, 8)
+FP16_NUDGE = 2.0**-10  # relative nudge: >= one fp16 ulp of the value
+FP16_TINY = 2.0**-24  # absolute nudge: one fp16 subnormal step
 
 
 def check_layout(head_dim: int, bits: int, group: int) -> None:
@@ -47,17 +52,10 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torc
     xg = x.float().reshape(*shape[:-1], shape[-1] // group, group)
     lo = xg.amin(dim=-1)
     hi = xg.amax(dim=-1)
-    zero = lo.to(torch.float16)
-    zero = torch.where(zero.float() > lo, torch.nextafter(zero, torch.full_like(zero, -math.inf)), zero)
-    scale = ((hi - zero.float()) / qmax).to(torch.float16)
-    scale = torch.where(
-        scale.float() * qmax + zero.float() < hi,
-        torch.nextafter(scale, torch.full_like(scale, math.inf)),
-        scale,
-    )
-    step = scale.float().unsqueeze(-1)
-    safe_step = torch.where(step > 0, step, torch.ones_like(step))
-    codes = torch.round((xg - zero.float().unsqueeze(-1)) / safe_step).clamp(0, qmax)
+    zero = (lo - (lo.abs() * FP16_NUDGE + FP16_TINY)).to(torch.float16)
+    span = (hi - zero.float()) / qmax
+    scale = (span + (span * FP16_NUDGE + FP16_TINY)).to(torch.float16)
+    codes = torch.round((xg - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1)).clamp(0, qmax)
     return codes.to(torch.uint8).reshape(shape), scale, zero
 
 

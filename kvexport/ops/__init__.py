@@ -33,10 +33,12 @@ __all__ = [
     "dequantize_unpack",
     "library_path",
     "load",
+    "load_method",
     "load_executorch_kernels",
     "missing_kernel_message",
     "pool_attention",
     "portable_decompositions",
+    "program_custom_ops",
     "quantize_pack",
     "raise_if_missing_kernel",
 ]
@@ -93,33 +95,87 @@ def kernels_loaded() -> bool:
 
 # ----------------------------------------------------------------------------- missing kernels
 
-_MISSING_RE = re.compile(r"Missing operator:?\s*(kvexport::[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)")
+# ExecuTorch's load_method raises RuntimeError("Failed to load method forward, error: 0x:14")
+# (Error::OperatorMissing) and logs "Missing operator: [i] kvexport::op.out" to stderr.
+_OPERATOR_MISSING_RE = re.compile(r"error:?\s*0x:?14\b|OperatorMissing|Missing operator", re.IGNORECASE)
+_ERROR_CODE_RE = re.compile(r"error:?\s*0x:?([0-9a-fA-F]+)")
+_LOGGED_OP_RE = re.compile(r"Missing operator:?\s*(?:\[\d+\]\s*)?(kvexport::[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)")
 
 
-def missing_kernel_message(error: BaseException | str, log: str = "") -> str | None:
-    """One-line explanation when ``error`` (or the captured runtime ``log``) says a kvexport
-    kernel is missing (ExecuTorch ``Missing operator: kvexport::...``, error 0x14); else ``None``."""
+def program_custom_ops(program: str | Path | bytes) -> list[str]:
+    """``kvexport::`` operators (``name.overload``) a serialized ``.pte`` program calls."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    data = program if isinstance(program, (bytes, bytearray)) else Path(program).read_bytes()
+    pte = deserialize_pte_binary(bytes(data))
+    prog = getattr(pte, "program", pte)
+    names = []
+    for plan in prog.execution_plan:
+        for operator in plan.operators:
+            name = f"{operator.name}.{operator.overload}" if operator.overload else operator.name
+            if name.startswith("kvexport::") and name not in names:
+                names.append(name)
+    return names
+
+
+def _registered_operator_names() -> set[str]:
+    try:
+        from executorch.runtime import Runtime
+
+        return set(Runtime.get().operator_registry.operator_names)
+    except Exception:  # pragma: no cover - runtime unavailable
+        return set()
+
+
+def missing_kernel_message(error: BaseException | str, program: str | Path | bytes | None = None, log: str = "") -> str | None:
+    """One-line explanation when ExecuTorch failed to load a method because kvexport kernels are
+    missing (``Missing operator: kvexport::...``, error 0x14); ``None`` when that is not the cause.
+
+    ``program`` (the ``.pte`` path or bytes) and/or the captured runtime ``log`` say which
+    operators the program needs; without either, any OperatorMissing error mentioning kvexport
+    counts.
+    """
     text = f"{error}\n{log}"
-    match = _MISSING_RE.search(text)
-    if match is None:
-        if "kvexport::" not in text or not ("0x14" in text or "OperatorMissing" in text or "Missing operator" in text):
+    code = _ERROR_CODE_RE.search(str(error))
+    if code is not None and int(code.group(1), 16) != 0x14:
+        return None  # the load failed for another reason
+    if not _OPERATOR_MISSING_RE.search(text):
+        return None
+    names = list(dict.fromkeys(_LOGGED_OP_RE.findall(text)))
+    if program is not None:
+        registered = _registered_operator_names()
+        names += [n for n in program_custom_ops(program) if n not in registered and n not in names]
+    if not names:
+        if "kvexport::" not in text:
             return None
-        op = "kvexport ops"
-    else:
-        op = match.group(1)
+        names = ["kvexport ops"]
     return (
-        f"this program uses the custom operator {op} but the kvexport ExecuTorch kernel library is not loaded: "
-        "call kvexport.ops.load_executorch_kernels() (builds libkvexport_ops.so; `python -m kvexport.ops.build`) "
-        "before loading it, or re-export with `--ops portable`"
+        f"the program calls the custom operator(s) {', '.join(names)} but the kvexport ExecuTorch kernel library "
+        "(libkvexport_ops.so) is not loaded: call kvexport.ops.load_executorch_kernels() before loading it "
+        "(build: python -m kvexport.ops.build), or re-export with --ops portable"
     )
 
 
-def raise_if_missing_kernel(error: BaseException, log: str = "") -> None:
-    """Re-raise ``error`` as :class:`KernelLibraryError` with the one-line message when it is a
-    missing-kvexport-kernel failure; otherwise do nothing."""
-    message = missing_kernel_message(error, log)
+def raise_if_missing_kernel(error: BaseException, program: str | Path | bytes | None = None, log: str = "") -> None:
+    """Raise :class:`KernelLibraryError` (one-line message) when ``error`` is a missing-kvexport-kernel
+    failure; otherwise do nothing (the caller re-raises)."""
+    message = missing_kernel_message(error, program, log)
     if message is not None:
-        raise KernelLibraryError(message) from error
+        raise KernelLibraryError(message) from None
+
+
+def load_method(program: str | Path | bytes, method: str = "forward"):
+    """Load ``method`` of a ``.pte`` with the ExecuTorch Python runtime; a program that needs
+    kvexport kernels that are not loaded raises :class:`KernelLibraryError` with one line."""
+    from executorch.runtime import Runtime
+
+    data = program if isinstance(program, (bytes, bytearray)) else Path(program).read_bytes()
+    loaded = Runtime.get().load_program(bytes(data))
+    try:
+        return loaded.load_method(method)
+    except RuntimeError as e:
+        raise_if_missing_kernel(e, data)
+        raise
 
 
 # ----------------------------------------------------------------------------- model-facing calls
@@ -147,7 +203,7 @@ def pool_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_va
 
 
 def portable_decompositions() -> dict:
-    """Decomposition table inlining the core-ATen reference for each kvexport op; use with
-    ``ExportedProgram.run_decompositions(portable_decompositions())``."""
+    """Decomposition table inlining the core-ATen reference for each kvexport op; use as
+    ``ep.run_decompositions(portable_decompositions())`` before ``to_edge_transform_and_lower``."""
     load()
     return _library.portable_decompositions()

@@ -39,7 +39,6 @@ CXXFLAGS = (
     "-DNDEBUG",
     "-DC10_USING_CUSTOM_GENERATED_MACROS",
     "-DET_USE_THREADPOOL",
-    *__import__("os").environ.get("KVX_EXTRA","").split(),
 )
 
 

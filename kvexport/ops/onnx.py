@@ -7,13 +7,10 @@ custom_translation_table=translation_table())``. The exporter keeps each op as a
 function (``model.functions`` holds the bodies); ``optimize=True`` may inline them, which is also
 fine for ORT.
 
-Bit-exactness of ``quantize_pack`` with :mod:`kvexport.kv.quant`: same fp32 ops in the same order,
-ONNX ``Round`` is round-half-to-even like ``torch.round``, and ``torch.nextafter`` on fp16 is
-reproduced arithmetically (ONNX has no bitcast): the fp16 neighbour of a float16 value ``z`` is
-``z -/+ spacing`` where the spacing ``2**(e-10)`` comes from an exact binade count (``e`` =
-number of powers of two ``<= |z|``), halved below an exact power of two. Packing avoids bit
-shifts (torch.onnx's own uint8 shift translation emits a type-inconsistent BitwiseOr): codes are
-combined with integer Mul/ReduceSum and split with integer Div/Mod.
+Bit-exactness of ``quantize_pack`` with :mod:`kvexport.kv.quant`: the same fp32 ops in the same
+order (ONNX ``Round`` is round-half-to-even like ``torch.round``). Packing avoids bit shifts
+(torch.onnx's own uint8 shift translation emits a type-inconsistent BitwiseOr that ORT rejects):
+codes are combined with integer Mul/ReduceSum and split with integer Div/Mod.
 """
 
 from __future__ import annotations
@@ -29,12 +26,8 @@ ONNX_OPSET = 18  # torch.onnx builds its graph at opset 18 (TORCHLIB_OPSET) befo
 kvexport_opset = onnxscript.values.Opset(DOMAIN, VERSION)
 
 NEG = -1.0e30  # == kvexport.kv.attention.NEG
-# F16_BINADE_THRESHOLDS[k] = 2**(k-13): number of them <= |z| is e + 14 for e = max(floor(log2|z|), -14)
-F16_BINADE_THRESHOLDS = [2.0 ** k for k in range(-13, 16)]
-# F16_SPACING[e + 14] = 2**(e - 10): distance between fp16 values in binade e (e = -14 covers subnormals)
-F16_SPACING = [2.0 ** (e - 10) for e in range(-14, 16)]
-# F16_BINADE_START[e + 14] = 2**e
-F16_BINADE_START = [2.0 ** e for e in range(-14, 16)]
+FP16_NUDGE = 2.0**-10  # == kvexport.kv.quant.FP16_NUDGE
+FP16_TINY = 2.0**-24  # == kvexport.kv.quant.FP16_TINY
 
 
 @onnxscript.script(kvexport_opset, default_opset=op)
@@ -50,28 +43,14 @@ def quantize_pack(x: FLOAT, bits: int, group: int) -> tuple[UINT8, FLOAT16, FLOA
     xg = op.Reshape(x, op.Concat(lead, ng, g1, axis=0))
     lo = op.ReduceMin(xg, op.Constant(value_ints=[-1]), keepdims=0)
     hi = op.ReduceMax(xg, op.Constant(value_ints=[-1]), keepdims=0)
-    thresholds = op.Constant(value_floats=F16_BINADE_THRESHOLDS)
-    spacing_table = op.Constant(value_floats=F16_SPACING)
-    start_table = op.Constant(value_floats=F16_BINADE_START)
     axis_last = op.Constant(value_ints=[-1])
-
-    # zero = fp16(lo), moved one fp16 step down when rounding went above lo
-    z16 = op.Cast(lo, to=10)
+    nudge = op.Constant(value_float=FP16_NUDGE)
+    tiny = op.Constant(value_float=FP16_TINY)
+    # zero = fp16(lo - (|lo| * 2**-10 + 2**-24)); scale = fp16(span + (span * 2**-10 + 2**-24))
+    z16 = op.Cast(op.Sub(lo, op.Add(op.Mul(op.Abs(lo), nudge), tiny)), to=10)
     zf = op.Cast(z16, to=1)
-    za = op.Abs(zf)
-    zbin = op.ReduceSum(op.Cast(op.GreaterOrEqual(op.Unsqueeze(za, axis_last), thresholds), to=7), axis_last, keepdims=0)
-    zsp = op.Gather(spacing_table, zbin)
-    zpow = op.And(op.And(op.Greater(zf, op.Constant(value_float=0.0)), op.Greater(zbin, op.Constant(value_int=0))), op.Equal(zf, op.Gather(start_table, zbin)))
-    zdown = op.Where(zpow, op.Mul(zsp, op.Constant(value_float=0.5)), zsp)
-    z16 = op.Where(op.Greater(zf, lo), op.Cast(op.Sub(zf, zdown), to=10), z16)
-    zf = op.Cast(z16, to=1)
-
-    # scale = fp16((hi - zero) / qmax), moved one fp16 step up when the grid does not reach hi
-    s16 = op.Cast(op.Div(op.Sub(hi, zf), qmax), to=10)
-    sf = op.Cast(s16, to=1)
-    sbin = op.ReduceSum(op.Cast(op.GreaterOrEqual(op.Unsqueeze(op.Abs(sf), axis_last), thresholds), to=7), axis_last, keepdims=0)
-    sup = op.Add(sf, op.Gather(spacing_table, sbin))
-    s16 = op.Where(op.Less(op.Add(op.Mul(sf, qmax), zf), hi), op.Cast(sup, to=10), s16)
+    span = op.Div(op.Sub(hi, zf), qmax)
+    s16 = op.Cast(op.Add(span, op.Add(op.Mul(span, nudge), tiny)), to=10)
     sf = op.Cast(s16, to=1)
 
     step = op.Where(op.Greater(sf, op.Constant(value_float=0.0)), sf, op.Constant(value_float=1.0))

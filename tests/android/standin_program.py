@@ -69,8 +69,13 @@ class StandInLM(nn.Module):
         return logits, stats
 
 
-def build_standin(out_dir: Path, tokenizer_dir: Path, ops_mode: str = "portable") -> Path:
-    """Export the stand-in to ``out_dir/model.pte`` + manifest + tokenizer files."""
+def build_standin(out_dir: Path, tokenizer_dir: Path, ops_mode: str = "portable",
+                  tokens_dtype: torch.dtype = torch.int64) -> Path:
+    """Export the stand-in to ``out_dir/model.pte`` + manifest + tokenizer files.
+
+    ``tokens_dtype`` other than int64 builds a deliberately contract-breaking
+    variant (used to test the bundler's dtype check).
+    """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
@@ -81,7 +86,7 @@ def build_standin(out_dir: Path, tokenizer_dir: Path, ops_mode: str = "portable"
     model = StandInLM().eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    example = (torch.tensor([[BOS_ID, 5, 6]], dtype=torch.int64), torch.tensor([0], dtype=torch.int64))
+    example = (torch.tensor([[BOS_ID, 5, 6]], dtype=tokens_dtype), torch.tensor([0], dtype=torch.int64))
     t_dim = Dim("T", min=1, max=MAX_SEQ)
     with torch.no_grad():
         ep = export(model, example, dynamic_shapes=({1: t_dim}, None), strict=False)

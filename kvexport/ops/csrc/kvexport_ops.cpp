@@ -103,32 +103,9 @@ inline float f16_to_f32(uint16_t h) {
   return bits_f32(sign | ((e + 112u) << 23) | (m << 13));
 }
 
-// c10::nextafter for Half (musl algorithm on the 16-bit pattern).
-inline uint16_t nextafter_f16(uint16_t from, uint16_t to) {
-  const float ff = f16_to_f32(from), ft = f16_to_f32(to);
-  if (ff != ff || ft != ft) {
-    return f32_to_f16(ff + ft);
-  }
-  if (from == to) {
-    return from;
-  }
-  const uint16_t sign_mask = 0x8000u;
-  const uint16_t abs_from = from & ~sign_mask;
-  const uint16_t abs_to = to & ~sign_mask;
-  if (abs_from == 0) {
-    if (abs_to == 0) {
-      return to;
-    }
-    return static_cast<uint16_t>((to & sign_mask) | 1u);
-  }
-  if (abs_from > abs_to || ((from ^ to) & sign_mask)) {
-    return static_cast<uint16_t>(from - 1u);
-  }
-  return static_cast<uint16_t>(from + 1u);
-}
-
-constexpr uint16_t kF16NegInf = 0xfc00u;
-constexpr uint16_t kF16PosInf = 0x7c00u;
+// quant.FP16_NUDGE / quant.FP16_TINY
+constexpr float kNudge = 0.0009765625f;          // 2**-10
+constexpr float kTiny = 5.9604644775390625e-08f;  // 2**-24
 
 // ---------------------------------------------------------------- shape helpers
 
@@ -167,7 +144,8 @@ inline bool same_leading(const Tensor& a, const Tensor& b) {
 // ---------------------------------------------------------------- quantize one row
 
 // One row of D floats -> packed bytes, fp16 scale/zero bits per group. Mirrors quant.quantize:
-// every float op below is the same fp32 op, in the same order, as the torch reference.
+// every float op below is the same fp32 op, in the same order, as the torch reference (the build
+// uses -ffp-contract=off, so `a * b + c` is a rounded multiply then a rounded add, as in torch).
 void quantize_row(const float* x, int64_t d, int bits, int64_t group, uint8_t* packed,
                   uint16_t* scale_out, uint16_t* zero_out, uint8_t* codes) {
   const int qmax = (1 << bits) - 1;
@@ -186,18 +164,14 @@ void quantize_row(const float* x, int64_t d, int bits, int64_t group, uint8_t* p
     if (nan) {  // amin/amax propagate NaN
       lo = hi = NAN;
     }
-    uint16_t zh = f32_to_f16(lo);
-    float zf = f16_to_f32(zh);
-    if (zf > lo) {
-      zh = nextafter_f16(zh, kF16NegInf);
-      zf = f16_to_f32(zh);
-    }
-    uint16_t sh = f32_to_f16((hi - zf) / fqmax);
-    float sf = f16_to_f32(sh);
-    if (sf * fqmax + zf < hi) {
-      sh = nextafter_f16(sh, kF16PosInf);
-      sf = f16_to_f32(sh);
-    }
+    // zero = fp16(lo - (|lo| * 2**-10 + 2**-24)); scale = fp16(span + (span * 2**-10 + 2**-24))
+    const float lo_nudge = std::fabs(lo) * kNudge + kTiny;
+    const uint16_t zh = f32_to_f16(lo - lo_nudge);
+    const float zf = f16_to_f32(zh);
+    const float span = (hi - zf) / fqmax;
+    const float span_nudge = span * kNudge + kTiny;
+    const uint16_t sh = f32_to_f16(span + span_nudge);
+    const float sf = f16_to_f32(sh);
     const float step = sf > 0.0f ? sf : 1.0f;
     uint8_t* c = codes + g * group;
     for (int64_t i = 0; i < group; ++i) {
@@ -224,23 +198,56 @@ void quantize_row(const float* x, int64_t d, int bits, int64_t group, uint8_t* p
   }
 }
 
+// Code values of every byte: kCodes<BITS>.v[byte][i] = float(code i of byte).
+template <int BITS>
+struct CodeTable {
+  static constexpr int per = 8 / BITS;
+  float v[256][per];
+  CodeTable() {
+    for (int b = 0; b < 256; ++b) {
+      for (int i = 0; i < per; ++i) {
+        v[b][i] = static_cast<float>((b >> (BITS * i)) & ((1 << BITS) - 1));
+      }
+    }
+  }
+};
+
+template <int BITS>
+const CodeTable<BITS>& code_table() {
+  static const CodeTable<BITS> table;
+  return table;
+}
+
 // One packed row -> D floats: code * scale + zero (fp32 mul then add, like quant.dequantize).
 template <int BITS>
 inline void dequant_row_t(const uint8_t* packed, const uint16_t* sc, const uint16_t* zp,
                           int64_t d, int64_t group, float* out) {
   constexpr int per = 8 / BITS;
-  constexpr uint32_t mask = (1u << BITS) - 1u;
   const int64_t ng = d / group;
+  if (BITS == 8 || group % per != 0) {
+    constexpr uint32_t mask = (1u << BITS) - 1u;
+    for (int64_t g = 0; g < ng; ++g) {
+      const float s = f16_to_f32(sc[g]);
+      const float z = f16_to_f32(zp[g]);
+      for (int64_t j = g * group; j < (g + 1) * group; ++j) {
+        const uint32_t code = (static_cast<uint32_t>(packed[j / per]) >> (BITS * (j % per))) & mask;
+        out[j] = static_cast<float>(code) * s + z;
+      }
+    }
+    return;
+  }
+  const auto& table = code_table<BITS>();
+  const int64_t bytes_per_group = group / per;
   for (int64_t g = 0; g < ng; ++g) {
     const float s = f16_to_f32(sc[g]);
     const float z = f16_to_f32(zp[g]);
+    const uint8_t* pb = packed + g * bytes_per_group;
     float* o = out + g * group;
-    const int64_t base = g * group;
-    for (int64_t i = 0; i < group; ++i) {
-      const int64_t j = base + i;
-      const uint32_t byte = packed[j / per];
-      const uint32_t code = (byte >> (BITS * (j % per))) & mask;
-      o[i] = static_cast<float>(code) * s + z;
+    for (int64_t b = 0; b < bytes_per_group; ++b) {
+      const float* c = table.v[pb[b]];
+      for (int i = 0; i < per; ++i) {
+        o[b * per + i] = c[i] * s + z;
+      }
     }
   }
 }
@@ -261,11 +268,12 @@ inline void dequant_row(int bits, const uint8_t* packed, const uint16_t* sc, con
 }
 
 // exp for x <= 0 (softmax weights), ~2 ulp; branch-free so loops over it vectorise.
-inline float exp_neg(float x) {
-  x = x < -88.0f ? -88.0f : x;
+inline float exp_neg(float x_in) {
+  const float x = x_in < -87.0f ? -87.0f : x_in;
   const float log2e = 1.44269504088896341f;
   const float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
-  float n = std::nearbyint(x * log2e);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer (|v| < 2^22)
+  const float n = (x * log2e + magic) - magic;
   float r = x - n * ln2_hi;
   r = r - n * ln2_lo;
   // Cephes expf polynomial
@@ -276,8 +284,9 @@ inline float exp_neg(float x) {
   p = p * r + 1.6666665459E-1f;
   p = p * r + 5.0000001201E-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t e = static_cast<int32_t>(n) + 127;
-  return p * bits_f32(static_cast<uint32_t>(e < 1 ? 0 : e) << 23);
+  const int32_t e = static_cast<int32_t>(n) + 127;  // >= 1 since n >= -126
+  const float y = p * bits_f32(static_cast<uint32_t>(e) << 23);
+  return x_in < -87.0f ? 0.0f : y;  // exp(NEG - m) == 0 exactly, as in the reference
 }
 
 inline float dot(const float* a, const float* b, int64_t d) {

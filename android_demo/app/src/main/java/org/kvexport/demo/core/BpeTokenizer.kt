@@ -92,6 +92,11 @@ class BpeTokenizer private constructor(
     }
 
     private fun encodeOrdinary(text: String, ids: MutableList<Int>) {
+        for (p in preTokenize(text)) if (p.isNotEmpty()) for (id in bpe(p)) ids.add(id)
+    }
+
+    /** Pre-tokenizer output for text without added tokens (byte-level chars), like `pre_tokenize_str`. */
+    fun preTokenize(text: String): List<String> {
         var pieces = listOf(text)
         for (step in preSteps) {
             pieces = when (step) {
@@ -104,7 +109,7 @@ class BpeTokenizer private constructor(
                 else -> throw IllegalStateException(step)
             }
         }
-        for (p in pieces) if (p.isNotEmpty()) for (id in bpe(p)) ids.add(id)
+        return pieces
     }
 
     private fun splitDigits(s: String, individual: Boolean): List<String> {
@@ -212,7 +217,8 @@ class BpeTokenizer private constructor(
                     is List<*> -> (m[0] as String) to (m[1] as String)
                     else -> throw IllegalArgumentException("bad merge entry")
                 }
-                ranks.putIfAbsent(a + '\u0000' + b, r)
+                val key = a + "\u0000" + b
+                if (key !in ranks) ranks[key] = r
             }
             val added = (root["added_tokens"] as? List<*> ?: emptyList<Any>()).map {
                 val t = it.asMap("added token")

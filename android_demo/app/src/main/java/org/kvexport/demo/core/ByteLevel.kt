@@ -60,11 +60,20 @@ object ByteLevel {
         else -> false
     }
 
+    /** Code points of [s] (String.codePoints() is API 24+ on Android). */
+    fun codePoints(s: String): IntArray {
+        val out = IntArray(s.codePointCount(0, s.length))
+        var i = 0
+        var k = 0
+        while (i < s.length) { val cp = s.codePointAt(i); out[k++] = cp; i += Character.charCount(cp) }
+        return out
+    }
+
     private val contractions = arrayOf("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 
     /** Split [text] like the GPT-2 regex; returns the matched pieces in order. */
     fun split(text: String): List<String> {
-        val cps = text.codePoints().toArray()
+        val cps = codePoints(text)
         val out = ArrayList<String>()
         var i = 0
         val n = cps.size

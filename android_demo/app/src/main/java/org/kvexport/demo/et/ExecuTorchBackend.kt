@@ -44,6 +44,19 @@ object EtCodec {
         else -> throw ProgramMismatchException("$method returned a non-integer value")
     }
 
+    /** A list of ints: several Int EValues (ExecuTorch constant-method lists) or one int tensor. */
+    fun longList(method: String, out: Array<EValue>): List<Long> {
+        if (out.size == 1 && out[0].isTensor) {
+            val t = out[0].toTensor()
+            return when (t.dtype()) {
+                DType.INT64 -> t.dataAsLongArray.toList()
+                DType.INT32 -> t.dataAsIntArray.map { it.toLong() }
+                else -> throw ProgramMismatchException("$method returned a ${t.dtype()} tensor")
+            }
+        }
+        return out.map { toLong(method, it) }
+    }
+
     fun forwardOutput(out: Array<EValue>, vocab: Int): StepOutput {
         if (out.size != 2) throw ProgramMismatchException("forward returned ${out.size} values, expected (logits, kv_stats)")
         if (!out[0].isTensor || !out[1].isTensor) throw ProgramMismatchException("forward outputs must be tensors")
@@ -78,7 +91,7 @@ class ExecuTorchBackend(
         val missing = (listOf("forward") + ProgramContract.METADATA_METHODS).filter { it !in names }
         if (missing.isNotEmpty()) throw ProgramMismatchException("program lacks methods $missing")
         fun s(m: String) = EtCodec.scalar(m, runner.execute(m, emptyArray())).toInt()
-        val eos = runner.execute("get_eos_ids", emptyArray()).map { EtCodec.toLong("get_eos_ids", it).toInt() }.toSet()
+        val eos = EtCodec.longList("get_eos_ids", runner.execute("get_eos_ids", emptyArray())).map { it.toInt() }.toSet()
         meta = ProgramMeta(s("get_max_context_len"), s("get_max_seq_len"), s("get_vocab_size"), s("get_bos_id"),
             s("get_n_layers"), s("get_layout_version"), eos)
         if (meta.layoutVersion != ProgramContract.LAYOUT_VERSION)

@@ -69,6 +69,14 @@ class EtCodecTest {
         try { EtCodec.scalar("m", arrayOf(EValue.from(1.5))); fail() } catch (e: ProgramMismatchException) { }
     }
 
+    @Test fun eosIdsAsIntsOrTensor() {
+        assertEquals(listOf(2L, 0L), EtCodec.longList("get_eos_ids", arrayOf(EValue.from(2L), EValue.from(0L))))
+        assertEquals(listOf(2L, 0L), EtCodec.longList("get_eos_ids",
+            arrayOf(EValue.from(Tensor.fromBlob(longArrayOf(2, 0), longArrayOf(2))))))
+        try { EtCodec.longList("get_eos_ids", arrayOf(EValue.from(Tensor.fromBlob(FloatArray(2), longArrayOf(2))))); fail() }
+        catch (e: ProgramMismatchException) { }
+    }
+
     @Test fun forwardOutputIsValidated() {
         val stats = EValue.from(Tensor.fromBlob(FloatArray(8) { it.toFloat() }, longArrayOf(8)))
         val ok = EtCodec.forwardOutput(arrayOf(EValue.from(Tensor.fromBlob(FloatArray(5) { it * 1f }, longArrayOf(1, 5))), stats), 5)

@@ -44,6 +44,7 @@ object ParityMain {
         val pyIds = ints(m["py_ids"])
         mapOf(
             "ids" to ids.toList(),
+            "pre_tokens" to tok.preTokenize(text),
             "ids_special" to tok.encode(text, addSpecialTokens = true).toList(),
             "decode_py_ids" to tok.decode(pyIds),
             "decode_py_ids_keep_special" to tok.decode(pyIds, skipSpecialTokens = false),

@@ -1,0 +1,30 @@
+"""The exported computation: one decode/prefill step with the KV cache as module state.
+
+``StepProgram.forward(tokens int64 [1, T], input_pos int64 [1]) -> (logits float32 [1, V],
+kv_stats float32 [8])`` runs the chunk through the model, commits it into the cache (eviction,
+controller, quantization, pool writes all inside the graph) and returns the last token's logits.
+T is dynamic in ``[1, max_chunk]``. The same module is what both exporters trace.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvexport.kv.cache import MixedKVCache
+from kvexport.models.llama import Transformer
+
+LAYOUT_VERSION = 1
+
+
+class StepProgram(nn.Module):
+    def __init__(self, model: Transformer, cache: MixedKVCache):
+        super().__init__()
+        self.model = model
+        self.cache = cache
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor):
+        logits = self.model(tokens, input_pos, self.cache)
+        self.cache.commit(tokens, logits)
+        return logits[:, -1, :], self.cache.stats()
+

@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(KVX) generate --chat --kv-policy rule --max-new-tokens 64 --prompt "$(DEMO_PROMPT)"
+	$(KVX) generate --chat --kv-policy learned --kv-budget-bits 4 --max-new-tokens 64 --prompt "$(DEMO_PROMPT)"
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -20,8 +20,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def add_cache_args(p: argparse.ArgumentParser, default_policy: str = "fp16") -> None:
-    p.add_argument("--kv-policy", default=default_policy, help="fp32, fp16, static-2|4|8, random:B, random:f2,f4,f8,f16, rule, learned[:FILE]")
+def add_cache_args(p: argparse.ArgumentParser, default_policy: str | None = "fp16") -> None:
+    p.add_argument("--kv-policy", default=default_policy,
+                   help="fp32, fp16, static-2|4|8, random:B, random:f2,f4,f8,f16, rule, learned[:FILE]"
+                        + ("" if default_policy else " (default: learned when a controller is committed, else fp16)"))
     p.add_argument("--kv-window", type=int, default=32, help="FP16 recent-window tokens")
     p.add_argument("--kv-sinks", type=int, default=4, help="FP16 sink tokens at the start")
     p.add_argument("--kv-group", type=int, default=None, help="quantization group size (default: head_dim)")
@@ -50,10 +52,9 @@ def cmd_models(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'alias':24} {'Hugging Face id':38} available")
+    print(f"{'alias':24} {'Hugging Face id':38} {'':8} available")
     for r in rows:
-        mark = " (default)" if r["default"] else ""
-        print(f"{r['alias'] + mark:24} {r['hf_id']:38} {r['available'] or '-'}")
+        print(f"{r['alias']:24} {r['hf_id']:38} {'default' if r['default'] else '':8} {r['available'] or '-'}")
     print("\n--model also takes a Hugging Face model directory or a .gguf file; --random-weights builds any alias offline.")
     return 0
 
@@ -79,6 +80,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     def stream(tok_id: int) -> None:
         nonlocal printed
+        if tok_id in tok.eos_ids:
+            return
         new_ids.append(tok_id)
         full = tok.decode(new_ids)
         if not full.endswith("\ufffd"):
@@ -118,6 +121,81 @@ def cmd_count_tokens(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build(a: argparse.Namespace) -> int:
+    from kvexport.export.build import build, default_name
+
+    from kvexport.session import default_controller_path
+
+    loaded = load_model(a)
+    if a.kv_policy is None:  # default: the learned policy when a controller is committed for the model
+        a.kv_policy = "learned" if default_controller_path(loaded.name, a.kv_budget_bits).is_file() else "fp16"
+    opts = cache_options(a)
+    name = a.name or default_name(loaded, opts, a.target, a.ops, a.weights)
+    out = Path(a.out) / name
+    path = build(loaded, opts, a.target, a.ops, a.weights, out, log=lambda m: print(m, file=sys.stderr))
+    manifest = json.loads((path / "manifest.json").read_text())
+    print(f"wrote {path} ({(path / manifest['program']).stat().st_size / 1e6:.1f} MB program, "
+          f"{manifest['cache']['kv_bytes_allocated'] / 1024:.0f} KiB KV state, built in {manifest['build_seconds']} s)")
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    import time
+
+    from kvexport.export.runtime import ProgramRunner
+    from kvexport.models.tokenizer import Tokenizer
+
+    runner = ProgramRunner(Path(a.program))
+    tok = Tokenizer(Path(a.program), eos_ids=runner.manifest["metadata"]["get_eos_ids"])
+    text = tok.apply_chat_template(a.prompt) if a.chat else a.prompt
+    ids = tok.encode(text)
+    if len(ids) >= runner.max_context:
+        raise KvxError(f"the prompt has {len(ids)} tokens; the program's context is {runner.max_context}; "
+                       "shorten it or rebuild with a larger --max-context")
+    t0 = time.perf_counter()
+    logits = runner.prefill(ids)
+    t1 = time.perf_counter()
+    new = []
+    for _ in range(min(a.max_new_tokens, runner.max_context - runner.pos)):
+        nxt = int(logits.argmax())
+        new.append(nxt)
+        if nxt in tok.eos_ids or runner.pos >= runner.max_context:
+            break
+        logits = runner.step([nxt])
+    t2 = time.perf_counter()
+    shown = [i for i in new if i not in tok.eos_ids]
+    print((a.prompt if not a.chat else "") + tok.decode(shown))
+    s = runner.last_stats.tolist()
+    stats = {"kv_bytes_allocated": int(s[0]), "kv_bytes_used": int(s[1]), "avg_bits": s[2],
+             "class_histogram": {str(c): int(n) for c, n in zip((2, 4, 8, 16), s[3:7])}, "tokens_cached": int(s[7])}
+    dec = (len(new) - 1) / (t2 - t1) if len(new) > 1 else 0.0
+    print(f"\n[{a.program} | prefill {len(ids)} tok at {len(ids) / (t1 - t0):.1f} tok/s | decode {len(new)} tok at "
+          f"{dec:.1f} tok/s]", file=sys.stderr)
+    print(format_kv_stats(stats), file=sys.stderr)
+    return 0
+
+
+def cmd_parity(a: argparse.Namespace) -> int:
+    from kvexport.parity import DEFAULT_PROMPT, format_table, run_parity
+
+    result = run_parity(Path(a.program), a.prompt or DEFAULT_PROMPT, a.steps)
+    if a.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(format_table(result))
+    return 0 if result["passed"] else 1
+
+
+def cmd_bundle(a: argparse.Namespace) -> int:
+    from kvexport.android.bundle import BundleError, bundle
+
+    try:
+        print(bundle(a.program, a.app_dir).summary())
+    except BundleError as err:
+        raise KvxError(str(err)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvexport", description="SmolLM with an adaptive mixed-precision KV cache, exported for phones.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -140,6 +218,46 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--corpus", default=str(SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"))
     s.add_argument("--out", default=None)
     s.set_defaults(func=cmd_count_tokens)
+
+    s = sub.add_parser("build", help="export the decode step with its KV cache to a program")
+    add_model_args(s)
+    add_cache_args(s, default_policy=None)
+    s.add_argument("--target", default="executorch", help="executorch")
+    s.add_argument("--ops", default="portable", help="fused (our kernels) or portable (core ATen, stock runtime)")
+    s.add_argument("--weights", default="fp32", help="fp32")
+    s.add_argument("--out", default="graphs")
+    s.add_argument("--name", default=None, help="directory name under --out (default: derived from the options)")
+    s.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("run", help="generate with a built program (ExecuTorch runtime)")
+    s.add_argument("program", help="graphs/<name>")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--chat", action="store_true")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("parity", help="compare a built program with the PyTorch reference, step by step")
+    s.add_argument("program", help="graphs/<name>")
+    s.add_argument("--prompt", default=None)
+    s.add_argument("--steps", type=int, default=64)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_parity)
+
+    from kvexport.controller import calibrate
+    from kvexport.eval import cli as eval_cli
+
+    s = sub.add_parser("calibrate", help="train the learned controller for a KV budget")
+    calibrate.add_arguments(s)
+    s.set_defaults(func=calibrate.run)
+
+    s = sub.add_parser("eval", help="accuracy / perplexity of KV policies on the shared benchmarks")
+    eval_cli.add_arguments(s)
+    s.set_defaults(func=eval_cli.run)
+
+    s = sub.add_parser("bundle", help="stage a built program into the Android demo's assets")
+    s.add_argument("program", help="graphs/<name>")
+    s.add_argument("app_dir", help="android_demo/")
+    s.set_defaults(func=cmd_bundle)
     return p
 
 

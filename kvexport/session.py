@@ -45,6 +45,11 @@ def rarity_table(model_name: str, vocab_size: int) -> torch.Tensor | None:
     return None
 
 
+def default_controller_path(model_name: str, budget_bits: float | None) -> Path:
+    """The committed controller for a model and budget: ``calibration/<model>/controller-<B>.safetensors``."""
+    return _model_calibration_dir(model_name) / f"controller-{budget_bits or DEFAULT_BUDGET_BITS:g}.safetensors"
+
+
 @dataclass(frozen=True)
 class CacheOptions:
     """Everything that decides the cache: ``--kv-policy``, ``--kv-window``, ``--kv-sinks``, ..."""
@@ -62,7 +67,7 @@ class CacheOptions:
         return asdict(self)
 
 
-def build_cache(loaded: LoadedModel, opts: CacheOptions, trim: bool = True, pool_attention=None) -> MixedKVCache:
+def build_cache(loaded: LoadedModel, opts: CacheOptions, trim: bool = True, fused_ops: bool = False) -> MixedKVCache:
     """Cache (with its policy) for ``loaded`` under ``opts``; :class:`KvxError` on bad options."""
     args = loaded.args
     group = opts.group or args.head_dim
@@ -73,9 +78,7 @@ def build_cache(loaded: LoadedModel, opts: CacheOptions, trim: bool = True, pool
     try:
         spec = parse_policy(opts.policy, seed=opts.seed)
         pool_share = max(opts.max_context - opts.sinks - opts.window, 0) / opts.max_context
-        budget = opts.budget_bits or DEFAULT_BUDGET_BITS
-        default_ctrl = _model_calibration_dir(loaded.name) / f"controller-{budget:g}.safetensors"
-        policy = build_policy(spec, group, pool_share, default_ctrl)
+        policy = build_policy(spec, group, pool_share, default_controller_path(loaded.name, opts.budget_bits))
         layout = CacheLayout.build(
             n_layers=args.n_layers, n_kv_heads=args.n_kv_heads, head_dim=args.head_dim,
             max_context=opts.max_context, sinks=opts.sinks, window=opts.window, group=group,
@@ -89,7 +92,7 @@ def build_cache(loaded: LoadedModel, opts: CacheOptions, trim: bool = True, pool
         if policy.needs_features:
             raise KvxError(f"policy '{opts.policy}' needs a token-count table; run 'kvexport count-tokens --model {loaded.name}'")
         rarity = torch.zeros(args.vocab_size)
-    return MixedKVCache(layout, policy, rarity, trim=trim, pool_attention=pool_attention)
+    return MixedKVCache(layout, policy, rarity, trim=trim, fused_ops=fused_ops)
 
 
 class Session:

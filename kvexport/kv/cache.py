@@ -118,12 +118,12 @@ class MixedKVCache(nn.Module):
     numbers.
     """
 
-    def __init__(self, layout: CacheLayout, policy: Policy, rarity: torch.Tensor, trim: bool = True, pool_attention=None):
+    def __init__(self, layout: CacheLayout, policy: Policy, rarity: torch.Tensor, trim: bool = True, fused_ops: bool = False):
         super().__init__()
         self.layout = layout
         self.policy = policy
         self.trim = trim
-        self.pool_attention = pool_attention or attention.pool_attention
+        self.fused_ops = fused_ops  # True: our kvexport:: custom ops; False: their core-ATen reference
         L, H, D, S, W = layout.n_layers, layout.n_kv_heads, layout.head_dim, layout.sinks, layout.window
         fp = layout.torch_fp_dtype
         self.register_buffer("rarity", rarity.float(), persistent=False)
@@ -230,7 +230,7 @@ class MixedKVCache(nn.Module):
             n = self._n_fill[i]
             if n:
                 kv = [getattr(self, f"pool{bits}_{name}")[:n, layer] for name in ("k", "ks", "kz", "v", "vs", "vz")]
-                parts.append(self.pool_attention(rows, *kv, self.fill[i : i + 1], bits, lay.group, scale))
+                parts.append(self._pool_attention(rows, *kv, self.fill[i : i + 1], bits, lay.group, scale))
         # the chunk itself, causal, per batch row
         rep = hq // k.shape[1]
         kh, vh = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -266,7 +266,7 @@ class MixedKVCache(nn.Module):
         win_w = wp * torch.exp(wm - lse).unsqueeze(-1) * n_keys.view(1, -1, 1)
         valid = (self.win_pos[: lay.window] >= 0).float()
         win_sums = torch.stack([win_w.mean(0).sum(0), win_w.var(0, unbiased=False).sum(0),
-                                torch.full_like(valid, float(n_tokens))], dim=-1) * valid.unsqueeze(-1)
+                                torch.ones_like(valid) * n_tokens], dim=-1) * valid.unsqueeze(-1)
         return win_sums, chunk_sums
 
     @staticmethod
@@ -363,5 +363,17 @@ class MixedKVCache(nn.Module):
         buf.index_put_((slots,), values)
 
     def quantize_pack(self, x: torch.Tensor, bits: int, group: int):
-        """Hook for the export path (custom op); reference: :func:`quant.quantize_packed`."""
+        """``kvexport::quantize_pack`` when fused, else its reference :func:`quant.quantize_packed`."""
+        if self.fused_ops:
+            from kvexport import ops
+
+            return ops.quantize_pack(x, bits, group)
         return quant.quantize_packed(x, bits, group)
+
+    def _pool_attention(self, *args):
+        """``kvexport::pool_attention`` when fused, else its reference :func:`attention.pool_attention`."""
+        if self.fused_ops:
+            from kvexport import ops
+
+            return ops.pool_attention(*args)
+        return attention.pool_attention(*args)

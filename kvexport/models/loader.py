@@ -11,8 +11,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kvexport.errors import KvxError
+from kvexport.fsutil import atomic_directory
 from kvexport.models import registry
 from kvexport.models.llama import ModelArgs, Transformer
 from kvexport.models.tokenizer import TOKENIZER_FILES, Tokenizer
@@ -98,19 +97,11 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     state = {k: v.contiguous() for k, v in hf.state_dict().items()}
     if plain.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         plain.to_json_file(str(tmp / "config.json"))
         tok.save_pretrained(str(tmp))
         _write_identity(tmp, f"gguf:{gguf.name}")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -169,12 +169,14 @@ def load_method(program: str | Path | bytes, method: str = "forward"):
     kvexport kernels that are not loaded raises :class:`KernelLibraryError` with one line."""
     from executorch.runtime import Runtime
 
-    data = program if isinstance(program, (bytes, bytearray)) else Path(program).read_bytes()
-    loaded = Runtime.get().load_program(bytes(data))
+    # A path is loaded as a file: a program loaded from bytes reads them for as long as its methods
+    # run, so callers passing bytes must keep them alive themselves.
+    source = bytes(program) if isinstance(program, (bytes, bytearray)) else str(program)
+    loaded = Runtime.get().load_program(source)
     try:
         return loaded.load_method(method)
     except RuntimeError as e:
-        raise_if_missing_kernel(e, data)
+        raise_if_missing_kernel(e, program)
         raise
 
 

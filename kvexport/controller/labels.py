@@ -1,0 +1,147 @@
+"""Measured per-token sensitivity to KV quantization, and the labels derived from it.
+
+Method (documented in ``calibration/README.md``): for a window of text we run a *gated* copy of the
+model's forward in which every token ``j`` outside the sinks has its keys and values (all layers)
+replaced by ``kv_j + g_j * (Q_c(kv_j) - kv_j)`` for the queries that see it after it left the FP16
+window (the exact prefill visibility rule of :mod:`kvexport.kv.cache`). ``Q_c`` is the cache's
+group-wise quantizer at class ``c``; ``g`` is a per-token gate in ``[0, 1]``.
+
+The quantity we measure is ``K(g) = sum_i KL(p_fp16(. | <i) || p_g(. | <i))`` over all positions.
+``K(0) = 0``, ``K(1)`` is the measured KL when *every* token sits at class ``c``. By integrated
+gradients along ``g = t * 1``, ``K(1) = sum_j A_j`` with ``A_j = int_0^1 dK/dg_j(t) dt``, estimated
+with a midpoint rule; ``A_j`` is token ``j``'s share of the measured KL (the shares add up to the
+measured total, which :func:`completeness` checks). Validation against direct measurement
+(quantizing only the tokens the attribution calls cheapest / dearest / a random subset) is in
+:func:`subset_kl`.
+
+Label of a token at threshold ``tau``: the cheapest class ``c`` with ``A_j(c) <= tau`` (else 16).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from kvexport.kv import quant
+from kvexport.kv.policy import CLASSES
+from kvexport.models.llama import Transformer, apply_rope, rope_cos_sin
+
+QUANT_CLASSES = (2, 4, 8)
+
+
+def quantized_visibility(T: int, sinks: int, window: int, chunk: int) -> torch.Tensor:
+    """bool ``[T, T]``: query ``i`` sees key ``j`` quantized (``j`` left the window before ``i``'s
+    chunk ran). Prefill in chunks of ``chunk`` from position 0: key ``j >= sinks`` is overwritten in
+    the ring by ``j + window`` and evicted at the commit of that chunk."""
+    j = torch.arange(T)
+    if window > 0:
+        evict_after = (torch.div(j + window, chunk, rounding_mode="floor") + 1) * chunk  # first query seeing it quantized
+    else:
+        evict_after = (torch.div(j, chunk, rounding_mode="floor") + 1) * chunk
+    i = torch.arange(T).unsqueeze(1)
+    return (j >= sinks) & (i >= evict_after) & (j <= i)
+
+
+def gated_forward(model: Transformer, tokens: torch.Tensor, gate: torch.Tensor | None, bits: int, group: int,
+                  qvis: torch.Tensor) -> torch.Tensor:
+    """Full-sequence forward (batch 1, positions from 0) with gated quantization of K/V.
+
+    tokens int64 ``[T]``; gate float ``[T]`` (may require grad) or None (pure fp16 storage);
+    returns log-probs ``[T, V]``. Keys are rounded to fp16 after RoPE, as the cache stores them.
+    """
+    args = model.args
+    T = tokens.shape[0]
+    pos = torch.arange(T)
+    cos, sin = rope_cos_sin(pos, args.head_dim, args.rope_theta)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    scale = 1.0 / math.sqrt(args.head_dim)
+    rep = args.n_heads // args.n_kv_heads
+    qv = qvis.float()
+    def block(layer, x, gate):
+        att = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = att.q_proj(h).view(1, T, att.n_heads, att.head_dim).transpose(1, 2)
+        k = att.k_proj(h).view(1, T, att.n_kv_heads, att.head_dim).transpose(1, 2)
+        v = att.v_proj(h).view(1, T, att.n_kv_heads, att.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = k + (k.detach().half().float() - k.detach())  # fp16 storage, straight-through
+        v = v + (v.detach().half().float() - v.detach())
+        kh, vh = k[0].repeat_interleave(rep, 0), v[0].repeat_interleave(rep, 0)  # [Hq, T, D]
+        s = q[0] @ kh.transpose(-1, -2) * scale  # [Hq, T, T]
+        if gate is not None:
+            with torch.no_grad():  # quantization error, treated as a constant direction
+                dk = quant.dequantize(*quant.quantize(k.detach(), bits, group), group) - k.detach()
+                dv = quant.dequantize(*quant.quantize(v.detach(), bits, group), group) - v.detach()
+            gdk = (gate.view(1, 1, T, 1) * dk)[0].repeat_interleave(rep, 0)
+            gdv = (gate.view(1, 1, T, 1) * dv)[0].repeat_interleave(rep, 0)
+            s = s + qv * (q[0] @ gdk.transpose(-1, -2) * scale)
+        s = s.masked_fill(~causal, float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        o = p @ vh
+        if gate is not None:
+            o = o + (p * qv) @ gdv
+        o = o.unsqueeze(0).transpose(1, 2).reshape(1, T, -1)
+        x = x + att.o_proj(o)
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    x = model.embed_tokens(tokens.unsqueeze(0))
+    grad = gate is not None and gate.requires_grad and torch.is_grad_enabled()
+    for layer in model.layers:
+        if grad:  # recompute activations in backward: memory per layer instead of per model
+            x = checkpoint(block, layer, x, gate, use_reentrant=False)
+        else:
+            x = block(layer, x, gate)
+    return torch.log_softmax(model.lm_head(model.norm(x))[0], dim=-1)
+
+
+def _kl_sum(ref: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+    return (ref.exp() * (ref - lp)).sum()
+
+
+def attribute(model: Transformer, tokens: torch.Tensor, *, sinks: int, window: int, chunk: int, group: int,
+              steps: dict[int, int], ref: torch.Tensor | None = None) -> dict:
+    """Integrated-gradients attribution of the measured KL to each token, per quantized class.
+
+    Returns ``{"ref": log-probs [T, V], "attr": float32 [T, 3] (classes 2, 4, 8; nats of summed KL)}``.
+    """
+    T = tokens.shape[0]
+    qvis = quantized_visibility(T, sinks, window, chunk)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if ref is None:
+        with torch.no_grad():
+            ref = gated_forward(model, tokens, None, 2, group, qvis)
+    attr = torch.zeros(T, len(QUANT_CLASSES))
+    for ci, bits in enumerate(QUANT_CLASSES):
+        n = steps.get(bits, 1)
+        for k in range(n):
+            t = (k + 0.5) / n
+            gate = torch.full((T,), t, requires_grad=True)
+            loss = _kl_sum(ref, gated_forward(model, tokens, gate, bits, group, qvis))
+            (g,) = torch.autograd.grad(loss, gate)
+            attr[:, ci] += g / n
+    return {"ref": ref, "attr": attr}
+
+
+@torch.no_grad()
+def measured_kl(model: Transformer, tokens: torch.Tensor, gate: torch.Tensor, bits: int, *, sinks: int,
+                window: int, chunk: int, group: int, ref: torch.Tensor) -> float:
+    """Directly measured summed KL with gate ``gate`` (0/1 per token) at class ``bits``."""
+    qvis = quantized_visibility(tokens.shape[0], sinks, window, chunk)
+    return float(_kl_sum(ref, gated_forward(model, tokens, gate.float(), bits, group, qvis)))
+
+
+def labels_at(attr: torch.Tensor, tau: float) -> torch.Tensor:
+    """Cheapest class (index into ``CLASSES``) whose attributed KL is at most ``tau``; 16-bit otherwise."""
+    ok = torch.cat([attr <= tau, torch.ones(attr.shape[0], 1, dtype=torch.bool)], dim=1)  # 16-bit always ok
+    return ok.float().argmax(dim=1)
+
+
+def class_costs(attr: torch.Tensor) -> torch.Tensor:
+    """Attributed KL per class ``[N, 4]`` (16-bit costs nothing; negative attributions clipped to 0)."""
+    return torch.cat([attr.clamp(min=0), torch.zeros(attr.shape[0], 1)], dim=1)
+
+
+assert len(QUANT_CLASSES) + 1 == len(CLASSES)

@@ -1,0 +1,156 @@
+"""``kvexport eval``: benchmark KV policies on HellaSwag, ARC, OpenBookQA and WikiText-2.
+
+    kvexport eval --model smollm2-135m-instruct \\
+        --tasks hellaswag,arc_challenge,arc_easy,openbookqa,wikitext \\
+        --kv-policy 'fp16,static-8,static-4,static-2,random:4,rule,learned:FILE' \\
+        [--limit N] [--seed S] [--kv-window W --kv-sinks S ...] [--backend reference] [--out results/eval]
+
+``--kv-policy`` takes a list: separated by ``;`` when one is present, otherwise by ``,`` with the
+numbers after a ``random:`` joined back to it (``fp16,random:0.5,0.5,0,0,static-4`` is three
+policies). ``--limit N`` scores the first N items of each task (N windows for WikiText).
+
+Results go to ``--out``: ``items.jsonl`` (one record per item; rerunning the same command skips
+what is recorded, so Ctrl-C then rerun resumes), ``summary.json``, ``table.md``, ``acc_vs_bits.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from kvexport.errors import KvxError
+from kvexport.eval.tasks import ALL_TASKS, MC_TASKS
+
+DEFAULT_POLICIES = "fp16,static-8,static-4,static-2"
+DEFAULT_OUT = "results/eval"
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def split_policies(text: str) -> list[str]:
+    """A ``--kv-policy`` list -> policy specs (validated, duplicates dropped, order kept)."""
+    from kvexport.kv.policy import parse_policy
+
+    if ";" in text:
+        parts = [p.strip() for p in text.split(";")]
+    else:
+        parts = []
+        for tok in (t.strip() for t in text.split(",")):
+            if parts and parts[-1].startswith("random:") and _NUMBER.fullmatch(tok):
+                parts[-1] += "," + tok
+            else:
+                parts.append(tok)
+    out = []
+    for p in parts:
+        if not p:
+            raise KvxError(f"empty policy in --kv-policy '{text}'")
+        try:
+            parse_policy(p)
+        except ValueError as err:
+            raise KvxError(str(err)) from None
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def split_tasks(text: str) -> list[str]:
+    tasks = []
+    for t in (t.strip() for t in text.split(",")):
+        names = ALL_TASKS if t == "all" else (t,)
+        for n in names:
+            if n not in ALL_TASKS:
+                raise KvxError(f"unknown task '{n}'; use {', '.join(ALL_TASKS)} or all")
+            if n not in tasks:
+                tasks.append(n)
+    if not tasks:
+        raise KvxError("no task given; use --tasks " + ",".join(ALL_TASKS))
+    return tasks
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from kvexport.cli import add_cache_args, add_model_args
+    from kvexport.eval.scoring import BACKENDS
+    from kvexport.eval.tasks import default_data_dir
+
+    add_model_args(p)
+    add_cache_args(p, default_policy=DEFAULT_POLICIES)
+    for action in p._actions:
+        if "--kv-policy" in action.option_strings:
+            action.help = ("policies to compare, comma-separated (or ';'-separated): fp32, fp16, static-2|4|8, random:B, "
+                           f"random:f2,f4,f8,f16, rule, learned[:FILE] (default {DEFAULT_POLICIES})")
+    p.add_argument("--tasks", default=",".join(MC_TASKS), help=f"comma-separated: {', '.join(ALL_TASKS)}, or all")
+    p.add_argument("--limit", type=int, default=None, help="first N items per task (N windows for wikitext)")
+    p.add_argument("--backend", default="reference", help=f"scorer backend: {', '.join(BACKENDS)} (only reference for now)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="tokens per step when feeding contexts (default: the window; 1 when --kv-window 0)")
+    p.add_argument("--ppl-window", type=int, default=512, help="WikiText window in tokens (each from an empty cache)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="results folder (items.jsonl, summary.json, table.md, acc_vs_bits.png)")
+    p.add_argument("--data-dir", default=str(default_data_dir()), help="folder with the benchmark copies")
+    p.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples for the CIs")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _settings(args, evaluation) -> dict:
+    opts = evaluation.cfg.opts
+    first = evaluation.runs[0].describe if evaluation.runs else {}
+    return {"backend": args.backend, "window": opts.window, "sinks": opts.sinks,
+            "group": opts.group or evaluation.loaded.args.head_dim, "rotate_keys": opts.rotate_keys,
+            "max_context": opts.max_context, "seed": opts.seed, "budget_bits": opts.budget_bits,
+            "prefill_chunk": first.get("prefill_chunk"), "limit": args.limit, "ppl_window": args.ppl_window,
+            "random_weights": bool(evaluation.loaded.identity.get("random_weights")),
+            "policies": evaluation.cfg.policies, "tasks": evaluation.cfg.tasks}
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from kvexport.cli import cache_options, load_model
+    from kvexport.eval.records import RecordStore
+    from kvexport.eval.report import summarize, write_reports
+    from kvexport.eval.runner import EvalConfig, Evaluation
+    from kvexport.eval.scoring import check_backend
+
+    policies = split_policies(args.kv_policy)
+    tasks = split_tasks(args.tasks)
+    check_backend(args.backend)
+    if args.limit is not None and args.limit < 1:
+        raise KvxError(f"--limit must be positive, got {args.limit}")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise KvxError(f"--prefill-chunk must be positive, got {args.prefill_chunk}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args)
+    cfg = EvalConfig(policies=policies, tasks=tasks, opts=cache_options(args), backend=args.backend,
+                     prefill_chunk=args.prefill_chunk, limit=args.limit, ppl_window=args.ppl_window,
+                     data_dir=Path(args.data_dir), progress=not args.no_progress)
+    evaluation = Evaluation(loaded, cfg)
+    out = Path(args.out)
+    store = RecordStore(out / "items.jsonl")
+    pending = evaluation.pending(store)
+    todo = ", ".join(f"{t} {n}" for t, n in pending.items())
+    print(f"[eval {loaded.name}: {len(policies)} policies x {len(tasks)} tasks; to score: {todo}; records in {store.path}]",
+          file=sys.stderr)
+    if store.bad_lines:
+        print(f"[skipped {store.bad_lines} unreadable line(s) in {store.path}]", file=sys.stderr)
+
+    def report() -> dict:
+        summary = summarize(evaluation, store, n_boot=args.n_boot, seed=args.seed, settings=_settings(args, evaluation))
+        return write_reports(summary, out)
+
+    try:
+        evaluation.execute(store)
+    except KeyboardInterrupt:
+        store.close()
+        report()
+        print(f"\n[interrupted: {len(store.records)} records kept in {store.path}; rerun the same command to resume]",
+              file=sys.stderr)
+        raise
+    finally:
+        store.close()
+    paths = report()
+    sys.stdout.write(paths["markdown"].read_text())
+    print(f"[wrote {', '.join(str(p) for p in paths.values() if p.exists())}]", file=sys.stderr)
+    return 0
+

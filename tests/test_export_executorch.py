@@ -60,3 +60,16 @@ def test_context_beyond_the_build_is_refused(built):
     runner.prefill(list(range(1000, 1096)))
     with pytest.raises(KvxError, match="exceed the program's context of 96"):
         runner.step([5])
+
+
+def test_bench_reports_ratios_against_the_first_program(built):
+    from kvexport.bench import run_bench
+
+    result = run_bench([built, built], contexts=[8, 40], decode_steps=3)
+    rows = result["rows"]
+    assert [r["context"] for r in rows] == [8, 8, 40, 40]
+    assert rows[0]["decode_ratio_vs_baseline"] == 1.0
+    assert all(r["decode_ms_per_token"] > 0 and r["prefill_tok_s"] > 0 for r in rows)
+    assert rows[2]["kv_bytes_used"] > rows[0]["kv_bytes_used"]  # more context, more cache
+    with pytest.raises(KvxError, match="exceed"):
+        run_bench([built], contexts=[95], decode_steps=3)

@@ -144,6 +144,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     from kvexport.export.runtime import ProgramRunner
     from kvexport.models.tokenizer import Tokenizer
+    from kvexport.session import kv_stats_dict
 
     runner = ProgramRunner(Path(a.program))
     tok = Tokenizer(Path(a.program), eos_ids=runner.manifest["metadata"]["get_eos_ids"])
@@ -165,9 +166,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     t2 = time.perf_counter()
     shown = [i for i in new if i not in tok.eos_ids]
     print((a.prompt if not a.chat else "") + tok.decode(shown))
-    s = runner.last_stats.tolist()
-    stats = {"kv_bytes_allocated": int(s[0]), "kv_bytes_used": int(s[1]), "avg_bits": s[2],
-             "class_histogram": {str(c): int(n) for c, n in zip((2, 4, 8, 16), s[3:7])}, "tokens_cached": int(s[7])}
+    stats = kv_stats_dict(runner.last_stats)
     dec = (len(new) - 1) / (t2 - t1) if len(new) > 1 else 0.0
     print(f"\n[{a.program} | prefill {len(ids)} tok at {len(ids) / (t1 - t0):.1f} tok/s | decode {len(new)} tok at "
           f"{dec:.1f} tok/s]", file=sys.stderr)

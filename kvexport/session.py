@@ -95,6 +95,15 @@ def build_cache(loaded: LoadedModel, opts: CacheOptions, trim: bool = True, fuse
     return MixedKVCache(layout, policy, rarity, trim=trim, fused_ops=fused_ops)
 
 
+def kv_stats_dict(stats: torch.Tensor) -> dict:
+    """The ``kv_stats [8]`` tensor (cache or program output) as a readable dict."""
+    s = stats.tolist()
+    return {
+        "kv_bytes_allocated": int(s[0]), "kv_bytes_used": int(s[1]), "avg_bits": round(s[2], 4),
+        "class_histogram": {str(c): int(n) for c, n in zip(CLASSES, s[3:7])}, "tokens_cached": int(s[7]),
+    }
+
+
 class Session:
     """Reference runner: ``prefill`` a prompt in chunks, then ``decode`` one token at a time."""
 
@@ -159,11 +168,7 @@ class Session:
         return scores
 
     def kv_stats(self) -> dict:
-        s = self.cache.stats().tolist()
-        return {
-            "kv_bytes_allocated": int(s[0]), "kv_bytes_used": int(s[1]), "avg_bits": round(s[2], 4),
-            "class_histogram": {str(c): int(n) for c, n in zip(CLASSES, s[3:7])}, "tokens_cached": int(s[7]),
-        }
+        return kv_stats_dict(self.cache.stats())
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, on_token=None) -> dict:
         """Greedy generation; ``on_token(id)`` is called for each new token. Returns ids + timings."""

@@ -73,3 +73,15 @@ def test_bench_reports_ratios_against_the_first_program(built):
     assert rows[2]["kv_bytes_used"] > rows[0]["kv_bytes_used"]  # more context, more cache
     with pytest.raises(KvxError, match="exceed"):
         run_bench([built], contexts=[95], decode_steps=3)
+
+
+def test_cli_run_and_bad_build_options(built, capsys):
+    from kvexport.cli import main
+
+    assert main(["run", str(built), "--prompt", "Hello there", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("Hello there") and "avg bits/element" in out.err
+    assert main(["run", str(built), "--prompt", "word " * 200]) == 2
+    assert "context is 96" in capsys.readouterr().err
+    assert main(["build", "--model", "smollm2-135m", "--random-weights", "--target", "tflite"]) == 2
+    assert "unknown target 'tflite'" in capsys.readouterr().err

@@ -210,27 +210,39 @@ class MixedKVCache(nn.Module):
         self._new_k.append(k)
         self._new_v.append(v)
         rows = q.transpose(0, 1).reshape(hq, b * t, d)
-        parts = []
+        # Float parts (sinks, window, FP16 pool, and in portable mode the dequantized pools) are
+        # concatenated into ONE partial attention: fewer ops to run and to lower. With fused ops each
+        # quantized pool is one kernel call over its filled prefix instead.
+        keys, values, masks, parts = [], [], [], []
         if lay.sinks:
-            sink_mask = torch.arange(lay.sinks) < self._p0
-            parts.append(attention.partial_attention(rows, self.sink_k[: lay.sinks, layer].float(),
-                                                     self.sink_v[: lay.sinks, layer].float(), sink_mask, scale)[:3])
+            keys.append(self.sink_k[: lay.sinks, layer].float())
+            values.append(self.sink_v[: lay.sinks, layer].float())
+            masks.append(torch.arange(lay.sinks) < self._p0)
         if lay.window:
-            win_mask = self.win_pos[: lay.window] >= 0
-            o, m, l, p = attention.partial_attention(rows, self.win_k[: lay.window, layer].float(),
-                                                     self.win_v[: lay.window, layer].float(), win_mask, scale)
-            parts.append((o, m, l))
-            win_part = (p, m)
+            keys.append(self.win_k[: lay.window, layer].float())
+            values.append(self.win_v[: lay.window, layer].float())
+            masks.append(self.win_pos[: lay.window] >= 0)
         n16 = self._n_fill[3]
         if n16:
-            mask16 = torch.arange(n16) < self.fill[3]
-            parts.append(attention.partial_attention(rows, self.pool16_k[:n16, layer].float(),
-                                                     self.pool16_v[:n16, layer].float(), mask16, scale)[:3])
+            keys.append(self.pool16_k[:n16, layer].float())
+            values.append(self.pool16_v[:n16, layer].float())
+            masks.append(torch.arange(n16) < self.fill[3])
         for i, bits in enumerate(QUANT_BITS):
             n = self._n_fill[i]
-            if n:
-                kv = [getattr(self, f"pool{bits}_{name}")[:n, layer] for name in ("k", "ks", "kz", "v", "vs", "vz")]
+            if not n:
+                continue
+            kv = [getattr(self, f"pool{bits}_{name}")[:n, layer] for name in ("k", "ks", "kz", "v", "vs", "vz")]
+            if self.fused_ops:
                 parts.append(self._pool_attention(rows, *kv, self.fill[i : i + 1], bits, lay.group, scale))
+                continue
+            keys.append(quant.dequantize_packed(kv[0], kv[1], kv[2], bits, lay.group))
+            values.append(quant.dequantize_packed(kv[3], kv[4], kv[5], bits, lay.group))
+            masks.append(torch.arange(n) < self.fill[i])
+        if keys:
+            o, m, l, p = attention.partial_attention(rows, torch.cat(keys), torch.cat(values), torch.cat(masks), scale)
+            parts.append((o, m, l))
+            if lay.window:
+                win_part = (p[..., lay.sinks : lay.sinks + lay.window], m)
         # the chunk itself, causal, per batch row
         rep = hq // k.shape[1]
         kh, vh = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -370,10 +382,9 @@ class MixedKVCache(nn.Module):
             return ops.quantize_pack(x, bits, group)
         return quant.quantize_packed(x, bits, group)
 
-    def _pool_attention(self, *args):
-        """``kvexport::pool_attention`` when fused, else its reference :func:`attention.pool_attention`."""
-        if self.fused_ops:
-            from kvexport import ops
+    @staticmethod
+    def _pool_attention(*args):
+        """``kvexport::pool_attention`` (fused mode); its reference is :func:`attention.pool_attention`."""
+        from kvexport import ops
 
-            return ops.pool_attention(*args)
-        return attention.pool_attention(*args)
+        return ops.pool_attention(*args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -23,3 +24,15 @@ def atomic_directory(out_dir: Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path: Path, missing: str, corrupt: str, error: type[Exception]):
+    """Parse a required JSON file; raise ``error`` with the one-line ``missing`` message when it is
+    absent, or ``corrupt`` (``{path}`` and ``{reason}`` filled in) when it is not valid JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise error(corrupt.format(path=path, reason=err.msg)) from None

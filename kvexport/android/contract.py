@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvexport.fsutil import read_json
+
 LAYOUT_VERSION = 1
 METADATA_METHODS = (
     "get_max_context_len", "get_max_seq_len", "get_vocab_size", "get_bos_id",
@@ -89,13 +91,8 @@ def _manifest_methods(manifest: dict) -> list[str] | None:
 def read_program(program_dir) -> ProgramInfo:
     """Read manifest + program; raise ContractError (one line) on any mismatch with the app."""
     program_dir = Path(program_dir)
-    mpath = program_dir / "manifest.json"
-    if not mpath.is_file():
-        raise ContractError(f"{program_dir}: no manifest.json")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise ContractError(f"{mpath}: invalid JSON ({e})") from None
+    manifest = read_json(program_dir / "manifest.json", f"{program_dir}: no manifest.json",
+                         "{path}: invalid JSON ({reason})", ContractError)
     pte = find_pte(program_dir, manifest)
     for f in TOKENIZER_FILES:
         if not (program_dir / f).is_file():

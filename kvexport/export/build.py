@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from kvexport.errors import KvxError
-from kvexport.fsutil import atomic_directory
+from kvexport.fsutil import atomic_directory, read_json
 from kvexport.export.program import LAYOUT_VERSION, StepProgram
 from kvexport.kv.policy import CLASSES
 from kvexport.models.loader import LoadedModel
@@ -142,12 +142,8 @@ def read_manifest(program_dir: Path) -> dict:
     """Manifest of a program directory, checked against the program file; :class:`KvxError` if off."""
     program_dir = Path(program_dir)
     path = program_dir / "manifest.json"
-    if not path.is_file():
-        raise KvxError(f"{program_dir} has no manifest.json; build it with 'kvexport build'")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise KvxError(f"{path} is corrupt (not JSON); rebuild with 'kvexport build'") from None
+    manifest = read_json(path, f"{program_dir} has no manifest.json; build it with 'kvexport build'",
+                         "{path} is corrupt (not JSON: {reason}); rebuild with 'kvexport build'", KvxError)
     if manifest.get("format") != "kvexport-program" or manifest.get("layout_version") != LAYOUT_VERSION:
         raise KvxError(f"{path} is not a layout-v{LAYOUT_VERSION} kvexport manifest; rebuild with this kvexport")
     program = program_dir / manifest["program"]

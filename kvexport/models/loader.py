@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kvexport.errors import KvxError
-from kvexport.fsutil import atomic_directory
+from kvexport.fsutil import atomic_directory, read_json
 from kvexport.models import registry
 from kvexport.models.llama import ModelArgs, Transformer
 from kvexport.models.tokenizer import TOKENIZER_FILES, Tokenizer
@@ -127,13 +127,9 @@ def _load_weights(directory: Path) -> dict[str, torch.Tensor]:
 def load_directory(directory: Path, name: str | None = None, tokenizer_dir: Path | None = None) -> LoadedModel:
     """Load a Hugging Face style model directory."""
     directory = Path(directory)
-    cfg_path = directory / "config.json"
-    if not cfg_path.is_file():
-        raise KvxError(f"{directory} has no config.json; pass a Hugging Face model directory or a .gguf file")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise KvxError(f"{cfg_path} is not valid JSON ({err.msg}); re-download the model") from None
+    config = read_json(directory / "config.json",
+                       f"{directory} has no config.json; pass a Hugging Face model directory or a .gguf file",
+                       "{path} is not valid JSON ({reason}); re-download the model", KvxError)
     _check_llama(config, str(directory))
     args = ModelArgs.from_hf_config(config)
     tok_dir = tokenizer_dir or directory

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from kvexport.errors import KvxError
-from kvexport.export.runtime import ProgramRunner
+from kvexport.export.runtime import StepRunner, open_runner
 
 
-def _bench_one(runner: ProgramRunner, context: int, decode_steps: int, ids: list[int]) -> dict:
+def _bench_one(runner: StepRunner, context: int, decode_steps: int, ids: list[int]) -> dict:
     runner.reset()
     t0 = time.perf_counter()
     runner.prefill(ids[:context])
@@ -38,7 +38,7 @@ def _bench_one(runner: ProgramRunner, context: int, decode_steps: int, ids: list
 def run_bench(programs: list[Path], contexts: list[int], decode_steps: int = 16, threads: int | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
-    runners = [ProgramRunner(p) for p in programs]
+    runners = [open_runner(p) for p in programs]
     for r in runners:
         too_long = [c for c in contexts if c + decode_steps > r.max_context]
         if too_long:

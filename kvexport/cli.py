@@ -122,7 +122,7 @@ def cmd_count_tokens(a: argparse.Namespace) -> int:
 
 
 def cmd_build(a: argparse.Namespace) -> int:
-    from kvexport.export.build import build, default_name
+    from kvexport.export.build import DEFAULT_WEIGHTS, build, default_name
 
     from kvexport.session import default_controller_path
 
@@ -130,9 +130,11 @@ def cmd_build(a: argparse.Namespace) -> int:
     if a.kv_policy is None:  # default: the learned policy when a controller is committed for the model
         a.kv_policy = "learned" if default_controller_path(loaded.name, a.kv_budget_bits).is_file() else "fp16"
     opts = cache_options(a)
-    name = a.name or default_name(loaded, opts, a.target, a.ops, a.weights)
+    weights = a.weights or DEFAULT_WEIGHTS.get(a.target, "fp32")
+    name = a.name or default_name(loaded, opts, a.target, a.ops, weights)
     out = Path(a.out) / name
-    path = build(loaded, opts, a.target, a.ops, a.weights, out, log=lambda m: print(m, file=sys.stderr))
+    extra = {"ort_version": a.ort_version} if a.ort_version else {}
+    path = build(loaded, opts, a.target, a.ops, weights, out, log=lambda m: print(m, file=sys.stderr), **extra)
     manifest = json.loads((path / "manifest.json").read_text())
     print(f"wrote {path} ({(path / manifest['program']).stat().st_size / 1e6:.1f} MB program, "
           f"{manifest['cache']['kv_bytes_allocated'] / 1024:.0f} KiB KV state, built in {manifest['build_seconds']} s)")
@@ -142,11 +144,11 @@ def cmd_build(a: argparse.Namespace) -> int:
 def cmd_run(a: argparse.Namespace) -> int:
     import time
 
-    from kvexport.export.runtime import ProgramRunner
+    from kvexport.export.runtime import open_runner
     from kvexport.models.tokenizer import Tokenizer
     from kvexport.session import kv_stats_dict
 
-    runner = ProgramRunner(Path(a.program))
+    runner = open_runner(Path(a.program))
     tok = Tokenizer(Path(a.program), eos_ids=runner.manifest["metadata"]["get_eos_ids"])
     text = tok.apply_chat_template(a.prompt) if a.chat else a.prompt
     ids = tok.encode(text)
@@ -232,9 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("build", help="export the decode step with its KV cache to a program")
     add_model_args(s)
     add_cache_args(s, default_policy=None)
-    s.add_argument("--target", default="executorch", help="executorch")
+    s.add_argument("--target", default="executorch", help="executorch, onnx or ort")
     s.add_argument("--ops", default="portable", help="fused (our kernels) or portable (core ATen, stock runtime)")
-    s.add_argument("--weights", default="fp32", help="fp32")
+    s.add_argument("--weights", default=None,
+                   help="executorch: fp32, 8da8w, 8da4w; onnx/ort: fp32, int8, int4 (default: per target, see README)")
+    s.add_argument("--ort-version", default=None,
+                   help="ort/onnx: oldest ONNX Runtime the app ships; warn when the program needs a newer one")
     s.add_argument("--out", default="graphs")
     s.add_argument("--name", default=None, help="directory name under --out (default: derived from the options)")
     s.set_defaults(func=cmd_build)

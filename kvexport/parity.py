@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from kvexport.export.build import loaded_for_manifest, read_manifest
-from kvexport.export.runtime import ProgramRunner
+from kvexport.export.runtime import open_runner
 from kvexport.session import CacheOptions, Session
 
 # Documented tolerances. XNNPACK reorders float sums, so logits differ by ~1e-5..1e-2; and when a
@@ -37,7 +37,7 @@ def _kl(ref: torch.Tensor, prog: torch.Tensor) -> float:
 def run_parity(program_dir: Path, prompt: str = DEFAULT_PROMPT, steps: int = 64, loaded=None) -> dict:
     """Compare ``program_dir`` with the reference built from its manifest (or from ``loaded``)."""
     manifest = read_manifest(program_dir)
-    runner = ProgramRunner(program_dir)
+    runner = open_runner(program_dir)
     loaded = loaded or loaded_for_manifest(manifest)
     session = Session(loaded, CacheOptions(**manifest["cache_options"]))
     ids = loaded.tokenizer.encode(prompt)

@@ -7,7 +7,7 @@ import pytest
 
 from kvexport.errors import KvxError
 from kvexport.export.build import build
-from kvexport.export.runtime import ProgramRunner
+from kvexport.export.runtime import open_runner
 from kvexport.parity import run_parity
 from kvexport.session import CacheOptions
 
@@ -44,19 +44,19 @@ def test_corrupt_truncated_and_mismatched_programs_are_one_line_errors(built, tm
     pte = bad / "model.pte"
     pte.write_bytes(pte.read_bytes()[:1000])
     with pytest.raises(KvxError, match="does not match its manifest"):
-        ProgramRunner(bad)
+        open_runner(bad)
     m = json.loads((bad / "manifest.json").read_text())
-    m["program_sha256"] = __import__("hashlib").sha256(pte.read_bytes()).hexdigest()
+    m["program_files"]["model.pte"] = __import__("hashlib").sha256(pte.read_bytes()).hexdigest()
     (bad / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(KvxError, match="cannot load"):
-        ProgramRunner(bad)
+        open_runner(bad)
     (bad / "manifest.json").write_text("{")
     with pytest.raises(KvxError, match="corrupt"):
-        ProgramRunner(bad)
+        open_runner(bad)
 
 
 def test_context_beyond_the_build_is_refused(built):
-    runner = ProgramRunner(built)
+    runner = open_runner(built)
     runner.prefill(list(range(1000, 1096)))
     with pytest.raises(KvxError, match="exceed the program's context of 96"):
         runner.step([5])

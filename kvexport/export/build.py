@@ -17,20 +17,28 @@ import torch
 
 from kvexport.errors import KvxError
 from kvexport.fsutil import atomic_directory, read_json
-from kvexport.export.program import LAYOUT_VERSION, StepProgram
+from kvexport.export.program import LAYOUT_VERSION, StepProgram, metadata_methods
 from kvexport.kv.policy import CLASSES
 from kvexport.models.loader import LoadedModel
 from kvexport.models.tokenizer import TOKENIZER_FILES
 from kvexport.session import CacheOptions, build_cache
 
 TARGETS = ("executorch",)
-WEIGHT_FORMATS = ("fp32",)
+WEIGHT_FORMATS = {"executorch": ("fp32",)}
+DEFAULT_WEIGHTS = {"executorch": "fp32"}
 OPS_MODES = ("fused", "portable")
-PROGRAM_FILE = {"executorch": "model.pte"}
 
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def default_name(loaded: LoadedModel, opts: CacheOptions, target: str, ops: str, weights: str) -> str:
@@ -40,7 +48,7 @@ def default_name(loaded: LoadedModel, opts: CacheOptions, target: str, ops: str,
 
 def versions() -> dict:
     out = {}
-    for pkg in ("torch", "executorch", "kvexport"):
+    for pkg in ("kvexport", "torch", "executorch", "torchao", "onnx", "onnxscript", "onnxruntime"):
         try:
             out[pkg] = importlib_metadata.version(pkg)
         except importlib_metadata.PackageNotFoundError:
@@ -67,7 +75,8 @@ def _io_signature(step: StepProgram) -> dict:
 
 
 def manifest_for(loaded: LoadedModel, opts: CacheOptions, step: StepProgram, target: str, ops: str, weights: str,
-                 program_file: str, program_sha: str, metadata: dict, build_seconds: float) -> dict:
+                 out_dir: Path, written: dict, metadata: dict, build_seconds: float) -> dict:
+    """``written``: what the target's writer returned for the files it put in ``out_dir``."""
     cache = step.cache
     tok_hashes = {f: sha256_bytes((loaded.tokenizer.directory / f).read_bytes())
                   for f in TOKENIZER_FILES if (loaded.tokenizer.directory / f).is_file()}
@@ -77,8 +86,9 @@ def manifest_for(loaded: LoadedModel, opts: CacheOptions, step: StepProgram, tar
         "format": "kvexport-program",
         "layout_version": LAYOUT_VERSION,
         "target": target,
-        "program": program_file,
-        "program_sha256": program_sha,
+        "program": written["program"],
+        "program_files": {f: sha256_file(out_dir / f) for f in written["files"]},
+        **{k: v for k, v in written.items() if k not in ("program", "files")},
         "ops_mode": ops,
         "weights": weights,
         "model": {"name": loaded.name, "source": loaded.source, "identity": loaded.identity,
@@ -104,38 +114,44 @@ def _class_bits(cache) -> list[float]:
 
 
 def build(loaded: LoadedModel, opts: CacheOptions, target: str, ops: str, weights: str, out_dir: Path,
-          log=print) -> Path:
-    """Build one program directory; returns its path. :class:`KvxError` on bad options."""
+          log=print, **target_options) -> Path:
+    """Build one program directory; returns its path. :class:`KvxError` on bad options.
+
+    ``target_options`` go to the target's writer (e.g. ``ort_version`` for ort)."""
     if target not in TARGETS:
         raise KvxError(f"unknown target '{target}'; choose one of {', '.join(TARGETS)}")
     if ops not in OPS_MODES:
         raise KvxError(f"unknown ops mode '{ops}'; choose fused or portable")
-    if weights not in WEIGHT_FORMATS:
-        raise KvxError(f"weights '{weights}' not supported for {target}; choose one of {', '.join(WEIGHT_FORMATS)}")
-    from kvexport.export import executorch as et
+    if weights not in WEIGHT_FORMATS[target]:
+        raise KvxError(f"weights '{weights}' not supported for {target}; "
+                       f"choose one of {', '.join(WEIGHT_FORMATS[target])}")
+    writer = target_writer(target)
 
     t0 = time.perf_counter()
     model = loaded.build()
     cache = build_cache(loaded, opts, trim=False, fused_ops=ops == "fused")
     step = StepProgram(model, cache).eval()
-    log(f"[1/3] export: {loaded.name}, policy {opts.policy}, context {opts.max_context}, ops {ops}")
-    ep = et.export_step(step)
-    log(f"[2/3] lower to ExecuTorch (XNNPACK): {len(ep.graph.nodes)} nodes")
-    meta = et.metadata_methods(step, loaded.tokenizer.bos_id, loaded.tokenizer.eos_ids)
-    pte = et.lower_to_pte(ep, meta)
-    log(f"[3/3] serialize: {len(pte) / 1e6:.1f} MB")
+    meta = metadata_methods(step, loaded.tokenizer.bos_id, loaded.tokenizer.eos_ids)
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
-        program_file = PROGRAM_FILE[target]
-        (tmp / program_file).write_bytes(pte)
+        written = writer(step, tmp, target=target, ops=ops, weights=weights, metadata=meta, log=log,
+                         **target_options)
         for f in TOKENIZER_FILES:
             src = loaded.tokenizer.directory / f
             if src.is_file():
                 shutil.copy(src, tmp / f)
-        manifest = manifest_for(loaded, opts, step, target, ops, weights, program_file, sha256_bytes(pte), meta,
-                                time.perf_counter() - t0)
+        manifest = manifest_for(loaded, opts, step, target, ops, weights, tmp, written, meta, time.perf_counter() - t0)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
     return out_dir
+
+
+def target_writer(target: str):
+    """``writer(step, out_dir, *, target, ops, weights, metadata, log, **options) -> dict`` with
+    ``program`` (file name), ``files`` (every program file the manifest must hash) and any
+    target-specific manifest fields."""
+    if target == "executorch":
+        from kvexport.export.executorch import write_program
+    return write_program
 
 
 def read_manifest(program_dir: Path) -> dict:
@@ -146,11 +162,12 @@ def read_manifest(program_dir: Path) -> dict:
                          "{path} is corrupt (not JSON: {reason}); rebuild with 'kvexport build'", KvxError)
     if manifest.get("format") != "kvexport-program" or manifest.get("layout_version") != LAYOUT_VERSION:
         raise KvxError(f"{path} is not a layout-v{LAYOUT_VERSION} kvexport manifest; rebuild with this kvexport")
-    program = program_dir / manifest["program"]
-    if not program.is_file():
-        raise KvxError(f"program file {program} is missing; rebuild with 'kvexport build'")
-    if sha256_bytes(program.read_bytes()) != manifest["program_sha256"]:
-        raise KvxError(f"{program} does not match its manifest (truncated, corrupt or replaced); rebuild it")
+    for name, sha in manifest["program_files"].items():
+        program = program_dir / name
+        if not program.is_file():
+            raise KvxError(f"program file {program} is missing; rebuild with 'kvexport build'")
+        if sha256_file(program) != sha:
+            raise KvxError(f"{program} does not match its manifest (truncated, corrupt or replaced); rebuild it")
     return manifest
 
 

@@ -11,29 +11,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch.export import Dim, ExportedProgram, export
 
-from kvexport.export.program import LAYOUT_VERSION, StepProgram
+from kvexport.export.program import StepProgram
 
 
 # Substrings of the state buffers whose initial values the program must carry.
 INITIALIZED_STATE = ("win_pos", "pool_pos", "fill", "n_seen", "win_feat")
-
-
-def metadata_methods(step: StepProgram, bos_id: int, eos_ids: list[int]) -> dict:
-    """Constant methods an app reads before running (names as in ExecuTorch's llama exports)."""
-    args, lay = step.model.args, step.cache.layout
-    return {
-        "get_max_context_len": lay.max_context,
-        "get_max_seq_len": step.cache.max_chunk,
-        "get_vocab_size": args.vocab_size,
-        "get_bos_id": bos_id,
-        "get_eos_ids": list(eos_ids),
-        "get_n_layers": args.n_layers,
-        "get_layout_version": LAYOUT_VERSION,
-        "use_kv_cache": True,
-    }
 
 
 def export_step(step: StepProgram) -> ExportedProgram:
@@ -65,3 +52,15 @@ def lower_to_pte(ep: ExportedProgram, metadata: dict) -> bytes:
     )
     return edge.to_executorch(config).buffer
 
+
+
+def write_program(step: StepProgram, out_dir: Path, *, target: str, ops: str, weights: str, metadata: dict,
+                  log=print) -> dict:
+    """export -> lower -> serialize ``model.pte`` into ``out_dir`` (the build's writer for executorch)."""
+    log(f"[1/3] export: ops {ops}, weights {weights}")
+    ep = export_step(step)
+    log(f"[2/3] lower to ExecuTorch (XNNPACK): {len(ep.graph.nodes)} nodes")
+    pte = lower_to_pte(ep, metadata)
+    log(f"[3/3] serialize: {len(pte) / 1e6:.1f} MB")
+    (out_dir / "model.pte").write_bytes(pte)
+    return {"program": "model.pte", "files": ["model.pte"]}

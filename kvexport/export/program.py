@@ -28,3 +28,18 @@ class StepProgram(nn.Module):
         self.cache.commit(tokens, logits)
         return logits[:, -1, :], self.cache.stats()
 
+
+
+def metadata_methods(step: StepProgram, bos_id: int, eos_ids: list[int]) -> dict:
+    """Constant methods an app reads before running (names as in ExecuTorch's llama exports)."""
+    args, lay = step.model.args, step.cache.layout
+    return {
+        "get_max_context_len": lay.max_context,
+        "get_max_seq_len": step.cache.max_chunk,
+        "get_vocab_size": args.vocab_size,
+        "get_bos_id": bos_id,
+        "get_eos_ids": list(eos_ids),
+        "get_n_layers": args.n_layers,
+        "get_layout_version": LAYOUT_VERSION,
+        "use_kv_cache": True,
+    }

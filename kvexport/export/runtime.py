@@ -1,5 +1,10 @@
-"""Run a built program through the ExecuTorch runtime (Python bindings): the step interface the
-reference :class:`kvexport.session.Session` also has, so parity and generation share one loop."""
+"""Run a built program through its runtime: the step interface the reference
+:class:`kvexport.session.Session` also has, so parity, bench and generation share one loop.
+
+:func:`open_runner` picks the runner from the manifest's target. A runner subclass only loads the
+program (``_load``) and executes one chunk (``_execute``); positions, chunking and the context
+limit live here.
+"""
 
 from __future__ import annotations
 
@@ -11,28 +16,72 @@ from kvexport.errors import KvxError
 from kvexport.export.build import read_manifest
 
 
-class ProgramRunner:
-    """Loads ``graphs/<name>``; ``step(ids)`` commits a chunk and returns its last logits ``[V]``."""
+class StepRunner:
+    """Loads ``graphs/<name>``; ``step(ids)`` commits a chunk and returns its last logits ``[V]``
+    (float32); ``last_stats`` holds the program's ``kv_stats`` float32 ``[8]`` after each step."""
 
-    def __init__(self, program_dir: Path):
+    targets: tuple[str, ...] = ()
+
+    def __init__(self, program_dir: Path, manifest: dict | None = None):
         self.dir = Path(program_dir)
-        self.manifest = read_manifest(self.dir)
+        self.manifest = manifest or read_manifest(self.dir)
         self.path = self.dir / self.manifest["program"]
-        if self.manifest["target"] != "executorch":
-            raise KvxError(f"{self.dir} is a {self.manifest['target']} program; this runner takes executorch")
-        from kvexport import ops
-
-        if self.manifest["ops_mode"] == "fused":
-            try:
-                ops.load_executorch_kernels()
-            except Exception as err:  # BuildError / KernelLibraryError carry one-line messages
-                raise KvxError(f"{err}; or rebuild the program with --ops portable") from None
+        if self.manifest["target"] not in self.targets:
+            raise KvxError(f"{self.dir} is a {self.manifest['target']} program; "
+                           f"this runner takes {', '.join(self.targets)}")
         self.max_context = self.manifest["cache"]["max_context"]
         self.max_chunk = self.manifest["cache"]["max_chunk"]
         self.reset()
 
     def reset(self) -> None:
-        """Fresh state: a newly loaded method starts from the initial cache."""
+        """Fresh state: the initial cache, position 0."""
+        self._load()
+        self.pos = 0
+        self.last_stats = None
+
+    def step(self, ids: list[int]) -> torch.Tensor:
+        if len(ids) > self.max_chunk:
+            raise ValueError(f"chunk of {len(ids)} > max_chunk {self.max_chunk}")
+        if self.pos + len(ids) > self.max_context:
+            raise KvxError(f"{self.pos + len(ids)} tokens exceed the program's context of {self.max_context}; "
+                           "rebuild with a larger --max-context")
+        logits, stats = self._execute(torch.tensor([ids], dtype=torch.int64), torch.tensor([self.pos], dtype=torch.int64))
+        self.pos += len(ids)
+        self.last_stats = stats
+        return logits[0]
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        """Feed a prompt in chunks; returns the last token's logits ``[V]``."""
+        logits = None
+        for i in range(0, len(ids), self.max_chunk):
+            logits = self.step(ids[i : i + self.max_chunk])
+        return logits
+
+    def _load(self) -> None:
+        raise NotImplementedError
+
+    def _execute(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens int64 [1, T], input_pos int64 [1] -> (logits float32 [1, V], kv_stats float32 [8])."""
+        raise NotImplementedError
+
+
+class ExecuTorchRunner(StepRunner):
+    """``.pte`` programs through the ExecuTorch Python runtime (our kernels loaded for fused ones)."""
+
+    targets = ("executorch",)
+
+    def __init__(self, program_dir: Path, manifest: dict | None = None):
+        from kvexport import ops
+
+        manifest = manifest or read_manifest(Path(program_dir))
+        if manifest["ops_mode"] == "fused" and manifest["target"] == "executorch":
+            try:
+                ops.load_executorch_kernels()
+            except Exception as err:  # BuildError / KernelLibraryError carry one-line messages
+                raise KvxError(f"{err}; or rebuild the program with --ops portable") from None
+        super().__init__(program_dir, manifest)
+
+    def _load(self) -> None:
         from executorch.runtime import Runtime
 
         from kvexport import ops
@@ -48,23 +97,19 @@ class ProgramRunner:
             except ops.KernelLibraryError as missing:
                 raise KvxError(str(missing)) from None
             raise KvxError(f"ExecuTorch cannot load {self.path} ({str(err).splitlines()[0]}); rebuild it") from None
-        self.pos = 0
-        self.last_stats = None
 
-    def step(self, ids: list[int]) -> torch.Tensor:
-        if len(ids) > self.max_chunk:
-            raise ValueError(f"chunk of {len(ids)} > max_chunk {self.max_chunk}")
-        if self.pos + len(ids) > self.max_context:
-            raise KvxError(f"{self.pos + len(ids)} tokens exceed the program's context of {self.max_context}; "
-                           "rebuild with a larger --max-context")
-        out = self.method.execute([torch.tensor([ids], dtype=torch.int64), torch.tensor([self.pos], dtype=torch.int64)])
-        self.pos += len(ids)
-        self.last_stats = out[1]
-        return out[0][0]
+    def _execute(self, tokens, input_pos):
+        out = self.method.execute([tokens, input_pos])
+        return out[0], out[1]
 
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-        """Feed a prompt in chunks; returns the last token's logits ``[V]``."""
-        logits = None
-        for i in range(0, len(ids), self.max_chunk):
-            logits = self.step(ids[i : i + self.max_chunk])
-        return logits
+
+def runner_class(target: str) -> type[StepRunner]:
+    if target == "executorch":
+        return ExecuTorchRunner
+    raise KvxError(f"no runner for target '{target}'; rebuild the program with this kvexport")
+
+
+def open_runner(program_dir: Path) -> StepRunner:
+    """The runner for a program directory, chosen by its manifest's target."""
+    manifest = read_manifest(Path(program_dir))
+    return runner_class(manifest["target"])(program_dir, manifest)

@@ -35,9 +35,18 @@ def _bench_one(runner: StepRunner, context: int, decode_steps: int, ids: list[in
             "avg_bits": stats[2]}
 
 
+def set_threads(threads: int) -> None:
+    """Threads for torch and for ExecuTorch's own pool (XNNPACK), which ``torch.set_num_threads``
+    does not reach: without the reset, ExecuTorch programs keep one thread per core."""
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+    torch.set_num_threads(threads)
+    _unsafe_reset_threadpool(threads)
+
+
 def run_bench(programs: list[Path], contexts: list[int], decode_steps: int = 16, threads: int | None = None) -> dict:
     if threads:
-        torch.set_num_threads(threads)
+        set_threads(threads)
     runners = [open_runner(p) for p in programs]
     for r in runners:
         too_long = [c for c in contexts if c + decode_steps > r.max_context]

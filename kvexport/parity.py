@@ -17,6 +17,7 @@ import torch
 
 from kvexport.export.build import loaded_for_manifest, read_manifest
 from kvexport.export.runtime import open_runner
+from kvexport.models.weights import quantize_weights
 from kvexport.session import CacheOptions, Session
 
 # Documented tolerances. XNNPACK reorders float sums, so logits differ by ~1e-5..1e-2; and when a
@@ -26,6 +27,17 @@ from kvexport.session import CacheOptions, Session
 # distribution (KL), the greedy token and the cache state are the strict checks; max |dlogit| only
 # catches gross breakage (wrong positions or masks move logits by several units).
 TOLERANCES = {"max_abs_logit": 1.0, "kl": 1e-3, "top1_agreement": 0.95}
+# 8da8w / 8da4w programs quantize activations per token at run time: the same ~1e-6 float
+# differences can flip an activation code, which moves every output of that linear layer by up to
+# one activation step. The reference uses the same quantized weights and the same quantizer (bf16
+# group scales for 4-bit, as XNNPACK), so most steps agree to ~1e-5 (measured on the tiny test
+# model: 8da4w worst KL 2e-11 over 28 steps; 8da8w 7e-3 at the worst of 8 flipped steps).
+DYNAMIC_ACTIVATION_TOLERANCES = {"max_abs_logit": 2.0, "kl": 2e-2, "top1_agreement": 0.95}
+
+
+def tolerances_for(manifest: dict) -> dict:
+    quantized = manifest["target"] == "executorch" and manifest["weights"] != "fp32"
+    return DYNAMIC_ACTIVATION_TOLERANCES if quantized else TOLERANCES
 DEFAULT_PROMPT = "The history of the printing press begins in the fifteenth century, when"
 
 
@@ -34,12 +46,21 @@ def _kl(ref: torch.Tensor, prog: torch.Tensor) -> float:
     return float((lp.exp() * (lp - lq)).sum())
 
 
+def reference_model(loaded, manifest: dict):
+    """The reference model for a program: its torchao weight format for ExecuTorch programs (the
+    same quantized weights); fp32 otherwise."""
+    model = loaded.build()
+    if manifest["target"] == "executorch":
+        quantize_weights(model, manifest["weights"])
+    return model
+
+
 def run_parity(program_dir: Path, prompt: str = DEFAULT_PROMPT, steps: int = 64, loaded=None) -> dict:
     """Compare ``program_dir`` with the reference built from its manifest (or from ``loaded``)."""
     manifest = read_manifest(program_dir)
     runner = open_runner(program_dir)
     loaded = loaded or loaded_for_manifest(manifest)
-    session = Session(loaded, CacheOptions(**manifest["cache_options"]))
+    session = Session(loaded, CacheOptions(**manifest["cache_options"]), model=reference_model(loaded, manifest))
     ids = loaded.tokenizer.encode(prompt)
     total = min(len(ids) + steps, manifest["cache"]["max_context"])
     rows = []
@@ -67,15 +88,15 @@ def run_parity(program_dir: Path, prompt: str = DEFAULT_PROMPT, steps: int = 64,
 
 
 def summarize(rows: list[dict], manifest: dict) -> dict:
+    tol = tolerances_for(manifest)
     worst_abs = max(r["max_abs_logit"] for r in rows)
     worst_kl = max(r["kl"] for r in rows)
     top1 = sum(r["top1_equal"] for r in rows) / len(rows)
     classes = all(r["classes_equal"] and r["bytes_equal"] for r in rows)
-    ok = (worst_abs <= TOLERANCES["max_abs_logit"] and worst_kl <= TOLERANCES["kl"]
-          and top1 >= TOLERANCES["top1_agreement"] and classes)
+    ok = worst_abs <= tol["max_abs_logit"] and worst_kl <= tol["kl"] and top1 >= tol["top1_agreement"] and classes
     return {"program": manifest["program"], "policy": manifest["policy"]["spec"], "ops_mode": manifest["ops_mode"],
             "steps": len(rows), "max_abs_logit": worst_abs, "max_kl": worst_kl, "top1_agreement": top1,
-            "cache_state_equal": classes, "tolerances": TOLERANCES, "passed": ok, "rows": rows}
+            "cache_state_equal": classes, "tolerances": tol, "weights": manifest["weights"], "passed": ok, "rows": rows}
 
 
 def format_table(result: dict) -> str:

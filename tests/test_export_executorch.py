@@ -36,6 +36,10 @@ def test_manifest_describes_program(built):
     assert m["methods"]["forward"]["outputs"][1]["name"] == "kv_stats"
     assert m["metadata"]["get_max_context_len"] == 96 and m["metadata"]["get_max_seq_len"] == 4
     assert m["cache"]["kv_bytes_allocated"] > 0 and (built / "tokenizer.json").is_file()
+    ops = m["executorch"]  # what runs where: linears in XNNPACK, our kernels only in fused mode
+    assert ops["xnnpack_partitions"] > 0 and any("linear" in k or "mm" in k for k in ops["xnnpack_ops"])
+    custom = [k for k in ops["executorch_kernel_ops"] if k.startswith("kvexport")]
+    assert bool(custom) == (m["ops_mode"] == "fused"), ops["executorch_kernel_ops"]
 
 
 def test_corrupt_truncated_and_mismatched_programs_are_one_line_errors(built, tmp_path):
@@ -85,3 +89,44 @@ def test_cli_run_and_bad_build_options(built, capsys):
     assert "context is 96" in capsys.readouterr().err
     assert main(["build", "--model", "smollm2-135m", "--random-weights", "--target", "tflite"]) == 2
     assert "unknown target 'tflite'" in capsys.readouterr().err
+
+
+def test_eval_scores_the_program_beside_the_reference(built, tiny_model, tmp_path, capsys):
+    from kvexport.cli import main
+    from kvexport.eval.records import RecordStore
+    from kvexport.eval.report import summarize
+    from kvexport.eval.runner import EvalConfig, Evaluation
+
+    opts = CacheOptions(**json.loads((built / "manifest.json").read_text())["cache_options"])
+    cfg = EvalConfig(policies=[opts.policy], tasks=["hellaswag"], opts=opts, backend="executorch", limit=3,
+                     progress=False, program=built)
+    evaluation = Evaluation(tiny_model, cfg)  # the CLI takes the model from the manifest (an alias)
+    store = RecordStore(tmp_path / "items.jsonl")
+    evaluation.execute(store)
+    ref_run, prog_run = evaluation.runs
+    ref = {r["idx"]: r for r in store.get(ref_run.key, "hellaswag")}
+    prog = {r["idx"]: r for r in store.get(prog_run.key, "hellaswag")}
+    assert prog_run.policy == f"{opts.policy}@executorch"
+    assert sorted(ref) == sorted(prog) == [0, 1, 2]
+    for i in ref:  # same items, same context state; continuation tokens differ only in how they are cached
+        assert ref[i]["avg_bits"] == prog[i]["avg_bits"]
+        for a, b in zip(ref[i]["scores"], prog[i]["scores"]):
+            assert abs(a - b) < 0.05 * abs(a) + 0.5, (ref[i]["scores"], prog[i]["scores"])
+    summary = summarize(evaluation, store, n_boot=200)
+    assert summary["baseline"] == opts.policy and f"{opts.policy}@executorch" in summary["paired"]
+    assert main(["eval", "--backend", "executorch", "--tasks", "hellaswag"]) == 2
+    assert "needs --program" in capsys.readouterr().err
+    assert main(["eval", "--backend", "onnx", "--program", str(built), "--tasks", "hellaswag"]) == 2
+    assert "use --backend executorch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("weights", ["8da4w", "8da8w"])
+def test_quantized_weights_match_the_same_quantized_reference(weights, tiny_model, tmp_path):
+    opts = CacheOptions(policy="static-4", max_context=48, window=4, sinks=2)
+    out = build(tiny_model, opts, "executorch", "fused", weights, tmp_path / weights, log=lambda m: None)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["weights"] == weights
+    assert not any(k.startswith("linear") for k in m["executorch"]["executorch_kernel_ops"])  # all in XNNPACK
+    assert any("quantize_affine" in k for k in m["executorch"]["xnnpack_ops"])
+    result = run_parity(out, steps=16, loaded=tiny_model)
+    assert result["passed"] and result["top1_agreement"] == 1.0, {k: v for k, v in result.items() if k != "rows"}

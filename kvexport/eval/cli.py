@@ -72,6 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from kvexport.cli import add_cache_args, add_model_args
     from kvexport.eval.scoring import BACKENDS
     from kvexport.eval.tasks import default_data_dir
+    from kvexport.models.weights import TORCHAO_FORMATS
 
     add_model_args(p)
     add_cache_args(p, default_policy=DEFAULT_POLICIES)
@@ -81,7 +82,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                            f"random:f2,f4,f8,f16, rule, learned[:FILE] (default {DEFAULT_POLICIES})")
     p.add_argument("--tasks", default=",".join(MC_TASKS), help=f"comma-separated: {', '.join(ALL_TASKS)}, or all")
     p.add_argument("--limit", type=int, default=None, help="first N items per task (N windows for wikitext)")
-    p.add_argument("--backend", default="reference", help=f"scorer backend: {', '.join(BACKENDS)} (only reference for now)")
+    p.add_argument("--weights", default="fp32", choices=TORCHAO_FORMATS,
+                   help="linear-layer format of the reference model (as kvexport build --target executorch)")
+    p.add_argument("--program", default=None,
+                   help="with --backend executorch|onnx: graphs/<name>; scored beside the reference with its policy")
+    p.add_argument("--backend", default="reference", help=f"scorer backend: {', '.join(BACKENDS)} (executorch|onnx score --program beside the reference)")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="tokens per step when feeding contexts (default: the window; 1 when --kv-window 0)")
     p.add_argument("--ppl-window", type=int, default=512, help="WikiText window in tokens (each from an empty cache)")
@@ -95,12 +100,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _settings(args, evaluation) -> dict:
     opts = evaluation.cfg.opts
     first = evaluation.runs[0].describe if evaluation.runs else {}
-    return {"backend": args.backend, "window": opts.window, "sinks": opts.sinks,
+    return {"backend": args.backend, "weights": args.weights, "window": opts.window, "sinks": opts.sinks,
             "group": opts.group or evaluation.loaded.args.head_dim, "rotate_keys": opts.rotate_keys,
             "max_context": opts.max_context, "seed": opts.seed, "budget_bits": opts.budget_bits,
             "prefill_chunk": first.get("prefill_chunk"), "limit": args.limit, "ppl_window": args.ppl_window,
             "random_weights": bool(evaluation.loaded.identity.get("random_weights")),
             "policies": evaluation.cfg.policies, "tasks": evaluation.cfg.tasks}
+
+
+def program_setup(program: str, backend: str):
+    """(model, cache options, [policy], weights) of a built program, for the reference run beside it."""
+    from kvexport.eval.scoring import BACKEND_TARGETS
+    from kvexport.export.build import loaded_for_manifest, read_manifest
+    from kvexport.session import CacheOptions
+
+    manifest = read_manifest(Path(program))
+    if manifest["target"] not in BACKEND_TARGETS[backend]:
+        raise KvxError(f"{program} is a {manifest['target']} program; use --backend "
+                       f"{next(b for b, t in BACKEND_TARGETS.items() if manifest['target'] in t)}")
+    weights = manifest["weights"] if manifest["target"] == "executorch" else "fp32"
+    opts = CacheOptions(**manifest["cache_options"])
+    return loaded_for_manifest(manifest), opts, [opts.policy], weights
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,17 +134,22 @@ def run(args: argparse.Namespace) -> int:
 
     policies = split_policies(args.kv_policy)
     tasks = split_tasks(args.tasks)
-    check_backend(args.backend)
+    check_backend(args.backend, args.program)
     if args.limit is not None and args.limit < 1:
         raise KvxError(f"--limit must be positive, got {args.limit}")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise KvxError(f"--prefill-chunk must be positive, got {args.prefill_chunk}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(args)
-    cfg = EvalConfig(policies=policies, tasks=tasks, opts=cache_options(args), backend=args.backend,
+    opts, weights = cache_options(args), args.weights
+    if args.program:  # the program fixes model, policy, cache and weights: the reference follows it
+        loaded, opts, policies, weights = program_setup(args.program, args.backend)
+    else:
+        loaded = load_model(args)
+    cfg = EvalConfig(policies=policies, tasks=tasks, opts=opts, backend=args.backend,
                      prefill_chunk=args.prefill_chunk, limit=args.limit, ppl_window=args.ppl_window,
-                     data_dir=Path(args.data_dir), progress=not args.no_progress)
+                     data_dir=Path(args.data_dir), progress=not args.no_progress, weights=weights,
+                     program=Path(args.program) if args.program else None)
     evaluation = Evaluation(loaded, cfg)
     out = Path(args.out)
     store = RecordStore(out / "items.jsonl")

@@ -131,7 +131,7 @@ def markdown(summary: dict) -> str:
         unit = " (WikiText: windows)" if "wikitext" in tasks else ""
         lines += [f"> **Small sample, not the full benchmarks**: first items only ({sizes}{unit}). "
                   "Intervals are wide; do not quote these numbers as results.", ""]
-    lines += [f"Settings: backend {s.get('backend')}, window {s.get('window')}, sinks {s.get('sinks')}, "
+    lines += [f"Settings: backend {s.get('backend')}, weights {s.get('weights', 'fp32')}, window {s.get('window')}, sinks {s.get('sinks')}, "
               f"group {s.get('group')}, prefill chunk {s.get('prefill_chunk')}, max context {s.get('max_context')}, "
               f"seed {s.get('seed')}; zero-shot lm-eval prompts; "
               f"95% percentile bootstrap CIs ({summary['bootstrap']['n_boot']:,} resamples, seed {summary['bootstrap']['seed']}).",

@@ -19,6 +19,7 @@ from kvexport.eval import wikitext as W
 from kvexport.eval.records import RecordStore, config_key
 from kvexport.eval.scoring import encode_pair, choice_metrics, make_scorer, with_policy
 from kvexport.models.loader import LoadedModel
+from kvexport.models.weights import quantize_weights
 from kvexport.session import CacheOptions
 
 REFERENCE_POLICY = "fp16"
@@ -35,6 +36,8 @@ class EvalConfig:
     ppl_window: int = 512
     data_dir: Path | None = None
     progress: bool = True
+    weights: str = "fp32"  # linear-layer format of the reference model (kvexport.models.weights)
+    program: Path | None = None  # --backend executorch|onnx: the built program scored next to the reference
     extra: dict = field(default_factory=dict)
 
 
@@ -54,13 +57,24 @@ def model_identity(loaded: LoadedModel) -> dict:
 def prepare_policies(loaded: LoadedModel, cfg: EvalConfig, model) -> list[PolicyRun]:
     runs = []
     for policy in cfg.policies:
-        scorer = make_scorer(cfg.backend, loaded, with_policy(cfg.opts, policy), model=model,
+        scorer = make_scorer("reference", loaded, with_policy(cfg.opts, policy), model=model,
                              prefill_chunk=cfg.prefill_chunk)
-        desc = scorer.describe()
-        base = {"model": model_identity(loaded), "scorer": desc, "prompt": T.PROMPT_VERSION}
-        ppl = {**base, "ppl_window": cfg.ppl_window, "reference": REFERENCE_POLICY, "text": "wikitext-heldout-half"}
-        runs.append(PolicyRun(policy, scorer, config_key(base), config_key(ppl), desc))
+        runs.append(_policy_run(policy, scorer, loaded, cfg))
+    if cfg.program is not None:  # the exported program of the (single) policy, scored on the same items
+        from kvexport.eval.program_scorer import ProgramScorer
+
+        scorer = ProgramScorer(cfg.program, cfg.backend, prefill_chunk=cfg.prefill_chunk)
+        runs.append(_policy_run(f"{cfg.policies[0]}@{cfg.backend}", scorer, loaded, cfg))
     return runs
+
+
+def _policy_run(label: str, scorer, loaded: LoadedModel, cfg: EvalConfig) -> PolicyRun:
+    desc = scorer.describe()
+    base = {"model": model_identity(loaded), "scorer": desc, "prompt": T.PROMPT_VERSION}
+    if cfg.weights != "fp32":  # fp32 keys stay as they were before weight formats existed
+        base["weights"] = cfg.weights
+    ppl = {**base, "ppl_window": cfg.ppl_window, "reference": REFERENCE_POLICY, "text": "wikitext-heldout-half"}
+    return PolicyRun(label, scorer, config_key(base), config_key(ppl), desc)
 
 
 def tokenize_items(tokenizer, items: list[T.MCItem]) -> list[tuple[list[int], list[list[int]]]]:
@@ -172,7 +186,7 @@ class Evaluation:
         if "wikitext" in cfg.tasks:
             self.wins, total = wikitext_windows(cfg, loaded.tokenizer)
             self.sizes["wikitext"] = {"n_total": total, "n": len(self.wins)}
-        self.model = model or loaded.build()
+        self.model = model or quantize_weights(loaded.build(), cfg.weights)
         self.runs = prepare_policies(loaded, cfg, self.model)
         self.toks = {task: tokenize_items(loaded.tokenizer, its) for task, its in self.items.items()}
 
@@ -193,5 +207,5 @@ class Evaluation:
         if self.wins:
             cfg = self.cfg
             run_wikitext(self.runs, self.wins, store, cfg, lambda: make_scorer(
-                cfg.backend, self.loaded, with_policy(cfg.opts, REFERENCE_POLICY), model=self.model,
+                "reference", self.loaded, with_policy(cfg.opts, REFERENCE_POLICY), model=self.model,
                 prefill_chunk=cfg.prefill_chunk))

@@ -120,19 +120,24 @@ class ReferenceScorer:
 
 def make_scorer(backend: str, loaded: LoadedModel, opts: CacheOptions, model=None,
                 prefill_chunk: int | None = None) -> Scorer:
-    """The scorer of ``backend``; :class:`KvxError` (one line) for backends not implemented yet."""
-    check_backend(backend)
+    """The reference scorer (program backends: :class:`kvexport.eval.program_scorer.ProgramScorer`)."""
+    if backend != "reference":
+        raise KvxError(f"--backend {backend} scores a built program: give it with --program graphs/<name>")
     return ReferenceScorer(loaded, opts, model=model, prefill_chunk=prefill_chunk)
 
 
-def check_backend(backend: str) -> None:
-    """:class:`KvxError` (one line) unless ``backend`` has a scorer."""
-    if backend == "reference":
-        return
-    if backend in BACKENDS:
-        raise KvxError(f"--backend {backend} is not available for eval yet (only 'reference'); "
-                       "see the Scorer interface in kvexport/eval/scoring.py")
-    raise KvxError(f"unknown --backend '{backend}'; use one of {', '.join(BACKENDS)}")
+# Which program targets each program backend runs.
+BACKEND_TARGETS = {"executorch": ("executorch",), "onnx": ("onnx", "ort")}
+
+
+def check_backend(backend: str, program: str | None = None) -> None:
+    """:class:`KvxError` (one line) unless ``backend`` (with ``program`` where it needs one) can run."""
+    if backend not in BACKENDS:
+        raise KvxError(f"unknown --backend '{backend}'; use one of {', '.join(BACKENDS)}")
+    if backend == "reference" and program:
+        raise KvxError("--program needs --backend executorch or onnx (the program's runtime)")
+    if backend != "reference" and not program:
+        raise KvxError(f"--backend {backend} needs --program graphs/<name> (a program built with kvexport build)")
 
 
 def with_policy(opts: CacheOptions, policy: str) -> CacheOptions:

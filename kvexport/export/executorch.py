@@ -11,12 +11,15 @@
 
 from __future__ import annotations
 
+import operator
+from collections import Counter
 from pathlib import Path
 
 import torch
 from torch.export import Dim, ExportedProgram, export
 
 from kvexport.export.program import StepProgram
+from kvexport.models.weights import quantize_weights
 
 
 # Substrings of the state buffers whose initial values the program must carry.
@@ -32,8 +35,9 @@ def export_step(step: StepProgram) -> ExportedProgram:
         return export(step, example, dynamic_shapes=dynamic, strict=False)
 
 
-def lower_to_pte(ep: ExportedProgram, metadata: dict) -> bytes:
-    """Edge dialect + XNNPACK delegation + ExecuTorch program; returns the ``.pte`` bytes."""
+def lower_to_pte(ep: ExportedProgram, metadata: dict) -> tuple[bytes, dict]:
+    """Edge dialect + XNNPACK delegation + ExecuTorch program; returns the ``.pte`` bytes and the
+    program's op summary (:func:`op_summary`)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
@@ -50,7 +54,31 @@ def lower_to_pte(ep: ExportedProgram, metadata: dict) -> bytes:
         passes=[InitializedMutableBufferPass(list(INITIALIZED_STATE))],
         run_reinplace_pass=True,
     )
-    return edge.to_executorch(config).buffer
+    summary = op_summary(edge.exported_program().graph_module)
+    return edge.to_executorch(config).buffer, summary
+
+
+def op_summary(graph_module: torch.fx.GraphModule) -> dict:
+    """Ops of the lowered forward: how many XNNPACK partitions, which ops run inside them, and
+    which run on ExecuTorch kernels (portable ATen or ``kvexport::``), with counts."""
+    outside, inside, partitions = Counter(), Counter(), 0
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function" or node.target is operator.getitem:
+            continue
+        if getattr(node.target, "__name__", "") == "executorch_call_delegate":
+            partitions += 1
+            lowered = getattr(graph_module, node.args[0].target)
+            inside.update(_op_name(n.target) for n in lowered.original_module.graph.nodes if n.op == "call_function"
+                          and n.target is not operator.getitem)
+        else:
+            outside[_op_name(node.target)] += 1
+    return {"xnnpack_partitions": partitions, "xnnpack_ops": dict(inside.most_common()),
+            "executorch_kernel_ops": dict(outside.most_common())}
+
+
+def _op_name(target) -> str:
+    name = getattr(target, "__name__", str(target))
+    return name.removeprefix("aten.") if isinstance(name, str) else str(name)
 
 
 
@@ -58,9 +86,11 @@ def write_program(step: StepProgram, out_dir: Path, *, target: str, ops: str, we
                   log=print) -> dict:
     """export -> lower -> serialize ``model.pte`` into ``out_dir`` (the build's writer for executorch)."""
     log(f"[1/3] export: ops {ops}, weights {weights}")
+    quantize_weights(step.model, weights)
     ep = export_step(step)
     log(f"[2/3] lower to ExecuTorch (XNNPACK): {len(ep.graph.nodes)} nodes")
-    pte = lower_to_pte(ep, metadata)
-    log(f"[3/3] serialize: {len(pte) / 1e6:.1f} MB")
+    pte, ops = lower_to_pte(ep, metadata)
+    log(f"[3/3] serialize: {len(pte) / 1e6:.1f} MB; {ops['xnnpack_partitions']} XNNPACK partitions "
+        f"({sum(ops['xnnpack_ops'].values())} ops), {sum(ops['executorch_kernel_ops'].values())} ops on ExecuTorch kernels")
     (out_dir / "model.pte").write_bytes(pte)
-    return {"program": "model.pte", "files": ["model.pte"]}
+    return {"program": "model.pte", "files": ["model.pte"], "executorch": {"exported_nodes": len(ep.graph.nodes), **ops}}

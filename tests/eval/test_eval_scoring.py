@@ -102,8 +102,10 @@ def test_split_tasks():
         split_tasks("mmlu")
 
 
-@pytest.mark.parametrize("backend,needle", [("executorch", "not available for eval yet"), ("tflite", "unknown --backend")])
-def test_other_backends_are_one_line_errors(backend, needle, capsys):
-    assert eval_main(["eval", "--backend", backend, "--tasks", "arc_easy", "--limit", "1"]) == 2
+@pytest.mark.parametrize("backend,extra,needle", [("executorch", [], "needs --program graphs/<name>"),
+                                                 ("reference", ["--program", "graphs/x"], "--program needs --backend"),
+                                                 ("tflite", [], "unknown --backend")])
+def test_bad_backend_options_are_one_line_errors(backend, extra, needle, capsys):
+    assert eval_main(["eval", "--backend", backend, *extra, "--tasks", "arc_easy", "--limit", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kvexport: error:") and needle in err[0]

@@ -131,10 +131,26 @@ def cmd_build(a: argparse.Namespace) -> int:
         a.kv_policy = "learned" if default_controller_path(loaded.name, a.kv_budget_bits).is_file() else "fp16"
     opts = cache_options(a)
     weights = a.weights or DEFAULT_WEIGHTS.get(a.target, "fp32")
+    a.ops = a.ops or ("fused" if a.target in ("onnx", "ort") else "portable")
     name = a.name or default_name(loaded, opts, a.target, a.ops, weights)
     out = Path(a.out) / name
     extra = {"ort_version": a.ort_version} if a.ort_version else {}
     path = build(loaded, opts, a.target, a.ops, weights, out, log=lambda m: print(m, file=sys.stderr), **extra)
+    manifest = json.loads((path / "manifest.json").read_text())
+    print(f"wrote {path} ({(path / manifest['program']).stat().st_size / 1e6:.1f} MB program, "
+          f"{manifest['cache']['kv_bytes_allocated'] / 1024:.0f} KiB KV state, built in {manifest['build_seconds']} s)")
+    return 0
+
+
+def cmd_baseline(a: argparse.Namespace) -> int:
+    if a.target != "executorch-llama":
+        raise KvxError(f"unknown baseline target '{a.target}'; choose executorch-llama")
+    from kvexport.baselines.executorch_llama import export_baseline
+
+    loaded = load_model(a)
+    name = a.name or f"{loaded.name}-etllama-{a.qmode or 'fp32'}-ctx{a.max_context}"
+    path = export_baseline(loaded, a.max_context, Path(a.out) / name, qmode=a.qmode,
+                           log=lambda m: print(m, file=sys.stderr))
     manifest = json.loads((path / "manifest.json").read_text())
     print(f"wrote {path} ({(path / manifest['program']).stat().st_size / 1e6:.1f} MB program, "
           f"{manifest['cache']['kv_bytes_allocated'] / 1024:.0f} KiB KV state, built in {manifest['build_seconds']} s)")
@@ -235,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(s)
     add_cache_args(s, default_policy=None)
     s.add_argument("--target", default="executorch", help="executorch, onnx or ort")
-    s.add_argument("--ops", default="portable", help="fused (our kernels) or portable (core ATen, stock runtime)")
+    s.add_argument("--ops", default=None,
+                   help="fused (our kernels) or portable (core ATen, stock runtime); default: portable for "
+                        "executorch, fused for onnx/ort (the only mode there: our ops as standard-ONNX functions)")
     s.add_argument("--weights", default=None,
                    help="executorch: fp32, 8da8w, 8da4w; onnx/ort: fp32, int8, int4 (default: per target, see README)")
     s.add_argument("--ort-version", default=None,
@@ -243,6 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="graphs")
     s.add_argument("--name", default=None, help="directory name under --out (default: derived from the options)")
     s.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("baseline", help="export the same weights with ExecuTorch's own llama export (for bench)")
+    add_model_args(s)
+    s.add_argument("--target", default="executorch-llama", help="executorch-llama (export_llama, XNNPACK, fp32 KV cache)")
+    s.add_argument("--max-context", type=int, default=2048)
+    s.add_argument("--qmode", default=None, help="8da4w (export_llama -qmode, group 32); default fp32 weights")
+    s.add_argument("--out", default="graphs")
+    s.add_argument("--name", default=None, help="directory name under --out (default: derived from the options)")
+    s.set_defaults(func=cmd_baseline)
 
     s = sub.add_parser("run", help="generate with a built program (ExecuTorch runtime)")
     s.add_argument("program", help="graphs/<name>")

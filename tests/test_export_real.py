@@ -1,8 +1,9 @@
-"""Integration: the real default model through ``kvexport build --target executorch`` (fused ops,
-learned policy), checked with the parity engine over 64 steps and against the reference's text.
+"""Integration: the real default model through ``kvexport build --target executorch`` (fused ops)
+and ``--target onnx`` (learned policy, fp32 weights), each checked with the parity engine over 64
+steps and against the reference's greedy text.
 
-The build lowers ~7,000 nodes to ExecuTorch/XNNPACK: about 15 minutes on 2 cores, the longest test
-of the suite; the program is built once per session.
+The ExecuTorch build lowers ~7,000 nodes to ExecuTorch/XNNPACK (about 15 minutes on 2 cores, the
+longest test of the suite), the ONNX build about 8; each program is built once.
 """
 
 import pytest
@@ -18,10 +19,10 @@ OPTS = CacheOptions(policy="learned", budget_bits=4, max_context=256)
 PROMPT = "The three largest cities in Germany are"
 
 
-@pytest.fixture(scope="module")
-def real_program(real_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("graphs") / "default-learned4-fused"
-    return build(real_model, OPTS, "executorch", "fused", "fp32", out, log=lambda m: None)
+@pytest.fixture(scope="module", params=["executorch", "onnx"])
+def real_program(request, real_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("graphs") / f"default-learned4-{request.param}"
+    return build(real_model, OPTS, request.param, "fused", "fp32", out, log=lambda m: None)
 
 
 def test_default_model_program_passes_parity_over_64_steps(real_program, real_model):

@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     store = RecordStore(out / "items.jsonl")
     pending = evaluation.pending(store)
     todo = ", ".join(f"{t} {n}" for t, n in pending.items())
-    print(f"[eval {loaded.name}: {len(policies)} policies x {len(tasks)} tasks; to score: {todo}; records in {store.path}]",
+    print(f"[eval {loaded.name}: {len(evaluation.runs)} runs (policies{' + program' if args.program else ''}) x {len(tasks)} tasks; to score: {todo}; records in {store.path}]",
           file=sys.stderr)
     if store.bad_lines:
         print(f"[skipped {store.bad_lines} unreadable line(s) in {store.path}]", file=sys.stderr)

@@ -57,6 +57,14 @@ class StepRunner:
             logits = self.step(ids[i : i + self.max_chunk])
         return logits
 
+    def snapshot(self):
+        """A copy of the cache state and position to :meth:`restore` later, or ``None`` when the
+        runtime keeps its state out of reach (ExecuTorch methods)."""
+        return None
+
+    def restore(self, snapshot) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no state snapshots")
+
     def _load(self) -> None:
         raise NotImplementedError
 
@@ -106,6 +114,14 @@ class ExecuTorchRunner(StepRunner):
 def runner_class(target: str) -> type[StepRunner]:
     if target == "executorch":
         return ExecuTorchRunner
+    if target in ("onnx", "ort"):
+        from kvexport.export.ort_runtime import OrtRunner
+
+        return OrtRunner
+    if target == "executorch-llama":
+        from kvexport.baselines.executorch_llama import ExecuTorchLlamaRunner
+
+        return ExecuTorchLlamaRunner
     raise KvxError(f"no runner for target '{target}'; rebuild the program with this kvexport")
 
 

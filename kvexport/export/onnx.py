@@ -1,0 +1,188 @@
+"""ONNX and ORT-format pipeline: explicit state -> ``torch.onnx`` -> weights -> check -> (ORT format).
+
+* **explicit state**: :class:`ExplicitStateStep` runs :class:`StepProgram` with every cache buffer
+  (``cache.state_buffers()``: packed codes, scales and zero points of every pool, sinks, window,
+  positions, fill counters, feature state) as a graph input ``state.<name>`` and returns its
+  updated value as ``new_state.<name>``, same shape and dtype. Cache writes are ``ScatterND``.
+  One graph serves both steps: ``T = 1`` is the decode step, ``1 < T <= max_chunk`` the prefill step.
+  The initial state (positions -1, the rest 0) is written to ``initial_state.safetensors``.
+* **export**: ``torch.onnx`` (dynamo) at ai.onnx opset 18 with our ops translated by
+  :func:`kvexport.ops.onnx.translation_table`. Their functions (domain ``kvexport``) do not survive:
+  ``torch.onnx.export`` always runs onnxscript's version-conversion pass, which inlines every
+  function first, so the graph holds their standard-ONNX bodies (stock ONNX Runtime needs nothing
+  else; ORT would inline them at load anyway). The tied LM head's ``Transpose(embedding)`` is folded
+  into its own initializer so it is not recomputed every step and weight quantizers see it.
+* **weights**: fp32, or int8 / int4 MatMul weights (:mod:`kvexport.export.ort_tools`).
+* **check**: ``onnx.checker.check_model(path, full_check=True)``; weights above 100 MB go to
+  ``model.onnx.data`` (external data).
+* **ort**: ``convert_onnx_models_to_ort`` -> ``model.ort`` + ``required_operators.config``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kvexport.errors import KvxError
+from kvexport.export import ort_tools
+from kvexport.export.program import StepProgram
+
+OPSET = 18  # torch.onnx's own (TORCHLIB) opset: no conversion of op versions, oldest runtime needed
+STATE_IN, STATE_OUT = "state.", "new_state."
+INITIAL_STATE = "initial_state.safetensors"
+EXTERNAL_DATA_BYTES = 100 * 2**20
+
+
+class ExplicitStateStep(nn.Module):
+    """``forward(tokens int64 [1, T], input_pos int64 [1], *state) -> (logits float32 [1, V],
+    kv_stats float32 [8], *new_state)``: one :class:`StepProgram` step with the cache state passed
+    in and returned (``state`` in ``cache.state_buffers()`` order, shapes and dtypes unchanged)."""
+
+    def __init__(self, step: StepProgram):
+        super().__init__()
+        self.step = step
+        self.names = list(step.cache.state_buffers())
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, *state: torch.Tensor):
+        bufs = {f"cache.{n}": s.clone() for n, s in zip(self.names, state)}
+        logits, stats = torch.func.functional_call(self.step, bufs, (tokens, input_pos), strict=False)
+        return (logits, stats, *(bufs[f"cache.{n}"] for n in self.names))
+
+
+def export_onnx(step: StepProgram):
+    """``torch.onnx.ONNXProgram`` of :class:`ExplicitStateStep`; ``T`` dynamic in ``[1, max_chunk]``."""
+    from torch.export import Dim
+
+    from kvexport.ops.onnx import translation_table
+
+    wrapped = ExplicitStateStep(step).eval()
+    state = [b.clone() for b in step.cache.state_buffers().values()]
+    chunk = step.cache.max_chunk
+    example = (torch.zeros(1, min(2, chunk), dtype=torch.int64), torch.tensor([0], dtype=torch.int64), *state)
+    dynamic = ({1: Dim("T", min=1, max=chunk)}, None, (None,) * len(state)) if chunk > 1 else None
+    with torch.no_grad(), warnings.catch_warnings(), ort_tools.quiet():
+        warnings.simplefilter("ignore")  # torch.export's notes on cache attributes set during the step
+        ep = torch.export.export(wrapped, example, dynamic_shapes=dynamic, strict=False)
+        return torch.onnx.export(
+            ep, opset_version=OPSET, custom_translation_table=translation_table(), optimize=True, verbose=False,
+            input_names=["tokens", "input_pos", *(STATE_IN + n for n in wrapped.names)],
+            output_names=["logits", "kv_stats", *(STATE_OUT + n for n in wrapped.names)],
+        )
+
+
+def fold_weight_transposes(model) -> int:
+    """Replace ``Transpose(initializer)`` (the tied LM head reads the embedding transposed) by a new
+    initializer holding the transposed weight; returns how many were folded. ``model``: ``onnx_ir.Model``."""
+    import onnx_ir as ir
+
+    graph, folded = model.graph, 0
+    for node in list(graph):
+        src = node.inputs[0] if node.op_type == "Transpose" and node.domain == "" else None
+        if src is None or src.const_value is None or src.name not in graph.initializers:
+            continue
+        perm = node.attributes["perm"].as_ints() if "perm" in node.attributes else None
+        value = ir.Value(name=f"{src.name}.T", shape=None, type=src.type,
+                         const_value=ir.tensor(src.const_value.numpy().transpose(perm), name=f"{src.name}.T"))
+        value.shape = ir.Shape(value.const_value.shape)
+        graph.register_initializer(value)
+        node.outputs[0].replace_all_uses_with(value)
+        graph.remove(node, safe=True)
+        folded += 1
+    return folded
+
+
+def save_initial_state(step: StepProgram, path: Path) -> None:
+    """The state the first step starts from (``cache.state_buffers()`` right after construction)."""
+    from safetensors.torch import save_file
+
+    save_file({n: b.contiguous() for n, b in step.cache.state_buffers().items()}, str(path))
+
+
+def op_counts(path: Path) -> dict:
+    """``{"domain::Op" or "Op": count}`` over the main graph of an ONNX file (external data not loaded)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    counts = Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph.node)
+    return dict(counts.most_common())
+
+
+def save_onnx(model, path: Path) -> bool:
+    """Save a ModelProto at the oldest IR version its opsets allow; weights go to ``<name>.data``
+    when they exceed 100 MB. Returns whether external data was written."""
+    import onnx
+
+    ort_tools.stamp_min_ir_version(model)
+    external = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data", size_threshold=1024)
+    return external
+
+
+def write_program(step: StepProgram, out_dir: Path, *, target: str, ops: str, weights: str, metadata: dict,
+                  log=print, ort_version: str | None = None) -> dict:
+    """The build's writer for ``onnx`` and ``ort``: see the module docstring for the steps."""
+    import onnx
+
+    if ops != "fused":
+        raise KvxError(f"--ops {ops} is not available for {target}: ONNX programs always carry the kvexport "
+                       "ops as standard-ONNX functions (stock ONNX Runtime runs them); use --ops fused")
+    step.cache.fused_ops = True  # trace our ops (their ONNX functions), not the bit-shift reference
+    n_steps = 4 if target == "ort" else 3
+    names = list(step.cache.state_buffers())
+    log(f"[1/{n_steps}] export: torch.onnx (dynamo), ai.onnx opset {OPSET}, cache state as {len(names)} inputs/outputs")
+    program = export_onnx(step)
+    folded = fold_weight_transposes(program.model)
+    program.model.metadata_props["kvexport.metadata"] = json.dumps(metadata)
+    onnx_path = out_dir / "model.onnx"
+    log(f"[2/{n_steps}] weights: {ort_tools.describe_weights(weights)}"
+        + (f"; {folded} tied-weight transpose(s) folded" if folded else ""))
+    with tempfile.TemporaryDirectory(dir=out_dir) as work:
+        exported = Path(work) / "model.onnx"
+        program.save(exported, external_data=True)
+        del program
+        model = onnx.load(str(exported)) if weights == "fp32" else ort_tools.quantize_weights(exported, weights)
+    external = save_onnx(model, onnx_path)
+    del model
+    log(f"[3/{n_steps}] check: onnx.checker full_check ({onnx_path.stat().st_size / 1e6:.1f} MB graph"
+        + (f", {(out_dir / 'model.onnx.data').stat().st_size / 1e6:.1f} MB model.onnx.data)" if external else ")"))
+    try:
+        onnx.checker.check_model(str(onnx_path), full_check=True)
+    except onnx.checker.ValidationError as err:
+        raise KvxError(f"the exported ONNX graph fails onnx.checker ({str(err).splitlines()[0]}); "
+                       "this is a kvexport bug") from None
+    save_initial_state(step, out_dir / INITIAL_STATE)
+    info = {
+        "graph": f"one graph for both steps: T=1 is the decode step, 1<T<={step.cache.max_chunk} the prefill step",
+        "inputs": ["tokens", "input_pos", *(STATE_IN + n for n in names)],
+        "outputs": ["logits", "kv_stats", *(STATE_OUT + n for n in names)],
+        "initial_state": INITIAL_STATE,
+        "state_note": "feed new_state.<name> of one step as state.<name> of the next; start from initial_state",
+        "kvexport_functions": "inlined by torch.onnx's version-conversion pass (standard ai.onnx ops only)",
+        "op_counts": op_counts(onnx_path),
+    }
+    files = ["model.onnx", *(["model.onnx.data"] if external else []), INITIAL_STATE]
+    if target == "onnx":
+        compat = ort_tools.compatibility(*ort_tools.onnx_file_ops(onnx_path))
+    else:
+        log(f"[4/{n_steps}] convert to ORT format (+ required operators for a reduced build)")
+        ort_path, config = ort_tools.convert_to_ort(onnx_path, out_dir)
+        for f in files[:-1]:
+            (out_dir / f).unlink()
+        files = [ort_path.name, config.name, INITIAL_STATE]
+        info["required_operators"] = ort_tools.read_required_operators(config)
+        info["ort_format_version"], opsets, ir_version = ort_tools.ort_file_info(ort_path)
+        opsets = {d: v for d, v in opsets.items() if d in info["required_operators"]}  # ORT lists all it registers
+        compat = ort_tools.compatibility(opsets, ir_version, info["required_operators"], info["ort_format_version"])
+    info.update(compat.to_manifest())
+    if ort_version:
+        problem = compat.newer_than(ort_version)
+        if problem:
+            log(f"warning: ONNX Runtime {ort_version} cannot run this program: {problem}")
+    return {"program": files[0], "files": files, "onnx": info}

@@ -1,0 +1,72 @@
+"""Run ``onnx`` / ``ort`` programs on ONNX Runtime (CPU execution provider).
+
+The cache state lives in two preallocated sets of CPU buffers (``OrtValue``\\ s over numpy arrays):
+each step binds one set as the ``state.*`` inputs and the other as the ``new_state.*`` outputs,
+then swaps them, so state never round-trips through Python. ``logits`` and ``kv_stats`` are written
+into preallocated torch tensors and returned as copies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvexport.errors import KvxError
+from kvexport.export import ort_tools
+from kvexport.export.onnx import STATE_IN, STATE_OUT
+from kvexport.export.runtime import StepRunner
+
+
+class OrtRunner(StepRunner):
+    targets = ("onnx", "ort")
+
+    def __init__(self, program_dir: Path, manifest: dict | None = None):
+        self.session = None
+        super().__init__(program_dir, manifest)
+
+    def _open(self) -> None:
+        import onnxruntime as ort
+        from safetensors.numpy import load_file
+
+        ort_tools.check_installed(self.manifest)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+            raise KvxError(f"ONNX Runtime cannot load {self.path} ({str(err).splitlines()[0][:200]}); rebuild it") from None
+        state_file = self.dir / self.manifest["onnx"]["initial_state"]
+        self.initial = load_file(str(state_file))
+        self.names = list(self.initial)
+        self.buffers = [{n: np.empty_like(a) for n, a in self.initial.items()} for _ in range(2)]
+        self.values = [{n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in bufs.items()} for bufs in self.buffers]
+        vocab = self.manifest["metadata"]["get_vocab_size"]
+        self.logits = torch.empty(1, vocab, dtype=torch.float32)
+        self.stats = torch.empty(8, dtype=torch.float32)
+        self.binding = self.session.io_binding()
+        self.binding.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.data_ptr())
+        self.binding.bind_output("kv_stats", "cpu", 0, np.float32, list(self.stats.shape), self.stats.data_ptr())
+
+    def _load(self) -> None:
+        """Fresh state: the initial values into buffer set 0, which the next step reads."""
+        if self.session is None:
+            self._open()
+        for name, value in self.initial.items():
+            np.copyto(self.buffers[0][name], value)
+        self.current = 0
+
+    def _execute(self, tokens, input_pos):
+        src, dst = self.values[self.current], self.values[1 - self.current]
+        b = self.binding
+        b.bind_cpu_input("tokens", tokens.numpy())
+        b.bind_cpu_input("input_pos", input_pos.numpy())
+        for name in self.names:
+            b.bind_ortvalue_input(STATE_IN + name, src[name])
+            b.bind_ortvalue_output(STATE_OUT + name, dst[name])
+        self.session.run_with_iobinding(b)
+        self.current = 1 - self.current
+        return self.logits.clone(), self.stats.clone()

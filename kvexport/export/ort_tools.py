@@ -1,0 +1,238 @@
+"""ONNX Runtime side of the onnx/ort targets: weight quantization, ORT-format conversion and the
+oldest ONNX Runtime a program runs on.
+
+Minimum version: the newest requirement among
+
+* the ai.onnx opset and IR version, from ONNX Runtime's compatibility table
+  (``docs/reference/compatibility.md`` in microsoft/onnxruntime, ``ORT_RELEASES`` below); newer
+  opsets than the table knows need the installed ONNX Runtime's release;
+* the com.microsoft contrib ops that weight quantization introduces (``CONTRIB_OPS``);
+* the ORT format version of ``.ort`` files (``ORT_FORMATS``): v5 from 1.13 (ORT's "ORT model
+  format" page), v6 from 1.16, which older releases cannot read (microsoft/onnxruntime#20670).
+  A reduced (required-operators) build must still come from an ONNX Runtime source tree that
+  matches the converting release's op kernels; the manifest names the format version.
+
+The ``.ort`` conversion uses ORT's "basic" optimization level (constant folding, redundant-node
+elimination): higher levels fuse into contrib ops whose first release this table cannot know, and a
+reduced build would then have to carry them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvexport.errors import KvxError
+
+# ONNX Runtime release -> (newest ai.onnx opset, newest ONNX IR version) it implements.
+ORT_RELEASES = {
+    "1.8": (14, 7), "1.9": (15, 8), "1.10": (15, 8), "1.11": (16, 8), "1.12": (17, 8), "1.13": (17, 8), "1.14": (18, 8), "1.15": (19, 8),
+    "1.16": (19, 9), "1.17": (20, 9), "1.18": (21, 10), "1.19": (21, 10), "1.20": (21, 10),
+}
+CONTRIB_OPS = {"MatMulNBits": "1.17"}  # com.microsoft op -> first release with its CPU kernel
+ORT_FORMATS = {"5": "1.13", "6": "1.16"}  # ORT format version -> first release that reads it
+ORT_OPTIMIZATION = "basic"
+INT4_BLOCK = 32
+
+
+def _v(version: str) -> tuple[int, ...]:
+    """'1.16' / '1.16.3' / '1.20.0.dev1' -> (1, 16) for comparisons of releases."""
+    try:
+        return tuple(int(x) for x in version.split(".")[:2])
+    except ValueError:
+        raise KvxError(f"'{version}' is not an ONNX Runtime version; give it as MAJOR.MINOR, e.g. 1.16") from None
+
+
+def installed_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def _release_for(opset: int, ir_version: int) -> str | None:
+    for release, (max_opset, max_ir) in ORT_RELEASES.items():
+        if opset <= max_opset and ir_version <= max_ir:
+            return release
+    return None
+
+
+@dataclass
+class Compatibility:
+    """What a program needs from ONNX Runtime: ``opsets`` per domain, ``ir_version``, the ai.onnx
+    ops (with the opset that introduced their current version) and contrib ops, ORT format or not."""
+
+    opsets: dict
+    ir_version: int
+    onnx_ops: dict = field(default_factory=dict)  # op type -> since_version at the model's opset
+    contrib_ops: list = field(default_factory=list)
+    ort_format: str | None = None  # ORT format version of an .ort program
+
+    def requirements(self) -> list[tuple[str, str]]:
+        """``(release, reason)`` for every requirement."""
+        opset = self.opsets.get("ai.onnx", 1)
+        out = [(_release_for(opset, self.ir_version) or _v_str(installed_version()),
+                f"ai.onnx opset {opset}, IR version {self.ir_version}")]
+        out += [(CONTRIB_OPS[op], f"com.microsoft {op}") for op in self.contrib_ops if op in CONTRIB_OPS]
+        out += [(_v_str(installed_version()), f"com.microsoft {op}") for op in self.contrib_ops if op not in CONTRIB_OPS]
+        if self.ort_format:
+            out.append((ORT_FORMATS.get(self.ort_format, _v_str(installed_version())), f"ORT format v{self.ort_format}"))
+        return out
+
+    def min_version(self) -> str:
+        return max((r for r, _ in self.requirements()), key=_v)
+
+    def newer_than(self, version: str) -> str | None:
+        """One line naming what ONNX Runtime ``version`` lacks, or None if it runs the program."""
+        have = _v(version)
+        too_new = [(r, why) for r, why in self.requirements() if _v(r) > have]
+        if not too_new:
+            return None
+        supported = max((o for r, (o, _) in ORT_RELEASES.items() if _v(r) <= have), default=7)
+        ops = sorted(op for op, since in self.onnx_ops.items() if since > supported)
+        parts = [f"{why} (needs {r})" for r, why in too_new]
+        if ops:
+            parts.append(f"ops newer than opset {supported}: {', '.join(ops)}")
+        return f"needs ONNX Runtime >= {self.min_version()}; " + "; ".join(parts)
+
+    def to_manifest(self) -> dict:
+        return {"opsets": self.opsets, "ir_version": self.ir_version, "min_ort_version": self.min_version(),
+                "min_ort_version_reasons": [f"{why}: {r}" for r, why in self.requirements()]}
+
+
+def _v_str(version: str) -> str:
+    return ".".join(map(str, _v(version)))
+
+
+def onnx_file_ops(path: Path) -> tuple[dict, int, dict]:
+    """(opsets ``{domain: version}``, IR version, op types ``{domain: [..]}``) of an ONNX file."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    ops = {}
+    for node in model.graph.node:
+        ops.setdefault(node.domain or "ai.onnx", set()).add(node.op_type)
+    return ({o.domain or "ai.onnx": o.version for o in model.opset_import}, model.ir_version,
+            {d: sorted(v) for d, v in ops.items()})
+
+
+def compatibility(opsets: dict, ir_version: int, ops: dict, ort_format: str | None = None) -> Compatibility:
+    """``opsets`` ``{domain: version}``, ``ops`` ``{domain: [op types]}``; ``ort_format``: the ORT
+    format version of an ``.ort`` program (None for ``.onnx``)."""
+    from onnx import defs
+
+    opset = opsets.get("ai.onnx", 1)
+    onnx_ops = {op: defs.get_schema(op, opset).since_version for op in ops.get("ai.onnx", ())}
+    return Compatibility(dict(sorted(opsets.items())), ir_version, onnx_ops, sorted(ops.get("com.microsoft", ())),
+                         ort_format)
+
+
+def stamp_min_ir_version(model) -> None:
+    """Set ``model.ir_version`` (ModelProto) to the oldest IR its opsets allow: the exporter stamps the
+    newest, which needlessly rules out older runtimes. Left alone if a tensor type of IR 9+ (float8,
+    4-bit) appears; the graph has no functions (torch.onnx inlines them), so no IR 10 overloads."""
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    types = {t.data_type for t in graph.initializer}
+    types |= {v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info)}
+    types |= {a.t.data_type for n in graph.node for a in n.attribute if a.type == a.TENSOR}
+    if types & {t for t in TensorProto.DataType.values() if t > TensorProto.BFLOAT16} or model.functions:
+        return
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence the tools' progress chatter (stdout prints, INFO/WARNING log records) meanwhile;
+    errors still raise."""
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def describe_weights(weights: str) -> str:
+    return {"fp32": "float32 weights",
+            "int8": "MatMul weights int8 per channel, activations quantized at run time (quantize_dynamic)",
+            "int4": f"MatMul weights 4-bit, blocks of {INT4_BLOCK}, symmetric (MatMulNBits)"}[weights]
+
+
+def quantize_weights(src: Path, weights: str):
+    """Quantize the constant-weight MatMuls of the ONNX file ``src``; returns the ModelProto."""
+    import onnx
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    with quiet():
+        if weights == "int8":
+            out = src.with_name("int8.onnx")
+            quantize_dynamic(src, out, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
+                             use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+            return onnx.load(str(out))
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=INT4_BLOCK, is_symmetric=True,
+                                         op_types_to_quantize=("MatMul",))
+        quantizer.process()
+        return quantizer.model.model
+
+
+def convert_to_ort(onnx_path: Path, out_dir: Path) -> tuple[Path, Path]:
+    """``model.onnx`` -> ``model.ort`` and ``required_operators.config`` (for a reduced build) in ``out_dir``."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    level = os.environ.get("ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL")
+    os.environ["ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL"] = ORT_OPTIMIZATION
+    try:
+        with quiet():
+            convert_onnx_models_to_ort(onnx_path, output_dir=out_dir, optimization_styles=[OptimizationStyle.Fixed],
+                                       target_platform="arm")
+    except Exception as err:  # the converter raises whatever ORT raised while loading the graph
+        raise KvxError(f"ONNX Runtime could not convert {onnx_path.name} to ORT format "
+                       f"({str(err).splitlines()[0]})") from None
+    finally:
+        if level is None:
+            del os.environ["ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL"]
+        else:
+            os.environ["ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL"] = level
+    suffix = "" if ORT_OPTIMIZATION == "all" else f".{ORT_OPTIMIZATION}"
+    ort_path = out_dir / f"{onnx_path.stem}{suffix}.ort"
+    config = out_dir / f"{onnx_path.stem}.required_operators{suffix}.config"
+    return ort_path.rename(out_dir / "model.ort"), config.rename(out_dir / "required_operators.config")
+
+
+def read_required_operators(config: Path) -> dict:
+    """``{domain: [op types]}`` from a ``required_operators.config`` (lines ``domain;since_version;Op1,Op2``)."""
+    out = {}
+    for line in config.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            domain, _, ops = line.strip().split(";")
+            out.setdefault(domain, set()).update(ops.split(","))
+    return {d: sorted(v) for d, v in sorted(out.items())}
+
+
+def ort_file_info(path: Path) -> tuple[str, dict, int]:
+    """(ORT format version, opsets ``{domain: version}``, IR version) recorded in an ``.ort`` file."""
+    from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs.InferenceSession import InferenceSession
+
+    session = InferenceSession.GetRootAs(path.read_bytes(), 0)
+    model = session.Model()
+    opsets = {}
+    for i in range(model.OpsetImportLength()):
+        o = model.OpsetImport(i)
+        opsets[(o.Domain() or b"").decode() or "ai.onnx"] = o.Version()
+    return session.OrtVersion().decode(), opsets, model.IrVersion()
+
+
+def check_installed(manifest: dict) -> None:
+    """:class:`KvxError` if the installed onnxruntime is older than the program needs."""
+    need = manifest["onnx"]["min_ort_version"]
+    have = installed_version()
+    if _v(have) < _v(need):
+        raise KvxError(f"this program needs ONNX Runtime >= {need} (installed {have}); upgrade onnxruntime "
+                       "or rebuild the program with this one")

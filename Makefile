@@ -17,9 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m kvexport.ops.build
 	touch $@
 
-# The main job: export the default model (learned 4-bit KV policy, 8da8w weights, our fused kernels;
+# The main job: export the default model (learned 4-bit KV policy, fp32 weights, our fused kernels;
 # ~15-30 min of lowering on 2 cores), check the program against the PyTorch reference, generate.
-DEMO_PROGRAM ?= graphs/demo-learned4-8da8w-fused
+DEMO_PROGRAM ?= graphs/demo-learned4-fused
 demo: setup
 	$(KVX) build --kv-policy learned --kv-budget-bits 4 --max-context 1024 --ops fused --name $(notdir $(DEMO_PROGRAM))
 	$(KVX) parity $(DEMO_PROGRAM) --steps 32

@@ -98,8 +98,8 @@ def test_eval_scores_the_program_beside_the_reference(built, tiny_model, tmp_pat
     from kvexport.eval.runner import EvalConfig, Evaluation
 
     opts = CacheOptions(**json.loads((built / "manifest.json").read_text())["cache_options"])
-    cfg = EvalConfig(policies=[opts.policy], tasks=["hellaswag"], opts=opts, backend="executorch", limit=3,
-                     progress=False, program=built)
+    cfg = EvalConfig(policies=[opts.policy], tasks=["hellaswag", "wikitext"], opts=opts, backend="executorch",
+                     limit=3, ppl_window=24, progress=False, program=built)
     evaluation = Evaluation(tiny_model, cfg)  # the CLI takes the model from the manifest (an alias)
     store = RecordStore(tmp_path / "items.jsonl")
     evaluation.execute(store)
@@ -112,6 +112,8 @@ def test_eval_scores_the_program_beside_the_reference(built, tiny_model, tmp_pat
         assert ref[i]["avg_bits"] == prog[i]["avg_bits"]
         for a, b in zip(ref[i]["scores"], prog[i]["scores"]):
             assert abs(a - b) < 0.05 * abs(a) + 0.5, (ref[i]["scores"], prog[i]["scores"])
+    ppl = [store.get(run.ppl_key, "wikitext") for run in evaluation.runs]
+    assert len(ppl[0]) == len(ppl[1]) == 3  # program perplexity: token by token through the runtime
     summary = summarize(evaluation, store, n_boot=200)
     assert summary["baseline"] == opts.policy and f"{opts.policy}@executorch" in summary["paired"]
     assert main(["eval", "--backend", "executorch", "--tasks", "hellaswag"]) == 2

@@ -141,6 +141,10 @@ def run(args: argparse.Namespace) -> int:
         raise KvxError(f"--prefill-chunk must be positive, got {args.prefill_chunk}")
     if args.threads:
         torch.set_num_threads(args.threads)
+        if args.backend == "executorch":
+            from kvexport.bench import set_threads
+
+            set_threads(args.threads)  # ExecuTorch's own pool too
     opts, weights = cache_options(args), args.weights
     if args.program:  # the program fixes model, policy, cache and weights: the reference follows it
         loaded, opts, policies, weights = program_setup(args.program, args.backend)

@@ -71,6 +71,7 @@ class ProgramScorer:
         """Token by token (the program returns the last position's logits only)."""
         self.runner.reset()
         rows = [torch.log_softmax(self.runner.step([t]).float(), -1) for t in ids[:-1]]
+        self._stats = self.runner.last_stats.clone()
         return torch.stack(rows)
 
     def describe(self) -> dict:

@@ -26,10 +26,13 @@ from kvexport.session import CacheOptions, build_cache
 
 TARGETS = ("executorch", "onnx", "ort")
 WEIGHT_FORMATS = {"executorch": TORCHAO_FORMATS, "onnx": ("fp32", "int8", "int4"), "ort": ("fp32", "int8", "int4")}
-# executorch: the fastest format within 2% of fp32's WikiText-2 perplexity (measured on the default
-# model, learned B=4 program at 512 tokens: 8da8w +1.3% ppl, 29 vs 44 ms/token for fp32; 8da4w +46%).
-# onnx/ort: fp32 (ORT's int8/int4 quantizers cost KL 0.1-0.5 per token on the default model).
-DEFAULT_WEIGHTS = {"executorch": "8da8w", "onnx": "fp32", "ort": "fp32"}
+# executorch: fp32. The rule is "the fastest format within 2% of fp32's WikiText-2 perplexity" and
+# 8da8w meets it in the reference (+1.3%; 29 vs 44 ms/token for the learned B=4 program at 512
+# tokens), but its programs do not pass parity against the torchao reference on the default model
+# (KL 3e-2 already at the first step; the tiny test model agrees), so it is not the default until
+# that is understood. 8da4w: +46% perplexity. onnx/ort: fp32 (ORT's int8/int4 quantizers cost KL
+# 0.1-0.5 per token on the default model).
+DEFAULT_WEIGHTS = {"executorch": "fp32", "onnx": "fp32", "ort": "fp32"}
 OPS_MODES = ("fused", "portable")
 
 

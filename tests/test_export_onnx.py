@@ -54,8 +54,11 @@ def test_manifest_describes_graph_state_and_runtime(built):
         assert m["program"] == "model.onnx" and info["min_ort_version"] == "1.14"
         model = onnx.load(str(built / "model.onnx"))
         onnx.checker.check_model(model, full_check=True)
-        # torch.onnx inlines the kvexport functions (see kvexport/export/onnx.py): standard ops only
-        assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"} and not model.functions
+        # our ops are kvexport:: nodes whose standard-ONNX bodies are the model's local functions
+        assert {o.domain for o in model.opset_import} == {"", "kvexport"}
+        assert {(f.domain, f.name) for f in model.functions} >= {("kvexport", "pool_attention"), ("kvexport", "quantize_pack")}
+        assert any(n.domain == "kvexport" for n in model.graph.node)
+        assert all(n.domain in ("", "kvexport") for f in model.functions for n in f.node)
         assert json.loads(model.metadata_props[0].value)["get_max_context_len"] == 96
 
 

@@ -6,11 +6,11 @@
   updated value as ``new_state.<name>``, same shape and dtype. Cache writes are ``ScatterND``.
   One graph serves both steps: ``T = 1`` is the decode step, ``1 < T <= max_chunk`` the prefill step.
   The initial state (positions -1, the rest 0) is written to ``initial_state.safetensors``.
-* **export**: ``torch.onnx`` (dynamo) at ai.onnx opset 18 with our ops translated by
-  :func:`kvexport.ops.onnx.translation_table`. Their functions (domain ``kvexport``) do not survive:
-  ``torch.onnx.export`` always runs onnxscript's version-conversion pass, which inlines every
-  function first, so the graph holds their standard-ONNX bodies (stock ONNX Runtime needs nothing
-  else; ORT would inline them at load anyway). The tied LM head's ``Transpose(embedding)`` is folded
+* **export**: ``torch.onnx`` (dynamo) at ai.onnx opset 18; each of our ops becomes one
+  ``kvexport::<op>`` node (:func:`kvexport.ops.onnx.node_translation_table`) and their bodies
+  (standard ONNX) are attached as model-local functions, so stock ONNX Runtime runs them with no
+  extra library. (Translating the ops *to* functions does not work: ``torch.onnx.export`` always
+  runs onnxscript's version-conversion pass, which inlines every function first.) The tied LM head's ``Transpose(embedding)`` is folded
   into its own initializer so it is not recomputed every step and weight quantizers see it.
 * **weights**: fp32, or int8 / int4 MatMul weights (:mod:`kvexport.export.ort_tools`).
 * **check**: ``onnx.checker.check_model(path, full_check=True)``; weights above 100 MB go to
@@ -59,7 +59,7 @@ def export_onnx(step: StepProgram):
     """``torch.onnx.ONNXProgram`` of :class:`ExplicitStateStep`; ``T`` dynamic in ``[1, max_chunk]``."""
     from torch.export import Dim
 
-    from kvexport.ops.onnx import translation_table
+    from kvexport.ops.onnx import node_translation_table
 
     wrapped = ExplicitStateStep(step).eval()
     state = [b.clone() for b in step.cache.state_buffers().values()]
@@ -70,10 +70,23 @@ def export_onnx(step: StepProgram):
         warnings.simplefilter("ignore")  # torch.export's notes on cache attributes set during the step
         ep = torch.export.export(wrapped, example, dynamic_shapes=dynamic, strict=False)
         return torch.onnx.export(
-            ep, opset_version=OPSET, custom_translation_table=translation_table(), optimize=True, verbose=False,
+            ep, opset_version=OPSET, custom_translation_table=node_translation_table(), optimize=True, verbose=False,
             input_names=["tokens", "input_pos", *(STATE_IN + n for n in wrapped.names)],
             output_names=["logits", "kv_stats", *(STATE_OUT + n for n in wrapped.names)],
         )
+
+
+def attach_kvexport_functions(model) -> None:
+    """Add the bodies of the ``kvexport`` ops the graph calls as local functions (``onnx_ir.Model``)."""
+    import onnx_ir as ir
+
+    from kvexport.ops.onnx import DOMAIN, function_protos
+
+    used = {n.op_type for n in model.graph if n.domain == DOMAIN}
+    for proto in function_protos():
+        if proto.name in used:
+            fn = ir.serde.deserialize_function(proto)
+            model.functions[fn.identifier()] = fn
 
 
 def fold_weight_transposes(model) -> int:
@@ -138,6 +151,7 @@ def write_program(step: StepProgram, out_dir: Path, *, target: str, ops: str, we
     names = list(step.cache.state_buffers())
     log(f"[1/{n_steps}] export: torch.onnx (dynamo), ai.onnx opset {OPSET}, cache state as {len(names)} inputs/outputs")
     program = export_onnx(step)
+    attach_kvexport_functions(program.model)
     folded = fold_weight_transposes(program.model)
     program.model.metadata_props["kvexport.metadata"] = json.dumps(metadata)
     onnx_path = out_dir / "model.onnx"
@@ -164,7 +178,8 @@ def write_program(step: StepProgram, out_dir: Path, *, target: str, ops: str, we
         "outputs": ["logits", "kv_stats", *(STATE_OUT + n for n in names)],
         "initial_state": INITIAL_STATE,
         "state_note": "feed new_state.<name> of one step as state.<name> of the next; start from initial_state",
-        "kvexport_functions": "inlined by torch.onnx's version-conversion pass (standard ai.onnx ops only)",
+        "kvexport_functions": "kvexport::quantize_pack/dequantize_unpack/pool_attention nodes; their "
+                              "standard-ONNX bodies are the model's local functions (runtimes inline them)",
         "op_counts": op_counts(onnx_path),
     }
     files = ["model.onnx", *(["model.onnx.data"] if external else []), INITIAL_STATE]

@@ -113,7 +113,7 @@ def onnx_file_ops(path: Path) -> tuple[dict, int, dict]:
 
     model = onnx.load(str(path), load_external_data=False)
     ops = {}
-    for node in model.graph.node:
+    for node in [*model.graph.node, *(n for f in model.functions for n in f.node)]:  # local functions' bodies too
         ops.setdefault(node.domain or "ai.onnx", set()).add(node.op_type)
     return ({o.domain or "ai.onnx": o.version for o in model.opset_import}, model.ir_version,
             {d: sorted(v) for d, v in ops.items()})
@@ -133,14 +133,15 @@ def compatibility(opsets: dict, ir_version: int, ops: dict, ort_format: str | No
 def stamp_min_ir_version(model) -> None:
     """Set ``model.ir_version`` (ModelProto) to the oldest IR its opsets allow: the exporter stamps the
     newest, which needlessly rules out older runtimes. Left alone if a tensor type of IR 9+ (float8,
-    4-bit) appears; the graph has no functions (torch.onnx inlines them), so no IR 10 overloads."""
+    4-bit) appears, or a local function uses IR 10's overloads (ours do not)."""
     from onnx import TensorProto, helper
 
     graph = model.graph
     types = {t.data_type for t in graph.initializer}
     types |= {v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info)}
     types |= {a.t.data_type for n in graph.node for a in n.attribute if a.type == a.TENSOR}
-    if types & {t for t in TensorProto.DataType.values() if t > TensorProto.BFLOAT16} or model.functions:
+    if types & {t for t in TensorProto.DataType.values() if t > TensorProto.BFLOAT16} or any(
+            f.overload for f in model.functions):
         return
     model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
 

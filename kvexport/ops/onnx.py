@@ -2,10 +2,10 @@
 version 1) whose bodies are standard ONNX (opset 18) ops, so stock ONNX Runtime runs them with no
 extra library.
 
-Use :func:`translation_table` as ``torch.onnx.export(..., dynamo=True,
-custom_translation_table=translation_table())``. The exporter keeps each op as a call to the
-function (``model.functions`` holds the bodies); ``optimize=True`` may inline them, which is also
-fine for ORT.
+Export (``kvexport.export.onnx``) uses :func:`node_translation_table`: each op becomes one
+``kvexport::<op>`` node (schemas registered with ``onnx.defs``) and :func:`function_protos` are
+attached as the model's local functions. (:func:`translation_table` traces the bodies instead;
+torch.onnx's version-conversion pass then inlines them, so the op boundaries are lost.)
 
 Bit-exactness of ``quantize_pack`` with :mod:`kvexport.kv.quant`: the same fp32 ops in the same
 order (ONNX ``Round`` is round-half-to-even like ``torch.round``). Packing avoids bit shifts
@@ -144,13 +144,76 @@ FUNCTIONS = {
 
 
 def translation_table() -> dict:
-    """``custom_translation_table`` entries for ``torch.onnx.export(..., dynamo=True)``."""
+    """``custom_translation_table`` entries that trace each op's function body (standard ops, inlined)."""
     import torch
 
     from kvexport import ops
 
     ops.load()
     return {getattr(torch.ops.kvexport, name).default: fn for name, fn in FUNCTIONS.items()}
+
+
+# Signatures of the three ops as ONNX schemas (inputs, outputs, attributes). Registering them lets
+# the exporter emit plain ``kvexport::<op>`` nodes, which its version-conversion pass leaves alone
+# (it inlines functions, not nodes of other domains); :func:`function_protos` then become the
+# model's local functions, so the ops stay visible as calls and stock ONNX Runtime runs the bodies.
+_SCHEMAS = {
+    "quantize_pack": ([("x", "F")], [("packed", "U"), ("scale", "H"), ("zero", "H")], {"bits": "INT", "group": "INT"}),
+    "dequantize_unpack": ([("packed", "U"), ("scale", "H"), ("zero", "H")], [("y", "F")],
+                          {"bits": "INT", "group": "INT"}),
+    "pool_attention": ([("q", "F"), ("k_packed", "U"), ("k_scale", "H"), ("k_zero", "H"), ("v_packed", "U"),
+                        ("v_scale", "H"), ("v_zero", "H"), ("n_valid", "I")],
+                       [("o", "F"), ("m", "F"), ("l", "F")], {"bits": "INT", "group": "INT", "scale": "FLOAT"}),
+}
+_TYPES = {"F": "tensor(float)", "H": "tensor(float16)", "U": "tensor(uint8)", "I": "tensor(int64)"}
+
+
+def register_schemas() -> None:
+    """Register the ``kvexport`` domain's op schemas with ``onnx.defs`` (once per process)."""
+    from onnx import defs
+    from onnx.defs import OpSchema
+
+    for name, (ins, outs, attrs) in _SCHEMAS.items():
+        if defs.has(name, DOMAIN):
+            continue
+        used = sorted({t for _, t in ins + outs})
+        defs.register_schema(OpSchema(
+            name, DOMAIN, VERSION,
+            inputs=[OpSchema.FormalParameter(n, f"T{t}") for n, t in ins],
+            outputs=[OpSchema.FormalParameter(n, f"T{t}") for n, t in outs],
+            type_constraints=[(f"T{t}", [_TYPES[t]], "") for t in used],
+            attributes=[OpSchema.Attribute(a, getattr(OpSchema.AttrType, k), "") for a, k in attrs.items()],
+        ))
+
+
+def node_translation_table() -> dict:
+    """``custom_translation_table`` entries that emit one ``kvexport::<op>`` node per call (attach
+    :func:`function_protos` to the exported model so runtimes find the bodies)."""
+    import torch
+    from onnx import defs
+    from onnxscript.values import Op
+
+    from kvexport import ops
+
+    ops.load()
+    register_schemas()
+    node = {name: Op(kvexport_opset, name, defs.get_schema(name, VERSION, DOMAIN)) for name in FUNCTIONS}
+
+    # One typed translation per op: torch.onnx binds the ATen arguments to these signatures.
+    def quantize_pack_node(x, bits: int, group: int):
+        return node["quantize_pack"](x, bits=bits, group=group)
+
+    def dequantize_unpack_node(packed, scale, zero, bits: int, group: int):
+        return node["dequantize_unpack"](packed, scale, zero, bits=bits, group=group)
+
+    def pool_attention_node(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits: int, group: int,
+                            scale: float):
+        return node["pool_attention"](q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid,
+                                      bits=bits, group=group, scale=scale)
+
+    return {torch.ops.kvexport.quantize_pack.default: quantize_pack_node,
+            torch.ops.kvexport.dequantize_unpack.default: dequantize_unpack_node,
+            torch.ops.kvexport.pool_attention.default: pool_attention_node}
 
 
 def function_protos() -> list:

@@ -174,7 +174,7 @@ def markdown(summary: dict) -> str:
                                  f"[{100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}] | {mc_['a_only']} | {mc_['b_only']} | "
                                  f"{mc_['p_exact']:.3g} |")
         lines.append("")
-    lines += ["## Throughput (this machine, reference backend)", "",
+    lines += ["## Throughput (this machine; each row its own backend)", "",
               "Wall-clock seconds per item (WikiText: per window) and CPU seconds of this process per item "
               "(with one torch thread, the wall time on an otherwise idle core).", "",
               "| Policy | Task | items | s/item | items/s | CPU s/item |", "|---|---|---|---|---|---|"]

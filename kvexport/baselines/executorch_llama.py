@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from kvexport.errors import KvxError
-from kvexport.export.build import sha256_bytes, sha256_file, versions
+from kvexport.export.build import sha256_bytes, versions
+from kvexport.fsutil import sha256_file
 from kvexport.export.program import LAYOUT_VERSION
 from kvexport.export.runtime import StepRunner
 from kvexport.fsutil import atomic_directory

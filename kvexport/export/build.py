@@ -13,7 +13,6 @@ import time
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
-
 from kvexport.errors import KvxError
 from kvexport.fsutil import atomic_directory, read_json, sha256_file
 from kvexport.export.program import LAYOUT_VERSION, StepProgram, metadata_methods

@@ -32,13 +32,11 @@ from pathlib import Path
 import torch
 
 from kvexport.errors import KvxError
-from kvexport.export.build import sha256_bytes, versions
-from kvexport.fsutil import sha256_file
+from kvexport.export.build import copy_tokenizer, tokenizer_entry, versions
 from kvexport.export.program import LAYOUT_VERSION
 from kvexport.export.runtime import StepRunner
-from kvexport.fsutil import atomic_directory
+from kvexport.fsutil import atomic_directory, sha256_file
 from kvexport.models.loader import LoadedModel
-from kvexport.models.tokenizer import TOKENIZER_FILES
 from kvexport.models.weights import INT4_GROUP
 
 TARGET = "executorch-llama"
@@ -175,11 +173,7 @@ def export_baseline(loaded: LoadedModel, max_context: int, out_dir: Path, qmode:
         constants = program_constants(pte)
         if "get_eos_ids" not in constants:
             constants["get_eos_ids"] = list(tok.eos_ids)
-        for f in TOKENIZER_FILES:
-            if (tok.directory / f).is_file():
-                shutil.copy(tok.directory / f, tmp / f)
-        tok_hashes = {f: sha256_bytes((tok.directory / f).read_bytes())
-                      for f in TOKENIZER_FILES if (tok.directory / f).is_file()}
+        copy_tokenizer(tok, tmp)
         per_token = kv_bytes_per_token(loaded)
         a = loaded.args
         manifest = {
@@ -192,7 +186,7 @@ def export_baseline(loaded: LoadedModel, max_context: int, out_dir: Path, qmode:
             "weights": qmode or "fp32",
             "model": {"name": loaded.name, "source": loaded.source, "identity": loaded.identity,
                       "args": {k: getattr(a, k) for k in a.__dataclass_fields__}},
-            "tokenizer": {"files": sorted(tok_hashes), "sha256": tok_hashes},
+            "tokenizer": tokenizer_entry(tok),
             "methods": {"forward": {
                 "inputs": [{"name": "tokens", "dtype": "int64", "shape": [1, f"T<={max_chunk}"]},
                            {"name": "input_pos", "dtype": "int64", "shape": [1]}],

@@ -6,7 +6,6 @@ to a temporary sibling directory and renamed only when complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -34,8 +33,20 @@ DEFAULT_WEIGHTS = {"executorch": "fp32", "onnx": "fp32", "ort": "fp32"}
 OPS_MODES = ("fused", "portable")
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def tokenizer_files(tokenizer) -> list[Path]:
+    return [tokenizer.directory / f for f in TOKENIZER_FILES if (tokenizer.directory / f).is_file()]
+
+
+def copy_tokenizer(tokenizer, out_dir: Path) -> None:
+    """The tokenizer files a program directory carries (the app and ``kvexport run`` read them)."""
+    for src in tokenizer_files(tokenizer):
+        shutil.copy(src, out_dir / src.name)
+
+
+def tokenizer_entry(tokenizer) -> dict:
+    """Manifest ``tokenizer``: file names and their SHA-256."""
+    hashes = {p.name: sha256_file(p) for p in tokenizer_files(tokenizer)}
+    return {"files": sorted(hashes), "sha256": hashes}
 
 
 def default_name(loaded: LoadedModel, opts: CacheOptions, target: str, ops: str, weights: str) -> str:
@@ -75,8 +86,6 @@ def manifest_for(loaded: LoadedModel, opts: CacheOptions, step: StepProgram, tar
                  out_dir: Path, written: dict, metadata: dict, build_seconds: float) -> dict:
     """``written``: what the target's writer returned for the files it put in ``out_dir``."""
     cache = step.cache
-    tok_hashes = {f: sha256_bytes((loaded.tokenizer.directory / f).read_bytes())
-                  for f in TOKENIZER_FILES if (loaded.tokenizer.directory / f).is_file()}
     policy = cache.policy.describe()
     ctrl = policy.get("controller")
     return {
@@ -90,7 +99,7 @@ def manifest_for(loaded: LoadedModel, opts: CacheOptions, step: StepProgram, tar
         "weights": weights,
         "model": {"name": loaded.name, "source": loaded.source, "identity": loaded.identity,
                   "args": {k: getattr(loaded.args, k) for k in loaded.args.__dataclass_fields__}},
-        "tokenizer": {"files": sorted(tok_hashes), "sha256": tok_hashes},
+        "tokenizer": tokenizer_entry(loaded.tokenizer),
         "methods": {**_io_signature(step), **{k: {"constant": v} for k, v in metadata.items()}},
         "metadata": metadata,
         "cache_options": opts.to_dict(),
@@ -99,7 +108,7 @@ def manifest_for(loaded: LoadedModel, opts: CacheOptions, step: StepProgram, tar
                   "state": {n: {"shape": list(b.shape), "dtype": str(b.dtype).removeprefix("torch.")}
                             for n, b in cache.state_buffers().items()}},
         "policy": {"spec": opts.policy, **{k: v for k, v in policy.items() if k != "meta"},
-                   "controller_sha256": hashlib.sha256(Path(ctrl).read_bytes()).hexdigest() if ctrl else None},
+                   "controller_sha256": sha256_file(Path(ctrl)) if ctrl else None},
         "versions": versions(),
         "build_seconds": round(build_seconds, 1),
     }
@@ -133,10 +142,7 @@ def build(loaded: LoadedModel, opts: CacheOptions, target: str, ops: str, weight
     with atomic_directory(out_dir) as tmp:
         written = writer(step, tmp, target=target, ops=ops, weights=weights, metadata=meta, log=log,
                          **target_options)
-        for f in TOKENIZER_FILES:
-            src = loaded.tokenizer.directory / f
-            if src.is_file():
-                shutil.copy(src, tmp / f)
+        copy_tokenizer(loaded.tokenizer, tmp)
         manifest = manifest_for(loaded, opts, step, target, ops, weights, tmp, written, meta, time.perf_counter() - t0)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
     return out_dir

@@ -47,9 +47,17 @@ class OrtRunner(StepRunner):
         vocab = self.manifest["metadata"]["get_vocab_size"]
         self.logits = torch.empty(1, vocab, dtype=torch.float32)
         self.stats = torch.empty(8, dtype=torch.float32)
-        self.binding = self.session.io_binding()
-        self.binding.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.data_ptr())
-        self.binding.bind_output("kv_stats", "cpu", 0, np.float32, list(self.stats.shape), self.stats.data_ptr())
+        # Two bindings prepared once: bindings[i] reads buffer set i and writes set 1 - i, so a step
+        # only binds its tokens and position.
+        self.bindings = []
+        for src, dst in ((0, 1), (1, 0)):
+            b = self.session.io_binding()
+            b.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.data_ptr())
+            b.bind_output("kv_stats", "cpu", 0, np.float32, list(self.stats.shape), self.stats.data_ptr())
+            for name in self.names:
+                b.bind_ortvalue_input(STATE_IN + name, self.values[src][name])
+                b.bind_ortvalue_output(STATE_OUT + name, self.values[dst][name])
+            self.bindings.append(b)
 
     def _load(self) -> None:
         """Fresh state: the initial values into buffer set 0, which the next step reads."""
@@ -60,13 +68,9 @@ class OrtRunner(StepRunner):
         self.current = 0
 
     def _execute(self, tokens, input_pos):
-        src, dst = self.values[self.current], self.values[1 - self.current]
-        b = self.binding
+        b = self.bindings[self.current]
         b.bind_cpu_input("tokens", tokens.numpy())
         b.bind_cpu_input("input_pos", input_pos.numpy())
-        for name in self.names:
-            b.bind_ortvalue_input(STATE_IN + name, src[name])
-            b.bind_ortvalue_output(STATE_OUT + name, dst[name])
         self.session.run_with_iobinding(b)
         self.current = 1 - self.current
         return self.logits.clone(), self.stats.clone()

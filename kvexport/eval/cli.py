@@ -94,7 +94,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=str(default_data_dir()), help="folder with the benchmark copies")
     p.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples for the CIs")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--batch-items", type=int, default=16,
+                   help="reference backend: items per packed batch (same scores as the cache path, faster; 1 = cache path)")
+    p.add_argument("--device", default="cpu", help="reference backend: where packed batches run (cpu, cuda)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--report-only", action="store_true",
+                   help="score nothing: write summary/table/plot from the records already there")
+    p.add_argument("--records", default=None,
+                   help="records file (default: OUT/items.jsonl; a .gz is read, not appended to: use with --report-only)")
 
 
 def _settings(args, evaluation) -> dict:
@@ -139,6 +146,10 @@ def run(args: argparse.Namespace) -> int:
         raise KvxError(f"--limit must be positive, got {args.limit}")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise KvxError(f"--prefill-chunk must be positive, got {args.prefill_chunk}")
+    if args.batch_items < 1:
+        raise KvxError(f"--batch-items must be positive, got {args.batch_items}")
+    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        raise KvxError(f"--device {args.device} is not available here; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
         if args.backend == "executorch":
@@ -153,10 +164,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = EvalConfig(policies=policies, tasks=tasks, opts=opts, backend=args.backend,
                      prefill_chunk=args.prefill_chunk, limit=args.limit, ppl_window=args.ppl_window,
                      data_dir=Path(args.data_dir), progress=not args.no_progress, weights=weights,
-                     program=Path(args.program) if args.program else None)
+                     program=Path(args.program) if args.program else None,
+                     batch_items=args.batch_items, device=args.device)
     evaluation = Evaluation(loaded, cfg)
     out = Path(args.out)
-    store = RecordStore(out / "items.jsonl")
+    records = Path(args.records) if args.records else out / "items.jsonl"
+    if records.suffix == ".gz" and not args.report_only:
+        raise KvxError(f"--records {records} is compressed: it can only be read (--report-only)")
+    store = RecordStore(records)
     pending = evaluation.pending(store)
     todo = ", ".join(f"{t} {n}" for t, n in pending.items())
     print(f"[eval {loaded.name}: {len(evaluation.runs)} runs (policies{' + program' if args.program else ''}) x {len(tasks)} tasks; to score: {todo}; records in {store.path}]",
@@ -169,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
         return write_reports(summary, out)
 
     try:
-        evaluation.execute(store)
+        if not args.report_only:
+            evaluation.execute(store)
     except KeyboardInterrupt:
         store.close()
         report()

@@ -4,11 +4,13 @@ Each line is one scored item (or WikiText window) with ``key`` = hash of everyth
 its numbers (model identity, policy, cache options, prefill chunk, backend, prompt and scoring
 versions), ``task`` and ``idx``. A rerun skips every (key, task, idx) already in the file; records
 of other configurations in the same file are kept and ignored. A line cut short by a kill is
-skipped on load and the next append starts on a fresh line.
+skipped on load and the next append starts on a fresh line. A ``.gz`` file (committed results) is
+read only.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 from pathlib import Path
@@ -28,7 +30,8 @@ class RecordStore:
         self.records: dict[tuple[str, str, int], dict] = {}
         self.bad_lines = 0
         if self.path.is_file():
-            with open(self.path, encoding="utf-8") as f:
+            opener = gzip.open if self.path.suffix == ".gz" else open
+            with opener(self.path, "rt", encoding="utf-8") as f:
                 for line in f:
                     if not line.strip():
                         continue
@@ -47,6 +50,8 @@ class RecordStore:
         return sorted((r for (k, t, _), r in self.records.items() if k == key and t == task), key=lambda r: r["idx"])
 
     def append(self, rec: dict) -> None:
+        if self.path.suffix == ".gz":
+            raise ValueError(f"{self.path} is compressed and read only")
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             needs_newline = self.path.is_file() and self.path.stat().st_size > 0 and not self._ends_with_newline()

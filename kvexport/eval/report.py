@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,8 @@ def summarize_mc(recs: list[dict], n_boot: int, seed: int) -> dict:
     cpu = sum(r.get("cpu_seconds", 0.0) for r in recs)
     out.update(avg_bits=_mean(recs, "avg_bits"), kv_bytes_used=_mean(recs, "kv_bytes_used"),
                kv_bytes_allocated=_mean(recs, "kv_bytes_allocated"), n_ctx=_mean(recs, "n_ctx"),
-               seconds=secs, cpu_seconds=cpu, items_per_s=len(recs) / secs if secs > 0 else None)
+               seconds=secs, cpu_seconds=cpu, items_per_s=len(recs) / secs if secs > 0 else None,
+               engines=dict(Counter(f"{r.get('path', 'cache')}@{r.get('device', 'cpu')}" for r in recs)))
     return out
 
 
@@ -83,18 +85,33 @@ def summarize(evaluation, store, n_boot: int = S.N_BOOT, seed: int = 0, settings
                           "kv_bytes_allocated": _mean(mc, "kv_bytes_allocated"), "n": len(mc)}
     policies = [r.policy for r in evaluation.runs]
     baseline = "fp16" if "fp16" in policies else policies[0]
+    def compare(pol: str, base: str, task: str) -> dict | None:
+        a, b = by_item.get(pol, {}).get(task, {}), by_item.get(base, {}).get(task, {})
+        common = sorted(set(a) & set(b))
+        if not common:
+            return None
+        return {m: S.paired_comparison([a[i][m] for i in common], [b[i][m] for i in common], n_boot, seed) for m in METRICS}
+
     paired: dict[str, dict] = {}
     for pol in policies:
         if pol == baseline:
             continue
         for task in tasks:
-            a, b = by_item.get(pol, {}).get(task, {}), by_item.get(baseline, {}).get(task, {})
-            common = sorted(set(a) & set(b))
-            if not common:
+            if (c := compare(pol, baseline, task)) is not None:
+                paired.setdefault(pol, {})[task] = c
+    matched: list[dict] = []  # feature policies vs the random / static policy nearest in average bits
+    for pol in policies:
+        if not pol.startswith(("learned", "rule")):
+            continue
+        for family in ("random:", "static-"):
+            rivals = [q for q in policies if q.startswith(family) and results[q]["overall"]["n"]]
+            bits = results[pol]["overall"]["avg_bits"]
+            if not rivals or bits is None:
                 continue
-            paired.setdefault(pol, {})[task] = {
-                m: S.paired_comparison([a[i][m] for i in common], [b[i][m] for i in common], n_boot, seed)
-                for m in METRICS}
+            rival = min(rivals, key=lambda q: abs(results[q]["overall"]["avg_bits"] - bits))
+            for task in tasks:
+                if task != "wikitext" and (c := compare(pol, rival, task)) is not None:
+                    matched.append({"policy": pol, "baseline": rival, "task": task, **c})
     return {
         "model": evaluation.loaded.name, "identity": evaluation.loaded.identity,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": settings or {},
@@ -102,7 +119,7 @@ def summarize(evaluation, store, n_boot: int = S.N_BOOT, seed: int = 0, settings
         "tasks": {t: evaluation.sizes[t] for t in tasks},
         "sample": any(evaluation.sizes[t]["n"] < evaluation.sizes[t]["n_total"] for t in tasks),
         "bootstrap": {"n_boot": n_boot, "seed": seed, "level": 0.95},
-        "baseline": baseline, "results": results, "paired": paired,
+        "baseline": baseline, "results": results, "paired": paired, "matched": matched,
     }
 
 
@@ -174,17 +191,32 @@ def markdown(summary: dict) -> str:
                                  f"[{100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}] | {mc_['a_only']} | {mc_['b_only']} | "
                                  f"{mc_['p_exact']:.3g} |")
         lines.append("")
-    lines += ["## Throughput (this machine; each row its own backend)", "",
-              "Wall-clock seconds per item (WikiText: per window) and CPU seconds of this process per item "
-              "(with one torch thread, the wall time on an otherwise idle core).", "",
-              "| Policy | Task | items | s/item | items/s | CPU s/item |", "|---|---|---|---|---|---|"]
+    if summary.get("matched"):
+        lines += ["## Feature policies against random and static at the nearest average bits (same items)", "",
+                  "Each `learned`/`rule` policy against the `random:*` and the `static-*` policy of this run whose mean "
+                  "average bits is closest; columns as above (baseline = the rival).", "",
+                  "| Policy | Rival | Task | metric | diff | 95% CI | policy only | rival only | p |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for row in summary["matched"]:
+            for m in METRICS:
+                c = row[m]
+                mc_ = c["mcnemar"]
+                lines.append(f"| `{row['policy']}` | `{row['baseline']}` | {TASK_TITLES[row['task']]} | {m} | {100 * c['diff']:+.1f} | "
+                             f"[{100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}] | {mc_['a_only']} | {mc_['b_only']} | "
+                             f"{mc_['p_exact']:.3g} |")
+        lines.append("")
+    lines += ["## Throughput (the machine that scored; each row its own backend)", "",
+              "Wall-clock seconds per item (WikiText: per window) and CPU seconds of this process per item; "
+              "engines: `packed` = batched engine (kvexport.eval.batched), `cache` = the cache path, @ the device.", "",
+              "| Policy | Task | items | s/item | items/s | CPU s/item | engines |", "|---|---|---|---|---|---|---|"]
     for pol, res in summary["results"].items():
         for task in tasks:
             r = res.get(task)
             if r:
                 rate = r.get("items_per_s") or r.get("windows_per_s")
-                lines.append(f"| `{pol}` | {TASK_TITLES[task]} | {r['n']} | {r['seconds'] / max(r['n'], 1):.3f} | "
-                             f"{'-' if rate is None else f'{rate:.2f}'} | {r['cpu_seconds'] / max(r['n'], 1):.3f} |")
+                engines = ", ".join(f"{k} {v}" for k, v in r.get("engines", {}).items()) or "-"
+                lines.append(f"| `{pol}` | {TASK_TITLES[task]} | {r['n']} | {r['seconds'] / max(r['n'], 1):.4f} | "
+                             f"{'-' if rate is None else f'{rate:.2f}'} | {r['cpu_seconds'] / max(r['n'], 1):.4f} | {engines} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,6 @@
 """Run policies x tasks, one record per item, resumable (see :mod:`kvexport.eval.records`).
 
-Multiple-choice tasks loop policy -> task -> item. WikiText loops window -> policy so the FP16
+Multiple-choice tasks loop task -> block of items -> policy -> item. WikiText loops window -> policy so the FP16
 reference log-probabilities of a window are computed once and compared with every policy without
 keeping ``[tokens, vocab]`` tensors of the whole file in memory.
 """
@@ -23,6 +23,7 @@ from kvexport.models.weights import quantize_weights
 from kvexport.session import CacheOptions
 
 REFERENCE_POLICY = "fp16"
+BLOCK_ITEMS = 1000  # items of one task that all policies score before the next block
 
 
 @dataclass
@@ -38,6 +39,8 @@ class EvalConfig:
     progress: bool = True
     weights: str = "fp32"  # linear-layer format of the reference model (kvexport.models.weights)
     program: Path | None = None  # --backend executorch|onnx: the built program scored next to the reference
+    batch_items: int = 1  # reference items per packed batch (kvexport.eval.batched); 1 = the cache path
+    device: str = "cpu"  # where packed batches run
     extra: dict = field(default_factory=dict)
 
 
@@ -58,7 +61,7 @@ def prepare_policies(loaded: LoadedModel, cfg: EvalConfig, model) -> list[Policy
     runs = []
     for policy in cfg.policies:
         scorer = make_scorer("reference", loaded, with_policy(cfg.opts, policy), model=model,
-                             prefill_chunk=cfg.prefill_chunk)
+                             prefill_chunk=cfg.prefill_chunk, batch_items=cfg.batch_items, device=cfg.device)
         runs.append(_policy_run(policy, scorer, loaded, cfg))
     if cfg.program is not None:  # the exported program of the (single) policy, scored on the same items
         from kvexport.eval.program_scorer import ProgramScorer
@@ -101,30 +104,42 @@ def load_items(cfg: EvalConfig) -> tuple[dict[str, list[T.MCItem]], dict[str, in
     return items, totals
 
 
-def run_mc(run: PolicyRun, task: str, items: list[T.MCItem], toks, store: RecordStore, cfg: EvalConfig) -> None:
+def score_batch(scorer, pairs) -> list[tuple[list[float], dict, str]]:
+    """(scores, kv_stats, path) per item: the scorer's batched ``score_many`` when it has one."""
+    if hasattr(scorer, "score_many"):
+        return scorer.score_many(pairs)
+    return [(scorer.score(c, k), scorer.kv_stats(), "cache") for c, k in pairs]
+
+
+def run_mc(run: PolicyRun, task: str, items: list[T.MCItem], toks, store: RecordStore, cfg: EvalConfig, bar=None) -> None:
+    """Score the items of ``items`` that ``store`` lacks for ``run``; ``bar`` (tqdm) counts them."""
     max_ctx = cfg.opts.max_context
     todo = [(it, tk) for it, tk in zip(items, toks) if not store.has(run.key, task, it.idx)]
-    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{run.policy} {task}", unit="item",
-               disable=not cfg.progress, dynamic_ncols=True)
-    try:
-        for it, (ctx, conts) in todo:
-            if len(ctx) + max(map(len, conts)) > max_ctx:
-                raise KvxError(f"{task} item {it.idx} needs {len(ctx) + max(map(len, conts))} tokens; raise --max-context")
-            t0, c0 = time.perf_counter(), time.process_time()
-            scores = run.scorer.score(ctx, conts)
-            stats = run.scorer.kv_stats()
-            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    for it, (ctx, conts) in todo:
+        if len(ctx) + max(map(len, conts)) > max_ctx:
+            raise KvxError(f"{task} item {it.idx} needs {len(ctx) + max(map(len, conts))} tokens; raise --max-context")
+    size = max(getattr(run.scorer, "batch_items", 1), 1)
+    if size > 1:  # similar lengths share a batch (less padding); records are keyed by item, order is free
+        todo.sort(key=lambda x: len(x[1][0]) + sum(map(len, x[1][1])))
+    if bar is not None and todo:
+        bar.set_postfix_str(f"{task} {run.policy}")
+    for b in range(0, len(todo), size):
+        batch = todo[b : b + size]
+        t0, c0 = time.perf_counter(), time.process_time()
+        results = score_batch(run.scorer, [tk for _, tk in batch])
+        dt, cpu = (time.perf_counter() - t0) / len(batch), (time.process_time() - c0) / len(batch)
+        for (it, (ctx, conts)), (scores, stats, path) in zip(batch, results):
             m = choice_metrics(scores, it.choices, it.gold)
             store.append({
                 "key": run.key, "task": task, "idx": it.idx, "id": it.id, "policy": run.policy, "gold": it.gold,
                 "scores": [round(s, 6) for s in scores], **m, "n_ctx": len(ctx), "n_cont": [len(c) for c in conts],
                 "avg_bits": stats["avg_bits"], "kv_bytes_used": stats["kv_bytes_used"],
                 "kv_bytes_allocated": stats["kv_bytes_allocated"], "tokens_cached": stats["tokens_cached"],
-                "class_histogram": stats["class_histogram"], "seconds": round(dt, 4), "cpu_seconds": round(cpu, 4),
+                "class_histogram": stats["class_histogram"], "path": path, "device": cfg.device if path == "packed" else "cpu",
+                "seconds": round(dt, 4), "cpu_seconds": round(cpu, 4),
             })
-            bar.update(1)
-    finally:
-        bar.close()
+        if bar is not None:
+            bar.update(len(batch))
 
 
 def wikitext_windows(cfg: EvalConfig, tokenizer) -> tuple[list[list[int]], int]:
@@ -200,12 +215,19 @@ class Evaluation:
         return out
 
     def execute(self, store: RecordStore) -> None:
-        for run in self.runs:
-            for task in self.cfg.tasks:
-                if task != "wikitext":
-                    run_mc(run, task, self.items[task], self.toks[task], store, self.cfg)
+        """Task by task, in blocks of ``BLOCK_ITEMS`` items that every policy scores in turn (an
+        interrupted run leaves the policies compared on the same items); one progress bar with ETA."""
+        mc = {t: n for t, n in self.pending(store).items() if t != "wikitext"}
+        with tqdm(total=sum(mc.values()), desc="eval", unit="item", disable=not self.cfg.progress or not any(mc.values()),
+                  dynamic_ncols=True) as bar:
+            for task in mc:
+                items, toks = self.items[task], self.toks[task]
+                for start in range(0, len(items), BLOCK_ITEMS):
+                    for run in self.runs:
+                        run_mc(run, task, items[start : start + BLOCK_ITEMS], toks[start : start + BLOCK_ITEMS], store,
+                               self.cfg, bar)
         if self.wins:
             cfg = self.cfg
             run_wikitext(self.runs, self.wins, store, cfg, lambda: make_scorer(
                 "reference", self.loaded, with_policy(cfg.opts, REFERENCE_POLICY), model=self.model,
-                prefill_chunk=cfg.prefill_chunk))
+                prefill_chunk=cfg.prefill_chunk, batch_items=cfg.batch_items, device=cfg.device))

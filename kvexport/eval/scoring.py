@@ -18,6 +18,7 @@ continuation, ``continuation_ids = encode(context + continuation)[len(encode(con
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 
 from kvexport.errors import KvxError
 from kvexport.models.loader import LoadedModel
-from kvexport.session import CacheOptions, Session
+from kvexport.session import CacheOptions, Session, kv_stats_dict
 
 BACKENDS = ("reference", "executorch", "onnx")
 SCORING_VERSION = "score_continuations-v1"  # bump when the protocol changes (part of the resume key)
@@ -88,25 +89,76 @@ def _file_sha256(path: str) -> str:
 
 
 class ReferenceScorer:
-    """The PyTorch reference (:class:`EvalSession`) behind the :class:`Scorer` interface."""
+    """The PyTorch reference behind the :class:`Scorer` interface.
+
+    ``batch_items > 1`` scores items in packed batches (:mod:`kvexport.eval.batched`, on ``device``)
+    with the same numbers; items the batched engine cannot settle go through the cache path
+    (:class:`EvalSession`, CPU). ``batch_items`` and ``device`` are not part of ``describe()``:
+    they change the speed, not the protocol.
+    """
 
     backend = "reference"
 
-    def __init__(self, loaded: LoadedModel, opts: CacheOptions, model=None, prefill_chunk: int | None = None):
+    def __init__(self, loaded: LoadedModel, opts: CacheOptions, model=None, prefill_chunk: int | None = None,
+                 batch_items: int = 1, device: str = "cpu"):
         self.opts = opts
         self.prefill_chunk = prefill_chunk or default_prefill_chunk(opts)
         self.session = EvalSession(loaded, opts, model=model, prefill_chunk=self.prefill_chunk)
         self._policy_info = self.session.cache.policy.describe()
+        self.batch_items = batch_items
+        self.engine = None
+        if batch_items > 1:
+            from kvexport.eval.batched import BatchedEngine
+
+            on_device = self.session.model if device == "cpu" else copy.deepcopy(self.session.model).to(device)
+            self.engine = BatchedEngine(on_device, self.session.cache, self.session.max_chunk, device=device)
+        self._stats: dict | None = None
 
     def score(self, context: list[int], continuations: list[list[int]]) -> list[float]:
-        return self.session.score_continuations(context, continuations)
+        scores = self.session.score_continuations(context, continuations)
+        self._stats = None
+        return scores
 
     def kv_stats(self) -> dict:
-        return self.session.kv_stats()
+        return self._stats if self._stats is not None else self.session.kv_stats()
+
+    def score_many(self, pairs: list[tuple[list[int], list[list[int]]]]) -> list[tuple[list[float], dict, str]]:
+        """(scores, kv_stats, path) per item; path ``packed`` (batched engine) or ``cache``."""
+        if self.engine is None:
+            return [(self.score(c, k), self.kv_stats(), "cache") for c, k in pairs]
+        for ctx, conts in pairs:
+            if not ctx or not conts or not all(conts):
+                raise ValueError("context and every continuation need at least one token")
+            self.session.check_room(len(ctx) + max(map(len, conts)))
+        plan, classes, ok = self._plan(pairs)
+        scores = self.engine.score(plan, classes)
+        stats = self.engine.stats(plan, classes)
+        out = []
+        for i, (ctx, conts) in enumerate(pairs):
+            if ok[i]:
+                out.append((scores[i], kv_stats_dict(stats[i]), "packed"))
+            else:
+                out.append((self.score(ctx, conts), self.kv_stats(), "cache"))
+        return out
+
+    def _plan(self, pairs):
+        from kvexport.eval.batched import Plan
+
+        lay = self.session.cache.layout
+        plan = Plan(pairs, self.session.max_chunk, lay.window, lay.sinks)
+        classes, settled = self.engine.classes(plan)
+        return plan, classes, (settled & self.engine.fits(plan, classes)).tolist()
 
     @torch.no_grad()
     def token_logprobs(self, ids: list[int]) -> torch.Tensor:
+        if self.engine is not None:
+            self.session.check_room(len(ids))
+            plan, classes, ok = self._plan([(ids, [])])
+            if ok[0]:
+                self._stats = kv_stats_dict(self.engine.stats(plan, classes)[0])
+                return self.engine.token_logprobs(plan, classes)[0]
         self.session.reset()
+        self._stats = None
         return torch.log_softmax(self.session.prefill(ids)[:-1], dim=-1)
 
     def describe(self) -> dict:
@@ -119,11 +171,11 @@ class ReferenceScorer:
 
 
 def make_scorer(backend: str, loaded: LoadedModel, opts: CacheOptions, model=None,
-                prefill_chunk: int | None = None) -> Scorer:
+                prefill_chunk: int | None = None, batch_items: int = 1, device: str = "cpu") -> Scorer:
     """The reference scorer (program backends: :class:`kvexport.eval.program_scorer.ProgramScorer`)."""
     if backend != "reference":
         raise KvxError(f"--backend {backend} scores a built program: give it with --program graphs/<name>")
-    return ReferenceScorer(loaded, opts, model=model, prefill_chunk=prefill_chunk)
+    return ReferenceScorer(loaded, opts, model=model, prefill_chunk=prefill_chunk, batch_items=batch_items, device=device)
 
 
 # Which program targets each program backend runs.

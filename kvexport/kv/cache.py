@@ -175,14 +175,17 @@ class MixedKVCache(nn.Module):
     def stats(self) -> torch.Tensor:
         """float32 ``[8]``: bytes allocated, bytes used, average bits per element over cached tokens,
         tokens at 2/4/8/16 bits (sinks and window count as 16), tokens cached."""
-        lay = self.layout
-        n_sink = self.n_seen.clamp(max=lay.sinks)
-        n_win = (self.win_pos[: lay.window] >= 0).sum()
-        counts = self.fill + self.is_fp_class * (n_sink + n_win)
-        used = (counts.float() * self.class_bytes).sum().reshape(1)
-        n = counts.sum().reshape(1)
-        avg_bits = used * 8 / (n.clamp(min=1).float() * lay.elements_per_token())
-        return torch.cat([self.allocated, used, avg_bits, counts.float(), n.float()])
+        n_sink = self.n_seen.clamp(max=self.layout.sinks)
+        n_win = (self.win_pos[: self.layout.window] >= 0).sum()
+        return self.stats_for_counts(self.fill + self.is_fp_class * (n_sink + n_win))
+
+    def stats_for_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """Cached tokens per class int64 ``[..., 4]`` (sinks and window in the 16-bit count) ->
+        the :meth:`stats` vector float32 ``[..., 8]`` of a cache holding them."""
+        used = (counts.float() * self.class_bytes).sum(-1, keepdim=True)
+        n = counts.sum(-1, keepdim=True)
+        avg_bits = used * 8 / (n.clamp(min=1).float() * self.layout.elements_per_token())
+        return torch.cat([self.allocated.expand_as(used), used, avg_bits, counts.float(), n.float()], dim=-1)
 
     # ------------------------------------------------------------------ step
     def begin(self, input_pos: torch.Tensor, n_tokens: int) -> None:

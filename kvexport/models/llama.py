@@ -6,7 +6,8 @@ passes it in. Each attention layer hands its rotated queries and fresh keys/valu
 chunk into the cache (decode/prefill) or not (scoring continuations over a fixed context).
 
 Shapes: ``tokens`` int64 ``[B, T]``; ``input_pos`` int64 ``[1]`` (position of ``tokens[:, 0]``);
-logits float32 ``[B, T, vocab]``. All compute is float32.
+logits float32 ``[B, T, vocab]``. All compute is float32. :meth:`Transformer.hidden` takes explicit
+positions (``[T]``, or ``[B, T]`` when every row has its own, as in the batched evaluation).
 """
 
 from __future__ import annotations
@@ -67,15 +68,18 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions int64 ``[T]`` -> cos, sin float32 ``[T, head_dim]`` (Hugging Face "rotate_half" layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    """positions int64 ``[T]`` or ``[B, T]`` -> cos, sin float32 ``[T, head_dim]`` or ``[B, 1, T, head_dim]``
+    (Hugging Face "rotate_half" layout; the batched form broadcasts over heads)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
     freqs = positions.float().unsqueeze(-1) * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
+    if emb.dim() == 3:
+        emb = emb.unsqueeze(1)
     return emb.cos(), emb.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x ``[B, H, T, D]``; cos/sin ``[T, D]``."""
+    """x ``[B, H, T, D]``; cos/sin ``[T, D]`` or ``[B, 1, T, D]``."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -139,13 +143,21 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache) -> torch.Tensor:
         """Run the chunk through all layers, attending over ``cache``; returns logits ``[B, T, V]``."""
-        positions = input_pos + torch.arange(tokens.shape[1])
-        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)
+        positions = input_pos + torch.arange(tokens.shape[1], device=tokens.device)
         cache.begin(input_pos, tokens.shape[1])
+        return self.logits(self.hidden(tokens, positions, cache))
+
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """Last layer's output (before the final norm) ``[B, T, dim]``; positions ``[T]`` or ``[B, T]``."""
+        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i)
-        return self.lm_head(self.norm(x))
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head: ``[..., dim]`` -> float32 ``[..., vocab]``."""
+        return self.lm_head(self.norm(hidden))
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load a Hugging Face Llama state dict (keys with or without the ``model.`` prefix)."""

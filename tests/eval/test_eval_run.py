@@ -130,7 +130,8 @@ def test_ctrl_c_leaves_a_resumable_state(tiny_model, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ReferenceScorer, "score", flaky)
     out = tmp_path / "run"
-    argv = ["--tasks", "openbookqa", "--limit", "3", "--kv-policy", "fp16,static-4", "--max-context", "256"]
+    argv = ["--tasks", "openbookqa", "--limit", "3", "--kv-policy", "fp16,static-4", "--max-context", "256",
+            "--batch-items", "1"]  # the cache path: one score() call per item
     with pytest.raises(KeyboardInterrupt):
         eval_cli.run(_args(out, *argv))
     assert len((out / "items.jsonl").read_text().splitlines()) == 4

@@ -82,6 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                            f"random:f2,f4,f8,f16, rule, learned[:FILE] (default {DEFAULT_POLICIES})")
     p.add_argument("--tasks", default=",".join(MC_TASKS), help=f"comma-separated: {', '.join(ALL_TASKS)}, or all")
     p.add_argument("--limit", type=int, default=None, help="first N items per task (N windows for wikitext)")
+    p.add_argument("--sample", type=int, default=None,
+                   help="a fixed random sample of N items per multiple-choice task (drawn with --seed), instead of the first N")
     p.add_argument("--weights", default="fp32", choices=TORCHAO_FORMATS,
                    help="linear-layer format of the reference model (as kvexport build --target executorch)")
     p.add_argument("--program", default=None,
@@ -110,7 +112,8 @@ def _settings(args, evaluation) -> dict:
     return {"backend": args.backend, "weights": args.weights, "window": opts.window, "sinks": opts.sinks,
             "group": opts.group or evaluation.loaded.args.head_dim, "rotate_keys": opts.rotate_keys,
             "max_context": opts.max_context, "seed": opts.seed, "budget_bits": opts.budget_bits,
-            "prefill_chunk": first.get("prefill_chunk"), "limit": args.limit, "ppl_window": args.ppl_window,
+            "prefill_chunk": first.get("prefill_chunk"), "limit": args.limit, "sample": args.sample,
+            "ppl_window": args.ppl_window,
             "random_weights": bool(evaluation.loaded.identity.get("random_weights")),
             "policies": evaluation.cfg.policies, "tasks": evaluation.cfg.tasks}
 
@@ -144,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
     check_backend(args.backend, args.program)
     if args.limit is not None and args.limit < 1:
         raise KvxError(f"--limit must be positive, got {args.limit}")
+    if args.sample is not None and (args.sample < 1 or args.limit is not None):
+        raise KvxError("--sample takes a positive N and replaces --limit; give one of them")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise KvxError(f"--prefill-chunk must be positive, got {args.prefill_chunk}")
     if args.batch_items < 1:
@@ -162,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         loaded = load_model(args)
     cfg = EvalConfig(policies=policies, tasks=tasks, opts=opts, backend=args.backend,
-                     prefill_chunk=args.prefill_chunk, limit=args.limit, ppl_window=args.ppl_window,
+                     prefill_chunk=args.prefill_chunk, limit=args.limit, sample=args.sample, sample_seed=args.seed,
+                     ppl_window=args.ppl_window,
                      data_dir=Path(args.data_dir), progress=not args.no_progress, weights=weights,
                      program=Path(args.program) if args.program else None,
                      batch_items=args.batch_items, device=args.device)

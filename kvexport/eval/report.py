@@ -146,8 +146,10 @@ def markdown(summary: dict) -> str:
     if summary["sample"]:
         sizes = ", ".join(f"{TASK_TITLES[t]} {v['n']:,} of {v['n_total']:,}" for t, v in summary["tasks"].items())
         unit = " (WikiText: windows)" if "wikitext" in tasks else ""
-        lines += [f"> **Small sample, not the full benchmarks**: first items only ({sizes}{unit}). "
-                  "Intervals are wide; do not quote these numbers as results.", ""]
+        which = (f"a fixed random sample drawn with seed {s.get('seed')}" if s.get("sample")
+                 else "first items only")
+        lines += [f"> **Subset, not the full benchmarks**: {which} ({sizes}{unit}). "
+                  "Intervals are wider than on the full sets; quote them with the subset named.", ""]
     lines += [f"Settings: backend {s.get('backend')}, weights {s.get('weights', 'fp32')}, window {s.get('window')}, sinks {s.get('sinks')}, "
               f"group {s.get('group')}, prefill chunk {s.get('prefill_chunk')}, max context {s.get('max_context')}, "
               f"seed {s.get('seed')}; zero-shot lm-eval prompts; "

@@ -7,6 +7,7 @@ keeping ``[tokens, vocab]`` tensors of the whole file in memory.
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,8 @@ class EvalConfig:
     backend: str = "reference"
     prefill_chunk: int | None = None
     limit: int | None = None
+    sample: int | None = None  # a fixed seeded sample of N items per task instead of the first ones
+    sample_seed: int = 0
     ppl_window: int = 512
     data_dir: Path | None = None
     progress: bool = True
@@ -90,7 +93,8 @@ def tokenize_items(tokenizer, items: list[T.MCItem]) -> list[tuple[list[int], li
 
 
 def load_items(cfg: EvalConfig) -> tuple[dict[str, list[T.MCItem]], dict[str, int]]:
-    """First ``limit`` items of each multiple-choice task, and each task's full size."""
+    """First ``limit`` items (or a seeded ``sample`` of N, in file order) of each multiple-choice task,
+    and each task's full size."""
     items, totals = {}, {}
     for task in cfg.tasks:
         if task == "wikitext":
@@ -100,7 +104,11 @@ def load_items(cfg: EvalConfig) -> tuple[dict[str, list[T.MCItem]], dict[str, in
         except (FileNotFoundError, ValueError) as err:
             raise KvxError(str(err)) from None
         totals[task] = len(all_items)
-        items[task] = all_items[: cfg.limit] if cfg.limit is not None else all_items
+        if cfg.sample is not None and cfg.sample < len(all_items):
+            pick = sorted(random.Random(cfg.sample_seed).sample(range(len(all_items)), cfg.sample))
+            items[task] = [all_items[i] for i in pick]
+        else:
+            items[task] = all_items[: cfg.limit] if cfg.limit is not None else all_items
     return items, totals
 
 

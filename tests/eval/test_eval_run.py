@@ -107,7 +107,7 @@ def test_end_to_end_tiny_model(tiny_model, tmp_path, monkeypatch, capsys):
     assert res["static-2"]["arc_easy"]["acc"] == pytest.approx(sum(acc) / 3)
     assert set(summary["paired"]) == {"static-2", "random:0.25,0.25,0.25,0.25"}
     table = (out / "table.md").read_text()
-    assert "Small sample" in table and "| `static-2` |" in table and "HellaSwag acc_norm" in table and "WikiText-2 ppl" in table
+    assert "Subset, not the full benchmarks" in table and "| `static-2` |" in table and "HellaSwag acc_norm" in table and "WikiText-2 ppl" in table
     assert table in stdout
 
     before = (out / "items.jsonl").read_text()
@@ -156,3 +156,15 @@ def test_real_model_arc_easy_protocol(real_model):
     assert a[0] == pytest.approx(want, abs=2e-2)
     assert q2.kv_stats()["avg_bits"] == pytest.approx(2.5)
     assert max(abs(x - y) for x, y in zip(a, b)) > 0.05
+
+
+def test_sample_is_a_fixed_seeded_subset_in_file_order():
+    from kvexport.eval.runner import load_items
+
+    def pick(seed):
+        cfg = EvalConfig(policies=["fp16"], tasks=["openbookqa"], opts=CacheOptions(), sample=50, sample_seed=seed, data_dir=DATA)
+        return [it.idx for it in load_items(cfg)[0]["openbookqa"]]
+
+    first = pick(0)
+    assert len(first) == 50 == len(set(first)) and first == sorted(first) and first == pick(0)
+    assert first != pick(1) and first != list(range(50))

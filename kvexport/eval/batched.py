@@ -60,9 +60,6 @@ class PackedCache:
         self.keep_probs = keep_probs
         self.last_probs = None
 
-    def begin(self, input_pos, n_tokens) -> None:  # noqa: D102 (interface of MixedKVCache)
-        pass
-
     def _stored_values(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[B, H, T, D]`` (float-rounded) -> each key as its class's pool returns it."""
         out = x

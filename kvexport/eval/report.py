@@ -222,6 +222,13 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def short_label(policy: str) -> str:
+    """``learned:some/dir/controller-4.safetensors`` -> ``learned:controller-4`` (plot labels)."""
+    if policy.startswith("learned:"):
+        return "learned:" + Path(policy.split(":", 1)[1]).stem
+    return policy
+
+
 def plot(summary: dict, path: Path, metric: str = "acc_norm") -> None:
     """Accuracy (with CIs) vs average bits, one panel per task (WikiText: perplexity)."""
     import matplotlib
@@ -241,7 +248,7 @@ def plot(summary: dict, path: Path, metric: str = "acc_norm") -> None:
             else:
                 y, (lo, hi) = 100 * r[metric], (100 * r[f"{metric}_ci"][0], 100 * r[f"{metric}_ci"][1])
             ax.errorbar([r["avg_bits"]], [y], yerr=[[y - lo], [hi - y]], fmt="o", capsize=3)
-            ax.annotate(pol, (r["avg_bits"], y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(short_label(pol), (r["avg_bits"], y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         n = summary["tasks"][task]
         ax.set_title(f"{TASK_TITLES[task]} (n={n['n']:,}{' sample' if n['n'] < n['n_total'] else ''})")
         ax.set_xlabel("average bits / KV element")

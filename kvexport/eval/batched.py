@@ -153,8 +153,8 @@ class BatchedEngine:
     """Scores packed batches with the model and the policy of ``cache`` (a :class:`MixedKVCache`
     built for these options, used for its layout, policy, rarity table and statistics)."""
 
-    def __init__(self, model, cache: MixedKVCache, chunk: int, device: str = "cpu", max_passes: int = 8):
-        self.model, self.cache, self.chunk, self.device = model, cache, chunk, torch.device(device)
+    def __init__(self, model, cache: MixedKVCache, device: str = "cpu", max_passes: int = 8):
+        self.model, self.cache, self.device = model, cache, torch.device(device)
         self.packed = PackedCache(cache, self.device)
         self.policy = copy.deepcopy(cache.policy).to(self.device)  # the cache keeps its own (CPU) policy
         self.rarity = cache.rarity.to(self.device)

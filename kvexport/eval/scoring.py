@@ -111,7 +111,7 @@ class ReferenceScorer:
             from kvexport.eval.batched import BatchedEngine
 
             on_device = self.session.model if device == "cpu" else copy.deepcopy(self.session.model).to(device)
-            self.engine = BatchedEngine(on_device, self.session.cache, self.session.max_chunk, device=device)
+            self.engine = BatchedEngine(on_device, self.session.cache, device=device)
         self._stats: dict | None = None
 
     def score(self, context: list[int], continuations: list[list[int]]) -> list[float]:

@@ -143,6 +143,12 @@ class Session:
         self.check_room(len(ids))
         return torch.cat([self.step(ids[i : i + self.max_chunk]) for i in range(0, len(ids), self.max_chunk)])
 
+    def check_scoring_input(self, context: list[int], continuations: list[list[int]]) -> None:
+        """``ValueError`` for an empty context or continuation, :class:`KvxError` when they do not fit."""
+        if not context or not continuations or not all(continuations):
+            raise ValueError("context and every continuation need at least one token")
+        self.check_room(len(context) + max(map(len, continuations)))
+
     @torch.no_grad()
     def score_continuations(self, context: list[int], continuations: list[list[int]]) -> list[float]:
         """Sum of log-probabilities of each continuation after ``context``.
@@ -151,10 +157,8 @@ class Session:
         quantization); the continuations are then teacher-forced together as one batch over that
         quantized cache without being committed. Returns one float per continuation.
         """
-        if not context or not continuations or not all(continuations):
-            raise ValueError("context and every continuation need at least one token")
+        self.check_scoring_input(context, continuations)
         self.reset()
-        self.check_room(len(context) + max(map(len, continuations)))
         last = torch.log_softmax(self.prefill(context)[-1], dim=-1)
         width = max(map(len, continuations))
         tokens = torch.tensor([c + [c[-1]] * (width - len(c)) for c in continuations], dtype=torch.int64)

@@ -159,9 +159,7 @@ class BatchedEngine:
         self.policy = copy.deepcopy(cache.policy).to(self.device)  # the cache keeps its own (CPU) policy
         self.rarity = cache.rarity.to(self.device)
         self.max_passes = max_passes
-        lay = cache.layout
-        self.caps = torch.tensor(lay.capacities)
-        self.window, self.sinks = lay.window, lay.sinks
+        self.caps = torch.tensor(cache.layout.capacities)
 
     # ------------------------------------------------------------------ passes
     def _hidden(self, plan: Plan, classes: torch.Tensor, width: int, keep_probs: bool) -> torch.Tensor:
@@ -170,21 +168,22 @@ class BatchedEngine:
                               classes[:, :width].to(dev), keep_probs)
         return self.model.hidden(plan.tokens[:, :width].to(dev), plan.positions[:, :width].to(dev), self.packed)
 
+    def _log_softmax_slices(self, hidden_rows: torch.Tensor):
+        """Yield ``(start, log-softmax of the logits)`` for ``hidden_rows [M, dim]`` in slices of
+        ``LOGIT_ROWS`` rows (bounds the ``[rows, vocab]`` tensor)."""
+        for i in range(0, hidden_rows.shape[0], LOGIT_ROWS):
+            yield i, torch.log_softmax(self.model.logits(hidden_rows[i : i + LOGIT_ROWS]), dim=-1)
+
     def _log_probs(self, hidden_rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Log-probability ``[M]`` of ``targets [M]`` under the logits of ``hidden_rows [M, dim]``."""
-        out = []
-        for i in range(0, hidden_rows.shape[0], LOGIT_ROWS):
-            lp = torch.log_softmax(self.model.logits(hidden_rows[i : i + LOGIT_ROWS]), dim=-1)
-            out.append(lp.gather(1, targets[i : i + LOGIT_ROWS, None].to(lp.device))[:, 0])
-        return torch.cat(out)
+        return torch.cat([lp.gather(1, targets[i : i + LOGIT_ROWS, None].to(lp.device))[:, 0]
+                          for i, lp in self._log_softmax_slices(hidden_rows)])
 
     def _features(self, plan: Plan, hidden: torch.Tensor) -> torch.Tensor:
         """Feature state ``[B, n, 6]`` (as the cache's ``win_feat``) of every context token."""
         b, n = len(plan.items), plan.ctx_width
-        rows = hidden[:, :n].reshape(b * n, -1)
         ent, maxp = [], []
-        for i in range(0, rows.shape[0], LOGIT_ROWS):
-            lp = torch.log_softmax(self.model.logits(rows[i : i + LOGIT_ROWS]), dim=-1)
+        for _, lp in self._log_softmax_slices(hidden[:, :n].reshape(b * n, -1)):
             ent.append(-(lp.exp() * lp).sum(-1))
             maxp.append(lp.amax(-1).exp())
         p = self.packed.last_probs[:, :, :n, :n]  # [B, Hq, query, key]
@@ -222,20 +221,22 @@ class BatchedEngine:
             full[:, :n] = new
         return full, settled
 
+    @staticmethod
+    def _evicted_counts(plan: Plan, classes: torch.Tensor) -> torch.Tensor:
+        """int64 ``[B, 4]``: context tokens that left the window, per class."""
+        onehot = torch.nn.functional.one_hot(classes[:, : plan.ctx_width], len(CLASSES))
+        return (onehot * plan.evicted.unsqueeze(-1)).sum(1)
+
     def fits(self, plan: Plan, classes: torch.Tensor) -> torch.Tensor:
         """bool ``[B]``: every class's pool has room for the item's evicted tokens (no overflow)."""
-        n = plan.ctx_width
-        onehot = torch.nn.functional.one_hot(classes[:, :n], len(CLASSES)) * plan.evicted.unsqueeze(-1)
-        return (onehot.sum(1) <= self.caps).all(1)
+        return (self._evicted_counts(plan, classes) <= self.caps).all(1)
 
     def stats(self, plan: Plan, classes: torch.Tensor) -> torch.Tensor:
         """The cache's ``stats()`` vector ``[B, 8]`` after each item's context."""
-        n = plan.ctx_width
-        counts = (torch.nn.functional.one_hot(classes[:, :n], len(CLASSES)) * plan.evicted.unsqueeze(-1)).sum(1)
+        lay = self.cache.layout
+        counts = self._evicted_counts(plan, classes)
         n_ctx = torch.tensor(plan.n_ctx)
-        n_sink = n_ctx.clamp(max=self.sinks)
-        n_win = (n_ctx - self.sinks).clamp(min=0, max=self.window)
-        counts[:, CLASSES.index(16)] += n_sink + n_win
+        counts[:, CLASSES.index(16)] += n_ctx.clamp(max=lay.sinks) + (n_ctx - lay.sinks).clamp(min=0, max=lay.window)
         return self.cache.stats_for_counts(counts)
 
     # ------------------------------------------------------------------ results

@@ -103,9 +103,9 @@ def summarize(evaluation, store, n_boot: int = S.N_BOOT, seed: int = 0, settings
     for pol in policies:
         if not pol.startswith(("learned", "rule")):
             continue
+        bits = results[pol]["overall"]["avg_bits"]
         for family in ("random:", "static-"):
             rivals = [q for q in policies if q.startswith(family) and results[q]["overall"]["n"]]
-            bits = results[pol]["overall"]["avg_bits"]
             if not rivals or bits is None:
                 continue
             rival = min(rivals, key=lambda q: abs(results[q]["overall"]["avg_bits"] - bits))

@@ -18,7 +18,7 @@ from kvexport.errors import KvxError
 from kvexport.eval import tasks as T
 from kvexport.eval import wikitext as W
 from kvexport.eval.records import RecordStore, config_key
-from kvexport.eval.scoring import encode_pair, choice_metrics, make_scorer, with_policy
+from kvexport.eval.scoring import choice_metrics, encode_pair, make_scorer, score_each, with_policy
 from kvexport.models.loader import LoadedModel
 from kvexport.models.weights import quantize_weights
 from kvexport.session import CacheOptions
@@ -114,9 +114,7 @@ def load_items(cfg: EvalConfig) -> tuple[dict[str, list[T.MCItem]], dict[str, in
 
 def score_batch(scorer, pairs) -> list[tuple[list[float], dict, str]]:
     """(scores, kv_stats, path) per item: the scorer's batched ``score_many`` when it has one."""
-    if hasattr(scorer, "score_many"):
-        return scorer.score_many(pairs)
-    return [(scorer.score(c, k), scorer.kv_stats(), "cache") for c, k in pairs]
+    return scorer.score_many(pairs) if hasattr(scorer, "score_many") else score_each(scorer, pairs)
 
 
 def run_mc(run: PolicyRun, task: str, items: list[T.MCItem], toks, store: RecordStore, cfg: EvalConfig, bar=None) -> None:

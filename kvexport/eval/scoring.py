@@ -88,6 +88,11 @@ def _file_sha256(path: str) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "missing"
 
 
+def score_each(scorer: Scorer, pairs) -> list[tuple[list[float], dict, str]]:
+    """(scores, kv_stats, ``"cache"``) per item, one ``score`` call each (no batched engine)."""
+    return [(scorer.score(c, k), scorer.kv_stats(), "cache") for c, k in pairs]
+
+
 class ReferenceScorer:
     """The PyTorch reference behind the :class:`Scorer` interface.
 
@@ -125,11 +130,9 @@ class ReferenceScorer:
     def score_many(self, pairs: list[tuple[list[int], list[list[int]]]]) -> list[tuple[list[float], dict, str]]:
         """(scores, kv_stats, path) per item; path ``packed`` (batched engine) or ``cache``."""
         if self.engine is None:
-            return [(self.score(c, k), self.kv_stats(), "cache") for c, k in pairs]
+            return score_each(self, pairs)
         for ctx, conts in pairs:
-            if not ctx or not conts or not all(conts):
-                raise ValueError("context and every continuation need at least one token")
-            self.session.check_room(len(ctx) + max(map(len, conts)))
+            self.session.check_scoring_input(ctx, conts)
         plan, classes, ok = self._plan(pairs)
         scores = self.engine.score(plan, classes)
         stats = self.engine.stats(plan, classes)

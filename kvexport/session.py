@@ -132,8 +132,8 @@ class Session:
     def step(self, ids: list[int]) -> torch.Tensor:
         """Run and commit one chunk (``len(ids) <= max_chunk``); returns logits float32 ``[T, V]``."""
         tokens = torch.tensor([ids], dtype=torch.int64)
-        logits = self.model(tokens, torch.tensor([self.pos]), self.cache)
-        self.cache.commit(tokens, logits)
+        logits, step = self.model.forward_step(tokens, torch.tensor([self.pos]), self.cache)
+        self.cache.commit(step, tokens, logits)
         self.pos += len(ids)
         return logits[0]
 

@@ -3,8 +3,8 @@
 Method (documented in ``calibration/README.md``): for a window of text we run a *gated* copy of the
 model's forward in which every token ``j`` outside the sinks has its keys and values (all layers)
 replaced by ``kv_j + g_j * (Q_c(kv_j) - kv_j)`` for the queries that see it after it left the FP16
-window (the exact prefill visibility rule of :mod:`kvexport.kv.cache`). ``Q_c`` is the cache's
-group-wise quantizer at class ``c``; ``g`` is a per-token gate in ``[0, 1]``.
+window (:func:`kvexport.kv.schedule.quantized_visibility`, the rule the cache runs). ``Q_c`` is the
+cache's group-wise quantizer at class ``c``; ``g`` is a per-token gate in ``[0, 1]``.
 
 The quantity we measure is ``K(g) = sum_i KL(p_fp16(. | <i) || p_g(. | <i))`` over all positions.
 ``K(0) = 0``, ``K(1)`` is the measured KL when *every* token sits at class ``c``. By integrated
@@ -26,22 +26,10 @@ from torch.utils.checkpoint import checkpoint
 
 from kvexport.kv import quant
 from kvexport.kv.policy import CLASSES
+from kvexport.kv.schedule import quantized_visibility
 from kvexport.models.llama import Transformer, apply_rope, rope_cos_sin
 
 QUANT_CLASSES = (2, 4, 8)
-
-
-def quantized_visibility(T: int, sinks: int, window: int, chunk: int) -> torch.Tensor:
-    """bool ``[T, T]``: query ``i`` sees key ``j`` quantized (``j`` left the window before ``i``'s
-    chunk ran). Prefill in chunks of ``chunk`` from position 0: key ``j >= sinks`` is overwritten in
-    the ring by ``j + window`` and evicted at the commit of that chunk."""
-    j = torch.arange(T)
-    if window > 0:
-        evict_after = (torch.div(j + window, chunk, rounding_mode="floor") + 1) * chunk  # first query seeing it quantized
-    else:
-        evict_after = (torch.div(j, chunk, rounding_mode="floor") + 1) * chunk
-    i = torch.arange(T).unsqueeze(1)
-    return (j >= sinks) & (i >= evict_after) & (j <= i)
 
 
 def gated_forward(model: Transformer, tokens: torch.Tensor, gate: torch.Tensor | None, bits: int, group: int,

@@ -10,11 +10,11 @@ are the rows of one batch, so the work is a few large matrix products instead of
              cache's float dtype, the same values the cache stores);
 * ``stored`` the key as its quantized pool holds it: ``dequantize(quantize(k_fp))`` at its class.
 
-With chunk ``C``, window ``W``, sinks ``S`` and context length ``n`` (``chunk(p) = p // C``): a
-context token ``j >= S`` leaves the window at the commit of chunk ``evict(j) = chunk(j + W)``
-when ``j + W < n`` (never otherwise; ``W = 0``: ``chunk(j)``). A context query ``i`` sees key
-``j <= i`` stored iff ``evict(j) < chunk(i)``; continuation queries come after the whole context
-was committed (stored iff evicted at all) and see their own earlier tokens at full precision.
+With chunk ``C`` (``chunk(p) = p // C``), a context token ``j`` leaves the window at the commit of
+chunk ``evict(j)`` (:func:`kvexport.kv.schedule.evict_chunk`: ``chunk(j + W)`` for ``j >= S`` when
+``j + W < n``, never otherwise; ``W = 0``: ``chunk(j)``). A context query ``i`` sees key ``j <= i``
+stored iff ``evict(j) < chunk(i)``; continuation queries come after the whole context was committed
+(stored iff evicted at all) and see their own earlier tokens at full precision.
 
 Classes. Static and random policies depend on the position only: one pass. Feature policies
 (``rule``, ``learned``) decide from features the cache computes under quantization (the token's
@@ -30,47 +30,50 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 
-from kvexport.kv import quant
+from kvexport.kv import quant, schedule
 from kvexport.kv.cache import MixedKVCache
 from kvexport.kv.policy import CLASSES
+from kvexport.kv.schedule import NEVER
 
-NEVER = 1 << 40  # eviction chunk of tokens that stay in the sinks or the window
 LOGIT_ROWS = 2048  # rows per LM-head call (bounds the [rows, vocab] logits tensor)
 
 
-class PackedCache:
-    """Stands in for :class:`MixedKVCache` in :meth:`Transformer.hidden` over packed rows.
+@dataclass
+class PackedStep:
+    """One pass over packed rows: what :meth:`PackedCache.attend` takes with each layer."""
 
-    ``set_masks`` gives, per row, bool ``fp``/``stored`` ``[B, T, T]`` (query, key) and key
-    classes int64 ``[B, T]`` (index into ``CLASSES``). With ``keep_probs`` the last layer's
-    attention probabilities ``[B, Hq, T, T]`` are kept for the attention features.
-    """
+    fp: torch.Tensor  # bool [B, 1, 1, T, T] (query, key): the key seen at full precision
+    stored: torch.Tensor  # bool [B, 1, 1, T, T]: the key seen as its pool stores it
+    classes: torch.Tensor  # int64 [B, T]: key class (index into CLASSES)
+    keep_probs: bool  # keep the last layer's attention probabilities (for the attention features)
+    any_stored: bool  # some key is seen stored (else the quantized path is skipped)
+    last_probs: torch.Tensor | None = None  # [B, Hq, T, T], set by the last layer when keep_probs
+
+
+class PackedCache:
+    """Stands in for :class:`MixedKVCache` in :meth:`Transformer.hidden` over packed rows; the
+    step value is a :class:`PackedStep` (masks per row)."""
 
     def __init__(self, cache: MixedKVCache, device: torch.device):
         self.layout = cache.layout
         self.fp_dtype = cache.layout.torch_fp_dtype
         self.rotation = cache.rotation.to(device) if cache.layout.rotate_keys else None
 
-    def set_masks(self, fp: torch.Tensor, stored: torch.Tensor, classes: torch.Tensor, keep_probs: bool) -> None:
-        self.fp, self.stored, self.classes = fp.unsqueeze(1).unsqueeze(1), stored.unsqueeze(1).unsqueeze(1), classes
-        self.any_stored = bool(stored.any())
-        self.keep_probs = keep_probs
-        self.last_probs = None
-
-    def _stored_values(self, x: torch.Tensor) -> torch.Tensor:
+    def _stored_values(self, classes: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x ``[B, H, T, D]`` (float-rounded) -> each key as its class's pool returns it."""
         out = x
-        cls = self.classes[:, None, :, None]
+        cls = classes[:, None, :, None]
         for i, bits in enumerate(CLASSES[:-1]):
-            if bool((self.classes == i).any()):
+            if bool((classes == i).any()):
                 codes, scale, zero = quant.quantize(x, bits, self.layout.group)
                 out = torch.where(cls == i, quant.dequantize(codes, scale, zero, self.layout.group), out)
         return out
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, step: PackedStep, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q ``[B, Hq, T, D]``, k/v ``[B, H, T, D]`` (after RoPE) -> ``[B, Hq, T, D]``."""
         b, hq, t, d = q.shape
         h = k.shape[1]
@@ -81,16 +84,16 @@ class PackedCache:
         qg = q.reshape(b, h, hq // h, t, d)  # query head h*rep + r reads KV head h
         scale = 1.0 / math.sqrt(d)
         s = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * scale  # [B, H, rep, T, T]
-        if self.any_stored:
-            kq, vq = self._stored_values(k), self._stored_values(v)
-            s = torch.where(self.stored, torch.matmul(qg, kq.unsqueeze(2).transpose(-1, -2)) * scale, s)
-        s = s.masked_fill(~(self.fp | self.stored), float("-inf"))
+        if step.any_stored:
+            kq, vq = self._stored_values(step.classes, k), self._stored_values(step.classes, v)
+            s = torch.where(step.stored, torch.matmul(qg, kq.unsqueeze(2).transpose(-1, -2)) * scale, s)
+        s = s.masked_fill(~(step.fp | step.stored), float("-inf"))
         p = torch.softmax(s, dim=-1)
-        out = torch.matmul(p * self.fp, v.unsqueeze(2))
-        if self.any_stored:
-            out = out + torch.matmul(p * self.stored, vq.unsqueeze(2))
-        if self.keep_probs and layer == self.layout.n_layers - 1:
-            self.last_probs = p.reshape(b, hq, t, t)
+        out = torch.matmul(p * step.fp, v.unsqueeze(2))
+        if step.any_stored:
+            out = out + torch.matmul(p * step.stored, vq.unsqueeze(2))
+        if step.keep_probs and layer == self.layout.n_layers - 1:
+            step.last_probs = p.reshape(b, hq, t, t)
         return out.reshape(b, hq, t, d)
 
 
@@ -132,8 +135,7 @@ class Plan:
     def _row(ctx, conts, chunk, window, sinks):
         n = len(ctx)
         j = torch.arange(n)
-        evict = torch.where(j + window < n, (j + window) // chunk, NEVER) if window else j // chunk
-        evict = torch.where(j >= sinks, evict, NEVER)
+        evict = schedule.evict_chunk(n, sinks, window, chunk)
         n_chunks = (n + chunk - 1) // chunk
         seg = torch.cat([torch.zeros(n, dtype=torch.int64)] + [torch.full((len(c),), k + 1) for k, c in enumerate(conts)])
         pos = torch.cat([j] + [n + torch.arange(len(c)) for c in conts])
@@ -162,11 +164,13 @@ class BatchedEngine:
         self.caps = torch.tensor(cache.layout.capacities)
 
     # ------------------------------------------------------------------ passes
-    def _hidden(self, plan: Plan, classes: torch.Tensor, width: int, keep_probs: bool) -> torch.Tensor:
+    def _hidden(self, plan: Plan, classes: torch.Tensor, width: int, keep_probs: bool):
+        """(hidden ``[B, width, dim]``, the pass's :class:`PackedStep`) over the first ``width`` columns."""
         dev = self.device
-        self.packed.set_masks(plan.fp[:, :width, :width].to(dev), plan.stored[:, :width, :width].to(dev),
-                              classes[:, :width].to(dev), keep_probs)
-        return self.model.hidden(plan.tokens[:, :width].to(dev), plan.positions[:, :width].to(dev), self.packed)
+        fp, stored = (m[:, None, None, :width, :width].to(dev) for m in (plan.fp, plan.stored))  # [B, 1, 1, w, w]
+        step = PackedStep(fp, stored, classes[:, :width].to(dev), keep_probs, bool(stored.any()))
+        tokens, positions = plan.tokens[:, :width].to(dev), plan.positions[:, :width].to(dev)
+        return self.model.hidden(tokens, positions, self.packed, step), step
 
     def _log_softmax_slices(self, hidden_rows: torch.Tensor):
         """Yield ``(start, log-softmax of the logits)`` for ``hidden_rows [M, dim]`` in slices of
@@ -179,14 +183,15 @@ class BatchedEngine:
         return torch.cat([lp.gather(1, targets[i : i + LOGIT_ROWS, None].to(lp.device))[:, 0]
                           for i, lp in self._log_softmax_slices(hidden_rows)])
 
-    def _features(self, plan: Plan, hidden: torch.Tensor) -> torch.Tensor:
-        """Feature state ``[B, n, 6]`` (as the cache's ``win_feat``) of every context token."""
+    def _features(self, plan: Plan, hidden: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """Feature state ``[B, n, 6]`` (as the cache's ``win_feat``) of every context token, from the
+        last layer's attention probabilities ``probs [B, Hq, T, T]``."""
         b, n = len(plan.items), plan.ctx_width
         ent, maxp = [], []
         for _, lp in self._log_softmax_slices(hidden[:, :n].reshape(b * n, -1)):
             ent.append(-(lp.exp() * lp).sum(-1))
             maxp.append(lp.amax(-1).exp())
-        p = self.packed.last_probs[:, :, :n, :n]  # [B, Hq, query, key]
+        p = probs[:, :, :n, :n]  # [B, Hq, query, key]
         w = p * torch.arange(1, n + 1, device=self.device, dtype=p.dtype).view(1, 1, n, 1)  # x visible keys
         obs = plan.observed.to(self.device).float()
         recv = (w.mean(1) * obs).sum(1)
@@ -213,8 +218,9 @@ class BatchedEngine:
             return full, torch.ones(b, dtype=torch.bool)
         settled = torch.zeros(b, dtype=torch.bool)
         for _ in range(self.max_passes):
-            hidden = self._hidden(plan, full, n, keep_probs=True)
-            new = torch.where(plan.evicted, self._decide(plan, self._features(plan, hidden)), full[:, :n])
+            hidden, step = self._hidden(plan, full, n, keep_probs=True)
+            decided = self._decide(plan, self._features(plan, hidden, step.last_probs))
+            new = torch.where(plan.evicted, decided, full[:, :n])
             settled = (new == full[:, :n]).all(1)
             if bool(settled.all()):
                 break
@@ -236,14 +242,14 @@ class BatchedEngine:
         lay = self.cache.layout
         counts = self._evicted_counts(plan, classes)
         n_ctx = torch.tensor(plan.n_ctx)
-        counts[:, CLASSES.index(16)] += n_ctx.clamp(max=lay.sinks) + (n_ctx - lay.sinks).clamp(min=0, max=lay.window)
+        counts[:, CLASSES.index(16)] += schedule.fp_resident(n_ctx, lay.sinks, lay.window)
         return self.cache.stats_for_counts(counts)
 
     # ------------------------------------------------------------------ results
     @torch.no_grad()
     def score(self, plan: Plan, classes: torch.Tensor) -> list[list[float]]:
         """Summed log-probability of every continuation of every item (one full pass)."""
-        hidden = self._hidden(plan, classes, plan.width, keep_probs=False)
+        hidden, _ = self._hidden(plan, classes, plan.width, keep_probs=False)
         rows, cols, targets, owner = [], [], [], []
         for r, ((ctx, conts), starts) in enumerate(zip(plan.items, plan.starts)):
             for k, (cont, s) in enumerate(zip(conts, starts)):
@@ -261,5 +267,5 @@ class BatchedEngine:
     @torch.no_grad()
     def token_logprobs(self, plan: Plan, classes: torch.Tensor) -> list[torch.Tensor]:
         """Per item (context only): log-softmax of each position's next-token logits ``[n - 1, V]``."""
-        hidden = self._hidden(plan, classes, plan.ctx_width, keep_probs=False)
+        hidden, _ = self._hidden(plan, classes, plan.ctx_width, keep_probs=False)
         return [torch.log_softmax(self.model.logits(hidden[r, : m - 1]), dim=-1).cpu() for r, m in enumerate(plan.n_ctx)]

@@ -24,8 +24,8 @@ class StepProgram(nn.Module):
         self.cache = cache
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor):
-        logits = self.model(tokens, input_pos, self.cache)
-        self.cache.commit(tokens, logits)
+        logits, step = self.model.forward_step(tokens, input_pos, self.cache)
+        self.cache.commit(step, tokens, logits)
         return logits[:, -1, :], self.cache.stats()
 
 

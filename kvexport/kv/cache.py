@@ -6,10 +6,12 @@ Buffers are slot-major (slot first, then layer), so every write is a 1-D ``index
 
 * ``sink_k/v``   fp ``[S+1, L, H, D]``   the first ``S`` positions, kept at full precision;
 * ``win_k/v``    fp ``[W+1, L, H, D]``   recent window, a ring: position ``p >= S`` lives in slot
-  ``(p - S) % W``; ``win_pos [W+1]`` (-1 = empty) and ``win_feat [W+1, 6]`` (features so far);
+  ``(p - S) % W`` (:mod:`kvexport.kv.schedule`); ``win_pos [W+1]`` (-1 = empty) and
+  ``win_feat [W+1, 6]`` (features so far);
 * one **pool** per class, filled front to back (``fill [4]`` counts), never evicted:
   ``pool16_k/v`` fp ``[C16+1, L, H, D]`` and for b in 2, 4, 8: ``pool{b}_k/v`` uint8
-  ``[Cb+1, L, H, D*b/8]`` (packed codes) with fp16 ``pool{b}_ks/kz/vs/vz [Cb+1, L, H, D/G]``;
+  ``[Cb+1, L, H, D*b/8]`` (packed codes) with fp16 ``pool{b}_ks/kz/vs/vz [Cb+1, L, H, D/G]``
+  (scale and zero point per group; the six together: :class:`QuantPool`);
   ``pool_pos{c} [Cc+1]`` records which position sits in each slot.
 
 The last slot of every buffer is a *trash* slot: writes that must not land anywhere go there, so a
@@ -18,16 +20,17 @@ step is branch-free and exports with static shapes. It is never attended to.
 Why pools: the memory is what the buffers hold (``nbytes``), sized at build time from the policy's
 class shares (``--kv-budget-bits``); nothing is allocated at 16 bits "just in case".
 
-A step (``begin`` -> ``attend`` per layer -> ``commit``) works on a chunk of ``T`` tokens:
-attention covers sinks + window + all pools + the chunk itself (causal). ``commit`` then
+A step works on a chunk of ``T`` tokens: ``begin`` returns a :class:`CacheStep`, ``attend(step, layer,
+...)`` per layer records the chunk's keys and values in it, and ``commit(step, tokens, logits)``
+writes them. Attention covers sinks + window + all pools + the chunk itself (causal). ``commit`` then
 
 1. computes the chunk's features (rarity, entropy, max-prob; attention they and the window tokens
    received from this step's queries in the last layer);
-2. evicts the tokens that leave the window (``T <= W``: the old occupants of the chunk's ring
-   slots; ``W == 0``: the chunk tokens themselves) into pools: the policy picks a class, and the
-   **overflow rule** places each token in its class if that pool has room, otherwise in the nearest
-   cheaper class with room, otherwise in the nearest dearer one (ties in one step are served in
-   position order). The same vectorised rule runs in every backend;
+2. evicts the tokens that leave the window (:mod:`kvexport.kv.schedule`; ``T <= W``: the old
+   occupants of the chunk's ring slots; ``W == 0``: the chunk tokens themselves) into pools: the
+   policy picks a class, and the **overflow rule** places each token in its class if that pool has
+   room, otherwise in the nearest cheaper class with room, otherwise in the nearest dearer one (ties
+   in one step are served in position order). The same vectorised rule runs in every backend;
 3. writes the chunk into the window ring (and sinks).
 
 Eviction happens at step granularity: within one chunk, tokens see each other at full precision.
@@ -38,12 +41,13 @@ the same rotation, so scores are unchanged while outliers spread across channels
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from kvexport.kv import attention, quant
+from kvexport.kv import attention, quant, schedule
 from kvexport.kv.policy import CLASSES, Policy
 
 N_FEAT_STATE = 6  # rarity, entropy, max_prob, attn_received_sum, attn_head_var_sum, n_observations
@@ -68,10 +72,6 @@ class CacheLayout:
     @property
     def torch_fp_dtype(self) -> torch.dtype:
         return getattr(torch, self.fp_dtype)
-
-    @property
-    def pool_tokens(self) -> int:
-        return self.max_context - self.sinks - self.window
 
     def class_bytes_per_token(self) -> list[int]:
         """Bytes one token occupies in each class, over all layers, keys and values."""
@@ -102,6 +102,28 @@ class CacheLayout:
             i = max(range(len(caps)), key=lambda j: fractions[j])
             caps = tuple(c + (n_pool - sum(caps) if j == i else 0) for j, c in enumerate(caps))
         return cls(n_layers, n_kv_heads, head_dim, max_context, sinks, window, group, caps, fp_dtype, rotate_keys)
+
+
+class QuantPool(NamedTuple):
+    """The six buffers of one quantized class ``b``, each ``[C+1, L, H, ...]`` (slot-major)."""
+
+    k: torch.Tensor  # uint8 [..., D*b/8] packed key codes
+    ks: torch.Tensor  # fp16 [..., D/G] key scale per group
+    kz: torch.Tensor  # fp16 [..., D/G] key zero point per group
+    v: torch.Tensor  # uint8 [..., D*b/8] packed value codes
+    vs: torch.Tensor  # fp16 [..., D/G]
+    vz: torch.Tensor  # fp16 [..., D/G]
+
+
+@dataclass
+class CacheStep:
+    """What one step carries from :meth:`MixedKVCache.begin` through ``attend`` (per layer) to ``commit``."""
+
+    input_pos: torch.Tensor  # int64 [1]: position of the chunk's first token
+    n_fill: tuple[int, ...]  # pool prefix attended per class: filled counts (trimmed) or capacities
+    new_k: list[torch.Tensor] = field(default_factory=list)  # per layer [B, H, T, D], as the cache stores them
+    new_v: list[torch.Tensor] = field(default_factory=list)  # per layer [B, H, T, D]
+    received: tuple | None = None  # last layer's attention pieces (batch 1) for the attention features
 
 
 # Overflow order per desired class: itself, cheaper classes (nearest first), then dearer ones.
@@ -157,8 +179,8 @@ class MixedKVCache(nn.Module):
     # ------------------------------------------------------------------ bookkeeping
     @property
     def max_chunk(self) -> int:
-        """Largest chunk one step takes: the window (so no token skips eviction), or 32 without one."""
-        return self.layout.window or 32
+        """Largest chunk one step takes (:func:`schedule.max_chunk`)."""
+        return schedule.max_chunk(self.layout.window)
 
     def state_buffers(self) -> dict[str, torch.Tensor]:
         """The mutable state (persistent buffers), by name."""
@@ -175,9 +197,8 @@ class MixedKVCache(nn.Module):
     def stats(self) -> torch.Tensor:
         """float32 ``[8]``: bytes allocated, bytes used, average bits per element over cached tokens,
         tokens at 2/4/8/16 bits (sinks and window count as 16), tokens cached."""
-        n_sink = self.n_seen.clamp(max=self.layout.sinks)
-        n_win = (self.win_pos[: self.layout.window] >= 0).sum()
-        return self.stats_for_counts(self.fill + self.is_fp_class * (n_sink + n_win))
+        n_fp = schedule.fp_resident(self.n_seen, self.layout.sinks, self.layout.window)
+        return self.stats_for_counts(self.fill + self.is_fp_class * n_fp)
 
     def stats_for_counts(self, counts: torch.Tensor) -> torch.Tensor:
         """Cached tokens per class int64 ``[..., 4]`` (sinks and window in the 16-bit count) ->
@@ -188,21 +209,21 @@ class MixedKVCache(nn.Module):
         return torch.cat([self.allocated.expand_as(used), used, avg_bits, counts.float(), n.float()], dim=-1)
 
     # ------------------------------------------------------------------ step
-    def begin(self, input_pos: torch.Tensor, n_tokens: int) -> None:
-        """Start a step over ``n_tokens`` tokens at positions ``input_pos + [0, n_tokens)``."""
-        self._p0 = input_pos
-        self._new_k, self._new_v = [], []
-        self._recv = None
-        if self.trim:
-            self._n_fill = [int(f) for f in self.fill.tolist()]
-        else:
-            self._n_fill = list(self.layout.capacities)
+    def quant_pool(self, bits: int) -> QuantPool:
+        """The six buffers of the ``bits`` pool."""
+        return QuantPool(*(getattr(self, f"pool{bits}_{name}") for name in QuantPool._fields))
+
+    def begin(self, input_pos: torch.Tensor) -> CacheStep:
+        """Start a step over a chunk whose first token sits at ``input_pos`` int64 ``[1]``."""
+        n_fill = tuple(int(f) for f in self.fill.tolist()) if self.trim else self.layout.capacities
+        return CacheStep(input_pos, n_fill)
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.rotation if self.layout.rotate_keys else x
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q ``[B, Hq, T, D]``, new k/v ``[B, H, T, D]`` (after RoPE) -> attention output ``[B, Hq, T, D]``."""
+    def attend(self, step: CacheStep, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q ``[B, Hq, T, D]``, new k/v ``[B, H, T, D]`` (after RoPE) -> attention output ``[B, Hq, T, D]``.
+        Records the chunk's k/v (and, in the last layer, the attention it needs for features) in ``step``."""
         lay = self.layout
         fp = lay.torch_fp_dtype
         b, hq, t, d = q.shape
@@ -210,8 +231,8 @@ class MixedKVCache(nn.Module):
         q = self._rotate(q)
         k = self._rotate(k).to(fp).float()  # what the cache will hold, so later steps see the same
         v = v.to(fp).float()
-        self._new_k.append(k)
-        self._new_v.append(v)
+        step.new_k.append(k)
+        step.new_v.append(v)
         rows = q.transpose(0, 1).reshape(hq, b * t, d)
         # Float parts (sinks, window, FP16 pool, and in portable mode the dequantized pools) are
         # concatenated into ONE partial attention: fewer ops to run and to lower. With fused ops each
@@ -220,26 +241,26 @@ class MixedKVCache(nn.Module):
         if lay.sinks:
             keys.append(self.sink_k[: lay.sinks, layer].float())
             values.append(self.sink_v[: lay.sinks, layer].float())
-            masks.append(torch.arange(lay.sinks) < self._p0)
+            masks.append(torch.arange(lay.sinks) < step.input_pos)
         if lay.window:
             keys.append(self.win_k[: lay.window, layer].float())
             values.append(self.win_v[: lay.window, layer].float())
             masks.append(self.win_pos[: lay.window] >= 0)
-        n16 = self._n_fill[3]
+        n16 = step.n_fill[3]
         if n16:
             keys.append(self.pool16_k[:n16, layer].float())
             values.append(self.pool16_v[:n16, layer].float())
             masks.append(torch.arange(n16) < self.fill[3])
         for i, bits in enumerate(QUANT_BITS):
-            n = self._n_fill[i]
+            n = step.n_fill[i]
             if not n:
                 continue
-            kv = [getattr(self, f"pool{bits}_{name}")[:n, layer] for name in ("k", "ks", "kz", "v", "vs", "vz")]
+            pool = QuantPool(*(buf[:n, layer] for buf in self.quant_pool(bits)))  # each [n, H, ...]
             if self.fused_ops:
-                parts.append(self._pool_attention(rows, *kv, self.fill[i : i + 1], bits, lay.group, scale))
+                parts.append(self._pool_attention(rows, *pool, self.fill[i : i + 1], bits, lay.group, scale))
                 continue
-            keys.append(quant.dequantize_packed(kv[0], kv[1], kv[2], bits, lay.group))
-            values.append(quant.dequantize_packed(kv[3], kv[4], kv[5], bits, lay.group))
+            keys.append(quant.dequantize_packed(pool.k, pool.ks, pool.kz, bits, lay.group))
+            values.append(quant.dequantize_packed(pool.v, pool.vs, pool.vz, bits, lay.group))
             masks.append(torch.arange(n) < self.fill[i])
         if keys:
             o, m, l, p = attention.partial_attention(rows, torch.cat(keys), torch.cat(values), torch.cat(masks), scale)
@@ -257,16 +278,17 @@ class MixedKVCache(nn.Module):
         parts.append((fold(cp @ vh), fold(cm), fold(cp.sum(-1))))
         out, lse = attention.merge_partials(parts)
         if layer == lay.n_layers - 1 and b == 1:
-            self._recv = (win_part if lay.window else None, (cp[0], cm[0]), lse)
+            step.received = (win_part if lay.window else None, (cp[0], cm[0]), lse)
         return out.reshape(hq, b, t, d).transpose(0, 1)
 
-    def _attention_features(self, n_tokens: int):
-        """Attention received in the last layer from this step's queries, normalised so that uniform
-        attention over the visible keys is 1. Returns (window sums ``[W, 3]``, chunk sums ``[T, 3]``)
-        with columns (sum of head-mean, sum of head-variance, number of observing queries)."""
+    def _attention_features(self, received: tuple, n_tokens: int):
+        """Attention received in the last layer from this step's queries (``CacheStep.received``),
+        normalised so that uniform attention over the visible keys is 1. Returns (window sums
+        ``[W, 3]``, chunk sums ``[T, 3]``) with columns (sum of head-mean, sum of head-variance,
+        number of observing queries)."""
         lay = self.layout
-        win_part, (cp, cm), lse = self._recv  # cp [Hq, T, T], lse [Hq, T]
-        n_cache = self.n_seen.clamp(max=lay.sinks) + (self.win_pos[: lay.window] >= 0).sum() + self.fill.sum()
+        win_part, (cp, cm), lse = received  # cp [Hq, T, T], lse [Hq, T]
+        n_cache = schedule.fp_resident(self.n_seen, lay.sinks, lay.window) + self.fill.sum()
         n_keys = (n_cache + torch.arange(1, n_tokens + 1)).float()  # visible keys per query row
         chunk_w = cp * torch.exp(cm - lse).unsqueeze(-1) * n_keys.view(1, -1, 1)
         later = torch.ones(n_tokens, n_tokens, dtype=torch.bool).tril(-1)  # query row > key column
@@ -311,20 +333,20 @@ class MixedKVCache(nn.Module):
             fill = torch.stack(new_fill)
         return cls, slot, fill
 
-    def commit(self, tokens: torch.Tensor, logits: torch.Tensor) -> None:
-        """Write the chunk of the last forward into the cache (batch 1). tokens ``[1, T]``, logits ``[1, T, V]``."""
+    def commit(self, step: CacheStep, tokens: torch.Tensor, logits: torch.Tensor) -> None:
+        """Write the chunk of ``step`` into the cache (batch 1). tokens ``[1, T]``, logits ``[1, T, V]``."""
         lay = self.layout
         S, W, fp = lay.sinks, lay.window, lay.torch_fp_dtype
         t = tokens.shape[1]
-        pos = self._p0 + torch.arange(t)
-        new_k = torch.stack([k[0].transpose(0, 1) for k in self._new_k], dim=1)  # [T, L, H, D]
-        new_v = torch.stack([v[0].transpose(0, 1) for v in self._new_v], dim=1)
+        pos = step.input_pos + torch.arange(t)
+        new_k = torch.stack([k[0].transpose(0, 1) for k in step.new_k], dim=1)  # [T, L, H, D]
+        new_v = torch.stack([v[0].transpose(0, 1) for v in step.new_v], dim=1)
 
         if self.policy.needs_features:
             logp = torch.log_softmax(logits[0].float(), dim=-1)
             entropy = -(logp.exp() * logp).sum(-1)
             maxp = logp.amax(-1).exp()
-            win_sums, chunk_sums = self._attention_features(t)
+            win_sums, chunk_sums = self._attention_features(step.received, t)
             new_feat = torch.cat([torch.stack([self.rarity[tokens[0]], entropy, maxp], -1), chunk_sums], -1)
             if W:
                 self.win_feat[:W, 3:] += win_sums
@@ -334,7 +356,7 @@ class MixedKVCache(nn.Module):
         # 1. evict the tokens leaving the window into the pools
         in_win = pos >= S
         if W:
-            ring = torch.where(in_win, torch.remainder(pos - S, W), W)
+            ring = schedule.ring_slot(pos, S, W)
             cand_pos, cand_feat = self.win_pos[ring], self.win_feat[ring]
             cand_k, cand_v = self.win_k[ring].float(), self.win_v[ring].float()
         else:
@@ -352,11 +374,9 @@ class MixedKVCache(nn.Module):
                 self._write(self.pool16_k, idx, cand_k.to(fp))
                 self._write(self.pool16_v, idx, cand_v.to(fp))
                 continue
-            for kv, x in (("k", cand_k), ("v", cand_v)):
-                packed, scale, zero = self.quantize_pack(x, c, lay.group)
-                self._write(getattr(self, f"pool{c}_{kv}"), idx, packed)
-                self._write(getattr(self, f"pool{c}_{kv}s"), idx, scale)
-                self._write(getattr(self, f"pool{c}_{kv}z"), idx, zero)
+            packed = (*self.quantize_pack(cand_k, c, lay.group), *self.quantize_pack(cand_v, c, lay.group))
+            for buf, x in zip(self.quant_pool(c), packed):  # QuantPool order: k, ks, kz, v, vs, vz
+                self._write(buf, idx, x)
         self.fill.copy_(new_fill)
 
         # 2. the chunk enters the window ring (or the sinks)
@@ -369,7 +389,7 @@ class MixedKVCache(nn.Module):
             sink_slot = torch.where(in_win, S, pos)
             self._write(self.sink_k, sink_slot, new_k.to(fp))
             self._write(self.sink_v, sink_slot, new_v.to(fp))
-        self.n_seen.copy_((self._p0 + t).reshape(1))
+        self.n_seen.copy_((step.input_pos + t).reshape(1))
 
     @staticmethod
     def _write(buf: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:

@@ -1,9 +1,11 @@
 """One readable Llama / SmolLM forward over a chunk of tokens against an explicit KV cache.
 
 No framework cache classes: the caller owns a cache object (``kvexport.kv.cache.MixedKVCache``) and
-passes it in. Each attention layer hands its rotated queries and fresh keys/values to
-``cache.attend(layer, q, k, v)``; after the last layer the caller may ``cache.commit(...)`` the
-chunk into the cache (decode/prefill) or not (scoring continuations over a fixed context).
+passes it in. :meth:`Transformer.forward_step` starts a step (``step = cache.begin(input_pos)``),
+each attention layer hands its rotated queries and fresh keys/values to
+``cache.attend(step, layer, q, k, v)``, and the step comes back with the logits: the caller may
+``cache.commit(step, tokens, logits)`` the chunk into the cache (decode/prefill) or not (scoring
+continuations over a fixed context; :meth:`Transformer.forward` returns the logits only).
 
 Shapes: ``tokens`` int64 ``[B, T]``; ``input_pos`` int64 ``[1]`` (position of ``tokens[:, 0]``);
 logits float32 ``[B, T, vocab]``. All compute is float32. :meth:`Transformer.hidden` takes explicit
@@ -94,13 +96,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache, layer: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache, step, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = cache.attend(layer, q, k, v)  # [B, Hq, T, D]
+        out = cache.attend(step, layer, q, k, v)  # [B, Hq, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -123,8 +125,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, cache, layer: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, cache, step, layer: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, step, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -143,16 +145,21 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache) -> torch.Tensor:
         """Run the chunk through all layers, attending over ``cache``; returns logits ``[B, T, V]``."""
-        positions = input_pos + torch.arange(tokens.shape[1], device=tokens.device)
-        cache.begin(input_pos, tokens.shape[1])
-        return self.logits(self.hidden(tokens, positions, cache))
+        return self.forward_step(tokens, input_pos, cache)[0]
 
-    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        """Last layer's output (before the final norm) ``[B, T, dim]``; positions ``[T]`` or ``[B, T]``."""
+    def forward_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache):
+        """As :meth:`forward`, returning ``(logits [B, T, V], step)`` for ``cache.commit(step, ...)``."""
+        positions = input_pos + torch.arange(tokens.shape[1], device=tokens.device)
+        step = cache.begin(input_pos)
+        return self.logits(self.hidden(tokens, positions, cache, step)), step
+
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, cache, step) -> torch.Tensor:
+        """Last layer's output (before the final norm) ``[B, T, dim]``; positions ``[T]`` or ``[B, T]``.
+        ``step`` is what ``cache.attend`` takes with each layer (``cache.begin``'s value)."""
         cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i)
+            x = layer(x, cos, sin, cache, step, i)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from kvexport.errors import KvxError
-from kvexport.export.runtime import StepRunner, open_runner
+from kvexport.export.runners import open_runner
+from kvexport.export.runtime import StepRunner
 
 
 def _bench_one(runner: StepRunner, context: int, decode_steps: int, ids: list[int]) -> dict:

@@ -1,5 +1,6 @@
 """``kvexport`` command line. Each command is a small function; errors users can fix are one line
-on stderr and exit code 2 (:class:`KvxError`), Ctrl-C exits 130 without a traceback."""
+on stderr and exit code 2 (:class:`KvxError`), Ctrl-C exits 130 without a traceback. Third-party
+warnings and log lines are silenced (:mod:`kvexport.quiet`) unless ``--verbose`` is given."""
 
 from __future__ import annotations
 
@@ -9,40 +10,8 @@ import sys
 from pathlib import Path
 
 from kvexport.errors import KvxError
-from kvexport.models.registry import DEFAULT_MODEL
+from kvexport.options import add_cache_args, add_data_args, add_model_args, cache_options, load_model
 
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="alias (see 'kvexport models'), HF directory or .gguf file")
-    p.add_argument("--random-weights", action="store_true", help="the alias's architecture with seeded random weights")
-    p.add_argument("--seed", type=int, default=0)
-
-
-def add_cache_args(p: argparse.ArgumentParser, default_policy: str | None = "fp16") -> None:
-    p.add_argument("--kv-policy", default=default_policy,
-                   help="fp32, fp16, static-2|4|8, random:B, random:f2,f4,f8,f16, rule, learned[:FILE]"
-                        + ("" if default_policy else " (default: learned when a controller is committed, else fp16)"))
-    p.add_argument("--kv-window", type=int, default=32, help="FP16 recent-window tokens")
-    p.add_argument("--kv-sinks", type=int, default=4, help="FP16 sink tokens at the start")
-    p.add_argument("--kv-group", type=int, default=None, help="quantization group size (default: head_dim)")
-    p.add_argument("--kv-rotate", action="store_true", help="Hadamard-rotate keys before quantizing")
-    p.add_argument("--kv-budget-bits", type=float, default=None, help="budget; picks the learned controller")
-    p.add_argument("--max-context", type=int, default=2048)
-
-
-def cache_options(a: argparse.Namespace):
-    from kvexport.session import CacheOptions
-
-    return CacheOptions(policy=a.kv_policy, max_context=a.max_context, sinks=a.kv_sinks, window=a.kv_window,
-                        group=a.kv_group, rotate_keys=a.kv_rotate, budget_bits=a.kv_budget_bits, seed=a.seed)
-
-
-def load_model(a: argparse.Namespace):
-    from kvexport.models.loader import resolve
-
-    return resolve(a.model, random_weights=a.random_weights, seed=a.seed)
 
 
 def cmd_models(a: argparse.Namespace) -> int:
@@ -109,8 +78,10 @@ def cmd_count_tokens(a: argparse.Namespace) -> int:
     from kvexport.controller.token_counts import count_tokens, wikitext_halves, write_counts
     from kvexport.session import calibration_dir
 
+    from kvexport.data import data_file
+
     loaded = load_model(a)
-    corpus = Path(a.corpus)
+    corpus = Path(a.corpus) if a.corpus else data_file("wikitext", a.data_dir)
     if not corpus.is_file():
         raise KvxError(f"corpus not found: {corpus}; pass --corpus PATH to WikiText-2 raw test")
     calib_half, _ = wikitext_halves(corpus)
@@ -160,7 +131,7 @@ def cmd_baseline(a: argparse.Namespace) -> int:
 def cmd_run(a: argparse.Namespace) -> int:
     import time
 
-    from kvexport.export.runtime import open_runner
+    from kvexport.export.runners import open_runner
     from kvexport.models.tokenizer import Tokenizer
     from kvexport.session import kv_stats_dict
 
@@ -243,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("count-tokens", help="build the token-count table (rarity feature) for a model")
     add_model_args(s)
-    s.add_argument("--corpus", default=str(SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"))
+    s.add_argument("--corpus", default=None, help="WikiText raw file (default: WikiText-2 test from the data folder)")
+    add_data_args(s)
     s.add_argument("--out", default=None)
     s.set_defaults(func=cmd_count_tokens)
 
@@ -308,11 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("program", help="graphs/<name>")
     s.add_argument("app_dir", help="android_demo/")
     s.set_defaults(func=cmd_bundle)
+
+    verbose_help = "show third-party warnings, log lines and progress bars"
+    p.add_argument("--verbose", action="store_true", help=verbose_help)
+    for s in sub.choices.values():  # also after the command; SUPPRESS keeps a top-level --verbose
+        s.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        from kvexport import quiet
+
+        quiet.configure()
     try:
         return args.func(args)
     except KvxError as err:

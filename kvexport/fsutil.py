@@ -1,5 +1,5 @@
-"""Atomic output directories (write into a temporary sibling, rename when complete), required JSON
-files, file hashes."""
+"""Atomic outputs (directories and text files: written into a temporary sibling, renamed when
+complete), required JSON files, file hashes, the per-user cache folder."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def cache_root() -> Path:
+    """The per-user cache: ``$KVEXPORT_CACHE`` (default ``~/.cache/kvexport``)."""
+    env = os.environ.get("KVEXPORT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kvexport"
 
 
 @contextmanager
@@ -30,13 +36,32 @@ def atomic_directory(out_dir: Path):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """``path.write_text(text)`` through a temporary sibling and a rename (parents created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def _default_permissions(root: Path) -> None:
     """Temporary directories and files are created owner-only (0700/0600); give the finished output
     the modes an ordinary ``mkdir``/``open`` would (umask applied)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     for path in [root, *root.rglob("*")]:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def read_json(path: Path, missing: str, corrupt: str, error: type[Exception]):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from kvexport.export.build import loaded_for_manifest, read_manifest
-from kvexport.export.runtime import open_runner
+from kvexport.export.runners import open_runner
 from kvexport.models.weights import quantize_weights
 from kvexport.session import CacheOptions, Session
 

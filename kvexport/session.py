@@ -6,6 +6,7 @@ This is the PyTorch reference every exported program is compared against.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,9 +23,13 @@ DEFAULT_BUDGET_BITS = 4.0
 
 
 def calibration_dir() -> Path:
-    """The repository's ``calibration/`` folder (override with ``$KVEXPORT_CALIBRATION``)."""
+    """Committed controllers and token tables: ``$KVEXPORT_CALIBRATION``, else the source checkout's
+    ``calibration/`` folder, else the copy an installed wheel ships in ``<prefix>/share/kvexport``."""
     env = os.environ.get("KVEXPORT_CALIBRATION")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "calibration"
+    if env:
+        return Path(env)
+    checkout = Path(__file__).resolve().parent.parent / "calibration"
+    return checkout if checkout.is_dir() else Path(sys.prefix) / "share" / "kvexport" / "calibration"
 
 
 def _model_calibration_dir(model_name: str) -> Path:

@@ -12,7 +12,9 @@ from kvexport.models.llama import ModelArgs
 from kvexport.models.loader import LoadedModel, resolve
 from kvexport.models.registry import DEFAULT_MODEL
 
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+# Benchmark data: CI runs in a fresh clone with shared/ beside it; a user's $KVEXPORT_DATA wins.
+os.environ.setdefault("KVEXPORT_DATA", str(Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
+SHARED_DATA = Path(os.environ["KVEXPORT_DATA"])
 
 TINY_ARGS = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=192, vocab_size=49152,
                       rope_theta=10000.0, norm_eps=1e-5, max_position=4096)

@@ -10,7 +10,7 @@ from kvexport.baselines.executorch_llama import TARGET, export_baseline, meta_st
 from kvexport.errors import KvxError
 from kvexport.export.build import read_manifest
 from kvexport.export.program import LAYOUT_VERSION
-from kvexport.export.runtime import open_runner
+from kvexport.export.runners import open_runner
 from kvexport.session import CacheOptions, Session
 
 MAX_CONTEXT = 48

@@ -7,7 +7,7 @@ import pytest
 
 from kvexport.errors import KvxError
 from kvexport.export.build import build
-from kvexport.export.runtime import open_runner
+from kvexport.export.runners import open_runner
 from kvexport.parity import run_parity
 from kvexport.session import CacheOptions
 

@@ -11,7 +11,7 @@ import pytest
 from kvexport.errors import KvxError
 from kvexport.export import ort_tools
 from kvexport.export.build import build
-from kvexport.export.runtime import open_runner
+from kvexport.export.runners import open_runner
 from kvexport.models.tokenizer import TOKENIZER_FILES
 from kvexport.parity import run_parity
 from kvexport.session import CacheOptions

@@ -9,7 +9,7 @@ longest test of the suite), the ONNX build about 8; each program is built once.
 import pytest
 
 from kvexport.export.build import build
-from kvexport.export.runtime import open_runner
+from kvexport.export.runners import open_runner
 from kvexport.parity import run_parity
 from kvexport.session import CacheOptions, Session
 

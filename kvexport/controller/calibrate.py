@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from kvexport.data import data_file
 from kvexport.errors import KvxError
+from kvexport.options import add_data_args
 
 CACHE_VERSION = 1
 BASELINES = ("static-2", "static-4", "rule")
@@ -36,7 +38,8 @@ _REFERENCE: dict[str, tuple[list, dict]] = {}  # fp16 reference log-probs per ev
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model alias, HF directory or .gguf (default: the default model)")
     p.add_argument("--kv-budget-bits", type=float, required=True, help="average bits per KV element to train for")
-    p.add_argument("--corpus", default=None, help="WikiText raw file (default: ../shared/data/wikitext-2-raw/wiki.test.raw)")
+    p.add_argument("--corpus", default=None, help="WikiText raw file (default: WikiText-2 test from the data folder)")
+    add_data_args(p)
     p.add_argument("--out", default=None, help="output folder (default: calibration/<model>/)")
     p.add_argument("--windows", type=int, default=8, help="calibration windows (default 8)")
     p.add_argument("--window-tokens", type=int, default=512, help="tokens per calibration window (default 512)")
@@ -54,9 +57,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="intermediate results (default ~/.cache/kvexport/calibrate)")
     p.add_argument("--seed", type=int, default=0)
 
-
-def default_corpus() -> Path:
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
 def tokenize_blocks(tokenizer, text: str, n_tokens: int, block_lines: int = 200) -> list[int]:
@@ -285,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out) if args.out else calibration_dir() / loaded.name.removesuffix("-random")
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "kvexport" / "calibrate"
-    corpus = Path(args.corpus) if args.corpus else default_corpus()
+    corpus = Path(args.corpus) if args.corpus else data_file("wikitext", args.data_dir)
 
     cal = Calibrator(loaded, corpus=corpus, cache_dir=cache_dir, windows=args.windows,
                      window_tokens=args.window_tokens, horizon=args.horizon, sinks=sinks, window=window,

@@ -1,8 +1,8 @@
 """Token-frequency table for the rarity feature, counted on a documented corpus.
 
-Corpus: the first half (by lines) of WikiText-2 raw test, ``../shared/data/wikitext-2-raw/wiki.test.raw``
-(the second half is held out for evaluation). Rarity of token ``i`` is ``-log((count_i + 1) / (total + V))``
-(add-one smoothing), so unseen tokens are the rarest.
+Corpus: the first half (by lines) of WikiText-2 raw test, ``wikitext-2-raw/wiki.test.raw`` of the
+data folder (:mod:`kvexport.data`; the second half is held out for evaluation). Rarity of token ``i``
+is ``-log((count_i + 1) / (total + V))`` (add-one smoothing), so unseen tokens are the rarest.
 """
 
 from __future__ import annotations

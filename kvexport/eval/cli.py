@@ -22,6 +22,7 @@ from pathlib import Path
 
 from kvexport.errors import KvxError
 from kvexport.eval.tasks import ALL_TASKS, MC_TASKS
+from kvexport.options import POLICY_GRAMMAR, add_cache_args, add_data_args, add_model_args
 
 DEFAULT_POLICIES = "fp16,static-8,static-4,static-2"
 DEFAULT_OUT = "results/eval"
@@ -69,17 +70,12 @@ def split_tasks(text: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from kvexport.cli import add_cache_args, add_model_args
     from kvexport.eval.scoring import BACKENDS
-    from kvexport.eval.tasks import default_data_dir
     from kvexport.models.weights import TORCHAO_FORMATS
 
     add_model_args(p)
-    add_cache_args(p, default_policy=DEFAULT_POLICIES)
-    for action in p._actions:
-        if "--kv-policy" in action.option_strings:
-            action.help = ("policies to compare, comma-separated (or ';'-separated): fp32, fp16, static-2|4|8, random:B, "
-                           f"random:f2,f4,f8,f16, rule, learned[:FILE] (default {DEFAULT_POLICIES})")
+    add_cache_args(p, default_policy=DEFAULT_POLICIES, policy_help="policies to compare, comma-separated (or "
+                   f"';'-separated): {POLICY_GRAMMAR} (default {DEFAULT_POLICIES})")
     p.add_argument("--tasks", default=",".join(MC_TASKS), help=f"comma-separated: {', '.join(ALL_TASKS)}, or all")
     p.add_argument("--limit", type=int, default=None, help="first N items per task (N windows for wikitext)")
     p.add_argument("--sample", type=int, default=None,
@@ -93,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per step when feeding contexts (default: the window; 1 when --kv-window 0)")
     p.add_argument("--ppl-window", type=int, default=512, help="WikiText window in tokens (each from an empty cache)")
     p.add_argument("--out", default=DEFAULT_OUT, help="results folder (items.jsonl, summary.json, table.md, acc_vs_bits.png)")
-    p.add_argument("--data-dir", default=str(default_data_dir()), help="folder with the benchmark copies")
+    add_data_args(p)
     p.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples for the CIs")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--batch-items", type=int, default=16,
@@ -136,7 +132,7 @@ def program_setup(program: str, backend: str):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from kvexport.cli import cache_options, load_model
+    from kvexport.options import cache_options, load_model
     from kvexport.eval.records import RecordStore
     from kvexport.eval.report import summarize, write_reports
     from kvexport.eval.runner import EvalConfig, Evaluation
@@ -169,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = EvalConfig(policies=policies, tasks=tasks, opts=opts, backend=args.backend,
                      prefill_chunk=args.prefill_chunk, limit=args.limit, sample=args.sample, sample_seed=args.seed,
                      ppl_window=args.ppl_window,
-                     data_dir=Path(args.data_dir), progress=not args.no_progress, weights=weights,
+                     data_dir=Path(args.data_dir) if args.data_dir else None,
+                     progress=not args.no_progress, weights=weights,
                      program=Path(args.program) if args.program else None,
                      batch_items=args.batch_items, device=args.device)
     evaluation = Evaluation(loaded, cfg)

@@ -6,9 +6,8 @@ Protocol (programs are batch 1 and return the last position's logits only): rese
 context in chunks of ``prefill_chunk`` tokens (as the reference does), take the first
 continuation token's log-probability from the last context logits, then decode the continuation
 one token at a time (teacher forcing), summing log-probabilities. Before each further continuation
-the cache goes back to its state after the context: restored from a snapshot when the runtime
-exposes its state (ONNX Runtime), otherwise by resetting and feeding the context again
-(ExecuTorch keeps the state inside the method). Unlike the reference, which scores all
+the cache goes back to its state after the context by resetting and feeding the context again
+(the runtimes keep their state inside the program). Unlike the reference, which scores all
 continuations as one uncommitted batch, continuation tokens are committed as they are decoded (they
 may push context tokens out of the window); the reference runs on the same items so the paired
 comparison shows what this changes.
@@ -26,7 +25,7 @@ from kvexport.session import CacheOptions, kv_stats_dict
 
 class ProgramScorer:
     def __init__(self, program_dir: Path, backend: str, prefill_chunk: int | None = None):
-        from kvexport.export.runtime import open_runner
+        from kvexport.export.runners import open_runner
 
         self.runner = open_runner(Path(program_dir))
         self.backend = backend
@@ -47,14 +46,10 @@ class ProgramScorer:
             raise ValueError("context and every continuation need at least one token")
         last = torch.log_softmax(self._feed(context).double(), -1)
         self._stats = self.runner.last_stats.clone()
-        snapshot = self.runner.snapshot()
         scores = []
         for n, cont in enumerate(continuations):
             if n:
-                if snapshot is not None:
-                    self.runner.restore(snapshot)
-                else:
-                    self._feed(context)
+                self._feed(context)
             total, logp = 0.0, last
             for i, tok in enumerate(cont):
                 total += float(logp[tok])

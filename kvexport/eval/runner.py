@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from kvexport.data import data_file
 from kvexport.errors import KvxError
 from kvexport.eval import tasks as T
 from kvexport.eval import wikitext as W
@@ -38,13 +39,12 @@ class EvalConfig:
     sample: int | None = None  # a fixed seeded sample of N items per task instead of the first ones
     sample_seed: int = 0
     ppl_window: int = 512
-    data_dir: Path | None = None
+    data_dir: Path | None = None  # None: $KVEXPORT_DATA, the per-user cache, the hub (kvexport.data)
     progress: bool = True
     weights: str = "fp32"  # linear-layer format of the reference model (kvexport.models.weights)
     program: Path | None = None  # --backend executorch|onnx: the built program scored next to the reference
     batch_items: int = 1  # reference items per packed batch (kvexport.eval.batched); 1 = the cache path
     device: str = "cpu"  # where packed batches run
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -150,9 +150,7 @@ def run_mc(run: PolicyRun, task: str, items: list[T.MCItem], toks, store: Record
 
 def wikitext_windows(cfg: EvalConfig, tokenizer) -> tuple[list[list[int]], int]:
     """The first ``limit`` windows of the held-out half, and how many windows the half has."""
-    path = T.data_path("wikitext", cfg.data_dir)
-    if not path.is_file():
-        raise KvxError(f"wikitext: data file not found: {path}")
+    path = data_file("wikitext", cfg.data_dir)
     if cfg.ppl_window < 2 or cfg.ppl_window > cfg.opts.max_context:
         raise KvxError(f"--ppl-window {cfg.ppl_window} must lie in [2, --max-context {cfg.opts.max_context}]")
     all_windows = W.windows(W.heldout_ids(tokenizer, path), cfg.ppl_window)

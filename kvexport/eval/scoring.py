@@ -47,13 +47,8 @@ class Scorer(Protocol):
       ``ids`` fed through a fresh cache (WikiText perplexity/KL).
     * ``describe()``: JSON-able identity of the backend + cache (goes into the resume key).
 
-    An exported backend (``--backend executorch|onnx``, batch 1, ``prefill``/``decode`` returning
-    last-token logits) would implement ``score`` as: reset, prefill the context in chunks (logits
-    of the last context token give the first continuation token), snapshot the cache state
-    buffers, then for each continuation decode its tokens one at a time (teacher forcing, summing
-    the log-probabilities) and restore the snapshot before the next one. That commits continuation
-    tokens (they may leave the window and get quantized) where the reference keeps them at full
-    precision; parity checks should compare against a reference run of the same decode protocol.
+    The exported backends (``--backend executorch|onnx``) implement it with a decode protocol:
+    :class:`kvexport.eval.program_scorer.ProgramScorer`.
     """
 
     def score(self, context: list[int], continuations: list[list[int]]) -> list[float]: ...

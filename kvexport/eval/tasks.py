@@ -1,4 +1,4 @@
-"""Benchmark data: loaders for the offline copies in ``shared/data`` and the prompt formats.
+"""Benchmark items: loaders for the data files (found by :mod:`kvexport.data`) and the prompt formats.
 
 Every multiple-choice item becomes an :class:`MCItem` (context text, choice texts, gold index);
 the scorer appends ``TARGET_DELIMITER + choice`` to the context, as lm-evaluation-harness does.
@@ -10,7 +10,7 @@ Prompt formats (zero-shot, lm-evaluation-harness v0.4 task configs):
   ``activity_label + ": " + ctx_a + " " + ctx_b.capitalize()``; the text file does not keep the
   ctx_a/ctx_b split, so ctx_b keeps its original case (``"... on a roof. he"``, lm-eval: ``"He"``).
   The ``[title]``/``[header]``/``[step]`` clean-up of lm-eval's ``preprocess`` is already applied
-  in the file (see ``shared/data/README.md``). This is the text llama.cpp's ``--hellaswag`` scores.
+  in the file (:mod:`kvexport.data`). This is the text llama.cpp's ``--hellaswag`` scores.
 * **arc_easy / arc_challenge**  context = ``"Question: {stem}\\nAnswer:"``, continuations =
   ``" " + choice text``; labels A-E or 1-4 (gold = index of ``answerKey`` among the item's labels).
 * **openbookqa**  context = ``"{question_stem}"`` (lm-eval's ``openbookqa`` task uses the bare stem,
@@ -28,28 +28,18 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvexport.data import FILES, data_file
+
 TARGET_DELIMITER = " "
 PROMPT_VERSION = "lm-eval-0shot-v1"  # bump when a prompt format changes (part of the resume key)
 OBQA_FORMAT = "stem"  # "stem" (lm-eval) or "qa" ("Question: ...\nAnswer:")
 
 MC_TASKS = ("hellaswag", "arc_challenge", "arc_easy", "openbookqa")
 ALL_TASKS = MC_TASKS + ("wikitext",)
-
-DATA_FILES = {
-    "hellaswag": "hellaswag/hellaswag_val_full.txt",
-    "arc_challenge": "arc/ARC-Challenge-Test.jsonl",
-    "arc_easy": "arc/ARC-Easy-Test.jsonl",
-    "openbookqa": "openbookqa/test.jsonl",
-    "wikitext": "wikitext-2-raw/wiki.test.raw",
-}
+assert set(ALL_TASKS) == set(FILES)
 
 TASK_TITLES = {"hellaswag": "HellaSwag", "arc_challenge": "ARC-C", "arc_easy": "ARC-E", "openbookqa": "OBQA",
                "wikitext": "WikiText-2"}
-
-
-def default_data_dir() -> Path:
-    """``<repo>/../shared/data`` (the offline benchmark copies)."""
-    return Path(__file__).resolve().parent.parent.parent.parent / "shared" / "data"
 
 
 @dataclass(frozen=True)
@@ -110,19 +100,14 @@ def load_openbookqa(path: Path) -> list[MCItem]:
     return _question_items("openbookqa", path, "{q}" if OBQA_FORMAT == "stem" else "Question: {q}\nAnswer:")
 
 
-def data_path(task: str, data_dir: Path | None = None) -> Path:
-    return Path(data_dir or default_data_dir()) / DATA_FILES[task]
-
-
 def load_task(task: str, data_dir: Path | None = None) -> list[MCItem]:
-    """Items of a multiple-choice task from ``data_dir`` (default: ``shared/data``)."""
-    path = data_path(task, data_dir)
-    if not path.is_file():
-        raise FileNotFoundError(f"{task}: data file not found: {path}")
+    """Items of a multiple-choice task, from ``data_dir`` or where :func:`kvexport.data.data_file`
+    finds them."""
+    if task not in MC_TASKS:
+        raise ValueError(f"unknown multiple-choice task '{task}'; use one of {', '.join(MC_TASKS)}")
+    path = data_file(task, data_dir)
     if task == "hellaswag":
         return load_hellaswag(path)
     if task in ("arc_easy", "arc_challenge"):
         return load_arc(path, task)
-    if task == "openbookqa":
-        return load_openbookqa(path)
-    raise ValueError(f"unknown multiple-choice task '{task}'; use one of {', '.join(MC_TASKS)}")
+    return load_openbookqa(path)

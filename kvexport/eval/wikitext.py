@@ -15,17 +15,6 @@ from kvexport.models.tokenizer import Tokenizer
 from kvexport.session import Session
 
 
-def wikitext_ids(tokenizer: Tokenizer, path: Path, n_tokens: int, offset_lines: int = 0) -> list[int]:
-    """The first ``n_tokens`` tokens of a WikiText raw file (from line ``offset_lines`` on)."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines(keepends=True)[offset_lines:]
-    ids: list[int] = []
-    for start in range(0, len(lines), 200):
-        ids += tokenizer.encode("".join(lines[start : start + 200]))
-        if len(ids) >= n_tokens:
-            break
-    return ids[:n_tokens]
-
-
 @torch.no_grad()
 def perplexity(session: Session, ids: list[int], window: int, reference: list[torch.Tensor] | None = None,
                progress: bool = True) -> dict:

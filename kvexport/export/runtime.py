@@ -1,9 +1,9 @@
 """Run a built program through its runtime: the step interface the reference
 :class:`kvexport.session.Session` also has, so parity, bench and generation share one loop.
 
-:func:`open_runner` picks the runner from the manifest's target. A runner subclass only loads the
-program (``_load``) and executes one chunk (``_execute``); positions, chunking and the context
-limit live here.
+:func:`kvexport.export.runners.open_runner` picks the runner from the manifest's target. A runner
+subclass only loads the program (``_load``) and executes one chunk (``_execute``); positions,
+chunking and the context limit live here.
 """
 
 from __future__ import annotations
@@ -57,14 +57,6 @@ class StepRunner:
             logits = self.step(ids[i : i + self.max_chunk])
         return logits
 
-    def snapshot(self):
-        """A copy of the cache state and position to :meth:`restore` later, or ``None`` when the
-        runtime keeps its state out of reach (ExecuTorch methods)."""
-        return None
-
-    def restore(self, snapshot) -> None:
-        raise NotImplementedError(f"{type(self).__name__} has no state snapshots")
-
     def _load(self) -> None:
         raise NotImplementedError
 
@@ -109,23 +101,3 @@ class ExecuTorchRunner(StepRunner):
     def _execute(self, tokens, input_pos):
         out = self.method.execute([tokens, input_pos])
         return out[0], out[1]
-
-
-def runner_class(target: str) -> type[StepRunner]:
-    if target == "executorch":
-        return ExecuTorchRunner
-    if target in ("onnx", "ort"):
-        from kvexport.export.ort_runtime import OrtRunner
-
-        return OrtRunner
-    if target == "executorch-llama":
-        from kvexport.baselines.executorch_llama import ExecuTorchLlamaRunner
-
-        return ExecuTorchLlamaRunner
-    raise KvxError(f"no runner for target '{target}'; rebuild the program with this kvexport")
-
-
-def open_runner(program_dir: Path) -> StepRunner:
-    """The runner for a program directory, chosen by its manifest's target."""
-    manifest = read_manifest(Path(program_dir))
-    return runner_class(manifest["target"])(program_dir, manifest)

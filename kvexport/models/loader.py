@@ -18,14 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kvexport.errors import KvxError
-from kvexport.fsutil import atomic_directory, read_json, sha256_file
+from kvexport.fsutil import atomic_directory, cache_root, read_json, sha256_file
 from kvexport.models import registry
 from kvexport.models.llama import ModelArgs, Transformer
 from kvexport.models.tokenizer import Tokenizer
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("KVEXPORT_CACHE", Path.home() / ".cache" / "kvexport"))
 
 
 @dataclass

@@ -1,18 +1,17 @@
-"""Loaders parse the real benchmark copies in shared/data: counts, labels, prompt formats."""
+"""Loaders parse the real benchmark copies ($KVEXPORT_DATA, set by conftest): counts, labels, prompt formats."""
 
 from collections import Counter
 from pathlib import Path
 
+import os
+
 import pytest
 
-import kvexport
+from kvexport.data import FILES
+from kvexport.errors import KvxError
 from kvexport.eval import tasks as T
 
-DATA = Path(kvexport.__file__).resolve().parent.parent.parent / "shared" / "data"
-
-
-def test_default_data_dir_is_shared_data():
-    assert T.default_data_dir() == DATA
+DATA = Path(os.environ["KVEXPORT_DATA"])
 
 
 def test_hellaswag_counts_labels_and_format():
@@ -36,7 +35,7 @@ def test_arc_counts_and_labels(task, n, n_numeric):
     assert {len(i.choices) for i in items} == {3, 4, 5}
     assert all(i.context.startswith("Question: ") and i.context.endswith("\nAnswer:") for i in items)
     # numeric-labelled (NY Regents) items: gold is the position of answerKey among "1".."4"
-    raw = [l for l in (DATA / T.DATA_FILES[task]).read_text().splitlines() if '"label":"1"' in l]
+    raw = [l for l in (DATA / FILES[task]).read_text().splitlines() if '"label":"1"' in l]
     assert len(raw) == n_numeric
 
 
@@ -72,5 +71,5 @@ def test_hellaswag_rejects_a_truncated_file(tmp_path):
 
 
 def test_missing_file_names_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    with pytest.raises(KvxError, match=str(tmp_path)):
         T.load_task("arc_easy", tmp_path)

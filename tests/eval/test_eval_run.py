@@ -1,12 +1,12 @@
 """Runs on the tiny model: resume, Ctrl-C, end-to-end JSON/markdown/PNG; one small real-model check."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-import kvexport
-import kvexport.cli
+import kvexport.options
 from kvexport.kv.quant import bits_per_element
 from kvexport.eval import cli as eval_cli
 from kvexport.eval.records import RecordStore
@@ -14,7 +14,7 @@ from kvexport.eval.runner import EvalConfig, Evaluation
 from kvexport.eval.scoring import ReferenceScorer
 from kvexport.session import CacheOptions
 
-DATA = Path(kvexport.__file__).resolve().parent.parent.parent / "shared" / "data"
+DATA = Path(os.environ["KVEXPORT_DATA"])
 
 
 class Counting:
@@ -79,7 +79,7 @@ def _args(out, *extra):
 
 
 def test_end_to_end_tiny_model(tiny_model, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(kvexport.cli, "load_model", lambda a: tiny_model)
+    monkeypatch.setattr(kvexport.options, "load_model", lambda a: tiny_model)
     out = tmp_path / "run"
     argv = ["--tasks", "hellaswag,arc_challenge,arc_easy,openbookqa,wikitext", "--limit", "3", "--ppl-window", "48",
             "--kv-policy", "fp16,static-2,random:0.25,0.25,0.25,0.25", "--kv-window", "0", "--kv-sinks", "0",
@@ -118,7 +118,7 @@ def test_end_to_end_tiny_model(tiny_model, tmp_path, monkeypatch, capsys):
 
 
 def test_ctrl_c_leaves_a_resumable_state(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr(kvexport.cli, "load_model", lambda a: tiny_model)
+    monkeypatch.setattr(kvexport.options, "load_model", lambda a: tiny_model)
     orig = ReferenceScorer.score
     calls = {"n": 0}
 

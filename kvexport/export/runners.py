@@ -1,0 +1,32 @@
+"""The runner registry: which :class:`~kvexport.export.runtime.StepRunner` runs a program, by the
+manifest's ``target``. The runner modules import the base class; only this module knows them all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvexport.errors import KvxError
+from kvexport.export.build import read_manifest
+from kvexport.export.runtime import StepRunner
+
+
+def runner_class(target: str) -> type[StepRunner]:
+    if target == "executorch":
+        from kvexport.export.runtime import ExecuTorchRunner
+
+        return ExecuTorchRunner
+    if target in ("onnx", "ort"):
+        from kvexport.export.ort_runtime import OrtRunner
+
+        return OrtRunner
+    if target == "executorch-llama":
+        from kvexport.baselines.executorch_llama import ExecuTorchLlamaRunner
+
+        return ExecuTorchLlamaRunner
+    raise KvxError(f"no runner for target '{target}'; rebuild the program with this kvexport")
+
+
+def open_runner(program_dir: Path) -> StepRunner:
+    """The runner for a program directory, chosen by its manifest's target."""
+    manifest = read_manifest(Path(program_dir))
+    return runner_class(manifest["target"])(program_dir, manifest)

@@ -1,0 +1,54 @@
+"""Command-line options shared by several ``kvexport`` commands, and the objects they turn into.
+
+``add_model_args`` / ``add_cache_args`` / ``add_data_args`` add the option groups; ``load_model``
+and ``cache_options`` read them back. ``kvexport.cli`` and the command modules it registers
+(``kvexport.eval.cli``, ...) import from here, never from each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from kvexport.models.registry import DEFAULT_MODEL
+
+POLICY_GRAMMAR = "fp32, fp16, static-2|4|8, random:B, random:f2,f4,f8,f16, rule, learned[:FILE]"
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="alias (see 'kvexport models'), HF directory or .gguf file")
+    p.add_argument("--random-weights", action="store_true", help="the alias's architecture with seeded random weights")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_cache_args(p: argparse.ArgumentParser, default_policy: str | None = "fp16",
+                   policy_help: str | None = None) -> None:
+    """The ``--kv-*`` options and ``--max-context``; ``policy_help`` replaces the ``--kv-policy`` help."""
+    p.add_argument("--kv-policy", default=default_policy,
+                   help=policy_help or POLICY_GRAMMAR
+                   + ("" if default_policy else " (default: learned when a controller is committed, else fp16)"))
+    p.add_argument("--kv-window", type=int, default=32, help="FP16 recent-window tokens")
+    p.add_argument("--kv-sinks", type=int, default=4, help="FP16 sink tokens at the start")
+    p.add_argument("--kv-group", type=int, default=None, help="quantization group size (default: head_dim)")
+    p.add_argument("--kv-rotate", action="store_true", help="Hadamard-rotate keys before quantizing")
+    p.add_argument("--kv-budget-bits", type=float, default=None, help="budget; picks the learned controller")
+    p.add_argument("--max-context", type=int, default=2048)
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """``--data-dir`` (benchmark files; see :mod:`kvexport.data`)."""
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the benchmark files (default: $KVEXPORT_DATA, ~/.cache/kvexport/data, "
+                        "else the Hugging Face hub copy, fetched once)")
+
+
+def cache_options(a: argparse.Namespace):
+    from kvexport.session import CacheOptions
+
+    return CacheOptions(policy=a.kv_policy, max_context=a.max_context, sinks=a.kv_sinks, window=a.kv_window,
+                        group=a.kv_group, rotate_keys=a.kv_rotate, budget_bits=a.kv_budget_bits, seed=a.seed)
+
+
+def load_model(a: argparse.Namespace):
+    from kvexport.models.loader import resolve
+
+    return resolve(a.model, random_weights=a.random_weights, seed=a.seed)

@@ -1,0 +1,35 @@
+"""Quiet command-line output: a normal run prints our progress and results, not third-party noise.
+
+:func:`configure` (``kvexport`` calls it before a command runs; ``--verbose`` skips it) silences:
+
+* Python warnings of the FutureWarning / DeprecationWarning kind (torch pytree and torch.export
+  notes), and UserWarnings raised inside torch, torchao, executorch, transformers and onnx;
+* the log lines of the ``torch``, ``torchao``, ``executorch``, ``transformers`` and
+  ``huggingface_hub`` loggers below ERROR (torchao's "Failed to load ..." lines at import, torch's
+  pytree notes);
+* Hugging Face progress bars (GGUF conversion, downloads): ``HF_HUB_DISABLE_PROGRESS_BARS=1``.
+
+Errors still show: the loggers keep ERROR, and nothing of ours goes through them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+LOGGERS = ("torch", "torchao", "executorch", "transformers", "huggingface_hub")
+NOISY_MODULES = r"(torch|torchao|executorch|transformers|onnx|onnxscript|huggingface_hub)(\.|$)"
+
+
+def configure() -> None:
+    """Silence third-party noise for the rest of the process (see the module docstring)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=NOISY_MODULES)
+    import torch  # noqa: F401  (importing torch resets the "torch" logger's level: set it after)
+
+    for name in LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -17,6 +17,7 @@ import torch
 
 from kvexport.errors import KvxError
 from kvexport.export.runners import open_runner
+from kvexport.kv.stats import named
 from kvexport.export.runtime import StepRunner
 
 
@@ -30,10 +31,10 @@ def _bench_one(runner: StepRunner, context: int, decode_steps: int, ids: list[in
         t = time.perf_counter()
         runner.step([ids[context + i]])
         times.append(time.perf_counter() - t)
-    stats = runner.last_stats.tolist()
+    stats = named(runner.last_stats)
     return {"context": context, "prefill_tok_s": context / prefill_s, "decode_ms_per_token": 1000 * statistics.median(times),
-            "decode_ms_min": 1000 * min(times), "kv_bytes_allocated": int(stats[0]), "kv_bytes_used": int(stats[1]),
-            "avg_bits": stats[2]}
+            "decode_ms_min": 1000 * min(times), "kv_bytes_allocated": int(stats["kv_bytes_allocated"]),
+            "kv_bytes_used": int(stats["kv_bytes_used"]), "avg_bits": stats["avg_bits"]}
 
 
 def set_threads(threads: int) -> None:

@@ -17,6 +17,7 @@ import torch
 
 from kvexport.export.build import loaded_for_manifest, read_manifest
 from kvexport.export.runners import open_runner
+from kvexport.kv import stats as kv_stats
 from kvexport.models.weights import quantize_weights
 from kvexport.session import CacheOptions, Session
 
@@ -68,14 +69,14 @@ def run_parity(program_dir: Path, prompt: str = DEFAULT_PROMPT, steps: int = 64,
     def compare(kind: str, chunk: list[int]) -> int:
         ref = session.step(chunk)[-1]
         prog = runner.step(chunk)
-        ref_stats, prog_stats = session.cache.stats(), runner.last_stats
+        ref_stats, prog_stats = kv_stats.named(session.cache.stats()), kv_stats.named(runner.last_stats)
         rows.append({
             "step": len(rows), "kind": kind, "tokens": len(chunk),
             "max_abs_logit": float((ref - prog).abs().max()), "kl": _kl(ref, prog),
             "top1_equal": int(ref.argmax()) == int(prog.argmax()),
-            "classes_equal": bool(torch.equal(ref_stats[3:8], prog_stats[3:8])),
-            "bytes_equal": bool(ref_stats[1] == prog_stats[1]),
-            "avg_bits": float(prog_stats[2]),
+            "classes_equal": all(ref_stats[f] == prog_stats[f] for f in kv_stats.TOKEN_COUNTS),
+            "bytes_equal": ref_stats["kv_bytes_used"] == prog_stats["kv_bytes_used"],
+            "avg_bits": prog_stats["avg_bits"],
         })
         return int(ref.argmax())
 

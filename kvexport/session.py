@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from kvexport.errors import KvxError
+from kvexport.kv import stats as kv_stats
 from kvexport.kv.cache import CacheLayout, MixedKVCache
 from kvexport.kv.policy import CLASSES, build_policy, parse_policy
 from kvexport.models.loader import LoadedModel
@@ -102,10 +103,11 @@ def build_cache(loaded: LoadedModel, opts: CacheOptions, trim: bool = True, fuse
 
 def kv_stats_dict(stats: torch.Tensor) -> dict:
     """The ``kv_stats [8]`` tensor (cache or program output) as a readable dict."""
-    s = stats.tolist()
+    s = kv_stats.named(stats)
     return {
-        "kv_bytes_allocated": int(s[0]), "kv_bytes_used": int(s[1]), "avg_bits": round(s[2], 4),
-        "class_histogram": {str(c): int(n) for c, n in zip(CLASSES, s[3:7])}, "tokens_cached": int(s[7]),
+        "kv_bytes_allocated": int(s["kv_bytes_allocated"]), "kv_bytes_used": int(s["kv_bytes_used"]),
+        "avg_bits": round(s["avg_bits"], 4), "class_histogram": {str(c): int(s[f"tokens_{c}bit"]) for c in CLASSES},
+        "tokens_cached": int(s["tokens_cached"]),
     }
 
 

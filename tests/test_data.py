@@ -68,7 +68,8 @@ def test_hub_copy_is_converted_once_into_the_user_cache(no_user_data, monkeypatc
     assert items[1].choices[:2] == ("need light.", "grow in shade.")
     assert T.load_task("hellaswag") == items and len(fetched) == 1  # read from the cache now
     obqa = T.load_task("openbookqa")
-    assert obqa[0].context == "A person wants to" and obqa[0].gold == 1 and obqa[0].choices[1] == "quit eating lunch out"
+    assert obqa[0].context == "A person wants to" and obqa[0].gold == 1
+    assert obqa[0].choices[1] == "quit eating lunch out"
 
 
 def test_a_failing_hub_is_one_line(no_user_data, monkeypatch):

@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvexport.android.contract import (
-    FORWARD_INPUTS, KV_STATS_FIELDS, LAYOUT_VERSION, METADATA_METHODS, TOKENIZER_FILES,
+    FORWARD_INPUTS, LAYOUT_VERSION, METADATA_METHODS, TOKENIZER_FILES,
     ContractError, chat_default_system, check_tokenizer, read_program,
 )
+from kvexport.kv import stats as kv_stats
 
 ASSETS_REL = Path("app/src/main/assets")
 
@@ -75,7 +76,7 @@ def build_contract(program_dir) -> tuple[dict, list[str]]:
                for m in METADATA_METHODS},
         },
         "metadata": info.metadata,
-        "kv_stats_fields": list(KV_STATS_FIELDS),
+        "kv_stats_fields": list(kv_stats.FIELDS),
         "tokenizer": {"file": "tokenizer.json", "files": list(TOKENIZER_FILES)},
         "chat": {"format": "chatml", "default_system": default_system},
     }

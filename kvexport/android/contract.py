@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvexport.fsutil import read_json
+from kvexport.kv import stats as kv_stats
 
 LAYOUT_VERSION = 1
 METADATA_METHODS = (
@@ -23,10 +24,6 @@ METADATA_METHODS = (
 )
 FORWARD_INPUTS = (("tokens", "int64"), ("input_pos", "int64"))
 FORWARD_OUTPUTS = (("logits", "float32"), ("kv_stats", "float32"))
-KV_STATS_FIELDS = (
-    "kv_bytes_allocated", "kv_bytes_used", "avg_bits_per_element", "n_tokens_2bit",
-    "n_tokens_4bit", "n_tokens_8bit", "n_tokens_16bit", "n_tokens_cached",
-)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 # ExecuTorch ScalarType codes -> names used in the contract
@@ -143,8 +140,8 @@ def read_program(program_dir) -> ProgramInfo:
         raise ContractError(f"forward input_pos shape {fin[1]['shape']}, app expects [1]")
     if fout[0]["shape"] != [1, V]:
         raise ContractError(f"forward logits shape {fout[0]['shape']}, app expects [1, {V}]")
-    if fout[1]["shape"] != [len(KV_STATS_FIELDS)]:
-        raise ContractError(f"forward kv_stats shape {fout[1]['shape']}, app expects [{len(KV_STATS_FIELDS)}]")
+    if fout[1]["shape"] != [len(kv_stats.FIELDS)]:
+        raise ContractError(f"forward kv_stats shape {fout[1]['shape']}, app expects [{len(kv_stats.FIELDS)}]")
     if metadata["get_layout_version"] != LAYOUT_VERSION:
         raise ContractError(f"program layout version {metadata['get_layout_version']}, app expects {LAYOUT_VERSION}")
     if fin[0]["shape"][1] < metadata["get_max_seq_len"]:

@@ -35,6 +35,7 @@ from kvexport.errors import KvxError
 from kvexport.export.build import copy_tokenizer, tokenizer_entry, versions
 from kvexport.export.program import LAYOUT_VERSION
 from kvexport.export.runtime import StepRunner
+from kvexport.kv import stats as kv_stats
 from kvexport.fsutil import atomic_directory, sha256_file
 from kvexport.models.loader import LoadedModel
 from kvexport.models.weights import INT4_GROUP
@@ -229,17 +230,16 @@ class ExecuTorchLlamaRunner(StepRunner):
         self._per_token = self.manifest["cache"]["kv_bytes_per_token"]
 
     def _execute(self, tokens, input_pos):
-        """kv_stats is synthesized, not measured: [0] allocated = fp32 K+V bytes of the whole cache
-        (2 * n_layers * n_kv_heads * head_dim * 4 * max_context), [1] used = the same per token times
-        the tokens cached after this step, [2] 32.0 bits, [3:7] (our 2/4/8/16-bit classes) 0,
-        [7] tokens cached."""
+        """kv_stats is synthesized, not measured: allocated = fp32 K+V bytes of the whole cache
+        (2 * n_layers * n_kv_heads * head_dim * 4 * max_context), used = the same per token times
+        the tokens cached after this step, 32.0 bits, 0 tokens in our 2/4/8/16-bit classes."""
         logits = self.method.execute([tokens, input_pos])[0]
         if logits.dim() == 3:  # [1, T, V] if exported with --generate_full_logits
             logits = logits[:, -1]
         cached = int(input_pos[0]) + tokens.shape[1]
-        stats = torch.zeros(8, dtype=torch.float32)
-        stats[0] = self._per_token * self.max_context
-        stats[1] = self._per_token * cached
-        stats[2] = 32.0
-        stats[7] = cached
+        stats = torch.zeros(len(kv_stats.FIELDS), dtype=torch.float32)
+        stats[kv_stats.INDEX["kv_bytes_allocated"]] = self._per_token * self.max_context
+        stats[kv_stats.INDEX["kv_bytes_used"]] = self._per_token * cached
+        stats[kv_stats.INDEX["avg_bits"]] = 32.0
+        stats[kv_stats.INDEX["tokens_cached"]] = cached
         return logits, stats

@@ -15,6 +15,7 @@ from pathlib import Path
 from kvexport.errors import KvxError
 from kvexport.fsutil import atomic_directory, read_json, sha256_file
 from kvexport.export.program import LAYOUT_VERSION, StepProgram, metadata_methods
+from kvexport.kv import stats as kv_stats
 from kvexport.kv.policy import CLASSES
 from kvexport.models.loader import LoadedModel
 from kvexport.models.tokenizer import TOKENIZER_FILES
@@ -74,9 +75,8 @@ def _io_signature(step: StepProgram) -> dict:
             ],
             "outputs": [
                 {"name": "logits", "dtype": "float32", "shape": [1, vocab]},
-                {"name": "kv_stats", "dtype": "float32", "shape": [8],
-                 "fields": ["kv_bytes_allocated", "kv_bytes_used", "avg_bits", "tokens_2bit", "tokens_4bit",
-                            "tokens_8bit", "tokens_16bit", "tokens_cached"]},
+                {"name": "kv_stats", "dtype": "float32", "shape": [len(kv_stats.FIELDS)],
+                 "fields": list(kv_stats.FIELDS)},
             ],
         }
     }

@@ -61,7 +61,7 @@ class StandInLM(nn.Module):
         stats = torch.cat([
             torch.full_like(nf, MAX_CTX * bytes_per_tok),  # kv_bytes_allocated
             nf * bytes_per_tok,                            # kv_bytes_used
-            torch.full_like(nf, 16.0),                     # avg_bits_per_element
+            torch.full_like(nf, 16.0),                     # avg_bits
             z, z, z,                                       # 2/4/8-bit tokens
             nf,                                            # 16-bit tokens
             nf,                                            # tokens cached

@@ -28,16 +28,20 @@ data class KvStats(
     )
 
     companion object {
-        const val SIZE = 8
+        /** The kv_stats fields in vector order: kvexport/kv/stats.py FIELDS, which the bundled
+         *  io_contract.json repeats as kv_stats_fields (checked by ProgramContract.parse). */
         val FIELDS = listOf(
-            "kv_bytes_allocated", "kv_bytes_used", "avg_bits_per_element", "n_tokens_2bit",
-            "n_tokens_4bit", "n_tokens_8bit", "n_tokens_16bit", "n_tokens_cached",
+            "kv_bytes_allocated", "kv_bytes_used", "avg_bits", "tokens_2bit",
+            "tokens_4bit", "tokens_8bit", "tokens_16bit", "tokens_cached",
         )
+        val SIZE = FIELDS.size
 
         fun fromArray(a: FloatArray): KvStats {
             require(a.size == SIZE) { "kv_stats must have $SIZE elements, got ${a.size}" }
-            return KvStats(a[0].toDouble(), a[1].toDouble(), a[2].toDouble(), a[3].toLong(), a[4].toLong(),
-                a[5].toLong(), a[6].toLong(), a[7].toLong())
+            fun f(name: String) = a[FIELDS.indexOf(name)]
+            return KvStats(f("kv_bytes_allocated").toDouble(), f("kv_bytes_used").toDouble(), f("avg_bits").toDouble(),
+                f("tokens_2bit").toLong(), f("tokens_4bit").toLong(), f("tokens_8bit").toLong(),
+                f("tokens_16bit").toLong(), f("tokens_cached").toLong())
         }
 
         fun human(b: Double): String = when {

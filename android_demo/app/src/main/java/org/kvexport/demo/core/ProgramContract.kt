@@ -55,6 +55,8 @@ class ProgramContract(
                 eosIds = md["get_eos_ids"].asList("get_eos_ids").map { it.asLong("eos").toInt() }.toSet(),
             )
             if (meta.layoutVersion != LAYOUT_VERSION) fail("get_layout_version is ${meta.layoutVersion}")
+            val statsFields = root["kv_stats_fields"].asList("kv_stats_fields")
+            if (statsFields != KvStats.FIELDS) fail("kv_stats fields $statsFields, this app reads ${KvStats.FIELDS}")
             val chat = root["chat"]?.asMap("chat")
             val tok = root["tokenizer"]?.asMap("tokenizer")
             return ProgramContract(lv, root["program"] as? String ?: fail("program missing"),

@@ -152,6 +152,8 @@ class ContractTest {
                      "get_n_layers": {}, "get_layout_version": {}, "get_eos_ids": {}},
          "metadata": {"get_max_context_len": $maxCtx, "get_max_seq_len": 4, "get_vocab_size": 10, "get_bos_id": 1,
                       "get_n_layers": 2, "get_layout_version": $layout, "get_eos_ids": [2]},
+         "kv_stats_fields": ["kv_bytes_allocated", "kv_bytes_used", "avg_bits", "tokens_2bit", "tokens_4bit",
+                             "tokens_8bit", "tokens_16bit", "tokens_cached"],
          "chat": {"format": "chatml", "default_system": "sys"}, "tokenizer": {"file": "tokenizer.json"}}
         """
     }

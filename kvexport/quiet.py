@@ -7,7 +7,9 @@
 * the log lines of the ``torch``, ``torchao``, ``executorch``, ``transformers`` and
   ``huggingface_hub`` loggers below ERROR (torchao's "Failed to load ..." lines at import, torch's
   pytree notes);
-* Hugging Face progress bars (GGUF conversion, downloads): ``HF_HUB_DISABLE_PROGRESS_BARS=1``.
+* Hugging Face progress bars (GGUF conversion, downloads): ``HF_HUB_DISABLE_PROGRESS_BARS=1``;
+* native log lines written straight to file descriptor 2 inside :func:`native_stderr` blocks
+  (ExecuTorch's ``[cpuinfo_utils.cpp:..]`` lines when a method loads and sets up its threadpool).
 
 Errors still show: the loggers keep ERROR, and nothing of ours goes through them.
 """
@@ -16,14 +18,19 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
+from contextlib import contextmanager
 
 LOGGERS = ("torch", "torchao", "executorch", "transformers", "huggingface_hub")
 NOISY_MODULES = r"(torch|torchao|executorch|transformers|onnx|onnxscript|huggingface_hub)(\.|$)"
+_native_quiet = False  # set by configure()
 
 
 def configure() -> None:
     """Silence third-party noise for the rest of the process (see the module docstring)."""
+    global _native_quiet
+    _native_quiet = True
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -33,3 +40,21 @@ def configure() -> None:
 
     for name in LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextmanager
+def native_stderr():
+    """Drop what native code writes to file descriptor 2 inside the block, once :func:`configure`
+    ran (a no-op otherwise, and so under ``--verbose``)."""
+    if not _native_quiet:
+        yield
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

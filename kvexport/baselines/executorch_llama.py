@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from kvexport import quiet
 from kvexport.errors import KvxError
 from kvexport.export.build import copy_tokenizer, tokenizer_entry, versions
 from kvexport.export.program import LAYOUT_VERSION
@@ -223,7 +224,8 @@ class ExecuTorchLlamaRunner(StepRunner):
         try:
             # From the path (not bytes): the runtime does not keep a bytes program alive.
             self.program = Runtime.get().load_program(self.path)
-            self.method = self.program.load_method("forward")
+            with quiet.native_stderr():  # the threadpool set-up's cpuinfo lines
+                self.method = self.program.load_method("forward")
         except RuntimeError as err:
             raise KvxError(f"ExecuTorch cannot load {self.path} ({str(err).splitlines()[0]}); "
                            "re-export it with 'kvexport baseline'") from None

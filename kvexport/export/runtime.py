@@ -84,13 +84,14 @@ class ExecuTorchRunner(StepRunner):
     def _load(self) -> None:
         from executorch.runtime import Runtime
 
-        from kvexport import ops
+        from kvexport import ops, quiet
 
         try:
             # Load from the path: a program loaded from a bytes object must outlive the method, and
             # the runtime does not keep it alive (a segfault on the next execute otherwise).
             self.program = Runtime.get().load_program(self.path)
-            self.method = self.program.load_method("forward")
+            with quiet.native_stderr():  # the threadpool set-up's cpuinfo lines
+                self.method = self.program.load_method("forward")
         except RuntimeError as err:
             try:
                 ops.raise_if_missing_kernel(err, self.path)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from kvexport import validate
 from kvexport.errors import KvxError
+from kvexport.fsutil import write_text_atomic
 from kvexport.models.registry import DEFAULT_MODEL
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -29,9 +30,11 @@ def add_cache_args(p: argparse.ArgumentParser, default_policy: str | None = "fp1
                         + ("" if default_policy else " (default: learned when a controller is committed, else fp16)"))
     p.add_argument("--kv-window", type=validate.non_negative_int, default=32, help="FP16 recent-window tokens")
     p.add_argument("--kv-sinks", type=validate.non_negative_int, default=4, help="FP16 sink tokens at the start")
-    p.add_argument("--kv-group", type=validate.positive_int, default=None, help="quantization group size (default: head_dim)")
+    p.add_argument("--kv-group", type=validate.positive_int, default=None,
+                   help="quantization group size (default: head_dim)")
     p.add_argument("--kv-rotate", action="store_true", help="Hadamard-rotate keys before quantizing")
-    p.add_argument("--kv-budget-bits", type=validate.positive_float, default=None, help="budget; picks the learned controller")
+    p.add_argument("--kv-budget-bits", type=validate.positive_float, default=None,
+                   help="budget; picks the learned controller")
     p.add_argument("--max-context", type=validate.positive_int, default=2048)
 
 
@@ -103,8 +106,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
         print(f"[stopped: the cache's context of {a.max_context} tokens is full]", file=sys.stderr)
     print(format_kv_stats(stats), file=sys.stderr)
     if a.json:
-        Path(a.json).write_text(json.dumps({"model": loaded.name, "identity": loaded.identity, "policy": a.kv_policy,
-                                            "text": printed, **res, **stats}, indent=1))
+        write_text_atomic(a.json, json.dumps({"model": loaded.name, "identity": loaded.identity, "policy": a.kv_policy,
+                                         "text": printed, **res, **stats}, indent=1))
     return 0
 
 
@@ -173,6 +176,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     tok = Tokenizer(Path(a.program), eos_ids=runner.manifest["metadata"]["get_eos_ids"])
     text = tok.apply_chat_template(a.prompt) if a.chat else a.prompt
     ids = tok.encode(text)
+    if not ids:
+        raise KvxError("the prompt is empty; pass --prompt TEXT")
     if len(ids) >= runner.max_context:
         raise KvxError(f"the prompt has {len(ids)} tokens; the program's context is {runner.max_context}; "
                        "shorten it or rebuild with a larger --max-context")
@@ -214,7 +219,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     result = run_bench([Path(p) for p in a.programs], a.contexts, a.decode_steps, a.threads)
     print(format_table(result))
     if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=1))
+        write_text_atomic(a.json, json.dumps(result, indent=1))
     return 0
 
 
@@ -229,7 +234,8 @@ def cmd_bundle(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = validate.Parser(prog="kvexport", description="SmolLM with an adaptive mixed-precision KV cache, exported for phones.")
+    p = validate.Parser(prog="kvexport",
+                        description="SmolLM with an adaptive mixed-precision KV cache, exported for phones.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("models", help="list model aliases and which are available here")

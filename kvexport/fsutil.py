@@ -85,6 +85,18 @@ def atomic_directory(out_dir: Path, replaceable=lambda path: False):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file through a temporary sibling and a rename: never half-written at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.kvxtmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _default_permissions(root: Path) -> None:
     """Temporary directories and files are created owner-only (0700/0600); give the finished output
     the modes an ordinary ``mkdir``/``open`` would (umask applied)."""

@@ -129,7 +129,8 @@ def export_baseline(loaded: LoadedModel, max_context: int, out_dir: Path, qmode:
                 "target": TARGET, "ops_mode": "export_llama", "weights": qmode or "fp32"}
     replaceable = replaceable_program(json.loads(json.dumps(identity, default=str)), force=False)
     t0 = time.perf_counter()
-    with atomic_directory(out_dir, replaceable) as tmp, tempfile.TemporaryDirectory(prefix="kvexport-etllama-") as ckpt_dir:
+    with atomic_directory(out_dir, replaceable) as tmp, \
+            tempfile.TemporaryDirectory(prefix="kvexport-etllama-") as ckpt_dir:
         # export_llama treats a checkpoint whose *path* contains "int8" or "8da4w" as pre-quantized,
         # so the checkpoint lives outside out_dir (whose name may well say 8da4w).
         ckpt, params = Path(ckpt_dir) / "checkpoint.pth", tmp / "params.json"

@@ -1,10 +1,11 @@
 """The controller: a tiny MLP mapping a token's features to one of the precision classes.
 
-File format (one ``.safetensors`` file, checked at load: shapes, finite values, shares): tensors ``w1 [H, F]``, ``b1 [H]``, ``w2 [C, H]``, ``b2 [C]``,
-``feat_mean [F]``, ``feat_std [F]``, ``class_bias [C]``; the header metadata key ``kvexport`` holds
-a JSON object with at least ``features`` (names, in order), ``classes`` (bit-widths, e.g.
-``[2, 4, 8, 16]``) and ``fractions`` (the class shares measured on calibration text, used to size
-the cache pools), plus whatever training recorded (budget, loss weights, data).
+File format (one ``.safetensors`` file; shapes, finite values and shares are checked at load):
+tensors ``w1 [H, F]``, ``b1 [H]``, ``w2 [C, H]``, ``b2 [C]``, ``feat_mean [F]``, ``feat_std [F]``,
+``class_bias [C]``; the header metadata key ``kvexport`` holds a JSON object with at least
+``features`` (names, in order), ``classes`` (bit-widths, e.g. ``[2, 4, 8, 16]``) and ``fractions``
+(the class shares measured on calibration text, used to size the cache pools), plus whatever
+training recorded (budget, loss weights, data).
 The decision is ``argmax(w2 @ tanh(w1 @ ((x - mean) / std) + b1) + b2 + class_bias)``.
 """
 

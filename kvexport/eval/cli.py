@@ -83,7 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             action.help = ("policies to compare, comma-separated (or ';'-separated): fp32, fp16, static-2|4|8, random:B, "
                            f"random:f2,f4,f8,f16, rule, learned[:FILE] (default {DEFAULT_POLICIES})")
     p.add_argument("--tasks", default=",".join(MC_TASKS), help=f"comma-separated: {', '.join(ALL_TASKS)}, or all")
-    p.add_argument("--limit", type=validate.positive_int, default=None, help="first N items per task (N windows for wikitext)")
+    p.add_argument("--limit", type=validate.positive_int, default=None,
+                   help="first N items per task (N windows for wikitext)")
     p.add_argument("--sample", type=validate.positive_int, default=None,
                    help="a fixed random sample of N items per multiple-choice task (drawn with --seed), instead of the first N")
     p.add_argument("--weights", default="fp32", choices=TORCHAO_FORMATS,
@@ -93,8 +94,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="reference", help=f"scorer backend: {', '.join(BACKENDS)} (executorch|onnx score --program beside the reference)")
     p.add_argument("--prefill-chunk", type=validate.positive_int, default=None,
                    help="tokens per step when feeding contexts (default: the window; 1 when --kv-window 0)")
-    p.add_argument("--ppl-window", type=validate.positive_int, default=512, help="WikiText window in tokens (each from an empty cache)")
-    p.add_argument("--out", default=DEFAULT_OUT, type=validate.output_dir, help="results folder (items.jsonl, summary.json, table.md, acc_vs_bits.png)")
+    p.add_argument("--ppl-window", type=validate.positive_int, default=512,
+                   help="WikiText window in tokens (each from an empty cache)")
+    p.add_argument("--out", default=DEFAULT_OUT, type=validate.output_dir,
+                   help="results folder (items.jsonl, summary.json, table.md, acc_vs_bits.png)")
     p.add_argument("--data-dir", default=str(default_data_dir()), help="folder with the benchmark copies")
     p.add_argument("--n-boot", type=validate.positive_int, default=10_000, help="bootstrap resamples for the CIs")
     p.add_argument("--threads", type=validate.positive_int, default=None, help="torch CPU threads (default: torch's)")

@@ -231,7 +231,8 @@ def _check_manifest_shape(manifest, path: Path) -> None:
             value = value.get(part) if isinstance(value, dict) else None
         if not isinstance(value, kind) or isinstance(value, bool):
             fail(f"'{key}' is missing or not a {kind.__name__}")
-    for table, files in (("program_files", manifest["program_files"]), ("tokenizer.sha256", manifest["tokenizer"]["sha256"])):
+    tables = (("program_files", manifest["program_files"]), ("tokenizer.sha256", manifest["tokenizer"]["sha256"]))
+    for table, files in tables:
         if not all(isinstance(n, str) and Path(n).name == n and isinstance(h, str) for n, h in files.items()):
             fail(f"'{table}' must map plain file names to SHA-256 strings")
     if manifest["program"] not in manifest["program_files"]:

@@ -1,17 +1,20 @@
 """``kvexport`` command line. Each command is a small function; errors users can fix are one line
-on stderr and exit code 2 (:class:`KvxError`), Ctrl-C exits 130 without a traceback. Third-party
-warnings and log lines are silenced (:mod:`kvexport.quiet`) unless ``--verbose`` is given."""
+on stderr and exit code 2 (:class:`KvxError`, and bad option values at parse time: :mod:`kvexport.validate`),
+Ctrl-C exits 130 and SIGTERM 143 without a traceback, after the same cleanup (temporary output removed).
+Third-party warnings and log lines are silenced (:mod:`kvexport.quiet`) unless ``--verbose`` is given."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
+from kvexport import validate
 from kvexport.errors import KvxError
+from kvexport.fsutil import write_text_atomic
 from kvexport.options import add_cache_args, add_data_args, add_model_args, cache_options, load_model
-
 
 
 def cmd_models(a: argparse.Namespace) -> int:
@@ -69,8 +72,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
         print(f"[stopped: the cache's context of {a.max_context} tokens is full]", file=sys.stderr)
     print(format_kv_stats(stats), file=sys.stderr)
     if a.json:
-        Path(a.json).write_text(json.dumps({"model": loaded.name, "identity": loaded.identity, "policy": a.kv_policy,
-                                            "text": printed, **res, **stats}, indent=1))
+        write_text_atomic(a.json, json.dumps({"model": loaded.name, "identity": loaded.identity, "policy": a.kv_policy,
+                                         "text": printed, **res, **stats}, indent=1))
     return 0
 
 
@@ -99,14 +102,16 @@ def cmd_build(a: argparse.Namespace) -> int:
 
     loaded = load_model(a)
     if a.kv_policy is None:  # default: the learned policy when a controller is committed for the model
-        a.kv_policy = "learned" if default_controller_path(loaded.name, a.kv_budget_bits).is_file() else "fp16"
+        chosen = a.kv_budget_bits is not None or default_controller_path(loaded.name, None).is_file()
+        a.kv_policy = "learned" if chosen else "fp16"  # a budget asks for its controller: missing is an error
     opts = cache_options(a)
     weights = a.weights or DEFAULT_WEIGHTS.get(a.target, "fp32")
     a.ops = a.ops or ("fused" if a.target in ("onnx", "ort") else "portable")
     name = a.name or default_name(loaded, opts, a.target, a.ops, weights)
     out = Path(a.out) / name
     extra = {"ort_version": a.ort_version} if a.ort_version else {}
-    path = build(loaded, opts, a.target, a.ops, weights, out, log=lambda m: print(m, file=sys.stderr), **extra)
+    path = build(loaded, opts, a.target, a.ops, weights, out, log=lambda m: print(m, file=sys.stderr), force=a.force,
+                 **extra)
     manifest = json.loads((path / "manifest.json").read_text())
     print(f"wrote {path} ({(path / manifest['program']).stat().st_size / 1e6:.1f} MB program, "
           f"{manifest['cache']['kv_bytes_allocated'] / 1024:.0f} KiB KV state, built in {manifest['build_seconds']} s)")
@@ -139,6 +144,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     tok = Tokenizer(Path(a.program), eos_ids=runner.manifest["metadata"]["get_eos_ids"])
     text = tok.apply_chat_template(a.prompt) if a.chat else a.prompt
     ids = tok.encode(text)
+    if not ids:
+        raise KvxError("the prompt is empty; pass --prompt TEXT")
     if len(ids) >= runner.max_context:
         raise KvxError(f"the prompt has {len(ids)} tokens; the program's context is {runner.max_context}; "
                        "shorten it or rebuild with a larger --max-context")
@@ -177,11 +184,10 @@ def cmd_parity(a: argparse.Namespace) -> int:
 def cmd_bench(a: argparse.Namespace) -> int:
     from kvexport.bench import format_table, run_bench
 
-    contexts = [int(c) for c in a.contexts.split(",")]
-    result = run_bench([Path(p) for p in a.programs], contexts, a.decode_steps, a.threads)
+    result = run_bench([Path(p) for p in a.programs], a.contexts, a.decode_steps, a.threads)
     print(format_table(result))
     if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=1))
+        write_text_atomic(a.json, json.dumps(result, indent=1))
     return 0
 
 
@@ -196,7 +202,8 @@ def cmd_bundle(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvexport", description="SmolLM with an adaptive mixed-precision KV cache, exported for phones.")
+    p = validate.Parser(prog="kvexport",
+                        description="SmolLM with an adaptive mixed-precision KV cache, exported for phones.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("models", help="list model aliases and which are available here")
@@ -207,16 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(s)
     add_cache_args(s)
     s.add_argument("--prompt", required=True)
-    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--max-new-tokens", type=validate.positive_int, default=64)
     s.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    s.add_argument("--json", default=None, help="also write the result to this JSON file")
+    s.add_argument("--json", default=None, type=validate.output_file, help="also write the result to this JSON file")
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("count-tokens", help="build the token-count table (rarity feature) for a model")
     add_model_args(s)
     s.add_argument("--corpus", default=None, help="WikiText raw file (default: WikiText-2 test from the data folder)")
     add_data_args(s)
-    s.add_argument("--out", default=None)
+    s.add_argument("--out", default=None, type=validate.output_file)
     s.set_defaults(func=cmd_count_tokens)
 
     s = sub.add_parser("build", help="export the decode step with its KV cache to a program")
@@ -230,39 +237,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="executorch: fp32, 8da8w, 8da4w; onnx/ort: fp32, int8, int4 (default: per target, see README)")
     s.add_argument("--ort-version", default=None,
                    help="ort/onnx: oldest ONNX Runtime the app ships; warn when the program needs a newer one")
-    s.add_argument("--out", default="graphs")
-    s.add_argument("--name", default=None, help="directory name under --out (default: derived from the options)")
+    s.add_argument("--out", default="graphs", type=validate.output_dir)
+    s.add_argument("--name", default=None, type=validate.program_name,
+                   help="directory name under --out (default: derived from the options)")
+    s.add_argument("--force", action="store_true",
+                   help="replace an existing program of that name that was built with other options")
     s.set_defaults(func=cmd_build)
 
     s = sub.add_parser("baseline", help="export the same weights with ExecuTorch's own llama export (for bench)")
     add_model_args(s)
     s.add_argument("--target", default="executorch-llama", help="executorch-llama (export_llama, XNNPACK, fp32 KV cache)")
-    s.add_argument("--max-context", type=int, default=2048)
+    s.add_argument("--max-context", type=validate.positive_int, default=2048)
     s.add_argument("--qmode", default=None, help="8da4w (export_llama -qmode, group 32); default fp32 weights")
-    s.add_argument("--out", default="graphs")
-    s.add_argument("--name", default=None, help="directory name under --out (default: derived from the options)")
+    s.add_argument("--out", default="graphs", type=validate.output_dir)
+    s.add_argument("--name", default=None, type=validate.program_name,
+                   help="directory name under --out (default: derived from the options)")
     s.set_defaults(func=cmd_baseline)
 
     s = sub.add_parser("run", help="generate with a built program (ExecuTorch runtime)")
     s.add_argument("program", help="graphs/<name>")
     s.add_argument("--prompt", required=True)
-    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--max-new-tokens", type=validate.positive_int, default=64)
     s.add_argument("--chat", action="store_true")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("parity", help="compare a built program with the PyTorch reference, step by step")
     s.add_argument("program", help="graphs/<name>")
     s.add_argument("--prompt", default=None)
-    s.add_argument("--steps", type=int, default=64)
+    s.add_argument("--steps", type=validate.positive_int, default=64)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_parity)
 
     s = sub.add_parser("bench", help="decode ms/token and prefill tok/s of programs (first = baseline)")
     s.add_argument("programs", nargs="+", help="graphs/<name> ... (the first is the baseline)")
-    s.add_argument("--contexts", default="128,512", help="comma-separated context lengths")
-    s.add_argument("--decode-steps", type=int, default=16)
-    s.add_argument("--threads", type=int, default=None)
-    s.add_argument("--json", default=None, help="write the results to this JSON file")
+    s.add_argument("--contexts", default="128,512", type=validate.int_list, help="comma-separated context lengths")
+    s.add_argument("--decode-steps", type=validate.positive_int, default=16)
+    s.add_argument("--threads", type=validate.positive_int, default=None)
+    s.add_argument("--json", default=None, type=validate.output_file, help="write the results to this JSON file")
     s.set_defaults(func=cmd_bench)
 
     from kvexport.controller import calibrate
@@ -288,20 +299,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, CI, ``kill``), raised like Ctrl-C so every cleanup path runs."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.verbose:
         from kvexport import quiet
 
         quiet.configure()
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except KvxError as err:
         print(f"kvexport: error: {err}", file=sys.stderr)
         return err.exit_code
+    except Terminated:
+        print("\nkvexport: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("\nkvexport: interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from kvexport import validate
 from kvexport.models.registry import DEFAULT_MODEL
 
 POLICY_GRAMMAR = "fp32, fp16, static-2|4|8, random:B, random:f2,f4,f8,f16, rule, learned[:FILE]"
@@ -17,21 +18,24 @@ POLICY_GRAMMAR = "fp32, fp16, static-2|4|8, random:B, random:f2,f4,f8,f16, rule,
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias (see 'kvexport models'), HF directory or .gguf file")
     p.add_argument("--random-weights", action="store_true", help="the alias's architecture with seeded random weights")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=validate.non_negative_int, default=0)
 
 
 def add_cache_args(p: argparse.ArgumentParser, default_policy: str | None = "fp16",
-                   policy_help: str | None = None) -> None:
-    """The ``--kv-*`` options and ``--max-context``; ``policy_help`` replaces the ``--kv-policy`` help."""
-    p.add_argument("--kv-policy", default=default_policy,
+                   policy_help: str | None = None, policy_type=validate.policy) -> None:
+    """The ``--kv-*`` options and ``--max-context``; ``policy_help`` replaces the ``--kv-policy`` help,
+    ``policy_type`` its parse-time check (``None`` where the command parses a list itself)."""
+    p.add_argument("--kv-policy", default=default_policy, type=policy_type,
                    help=policy_help or POLICY_GRAMMAR
                    + ("" if default_policy else " (default: learned when a controller is committed, else fp16)"))
-    p.add_argument("--kv-window", type=int, default=32, help="FP16 recent-window tokens")
-    p.add_argument("--kv-sinks", type=int, default=4, help="FP16 sink tokens at the start")
-    p.add_argument("--kv-group", type=int, default=None, help="quantization group size (default: head_dim)")
+    p.add_argument("--kv-window", type=validate.non_negative_int, default=32, help="FP16 recent-window tokens")
+    p.add_argument("--kv-sinks", type=validate.non_negative_int, default=4, help="FP16 sink tokens at the start")
+    p.add_argument("--kv-group", type=validate.positive_int, default=None,
+                   help="quantization group size (default: head_dim)")
     p.add_argument("--kv-rotate", action="store_true", help="Hadamard-rotate keys before quantizing")
-    p.add_argument("--kv-budget-bits", type=float, default=None, help="budget; picks the learned controller")
-    p.add_argument("--max-context", type=int, default=2048)
+    p.add_argument("--kv-budget-bits", type=validate.positive_float, default=None,
+                   help="budget; picks the learned controller")
+    p.add_argument("--max-context", type=validate.positive_int, default=2048)
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

@@ -53,7 +53,8 @@ def rarity_table(model_name: str, vocab_size: int) -> torch.Tensor | None:
 
 def default_controller_path(model_name: str, budget_bits: float | None) -> Path:
     """The committed controller for a model and budget: ``calibration/<model>/controller-<B>.safetensors``."""
-    return _model_calibration_dir(model_name) / f"controller-{budget_bits or DEFAULT_BUDGET_BITS:g}.safetensors"
+    budget = DEFAULT_BUDGET_BITS if budget_bits is None else budget_bits
+    return _model_calibration_dir(model_name) / f"controller-{budget:g}.safetensors"
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvexport.errors import KvxError
 from kvexport.fsutil import read_json
 from kvexport.kv import stats as kv_stats
 
@@ -90,10 +91,20 @@ def read_program(program_dir) -> ProgramInfo:
     program_dir = Path(program_dir)
     manifest = read_json(program_dir / "manifest.json", f"{program_dir}: no manifest.json",
                          "{path}: invalid JSON ({reason})", ContractError)
+    if not isinstance(manifest, dict):
+        raise ContractError(f"{program_dir / 'manifest.json'}: not a JSON object")
     pte = find_pte(program_dir, manifest)
     for f in TOKENIZER_FILES:
         if not (program_dir / f).is_file():
             raise ContractError(f"{program_dir}: tokenizer file {f} missing")
+    from kvexport.export.build import verify_hashes
+    from kvexport.export.executorch import check_pte_header
+
+    try:  # the runtime aborts the process on some corrupt programs: hashes and header first
+        verify_hashes(program_dir, manifest)
+        check_pte_header(pte)
+    except KvxError as err:
+        raise ContractError(str(err)) from None
 
     from executorch.runtime import Runtime  # heavy import, only when needed
     try:

@@ -33,9 +33,9 @@ import torch
 
 from kvexport import quiet
 from kvexport.errors import KvxError
-from kvexport.export.build import copy_tokenizer, tokenizer_entry, versions
+from kvexport.export.build import copy_tokenizer, replaceable_program, tokenizer_entry, versions
 from kvexport.export.program import LAYOUT_VERSION
-from kvexport.export.runtime import StepRunner
+from kvexport.export.runtime import StepRunner, program_constants
 from kvexport.kv import stats as kv_stats
 from kvexport.fsutil import atomic_directory, sha256_file
 from kvexport.models.loader import LoadedModel
@@ -113,25 +113,6 @@ def export_command(checkpoint: Path, params: Path, work_dir: Path, max_context: 
     return cmd
 
 
-def program_constants(pte: Path) -> dict:
-    """The program's constant methods (``get_eos_ids``, ``get_max_seq_len``, ...) as JSON values."""
-    from executorch.runtime import Runtime
-
-    prog = Runtime.get().load_program(pte)
-    out = {}
-    for name in sorted(prog.method_names):
-        if name == "forward":
-            continue
-        vals = []
-        for v in prog.load_method(name).execute([]):
-            if isinstance(v, torch.Tensor):
-                vals.extend(v.flatten().tolist())
-            else:
-                vals.append(v)
-        out[name] = vals if name == "get_eos_ids" or len(vals) != 1 else vals[0]
-    return out
-
-
 def export_baseline(loaded: LoadedModel, max_context: int, out_dir: Path, qmode: str | None = None,
                     log=print, max_chunk: int | None = None) -> Path:
     """Export ``loaded`` with export_llama into ``out_dir`` (atomic); returns ``out_dir``.
@@ -146,8 +127,12 @@ def export_baseline(loaded: LoadedModel, max_context: int, out_dir: Path, qmode:
         raise KvxError(f"need max_context >= 2 and 1 <= max_chunk < max_context (got {max_context}, {max_chunk})")
     tok = loaded.tokenizer
     out_dir = Path(out_dir).resolve()  # export_llama runs with cwd in the temporary directory
+    identity = {"model": [loaded.name, loaded.identity], "cache_options": None, "max_context": max_context,
+                "target": TARGET, "ops_mode": "export_llama", "weights": qmode or "fp32"}
+    replaceable = replaceable_program(json.loads(json.dumps(identity, default=str)), force=False)
     t0 = time.perf_counter()
-    with atomic_directory(out_dir) as tmp, tempfile.TemporaryDirectory(prefix="kvexport-etllama-") as ckpt_dir:
+    with atomic_directory(out_dir, replaceable) as tmp, \
+            tempfile.TemporaryDirectory(prefix="kvexport-etllama-") as ckpt_dir:
         # export_llama treats a checkpoint whose *path* contains "int8" or "8da4w" as pre-quantized,
         # so the checkpoint lives outside out_dir (whose name may well say 8da4w).
         ckpt, params = Path(ckpt_dir) / "checkpoint.pth", tmp / "params.json"
@@ -172,7 +157,9 @@ def export_baseline(loaded: LoadedModel, max_context: int, out_dir: Path, qmode:
             lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
             last = lines[-1].strip() if lines else "no output"
             raise KvxError(f"export_llama failed (exit {rc}): {last[:200]}; full log in {kept}")
-        constants = program_constants(pte)
+        from executorch.runtime import Runtime
+
+        constants = program_constants(Runtime.get().load_program(pte))
         if "get_eos_ids" not in constants:
             constants["get_eos_ids"] = list(tok.eos_ids)
         copy_tokenizer(tok, tmp)
@@ -217,6 +204,9 @@ class ExecuTorchLlamaRunner(StepRunner):
     def _load(self) -> None:
         from executorch.runtime import Runtime
 
+        from kvexport.export.executorch import check_pte_header
+
+        check_pte_header(self.path)
         try:
             import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama:: kernels)
         except Exception:  # the runtime may already carry them; load_method says if not
@@ -230,6 +220,9 @@ class ExecuTorchLlamaRunner(StepRunner):
             raise KvxError(f"ExecuTorch cannot load {self.path} ({str(err).splitlines()[0]}); "
                            "re-export it with 'kvexport baseline'") from None
         self._per_token = self.manifest["cache"]["kv_bytes_per_token"]
+
+    def _metadata(self) -> dict:
+        return program_constants(self.program)
 
     def _execute(self, tokens, input_pos):
         """kv_stats is synthesized, not measured: allocated = fp32 K+V bytes of the whole cache

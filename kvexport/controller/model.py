@@ -1,10 +1,11 @@
 """The controller: a tiny MLP mapping a token's features to one of the precision classes.
 
-File format (one ``.safetensors`` file): tensors ``w1 [H, F]``, ``b1 [H]``, ``w2 [C, H]``, ``b2 [C]``,
-``feat_mean [F]``, ``feat_std [F]``, ``class_bias [C]``; the header metadata key ``kvexport`` holds
-a JSON object with at least ``features`` (names, in order), ``classes`` (bit-widths, e.g.
-``[2, 4, 8, 16]``) and ``fractions`` (the class shares measured on calibration text, used to size
-the cache pools), plus whatever training recorded (budget, loss weights, data).
+File format (one ``.safetensors`` file; shapes, finite values and shares are checked at load):
+tensors ``w1 [H, F]``, ``b1 [H]``, ``w2 [C, H]``, ``b2 [C]``, ``feat_mean [F]``, ``feat_std [F]``,
+``class_bias [C]``; the header metadata key ``kvexport`` holds a JSON object with at least
+``features`` (names, in order), ``classes`` (bit-widths, e.g. ``[2, 4, 8, 16]``) and ``fractions``
+(the class shares measured on calibration text, used to size the cache pools), plus whatever
+training recorded (budget, loss weights, data).
 The decision is ``argmax(w2 @ tanh(w1 @ ((x - mean) / std) + b1) + b2 + class_bias)``.
 """
 
@@ -66,10 +67,25 @@ class Controller(nn.Module):
         except Exception as err:  # safetensors raises several types for corrupt or foreign files
             raise ValueError(f"{path} is not a kvexport controller file ({type(err).__name__}: {err})") from None
         for key in ("features", "classes", "fractions"):
-            if key not in meta:
-                raise ValueError(f"{path}: controller metadata lacks '{key}'")
-        hidden, n_features = tensors["w1"].shape
-        ctrl = cls(n_features, hidden, tensors["w2"].shape[0], meta)
+            if not isinstance(meta, dict) or not isinstance(meta.get(key), list):
+                raise ValueError(f"{path}: controller metadata lacks the list '{key}'")
+        n_features, n_classes = len(meta["features"]), len(meta["classes"])
+        hidden = tensors["w1"].shape[0] if tensors["w1"].dim() == 2 else 0
+        shapes = {"w1": (hidden, n_features), "b1": (hidden,), "w2": (n_classes, hidden), "b2": (n_classes,),
+                  "feat_mean": (n_features,), "feat_std": (n_features,), "class_bias": (n_classes,)}
+        for name, shape in shapes.items():
+            if tuple(tensors[name].shape) != shape or not tensors[name].is_floating_point():
+                raise ValueError(f"{path}: controller tensor {name} is {tensors[name].dtype} "
+                                 f"{list(tensors[name].shape)}, expected float {list(shape)}")
+            if not torch.isfinite(tensors[name]).all():
+                raise ValueError(f"{path}: controller tensor {name} has non-finite values")
+        if not (tensors["feat_std"] > 0).all():
+            raise ValueError(f"{path}: controller feat_std must be positive")
+        fractions = meta["fractions"]
+        if len(fractions) != n_classes or not all(isinstance(f, (int, float)) and 0 <= f <= 1 for f in fractions) \
+                or abs(sum(fractions) - 1) > 1e-3:
+            raise ValueError(f"{path}: controller fractions {fractions} are not {n_classes} shares summing to 1")
+        ctrl = cls(n_features, hidden, n_classes, meta)
         with torch.no_grad():
             for name in TENSORS:
                 getattr(ctrl, name).copy_(tensors[name])

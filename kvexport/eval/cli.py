@@ -20,6 +20,7 @@ import re
 import sys
 from pathlib import Path
 
+from kvexport import validate
 from kvexport.errors import KvxError
 from kvexport.eval.tasks import ALL_TASKS, MC_TASKS
 from kvexport.options import POLICY_GRAMMAR, add_cache_args, add_data_args, add_model_args
@@ -74,31 +75,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from kvexport.models.weights import TORCHAO_FORMATS
 
     add_model_args(p)
-    add_cache_args(p, default_policy=DEFAULT_POLICIES, policy_help="policies to compare, comma-separated (or "
-                   f"';'-separated): {POLICY_GRAMMAR} (default {DEFAULT_POLICIES})")
+    # a list: split_policies parses each spec before the model loads
+    add_cache_args(p, default_policy=DEFAULT_POLICIES, policy_type=None, policy_help="policies to compare, "
+                   f"comma-separated (or ';'-separated): {POLICY_GRAMMAR} (default {DEFAULT_POLICIES})")
     p.add_argument("--tasks", default=",".join(MC_TASKS), help=f"comma-separated: {', '.join(ALL_TASKS)}, or all")
-    p.add_argument("--limit", type=int, default=None, help="first N items per task (N windows for wikitext)")
-    p.add_argument("--sample", type=int, default=None,
+    p.add_argument("--limit", type=validate.positive_int, default=None,
+                   help="first N items per task (N windows for wikitext)")
+    p.add_argument("--sample", type=validate.positive_int, default=None,
                    help="a fixed random sample of N items per multiple-choice task (drawn with --seed), instead of the first N")
     p.add_argument("--weights", default="fp32", choices=TORCHAO_FORMATS,
                    help="linear-layer format of the reference model (as kvexport build --target executorch)")
     p.add_argument("--program", default=None,
                    help="with --backend executorch|onnx: graphs/<name>; scored beside the reference with its policy")
     p.add_argument("--backend", default="reference", help=f"scorer backend: {', '.join(BACKENDS)} (executorch|onnx score --program beside the reference)")
-    p.add_argument("--prefill-chunk", type=int, default=None,
+    p.add_argument("--prefill-chunk", type=validate.positive_int, default=None,
                    help="tokens per step when feeding contexts (default: the window; 1 when --kv-window 0)")
-    p.add_argument("--ppl-window", type=int, default=512, help="WikiText window in tokens (each from an empty cache)")
-    p.add_argument("--out", default=DEFAULT_OUT, help="results folder (items.jsonl, summary.json, table.md, acc_vs_bits.png)")
+    p.add_argument("--ppl-window", type=validate.positive_int, default=512,
+                   help="WikiText window in tokens (each from an empty cache)")
+    p.add_argument("--out", default=DEFAULT_OUT, type=validate.output_dir,
+                   help="results folder (items.jsonl, summary.json, table.md, acc_vs_bits.png)")
     add_data_args(p)
-    p.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples for the CIs")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--batch-items", type=int, default=16,
+    p.add_argument("--n-boot", type=validate.positive_int, default=10_000, help="bootstrap resamples for the CIs")
+    p.add_argument("--threads", type=validate.positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--batch-items", type=validate.positive_int, default=16,
                    help="reference backend: items per packed batch (same scores as the cache path, faster; 1 = cache path)")
     p.add_argument("--device", default="cpu", help="reference backend: where packed batches run (cpu, cuda)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--report-only", action="store_true",
                    help="score nothing: write summary/table/plot from the records already there")
-    p.add_argument("--records", default=None,
+    p.add_argument("--records", default=None, type=validate.output_file,
                    help="records file (default: OUT/items.jsonl; a .gz is read, not appended to: use with --report-only)")
 
 
@@ -141,14 +146,8 @@ def run(args: argparse.Namespace) -> int:
     policies = split_policies(args.kv_policy)
     tasks = split_tasks(args.tasks)
     check_backend(args.backend, args.program)
-    if args.limit is not None and args.limit < 1:
-        raise KvxError(f"--limit must be positive, got {args.limit}")
-    if args.sample is not None and (args.sample < 1 or args.limit is not None):
+    if args.sample is not None and args.limit is not None:
         raise KvxError("--sample takes a positive N and replaces --limit; give one of them")
-    if args.prefill_chunk is not None and args.prefill_chunk < 1:
-        raise KvxError(f"--prefill-chunk must be positive, got {args.prefill_chunk}")
-    if args.batch_items < 1:
-        raise KvxError(f"--batch-items must be positive, got {args.batch_items}")
     if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
         raise KvxError(f"--device {args.device} is not available here; use --device cpu")
     if args.threads:

@@ -5,7 +5,8 @@ its numbers (model identity, policy, cache options, prefill chunk, backend, prom
 versions), ``task`` and ``idx``. A rerun skips every (key, task, idx) already in the file; records
 of other configurations in the same file are kept and ignored. A line cut short by a kill is
 skipped on load and the next append starts on a fresh line. A ``.gz`` file (committed results) is
-read only.
+read only. A file that is not UTF-8 text (or not gzip, for ``.gz``) is a :class:`KvxError`: nothing
+is appended to it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import gzip
 import hashlib
 import json
 from pathlib import Path
+
+from kvexport.errors import KvxError
 
 
 def config_key(config: dict) -> str:
@@ -30,17 +33,24 @@ class RecordStore:
         self.records: dict[tuple[str, str, int], dict] = {}
         self.bad_lines = 0
         if self.path.is_file():
-            opener = gzip.open if self.path.suffix == ".gz" else open
-            with opener(self.path, "rt", encoding="utf-8") as f:
-                for line in f:
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                        self.records[(rec["key"], rec["task"], int(rec["idx"]))] = rec
-                    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                        self.bad_lines += 1
+            try:
+                self._read()
+            except (UnicodeDecodeError, EOFError, OSError) as err:  # gzip.BadGzipFile is an OSError
+                raise KvxError(f"{self.path} is not a records file ({type(err).__name__}); move it away or "
+                               "pass another --records / --out") from None
         self._fh = None
+
+    def _read(self) -> None:
+        opener = gzip.open if self.path.suffix == ".gz" else open
+        with opener(self.path, "rt", encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    self.records[(rec["key"], rec["task"], int(rec["idx"]))] = rec
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                    self.bad_lines += 1
 
     def has(self, key: str, task: str, idx: int) -> bool:
         return (key, task, idx) in self.records

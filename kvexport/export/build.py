@@ -1,19 +1,27 @@
 """``kvexport build``: load -> transform -> export -> lower -> serialize, into ``graphs/<name>/``.
 
 The output directory holds the program, ``manifest.json`` and the tokenizer files. It is written
-to a temporary sibling directory and renamed only when complete.
+to a temporary sibling directory and renamed only when complete. An existing directory there is
+replaced only when it is a kvexport program built from the same model and options (a rebuild), or
+with ``force`` when it is a kvexport program built otherwise; anything else is refused before the
+model is touched. Default names (:func:`default_name`) encode every option that changes the program.
+
+:func:`read_manifest` is the load-time check every command runs on a program directory: the
+manifest's shape (an object with the keys and types the runners read, known cache options), the
+SHA-256 of every program file and every tokenizer file it records.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 from kvexport.errors import KvxError
-from kvexport.fsutil import atomic_directory, read_json, sha256_file
+from kvexport.fsutil import atomic_directory, check_replaceable, read_json, sha256_file
 from kvexport.export.program import LAYOUT_VERSION, StepProgram, metadata_methods
 from kvexport.kv import stats as kv_stats
 from kvexport.kv.policy import CLASSES
@@ -51,8 +59,45 @@ def tokenizer_entry(tokenizer) -> dict:
 
 
 def default_name(loaded: LoadedModel, opts: CacheOptions, target: str, ops: str, weights: str) -> str:
-    policy = opts.policy.replace(":", "-").replace(",", "_").replace("/", "_").replace(".", "p")
-    return f"{loaded.name}-{policy}-ctx{opts.max_context}-{weights}-{ops}-{target}"
+    """``<model>-<policy>[-b<budget>]-w<window>-s<sinks>-g<group>[-rot]-seed<seed>-ctx<N>-<weights>-<ops>-<target>``:
+    every option that changes the program (budget only where it picks the controller)."""
+    policy = re.sub(r"[^A-Za-z0-9_+=-]", "_", opts.policy.replace(":", "-").replace(",", "_").replace(".", "p"))
+    default = CacheOptions()
+    budget = f"-b{opts.budget_bits:g}".replace(".", "p") if opts.policy == "learned" and opts.budget_bits else ""
+    return (f"{loaded.name}-{policy}{budget}-w{opts.window}-s{opts.sinks}-g{opts.group or loaded.args.head_dim}"
+            f"{'-rot' if opts.rotate_keys else ''}{f'-seed{opts.seed}' if opts.seed != default.seed else ''}"
+            f"-ctx{opts.max_context}-{weights}-{ops}-{target}")
+
+
+def build_identity(manifest: dict) -> dict:
+    """What decides a program: model, cache options, target, ops mode, weights."""
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    cache = manifest.get("cache") if isinstance(manifest.get("cache"), dict) else {}
+    return {"model": [model.get("name"), model.get("identity")], "cache_options": manifest.get("cache_options"),
+            "max_context": cache.get("max_context"), **{k: manifest.get(k) for k in ("target", "ops_mode", "weights")}}
+
+
+def existing_program(path: Path) -> dict | None:
+    """The manifest of ``path`` when it is a kvexport program directory (by its manifest), else None."""
+    try:
+        manifest = json.loads((Path(path) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == "kvexport-program" else None
+
+
+def replaceable_program(identity: dict, force: bool):
+    """``replaceable(path)`` for :func:`~kvexport.fsutil.atomic_directory`: a kvexport program built
+    with ``identity`` (a rebuild), or any kvexport program with ``force``."""
+    def replaceable(path: Path) -> bool:
+        manifest = existing_program(path)
+        if manifest is None:
+            return False
+        if not force and build_identity(manifest) != identity:
+            raise KvxError(f"{path} holds a program built with other options; choose another --name, "
+                           "or pass --force to replace it")
+        return True
+    return replaceable
 
 
 def versions() -> dict:
@@ -120,8 +165,9 @@ def _class_bits(cache) -> list[float]:
 
 
 def build(loaded: LoadedModel, opts: CacheOptions, target: str, ops: str, weights: str, out_dir: Path,
-          log=print, **target_options) -> Path:
-    """Build one program directory; returns its path. :class:`KvxError` on bad options.
+          log=print, force: bool = False, **target_options) -> Path:
+    """Build one program directory; returns its path. :class:`KvxError` on bad options or an
+    ``out_dir`` it may not replace (see the module docstring; ``force``).
 
     ``target_options`` go to the target's writer (e.g. ``ort_version`` for ort)."""
     if target not in TARGETS:
@@ -132,14 +178,18 @@ def build(loaded: LoadedModel, opts: CacheOptions, target: str, ops: str, weight
         raise KvxError(f"weights '{weights}' not supported for {target}; "
                        f"choose one of {', '.join(WEIGHT_FORMATS[target])}")
     writer = target_writer(target)
+    out_dir = Path(out_dir)
+    identity = {"model": [loaded.name, loaded.identity], "cache_options": opts.to_dict(),
+                "max_context": opts.max_context, "target": target, "ops_mode": ops, "weights": weights}
+    replaceable = replaceable_program(json.loads(json.dumps(identity, default=str)), force)
+    check_replaceable(out_dir, replaceable)
 
     t0 = time.perf_counter()
     model = loaded.build()
     cache = build_cache(loaded, opts, trim=False, fused_ops=ops == "fused")
     step = StepProgram(model, cache).eval()
     meta = metadata_methods(step, loaded.tokenizer.bos_id, loaded.tokenizer.eos_ids)
-    out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, replaceable) as tmp:
         written = writer(step, tmp, target=target, ops=ops, weights=weights, metadata=meta, log=log,
                          **target_options)
         copy_tokenizer(loaded.tokenizer, tmp)
@@ -159,21 +209,70 @@ def target_writer(target: str):
     return write_program
 
 
+# Keys (dotted paths) every manifest has, with their types: what the runners and commands read.
+MANIFEST_KEYS = {
+    "target": str, "program": str, "program_files": dict, "ops_mode": str, "weights": str, "model": dict,
+    "model.name": str, "model.source": str, "model.identity": dict, "tokenizer": dict, "tokenizer.sha256": dict,
+    "metadata": dict, "metadata.get_max_context_len": int, "metadata.get_vocab_size": int,
+    "metadata.get_eos_ids": list, "cache": dict, "cache.max_context": int, "cache.max_chunk": int,
+    "policy": dict, "policy.spec": str,
+}
+
+
+def _check_manifest_shape(manifest, path: Path) -> None:
+    def fail(what: str):
+        raise KvxError(f"{path} is malformed ({what}); rebuild the program with 'kvexport build'")
+
+    if not isinstance(manifest, dict):
+        fail(f"a JSON {type(manifest).__name__}, not an object")
+    for key, kind in MANIFEST_KEYS.items():
+        value = manifest
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            fail(f"'{key}' is missing or not a {kind.__name__}")
+    tables = (("program_files", manifest["program_files"]), ("tokenizer.sha256", manifest["tokenizer"]["sha256"]))
+    for table, files in tables:
+        if not all(isinstance(n, str) and Path(n).name == n and isinstance(h, str) for n, h in files.items()):
+            fail(f"'{table}' must map plain file names to SHA-256 strings")
+    if manifest["program"] not in manifest["program_files"]:
+        fail(f"the program '{manifest['program']}' is not among its hashed files")
+    if manifest["cache"]["max_context"] != manifest["metadata"]["get_max_context_len"]:
+        fail(f"cache.max_context {manifest['cache']['max_context']} != get_max_context_len "
+             f"{manifest['metadata']['get_max_context_len']}")
+    if "cache_options" in manifest:
+        opts = manifest["cache_options"]
+        known = set(CacheOptions.__dataclass_fields__)
+        if not isinstance(opts, dict) or set(opts) - known:
+            fail(f"unknown cache options {sorted(set(opts) - known) if isinstance(opts, dict) else opts}")
+
+
 def read_manifest(program_dir: Path) -> dict:
-    """Manifest of a program directory, checked against the program file; :class:`KvxError` if off."""
+    """Manifest of a program directory, checked (shape, every program and tokenizer file against its
+    SHA-256); :class:`KvxError` with one line naming the first problem."""
     program_dir = Path(program_dir)
     path = program_dir / "manifest.json"
     manifest = read_json(path, f"{program_dir} has no manifest.json; build it with 'kvexport build'",
                          "{path} is corrupt (not JSON: {reason}); rebuild with 'kvexport build'", KvxError)
-    if manifest.get("format") != "kvexport-program" or manifest.get("layout_version") != LAYOUT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != "kvexport-program" \
+            or manifest.get("layout_version") != LAYOUT_VERSION:
         raise KvxError(f"{path} is not a layout-v{LAYOUT_VERSION} kvexport manifest; rebuild with this kvexport")
-    for name, sha in manifest["program_files"].items():
-        program = program_dir / name
-        if not program.is_file():
-            raise KvxError(f"program file {program} is missing; rebuild with 'kvexport build'")
-        if sha256_file(program) != sha:
-            raise KvxError(f"{program} does not match its manifest (truncated, corrupt or replaced); rebuild it")
+    _check_manifest_shape(manifest, path)
+    verify_hashes(program_dir, manifest)
     return manifest
+
+
+def verify_hashes(program_dir: Path, manifest: dict) -> None:
+    """Every program file (``program_files``) and tokenizer file (``tokenizer.sha256``) the manifest
+    records must be there with that SHA-256; :class:`KvxError` naming the first that is not."""
+    tokenizer = manifest.get("tokenizer") if isinstance(manifest.get("tokenizer"), dict) else {}
+    for kind, files in (("program file", manifest.get("program_files")), ("tokenizer file", tokenizer.get("sha256"))):
+        for name, sha in (files or {}).items():
+            file = Path(program_dir) / Path(name).name
+            if not file.is_file():
+                raise KvxError(f"{kind} {file} is missing; rebuild with 'kvexport build'")
+            if sha256_file(file) != sha:
+                raise KvxError(f"{file} does not match its manifest (truncated, corrupt or replaced); rebuild it")
 
 
 def loaded_for_manifest(manifest: dict) -> LoadedModel:

@@ -12,12 +12,14 @@
 from __future__ import annotations
 
 import operator
+import re
 from collections import Counter
 from pathlib import Path
 
 import torch
 from torch.export import Dim, ExportedProgram, export
 
+from kvexport.errors import KvxError
 from kvexport.export.program import StepProgram
 from kvexport.models.weights import quantize_weights
 
@@ -80,6 +82,24 @@ def _op_name(target) -> str:
     name = getattr(target, "__name__", str(target))
     return name.removeprefix("aten.") if isinstance(name, str) else str(name)
 
+
+def check_pte_header(path: Path) -> None:
+    """:class:`KvxError` unless ``path`` starts like an ExecuTorch program: a flatbuffer with the
+    ``ET<nn>`` identifier (bytes 4-8) and the ``eh00`` extended header (bytes 8-40: header length,
+    program size, segment offset and size) whose sizes fit the file. The runtime aborts the whole
+    process on some corrupt programs instead of raising, so nothing else reaches it."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(40)
+    fields = [int.from_bytes(head[i:j], "little") for i, j in ((0, 4), (12, 16), (16, 24), (24, 32), (32, 40))]
+    root, length, program_size, segment_offset, segment_size = fields if len(head) == 40 else [0] * 5
+    segment_size = segment_size if length >= 32 else 0  # a 24-byte header has no segment size
+    ok = (len(head) == 40 and re.fullmatch(rb"ET\d\d", head[4:8]) and head[8:12] == b"eh00" and length >= 24
+          and 40 <= program_size <= size and 8 <= root < program_size
+          and (segment_offset == 0 or program_size <= segment_offset and segment_offset + segment_size <= size))
+    if not ok:
+        raise KvxError(f"ExecuTorch cannot load {path}: not a program (bad or truncated header); rebuild it")
 
 
 def write_program(step: StepProgram, out_dir: Path, *, target: str, ops: str, weights: str, metadata: dict,

@@ -8,6 +8,7 @@ into preallocated torch tensors and returned as copies.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,14 @@ class OrtRunner(StepRunner):
         for name, value in self.initial.items():
             np.copyto(self.buffers[0][name], value)
         self.current = 0
+
+    def _metadata(self) -> dict:
+        """The constants ``write_program`` stored in the model's ``kvexport.metadata`` property."""
+        stored = self.session.get_modelmeta().custom_metadata_map.get("kvexport.metadata")
+        try:
+            return json.loads(stored) if stored else {}
+        except json.JSONDecodeError:
+            return {}
 
     def _execute(self, tokens, input_pos):
         b = self.bindings[self.current]

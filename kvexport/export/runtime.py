@@ -3,7 +3,10 @@
 
 :func:`kvexport.export.runners.open_runner` picks the runner from the manifest's target. A runner
 subclass only loads the program (``_load``) and executes one chunk (``_execute``); positions,
-chunking and the context limit live here.
+chunking and the context limit live here. At load, the program's own metadata
+(``get_max_context_len``, ``get_max_seq_len``, ``get_vocab_size``) must agree with the manifest, whose
+numbers the loop trusts; an ExecuTorch program's file header is checked before its bytes reach the
+runtime (a corrupt file aborts it).
 """
 
 from __future__ import annotations
@@ -32,6 +35,17 @@ class StepRunner:
         self.max_context = self.manifest["cache"]["max_context"]
         self.max_chunk = self.manifest["cache"]["max_chunk"]
         self.reset()
+        self._check_metadata(self._metadata())
+
+    CHECKED_METADATA = ("get_max_context_len", "get_max_seq_len", "get_vocab_size")
+
+    def _check_metadata(self, program: dict) -> None:
+        """``program``: the loaded program's own constant values; each must equal the manifest's."""
+        for key in self.CHECKED_METADATA:
+            want = self.manifest["metadata"].get(key)
+            if program.get(key) != want:
+                raise KvxError(f"{self.dir / 'manifest.json'} says {key}={want} but the program says "
+                               f"{program.get(key)}; the manifest was edited or belongs to another program; rebuild")
 
     def reset(self) -> None:
         """Fresh state: the initial cache, position 0."""
@@ -60,6 +74,10 @@ class StepRunner:
     def _load(self) -> None:
         raise NotImplementedError
 
+    def _metadata(self) -> dict:
+        """The loaded program's constant methods (:data:`CHECKED_METADATA` at least) as ints."""
+        raise NotImplementedError
+
     def _execute(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens int64 [1, T], input_pos int64 [1] -> (logits float32 [1, V], kv_stats float32 [8])."""
         raise NotImplementedError
@@ -85,7 +103,9 @@ class ExecuTorchRunner(StepRunner):
         from executorch.runtime import Runtime
 
         from kvexport import ops, quiet
+        from kvexport.export.executorch import check_pte_header
 
+        check_pte_header(self.path)
         try:
             # Load from the path: a program loaded from a bytes object must outlive the method, and
             # the runtime does not keep it alive (a segfault on the next execute otherwise).
@@ -99,6 +119,24 @@ class ExecuTorchRunner(StepRunner):
                 raise KvxError(str(missing)) from None
             raise KvxError(f"ExecuTorch cannot load {self.path} ({str(err).splitlines()[0]}); rebuild it") from None
 
+    def _metadata(self) -> dict:
+        return program_constants(self.program)
+
     def _execute(self, tokens, input_pos):
         out = self.method.execute([tokens, input_pos])
         return out[0], out[1]
+
+
+def program_constants(program) -> dict:
+    """An ExecuTorch program's constant methods (every method but ``forward``) as JSON values: one
+    int each, a list for ``get_eos_ids``."""
+    out = {}
+    for name in sorted(program.method_names):
+        if name == "forward":
+            continue
+        vals = []
+        for v in program.load_method(name).execute([]):
+            vals.extend(v.flatten().tolist() if isinstance(v, torch.Tensor) else [v])
+        out[name] = vals if name == "get_eos_ids" or len(vals) != 1 else vals[0]
+    return out
+

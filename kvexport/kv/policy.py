@@ -213,7 +213,14 @@ def build_policy(spec: PolicySpec, group: int, pool_share: float, default_contro
     if spec.kind == "rule":
         return RulePolicy()
     path = Path(spec.path) if spec.path else default_controller
+    if spec.path and not path.is_file():
+        raise ValueError(f"controller file not found: {spec.path}; train one with 'kvexport calibrate' or pass "
+                         "learned:FILE")
     if path is None or not path.is_file():
-        where = spec.path or "calibration/ (no committed controller for this model)"
-        raise ValueError(f"controller file not found: {where}; train one with 'kvexport calibrate' or pass learned:FILE")
+        budget = path.stem.removeprefix("controller-") if path else "?"
+        found = sorted(p.stem.removeprefix("controller-") for p in path.parent.glob("controller-*.safetensors")) \
+            if path else []
+        raise ValueError(f"no committed controller for a budget of {budget} bits ({path}); committed budgets: "
+                         f"{', '.join(found) or 'none'}; pass --kv-budget-bits one of them, train one with "
+                         f"'kvexport calibrate --kv-budget-bits {budget}', or pass learned:FILE")
     return LearnedPolicy(Controller.load(path), str(path))

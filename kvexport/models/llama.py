@@ -166,13 +166,18 @@ class Transformer(nn.Module):
         """Final norm + LM head: ``[..., dim]`` -> float32 ``[..., vocab]``."""
         return self.lm_head(self.norm(hidden))
 
-    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a Hugging Face Llama state dict (keys with or without the ``model.`` prefix)."""
+    def map_hf_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A Hugging Face Llama state dict (keys with or without the ``model.`` prefix) under this
+        module's names."""
         mapped = {k.removeprefix("model."): v for k, v in state.items()}
         if self.args.tie_embeddings:
             mapped.pop("lm_head.weight", None)
-            mapped["lm_head.weight"] = mapped["embed_tokens.weight"]
-        mapped = {k: v for k, v in mapped.items() if not k.endswith("rotary_emb.inv_freq")}
-        missing, unexpected = self.load_state_dict(mapped, strict=False)
+            if "embed_tokens.weight" in mapped:
+                mapped["lm_head.weight"] = mapped["embed_tokens.weight"]
+        return {k: v for k, v in mapped.items() if not k.endswith("rotary_emb.inv_freq")}
+
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a Hugging Face Llama state dict (keys with or without the ``model.`` prefix)."""
+        missing, unexpected = self.load_state_dict(self.map_hf_state_dict(state), strict=False)
         if missing or unexpected:
             raise ValueError(f"weights do not fit the architecture: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -57,6 +57,48 @@ def _check_llama(config: dict, where: str) -> None:
         raise KvxError(f"{where} is a '{kind}' model; kvexport supports Llama-architecture (SmolLM) models only")
 
 
+# config.json keys (Hugging Face names) that must be positive whole numbers, and the optional ones.
+_CONFIG_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+_CONFIG_OPTIONAL_INTS = ("num_key_value_heads", "max_position_embeddings")
+
+
+def _model_args(config: dict, where: str) -> ModelArgs:
+    """``ModelArgs`` of a ``config.json`` dict; :class:`KvxError` naming the first key that is
+    missing, of the wrong type, or inconsistent (heads must divide the width, KV heads the heads)."""
+    def fail(why: str):
+        raise KvxError(f"{where}: {why}; re-download the model or fix config.json")
+
+    for key in _CONFIG_INTS + _CONFIG_OPTIONAL_INTS:
+        value = config.get(key)
+        if key not in config and key in _CONFIG_OPTIONAL_INTS:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            fail(f"config '{key}' is {value!r}, not a positive whole number")
+    for key in ("rope_theta", "rms_norm_eps"):
+        if key in config and (not isinstance(config[key], (int, float)) or isinstance(config[key], bool)
+                              or not 0 < config[key] < float("inf")):
+            fail(f"config '{key}' is {config[key]!r}, not a positive number")
+    args = ModelArgs.from_hf_config(config)
+    if args.dim % args.n_heads or args.n_heads % args.n_kv_heads or args.head_dim % 2:
+        fail(f"hidden_size {args.dim}, {args.n_heads} heads and {args.n_kv_heads} KV heads do not fit together")
+    return args
+
+
+def _check_weights(args: ModelArgs, state: dict[str, torch.Tensor], where: str) -> None:
+    """:class:`KvxError` unless ``state`` has exactly the tensors (names, shapes) ``args`` needs."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in model.map_hf_state_dict(state).items()}
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    wrong = [f"{k} {list(got[k])} (config.json says {list(shape)})" for k, shape in expected.items()
+             if k in got and got[k] != shape]
+    if missing or unexpected or wrong:
+        problems = [f"missing {missing[:2]}"] * bool(missing) + [f"unexpected {unexpected[:2]}"] * bool(unexpected)
+        raise KvxError(f"weights in {where} do not fit its config.json: {', '.join(problems + wrong[:2])}; "
+                       "re-download the model")
+
+
 def _write_identity(directory: Path, source: str) -> dict:
     ident = {"source": source, "weights_sha256": sha256_file(directory / "model.safetensors")}
     tok = directory / "tokenizer.json"
@@ -77,15 +119,19 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     except Exception as err:
         raise KvxError(f"cannot read GGUF file {gguf}: {str(err).splitlines()[0]}") from None
     _check_llama(config.to_dict(), str(gguf))
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as err:  # truncated tensor data, a foreign vocabulary, ...: the file is unusable
+        detail = (str(err).splitlines() or [""])[0][:160]
+        raise KvxError(f"cannot read GGUF file {gguf} ({type(err).__name__} {detail}); re-download it") from None
     cfg = {k: v for k, v in config.to_dict().items() if k != "quantization_config"}
     cfg["architectures"] = ["LlamaForCausalLM"]
     plain = LlamaConfig(**cfg)
     state = {k: v.contiguous() for k, v in hf.state_dict().items()}
     if plain.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, replaceable=lambda path: path.parent == cache_root() / "models") as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         plain.to_json_file(str(tmp / "config.json"))
         tok.save_pretrained(str(tmp))
@@ -118,17 +164,26 @@ def load_directory(directory: Path, name: str | None = None, tokenizer_dir: Path
     config = read_json(directory / "config.json",
                        f"{directory} has no config.json; pass a Hugging Face model directory or a .gguf file",
                        "{path} is not valid JSON ({reason}); re-download the model", KvxError)
+    if not isinstance(config, dict):
+        raise KvxError(f"{directory / 'config.json'} is a JSON {type(config).__name__}, not an object; "
+                       "re-download the model")
     _check_llama(config, str(directory))
-    args = ModelArgs.from_hf_config(config)
+    args = _model_args(config, str(directory / "config.json"))
     tok_dir = tokenizer_dir or directory
     if not (tok_dir / "tokenizer.json").is_file():
         raise KvxError(f"no tokenizer.json in {tok_dir}; the model directory is incomplete")
     ident_path = directory / "kvexport.json"
-    ident = json.loads(ident_path.read_text()) if ident_path.is_file() else {"source": str(directory)}
-    eos = config.get("eos_token_id")
-    tokenizer = Tokenizer(tok_dir, eos_ids=eos if isinstance(eos, list) else [eos] if eos is not None else None,
-                          bos_id=config.get("bos_token_id"))
-    return LoadedModel(name or directory.name, args, _load_weights(directory), tokenizer, str(directory), ident)
+    ident = read_json(ident_path, "", "{path} is corrupt ({reason}); delete it", KvxError) \
+        if ident_path.is_file() else {"source": str(directory)}
+    eos, bos = config.get("eos_token_id"), config.get("bos_token_id")
+    eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else None
+    if not all(isinstance(i, int) and 0 <= i < args.vocab_size for i in [*(eos_ids or []), *([bos] if bos else [])]):
+        raise KvxError(f"{directory / 'config.json'}: eos/bos token ids {eos!r}/{bos!r} are not ids of the "
+                       f"{args.vocab_size}-token vocabulary; fix config.json")
+    tokenizer = Tokenizer(tok_dir, eos_ids=eos_ids, bos_id=bos)
+    state = _load_weights(directory)
+    _check_weights(args, state, str(directory))
+    return LoadedModel(name or directory.name, args, state, tokenizer, str(directory), ident)
 
 
 def _hf_cache_dir(hf_id: str) -> Path | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -70,15 +71,29 @@ def _manifest_edit(**kv):
     return edit
 
 
+def _tokenizer_edit(name, text, rehash=True):
+    """Replace a tokenizer file; ``rehash``: record its new SHA-256 in the manifest, so the check
+    under test is the contract's, not the hash check (which ``rehash=False`` exercises)."""
+    def edit(d):
+        (d / name).write_text(text)
+        m = json.loads((d / "manifest.json").read_text())
+        if rehash and name in m.get("tokenizer", {}).get("sha256", {}):
+            m["tokenizer"]["sha256"][name] = hashlib.sha256((d / name).read_bytes()).hexdigest()
+        (d / "manifest.json").write_text(json.dumps(m))
+    return edit
+
+
 @pytest.mark.parametrize("edit, fragment", [
     (_manifest_edit(metadata={"get_layout_version": 2}), "get_layout_version=2"),
     (_manifest_edit(metadata={"get_max_seq_len": 999}), "get_max_seq_len=999"),
     (_manifest_edit(ops_mode="turbo"), "ops_mode"),
     (_manifest_edit(methods=["forward", "get_kv_histogram"]), "get_kv_histogram"),
     (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json missing"),
-    (lambda d: (d / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"),
+    (_tokenizer_edit("chat_template.jinja", "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"),
      "ChatML"),
-    (lambda d: (d / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece"}})), "WordPiece"),
+    (_tokenizer_edit("tokenizer.json", json.dumps({"model": {"type": "WordPiece"}})), "WordPiece"),
+    (_tokenizer_edit("tokenizer.json", json.dumps({"model": {"type": "WordPiece"}}), rehash=False),
+     "does not match its manifest"),
     (lambda d: [p.write_bytes(b"not a program") for p in d.glob("*.pte")], "cannot load"),
 ])
 def test_bundle_rejects_mismatches_with_one_line_error(tmp_path, program_dir, edit, fragment):

@@ -137,6 +137,7 @@ def program_setup(program: str, backend: str):
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from kvexport.data import data_file
     from kvexport.options import cache_options, load_model
     from kvexport.eval.records import RecordStore
     from kvexport.eval.report import summarize, write_reports
@@ -156,6 +157,9 @@ def run(args: argparse.Namespace) -> int:
             from kvexport.bench import set_threads
 
             set_threads(args.threads)  # ExecuTorch's own pool too
+    if not args.report_only:  # missing data: one line now, not after the model has loaded
+        for task in tasks:
+            data_file(task, args.data_dir)
     opts, weights = cache_options(args), args.weights
     if args.program:  # the program fixes model, policy, cache and weights: the reference follows it
         loaded, opts, policies, weights = program_setup(args.program, args.backend)

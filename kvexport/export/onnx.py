@@ -67,7 +67,7 @@ def export_onnx(step: StepProgram):
     example = (torch.zeros(1, min(2, chunk), dtype=torch.int64), torch.tensor([0], dtype=torch.int64), *state)
     dynamic = ({1: Dim("T", min=1, max=chunk)}, None, (None,) * len(state)) if chunk > 1 else None
     with torch.no_grad(), warnings.catch_warnings(), ort_tools.quiet():
-        warnings.simplefilter("ignore")  # torch.export's notes on cache attributes set during the step
+        warnings.simplefilter("ignore")  # torch.export and torch.onnx notes while tracing
         ep = torch.export.export(wrapped, example, dynamic_shapes=dynamic, strict=False)
         return torch.onnx.export(
             ep, opset_version=OPSET, custom_translation_table=node_translation_table(), optimize=True, verbose=False,

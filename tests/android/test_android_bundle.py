@@ -71,14 +71,15 @@ def _manifest_edit(**kv):
     return edit
 
 
-def _tokenizer_edit(name, text, rehash=True):
-    """Replace a tokenizer file; ``rehash``: record its new SHA-256 in the manifest, so the check
-    under test is the contract's, not the hash check (which ``rehash=False`` exercises)."""
+def _file_edit(name, data: bytes, rehash=True):
+    """Replace a program or tokenizer file; ``rehash``: record its new SHA-256 in the manifest, so
+    the check under test is the contract's, not the hash check (which ``rehash=False`` exercises)."""
     def edit(d):
-        (d / name).write_text(text)
+        (d / name).write_bytes(data)
         m = json.loads((d / "manifest.json").read_text())
-        if rehash and name in m.get("tokenizer", {}).get("sha256", {}):
-            m["tokenizer"]["sha256"][name] = hashlib.sha256((d / name).read_bytes()).hexdigest()
+        for table in (m.get("program_files", {}), m.get("tokenizer", {}).get("sha256", {})):
+            if rehash and name in table:
+                table[name] = hashlib.sha256(data).hexdigest()
         (d / "manifest.json").write_text(json.dumps(m))
     return edit
 
@@ -89,12 +90,13 @@ def _tokenizer_edit(name, text, rehash=True):
     (_manifest_edit(ops_mode="turbo"), "ops_mode"),
     (_manifest_edit(methods=["forward", "get_kv_histogram"]), "get_kv_histogram"),
     (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json missing"),
-    (_tokenizer_edit("chat_template.jinja", "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"),
+    (_file_edit("chat_template.jinja", b"{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"),
      "ChatML"),
-    (_tokenizer_edit("tokenizer.json", json.dumps({"model": {"type": "WordPiece"}})), "WordPiece"),
-    (_tokenizer_edit("tokenizer.json", json.dumps({"model": {"type": "WordPiece"}}), rehash=False),
+    (_file_edit("tokenizer.json", json.dumps({"model": {"type": "WordPiece"}}).encode()), "WordPiece"),
+    (_file_edit("tokenizer.json", json.dumps({"model": {"type": "WordPiece"}}).encode(), rehash=False),
      "does not match its manifest"),
-    (lambda d: [p.write_bytes(b"not a program") for p in d.glob("*.pte")], "cannot load"),
+    (_file_edit("model.pte", b"not a program"), "cannot load"),
+    (_file_edit("model.pte", b"not a program", rehash=False), "does not match its manifest"),
 ])
 def test_bundle_rejects_mismatches_with_one_line_error(tmp_path, program_dir, edit, fragment):
     prog = _broken(tmp_path, program_dir, edit)

@@ -19,6 +19,7 @@ import torch
 from torch.export import Dim, ExportedProgram, export
 
 from kvexport.export.program import StepProgram
+from kvexport.models.q4 import q4_summary
 from kvexport.models.weights import quantize_weights
 
 
@@ -93,4 +94,8 @@ def write_program(step: StepProgram, out_dir: Path, *, target: str, ops: str, we
     log(f"[3/3] serialize: {len(pte) / 1e6:.1f} MB; {ops['xnnpack_partitions']} XNNPACK partitions "
         f"({sum(ops['xnnpack_ops'].values())} ops), {sum(ops['executorch_kernel_ops'].values())} ops on ExecuTorch kernels")
     (out_dir / "model.pte").write_bytes(pte)
-    return {"program": "model.pte", "files": ["model.pte"], "executorch": {"exported_nodes": len(ep.graph.nodes), **ops}}
+    written = {"program": "model.pte", "files": ["model.pte"],
+               "executorch": {"exported_nodes": len(ep.graph.nodes), **ops}}
+    if weights == "q4":  # where the 4-bit codes came from: the GGUF's Q4_1, or a re-quantization
+        written["q4"] = q4_summary(step.model)
+    return written

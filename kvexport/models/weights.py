@@ -7,7 +7,9 @@ the blocks. int8 weights are per output channel; int4 weights per group of :data
 channels (SmolLM's width 576 is not a multiple of 128, ExecuTorch's default, so 32: the GGUF's own
 Q4_1 block size). The ``lm_head`` stays fp32: measured on the default model (WikiText-2 test, first
 4,096 tokens, fp16 KV), 8-bit everywhere costs +2.05% perplexity (30.98 vs 30.36), 8-bit except
-the ``lm_head`` +1.28% (30.75), 8-bit except ``down_proj`` +2.09%.
+the ``lm_head`` +1.28% (30.75), 8-bit except ``down_proj`` +2.09%. ``q4``: the GGUF's own Q4_1
+codes, exactly, as an 8da4w linear plus a block-sum linear (:mod:`kvexport.models.q4`; a
+re-quantization with the same Q4_1 rule for weights that do not come from Q4_1).
 
 The quantized reference (eager torchao) is what ``kvexport parity`` compares a quantized program
 with and what ``kvexport eval --weights`` measures perplexity with.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-TORCHAO_FORMATS = ("fp32", "8da8w", "8da4w")
+TORCHAO_FORMATS = ("fp32", "8da8w", "8da4w", "q4")
 INT4_GROUP = 32
 
 
@@ -29,6 +31,11 @@ def quantize_weights(model: nn.Module, weights: str) -> nn.Module:
         return model
     if weights not in TORCHAO_FORMATS:
         raise ValueError(f"unknown weight format {weights!r}")
+    if weights == "q4":
+        from kvexport.models.q4 import quantize_q4
+
+        quantize_q4(model)
+        return model
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
 

@@ -19,8 +19,7 @@ import torch
 from torch.export import Dim, ExportedProgram, export
 
 from kvexport.export.program import StepProgram
-from kvexport.models.q4 import q4_summary
-from kvexport.models.weights import quantize_weights
+from kvexport.models.weights import q4_manifest, quantize_weights
 
 
 # Substrings of the state buffers whose initial values the program must carry.
@@ -96,6 +95,6 @@ def write_program(step: StepProgram, out_dir: Path, *, target: str, ops: str, we
     (out_dir / "model.pte").write_bytes(pte)
     written = {"program": "model.pte", "files": ["model.pte"],
                "executorch": {"exported_nodes": len(ep.graph.nodes), **ops}}
-    if weights == "q4":  # where the 4-bit codes came from: the GGUF's Q4_1, or a re-quantization
-        written["q4"] = q4_summary(step.model)
+    if weights.startswith("q4"):  # where the codes came from: the GGUF's, or a re-quantization
+        written["q4"] = q4_manifest(step.model, weights)
     return written

@@ -94,8 +94,8 @@ def quantize_q4(model: nn.Module) -> dict:
 
 
 def q4_summary(model: nn.Module) -> dict:
-    """``{"linears", "exact", "requantized", "source"}`` of the :class:`Q4Linear` layers in ``model``."""
-    layers = [m for m in model.modules() if isinstance(m, Q4Linear)]
+    """How many block linears are :class:`Q4Linear`, how many exact, and the codes' ``source``."""
+    layers = [m for fqn, m in model.named_modules() if isinstance(m, Q4Linear) and fqn.startswith("layers.")]
     exact = sum(m.exact for m in layers)
     source = ("gguf-q4_1-codes" if exact == len(layers) else
               "requantized-q4_1-minmax" if exact == 0 else "mixed")

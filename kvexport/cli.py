@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fused (our kernels) or portable (core ATen, stock runtime); default: portable for "
                         "executorch, fused for onnx/ort (the only mode there: our ops as standard-ONNX functions)")
     s.add_argument("--weights", default=None,
-                   help="executorch: fp32, 8da8w, 8da4w; onnx/ort: fp32, int8, int4 (default: per target, see README)")
+                   help="executorch: fp32, 8da8w, 8da4w, q4 (the GGUF's Q4_1 codes); onnx/ort: fp32, int8, int4 "
+                        "(default: per target, see README)")
     s.add_argument("--ort-version", default=None,
                    help="ort/onnx: oldest ONNX Runtime the app ships; warn when the program needs a newer one")
     s.add_argument("--out", default="graphs", type=validate.output_dir)

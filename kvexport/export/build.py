@@ -31,7 +31,8 @@ from kvexport.models.weights import TORCHAO_FORMATS
 from kvexport.session import CacheOptions, build_cache
 
 TARGETS = ("executorch", "onnx", "ort")
-WEIGHT_FORMATS = {"executorch": TORCHAO_FORMATS, "onnx": ("fp32", "int8", "int4"), "ort": ("fp32", "int8", "int4")}
+WEIGHT_FORMATS = {"executorch": TORCHAO_FORMATS, "onnx": ("fp32", "int8", "int4", "q4"),
+                  "ort": ("fp32", "int8", "int4", "q4")}
 # executorch: fp32. The rule is "the fastest format within 2% of fp32's WikiText-2 perplexity" and
 # 8da8w meets it in the reference (+1.3%; 29 vs 44 ms/token for the learned B=4 program at 512
 # tokens), but its programs do not pass parity against the torchao reference on the default model

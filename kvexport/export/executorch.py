@@ -21,7 +21,7 @@ from torch.export import Dim, ExportedProgram, export
 
 from kvexport.errors import KvxError
 from kvexport.export.program import StepProgram
-from kvexport.models.weights import quantize_weights
+from kvexport.models.weights import q4_manifest, quantize_weights
 
 
 # Substrings of the state buffers whose initial values the program must carry.
@@ -113,4 +113,8 @@ def write_program(step: StepProgram, out_dir: Path, *, target: str, ops: str, we
     log(f"[3/3] serialize: {len(pte) / 1e6:.1f} MB; {ops['xnnpack_partitions']} XNNPACK partitions "
         f"({sum(ops['xnnpack_ops'].values())} ops), {sum(ops['executorch_kernel_ops'].values())} ops on ExecuTorch kernels")
     (out_dir / "model.pte").write_bytes(pte)
-    return {"program": "model.pte", "files": ["model.pte"], "executorch": {"exported_nodes": len(ep.graph.nodes), **ops}}
+    written = {"program": "model.pte", "files": ["model.pte"],
+               "executorch": {"exported_nodes": len(ep.graph.nodes), **ops}}
+    if weights.startswith("q4"):  # where the codes came from: the GGUF's, or a re-quantization
+        written["q4"] = q4_manifest(step.model, weights)
+    return written

@@ -161,7 +161,9 @@ def quiet():
 def describe_weights(weights: str) -> str:
     return {"fp32": "float32 weights",
             "int8": "MatMul weights int8 per channel, activations quantized at run time (quantize_dynamic)",
-            "int4": f"MatMul weights 4-bit, blocks of {INT4_BLOCK}, symmetric (MatMulNBits)"}[weights]
+            "int4": f"MatMul weights 4-bit, blocks of {INT4_BLOCK}, symmetric (MatMulNBits)",
+            "q4": "the GGUF's Q4_1 / Q8_0 codes in MatMulNBits (4 / 8 bit, blocks of 32), exact, fp32 "
+                  "activations; the embedding reads the lm_head's 8-bit codes"}[weights]
 
 
 def quantize_weights(src: Path, weights: str):
@@ -171,6 +173,14 @@ def quantize_weights(src: Path, weights: str):
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    if weights == "q4":
+        from kvexport.export import onnx_q4
+
+        model = onnx.load(str(src))
+        if not onnx_q4.rewrite(model)["q4_1"]:
+            raise KvxError("--weights q4 for onnx/ort needs a model whose linears hold Q4_1 codes (a Q4_1 GGUF); "
+                           "this one has none: use --weights int4 or fp32, or --target executorch (re-quantizes)")
+        return model
     with quiet():
         if weights == "int8":
             out = src.with_name("int8.onnx")

@@ -7,7 +7,11 @@ the blocks. int8 weights are per output channel; int4 weights per group of :data
 channels (SmolLM's width 576 is not a multiple of 128, ExecuTorch's default, so 32: the GGUF's own
 Q4_1 block size). The ``lm_head`` stays fp32: measured on the default model (WikiText-2 test, first
 4,096 tokens, fp16 KV), 8-bit everywhere costs +2.05% perplexity (30.98 vs 30.36), 8-bit except
-the ``lm_head`` +1.28% (30.75), 8-bit except ``down_proj`` +2.09%.
+the ``lm_head`` +1.28% (30.75), 8-bit except ``down_proj`` +2.09%. ``q4``: the GGUF's own Q4_1
+codes, exactly, as an 8da4w linear plus a block-sum linear (:mod:`kvexport.models.q4`; a
+re-quantization with the same Q4_1 rule for weights that do not come from Q4_1), the tied table
+fp32. ``q4-h8`` / ``q4-h4``: the same, plus the tied table compact (:mod:`kvexport.models.tied`):
+the embedding lookup on its exact Q8_0 codes, the ``lm_head`` int8 per channel (8da8w) / 4-bit.
 
 The quantized reference (eager torchao) is what ``kvexport parity`` compares a quantized program
 with and what ``kvexport eval --weights`` measures perplexity with.
@@ -18,7 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-TORCHAO_FORMATS = ("fp32", "8da8w", "8da4w")
+TORCHAO_FORMATS = ("fp32", "8da8w", "8da4w", "q4", "q4-h8", "q4-h4")
+Q4_HEADS = {"q4-h8": "8da8w", "q4-h4": "q4"}  # q4 format -> lm_head format (kvexport.models.tied)
 INT4_GROUP = 32
 
 
@@ -29,6 +34,15 @@ def quantize_weights(model: nn.Module, weights: str) -> nn.Module:
         return model
     if weights not in TORCHAO_FORMATS:
         raise ValueError(f"unknown weight format {weights!r}")
+    if weights.startswith("q4"):
+        from kvexport.models.q4 import quantize_q4
+        from kvexport.models.tied import compact_embedding, compact_head
+
+        quantize_q4(model)
+        if weights in Q4_HEADS:
+            compact_embedding(model)
+            compact_head(model, Q4_HEADS[weights])
+        return model
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
 
@@ -46,3 +60,14 @@ def quantize_weights(model: nn.Module, weights: str) -> nn.Module:
 
     quantize_(model, config, filter_fn=in_blocks)
     return model
+
+
+def q4_manifest(model: nn.Module, weights: str) -> dict:
+    """The manifest's ``q4`` entry of a model quantized to a ``q4*`` format: where the linears' codes
+    came from, and the formats of the tied embedding and ``lm_head``."""
+    from kvexport.models.q4 import q4_summary
+
+    embed = getattr(model.embed_tokens, "exact", None)  # only a Q8Embedding has codes
+    return {**q4_summary(model),
+            "embedding": "fp32" if embed is None else "q8_0-codes" if embed else "requantized-q8_0",
+            "lm_head": Q4_HEADS.get(weights, "fp32 (tied to the embedding)")}

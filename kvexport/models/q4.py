@@ -1,0 +1,103 @@
+"""``q4`` weights: the GGUF's Q4_1 codes, exactly, as an XNNPACK 8da4w linear plus a block-sum linear.
+
+Q4_1 (every block linear of the default model's GGUF): per block of :data:`BLOCK` = 32 input
+channels of one output row, ``w = d·q + m`` with fp16 ``d``, ``m`` and codes ``q`` in 0..15.
+XNNPACK's blockwise 4-bit GEMM has one zero point per tensor (8) and bf16 block scales, so it cannot
+hold ``m`` — but ``w = d·(q − 8) + (m + 8d)``, hence for ``x`` ``[..., in]``::
+
+    y = linear_8da4w(x; codes q − 8, scales bf16(d))      # [..., out], torchao/XNNPACK 8da4w
+      + blocksum(x) @ cᵀ                                  # blocksum [..., in/32], c = m + 8d [out, in/32]
+
+The first term is torchao's ``IntxUnpackedToInt8Tensor`` with per-token asymmetric int8 activations
+(the form ExecuTorch's XNNPACK partitioner lowers to its 8da4w GEMM); the second is a small fp32
+linear on the unquantized input. The only departures from the GGUF's arithmetic are the bf16
+rounding of ``d`` and the int8 activations of the first term; the eager reference (this module)
+computes exactly what the program computes, so ``kvexport parity`` compares like with like.
+
+Codes are recovered from the loaded float weights (the GGUF converter dequantized them with
+``d·q + m`` in fp32): in a Q4_1 block the min is ``m`` (code 0) and the max ``m + 15d`` (code 15),
+so ``d = fp16((max − min)/15)``, ``q = round((w − m)/d)``. A weight counts as **exact** when
+``d·q + m`` reproduces every element bit for bit (every block linear of the default model does).
+Weights that do not (a safetensors model) get the same min/max rule as a **re-quantization**
+(llama.cpp's Q4_1 quantizer: asymmetric, 4-bit, block 32) and the manifest says which happened.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BLOCK = 32
+
+
+def q4_1_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """``w`` float ``[out, in]`` -> codes uint8 ``[out, in]`` (0..15), ``d``, ``m`` float32
+    ``[out, in/32]`` (fp16-representable) and whether ``d·q + m`` reproduces ``w`` bit for bit."""
+    out_f, in_f = w.shape
+    blocks = w.float().reshape(out_f, in_f // BLOCK, BLOCK)  # [out, nb, 32]
+    lo, hi = blocks.amin(-1), blocks.amax(-1)  # [out, nb]
+    m = lo.half().float()
+    d = ((hi - lo) / 15).half().float()
+    safe = torch.where(d > 0, d, torch.ones_like(d))
+    q = torch.round((blocks - m[..., None]) / safe[..., None]).clamp(0, 15)  # [out, nb, 32]
+    exact = torch.equal(d[..., None] * q + m[..., None], blocks)
+    return q.to(torch.uint8).reshape(out_f, in_f), d, m, exact
+
+
+def dequantize_q4_1(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The direct form ``w = d·q + m`` (float32 ``[out, in]``), the rewrite's ground truth."""
+    out_f, in_f = codes.shape
+    q = codes.float().reshape(out_f, in_f // BLOCK, BLOCK)
+    return (d[..., None] * q + m[..., None]).reshape(out_f, in_f)
+
+
+class Q4Linear(nn.Module):
+    """A bias-free linear with Q4_1 weights in the rewritten form (module docstring)."""
+
+    def __init__(self, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, exact: bool):
+        super().__init__()
+        from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+            IntxUnpackedToInt8Tensor, IntxUnpackedToInt8TensorActivationQuantization)
+
+        self.out_features, self.in_features = codes.shape
+        self.exact = exact  # codes recovered bit-exactly (True) or re-quantized (False)
+        weight = IntxUnpackedToInt8Tensor(
+            qdata=(codes.to(torch.int16) - 8).to(torch.int8),  # [out, in] in -8..7
+            scale=d.to(torch.bfloat16),  # [out, in/32]: XNNPACK keeps blockwise scales in bf16
+            zero_point=torch.zeros(d.shape, dtype=torch.int8),
+            target_dtype=torch.int4, block_size=(1, BLOCK), dtype=torch.float32,
+            activation_quantization=IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.offsets = nn.Parameter(m + 8 * d, requires_grad=False)  # [out, in/32]: c = m + 8d
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor) -> "Q4Linear":
+        return cls(*q4_1_codes(w))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sums = x.unflatten(-1, (self.in_features // BLOCK, BLOCK)).sum(-1)  # [..., in/32]
+        return F.linear(x, self.weight) + F.linear(sums, self.offsets)  # [..., out]
+
+
+def quantize_q4(model: nn.Module) -> dict:
+    """Replace every block ``nn.Linear`` of ``model`` whose width is a multiple of 32 by a
+    :class:`Q4Linear`, in place. Returns the manifest's summary: how many were exact, how many
+    re-quantized."""
+    targets = [(fqn, mod) for fqn, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and fqn.startswith("layers.") and mod.bias is None
+               and mod.in_features % BLOCK == 0]
+    for fqn, mod in targets:
+        parent, _, name = fqn.rpartition(".")
+        setattr(model.get_submodule(parent), name, Q4Linear.from_float(mod.weight.detach()))
+    return q4_summary(model)
+
+
+def q4_summary(model: nn.Module) -> dict:
+    """How many block linears are :class:`Q4Linear`, how many exact, and the codes' ``source``."""
+    layers = [m for fqn, m in model.named_modules() if isinstance(m, Q4Linear) and fqn.startswith("layers.")]
+    exact = sum(m.exact for m in layers)
+    source = ("gguf-q4_1-codes" if exact == len(layers) else
+              "requantized-q4_1-minmax" if exact == 0 else "mixed")
+    return {"linears": len(layers), "exact": exact, "requantized": len(layers) - exact, "block": BLOCK,
+            "source": source}

@@ -1,0 +1,169 @@
+"""``q4`` weights: Q4_1 codes recovered exactly, the 8da4w + block-sum rewrite, the GGUF's nibble order,
+the compact tied embedding (Q8_0 codes), and a tiny ExecuTorch program with them against its reference."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvexport.models.q4 import BLOCK, Q4Linear, dequantize_q4_1, q4_1_codes, quantize_q4
+from kvexport.models.tied import compact_embedding, q8_0_codes
+from kvexport.models.weights import quantize_weights
+
+
+def random_q4_1(out_f: int, in_f: int, seed: int = 0, bf16_scales: bool = False):
+    """Codes (every block holds a 0 and a 15, as llama.cpp's quantizer guarantees), fp16 d and m."""
+    gen = torch.Generator().manual_seed(seed)
+    nb = in_f // BLOCK
+    codes = torch.randint(0, 16, (out_f, nb, BLOCK), generator=gen)
+    codes[..., 0], codes[..., 1] = 0, 15
+    codes = codes[..., torch.randperm(BLOCK, generator=gen)].reshape(out_f, in_f).to(torch.uint8)
+    d = (torch.rand(out_f, nb, generator=gen) * 0.01 + 1e-3).half().float()
+    if bf16_scales:  # d exactly representable in bf16 and fp16: the rewrite loses nothing
+        d = d.bfloat16().float().half().float()
+    m = (-torch.rand(out_f, nb, generator=gen) * 0.08).half().float()
+    return codes, d, m
+
+
+def test_codes_are_recovered_bit_exactly_from_dequantized_weights():
+    codes, d, m = random_q4_1(48, 96)
+    got_codes, got_d, got_m, exact = q4_1_codes(dequantize_q4_1(codes, d, m))
+    assert exact and torch.equal(got_codes, codes) and torch.equal(got_d, d) and torch.equal(got_m, m)
+    off_grid = dequantize_q4_1(codes, d, m) + torch.randn(48, 96) * 1e-4  # not Q4_1: a re-quantization
+    assert not q4_1_codes(off_grid)[3]
+
+
+def test_rewrite_matches_direct_dequantize_and_matmul():
+    codes, d, m = random_q4_1(64, 128, seed=1, bf16_scales=True)
+    w = dequantize_q4_1(codes, d, m)
+    lin = Q4Linear(codes, d, m, exact=True)
+    x = torch.randn(3, 5, 128)
+    # The rewrite itself (weights dequantized, no activation quantization): exact up to fp32 sums.
+    sums = x.unflatten(-1, (128 // BLOCK, BLOCK)).sum(-1)
+    rewritten = F.linear(x, lin.weight.dequantize()) + F.linear(sums, lin.offsets)
+    torch.testing.assert_close(rewritten, F.linear(x, w), rtol=0, atol=2e-5)
+    # The module adds per-token asymmetric int8 activations to the first term only.
+    direct = F.linear(x, w)
+    err = (lin(x) - direct).abs().max() / direct.abs().max()
+    assert 0 < err < 2e-2
+
+
+def test_bf16_scale_rounding_is_the_only_weight_difference():
+    codes, d, m = random_q4_1(32, 64, seed=2)
+    lin = Q4Linear(codes, d, m, exact=True)
+    expanded = lin.weight.dequantize() + lin.offsets.repeat_interleave(BLOCK, dim=1)  # [out, in]
+    bound = 8 * (d.bfloat16().float() - d).abs().repeat_interleave(BLOCK, dim=1) + 1e-7
+    diff = (expanded - dequantize_q4_1(codes, d, m)).abs()
+    assert (diff <= bound).all() and diff.max() > 0
+
+
+def test_gguf_nibble_order_survives_dequantization():
+    """Q4_1 bytes as llama.cpp stores them (low nibble: element j, high nibble: element j+16),
+    dequantized by the gguf package the model converter uses: our codes are those nibbles."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    gen = np.random.default_rng(3)
+    rows, nb = 4, 3
+    nibbles = gen.integers(0, 16, size=(rows, nb, BLOCK), dtype=np.uint8)
+    nibbles[..., 0], nibbles[..., 1] = 0, 15
+    d = np.full((rows, nb, 1), 0.0123, dtype=np.float16)
+    m = np.full((rows, nb, 1), -0.0456, dtype=np.float16)
+    packed = nibbles[..., :16] | (nibbles[..., 16:] << 4)  # [rows, nb, 16]
+    raw = np.concatenate([d.view(np.uint8), m.view(np.uint8), packed], axis=-1).reshape(rows, -1)
+    w = torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q4_1).astype(np.float32))  # [rows, nb*32]
+    codes, got_d, got_m, exact = q4_1_codes(w)
+    assert exact and torch.equal(codes, torch.from_numpy(nibbles.reshape(rows, -1)))
+    assert torch.equal(got_d, torch.from_numpy(d[..., 0].astype(np.float32)))
+
+
+def test_every_block_linear_and_the_embedding_of_the_default_model_are_exact(real_model):
+    model = real_model.build()
+    table = model.embed_tokens.weight.detach().clone()
+    summary = quantize_q4(model)
+    assert summary == {"linears": 7 * real_model.args.n_layers, "exact": 7 * real_model.args.n_layers,
+                       "requantized": 0, "block": BLOCK, "source": "gguf-q4_1-codes"}
+    assert compact_embedding(model)  # the tied table is Q8_0 in this GGUF: its codes are exact too
+    tokens = torch.tensor([[0, 1, 2, 49151], [17, 300, 9000, 5]])
+    assert torch.equal(model.embed_tokens(tokens), table[tokens])
+    assert torch.equal(model.lm_head.weight, table)  # untied: the head keeps the float table
+
+
+def test_q8_0_codes_and_the_shared_embedding(tiny_model):
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randint(-127, 128, (50, 64), generator=gen, dtype=torch.int8)
+    q[:, 0] = 127  # llama.cpp's d = amax / 127: every block has a code of magnitude 127
+    q[:, 32] = -127
+    d = (torch.rand(50, 2, generator=gen) * 0.01 + 1e-4).half().float()
+    table = (q.float().reshape(50, 2, BLOCK) * d[..., None]).reshape(50, 64)
+    codes, got_d, exact = q8_0_codes(table)
+    assert exact and torch.equal(codes, q) and torch.equal(got_d, d)
+
+    model = tiny_model.build()
+    assert model.lm_head.weight is model.embed_tokens.weight  # tied before
+    quantize_weights(model, "q4-h8")
+    assert model.embed_tokens.codes.dtype == torch.int8 and model.lm_head.weight.qdata.dtype == torch.int8
+
+
+@pytest.fixture(scope="module")
+def q4_program(tiny_model, tmp_path_factory):
+    from kvexport.export.build import build
+    from kvexport.session import CacheOptions
+
+    opts = CacheOptions(policy="fp16", max_context=64, window=4, sinks=2)  # the weights are the point here
+    out = tmp_path_factory.mktemp("graphs") / "tiny-q4"
+    return build(tiny_model, opts, "executorch", "fused", "q4-h8", out, log=lambda m: None)
+
+
+def test_q4_program_matches_its_reference(q4_program, tiny_model):
+    from kvexport.parity import run_parity
+
+    result = run_parity(q4_program, steps=20, loaded=tiny_model)
+    assert result["passed"], result
+    manifest = json.loads((q4_program / "manifest.json").read_text())
+    # The tiny model's weights are random floats, not Q4_1 / Q8_0: the manifest says they were re-quantized.
+    q4 = manifest["q4"]
+    assert q4["source"] == "requantized-q4_1-minmax" and q4["linears"] == 14 and q4["exact"] == 0
+    assert q4["embedding"] == "requantized-q8_0" and q4["lm_head"] == "8da8w"
+    xnn = manifest["executorch"]["xnnpack_ops"]  # 4-bit weights dequantized inside XNNPACK's GEMM, not outside
+    assert xnn.get("torchao.dequantize_affine.default", 0) >= 15 and "linear.default" in xnn
+    assert not any("dequantize" in k for k in manifest["executorch"]["executorch_kernel_ops"])
+
+
+@pytest.fixture(scope="module")
+def gguf_like(tiny_model):
+    """The tiny model with its block linears on a Q4_1 grid and its tied table on a Q8_0 grid, as
+    they are in a GGUF-converted model."""
+    import dataclasses
+
+    state = {}
+    for name, w in tiny_model.state_dict.items():
+        if name.startswith("layers.") and name.endswith("_proj.weight"):
+            codes, d, m, _ = q4_1_codes(w)
+            w = dequantize_q4_1(codes, d, m)
+        elif name == "embed_tokens.weight":
+            q, d, _ = q8_0_codes(w)
+            w = (q.float().unflatten(-1, (-1, BLOCK)) * d[..., None]).flatten(-2)
+        state[name] = w
+    return dataclasses.replace(tiny_model, name="tiny-gguf-like", state_dict=state)
+
+
+def test_onnx_q4_program_is_exact(gguf_like, tmp_path):
+    """MatMulNBits on the codes: 4-bit linears, the 8-bit lm_head, the embedding reading its codes;
+    fp32 activations, so the plain fp32 reference is the reference."""
+    from kvexport.export.build import build
+    from kvexport.parity import run_parity
+    from kvexport.session import CacheOptions
+
+    opts = CacheOptions(policy="static-4", max_context=64, window=4, sinks=2)
+    out = build(gguf_like, opts, "onnx", "fused", "q4", tmp_path / "tiny-onnx-q4", log=lambda m: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    ops = manifest["onnx"]["op_counts"]
+    assert ops.get("com.microsoft::MatMulNBits") == 15, ops  # 14 block linears + the lm_head
+    table = gguf_like.args.vocab_size * gguf_like.args.dim
+    size = sum((out / f).stat().st_size for f in manifest["program_files"])
+    assert table < size < 1.5 * table  # the tied table once, in 8 bits (fp32: 8 bytes a weight, two copies)
+    result = run_parity(out, steps=16, loaded=gguf_like)
+    assert result["passed"] and result["max_kl"] < 1e-6, result

@@ -1,4 +1,5 @@
-"""kvexport custom ops: ``kvexport::quantize_pack``, ``kvexport::dequantize_unpack``, ``kvexport::pool_attention``.
+"""kvexport custom ops: ``kvexport::quantize_pack``, ``kvexport::dequantize_unpack``, ``kvexport::pool_attention``,
+``kvexport::layer_attention`` (one layer's attention over the whole cache plus the chunk's cache write).
 
 * :func:`load` registers the ops with ``torch.library`` (functional + ``.out`` overloads, eager CPU
   kernels that call the reference in :mod:`kvexport.kv`, fake kernels for ``torch.export``).
@@ -6,7 +7,9 @@
   use) into the ExecuTorch Python runtime, exactly once per process, from one path.
 * :func:`quantize_pack` / :func:`dequantize_unpack` / :func:`pool_attention` are what model code
   calls: the custom op, or with ``portable=True`` the core-ATen reference inlined (a program that
-  runs on a stock ExecuTorch runtime with no kernel library).
+  runs on a stock ExecuTorch runtime with no kernel library). :func:`layer_attention` has no
+  portable form (its reference reads the fill state as Python ints): portable programs keep the
+  per-part attention of :class:`kvexport.kv.cache.MixedKVCache`.
 * :func:`portable_decompositions` turns an already-exported program into the portable one.
 * :func:`missing_kernel_message` explains ``Missing operator: kvexport::...`` load failures.
 * :mod:`kvexport.ops.onnx` holds the ONNX functions and the torch.onnx translation table.
@@ -31,6 +34,7 @@ __all__ = [
     "KernelLibraryError",
     "build_kernels",
     "dequantize_unpack",
+    "layer_attention",
     "library_path",
     "load",
     "load_method",
@@ -43,7 +47,7 @@ __all__ = [
     "raise_if_missing_kernel",
 ]
 
-OP_NAMES = ("quantize_pack", "dequantize_unpack", "pool_attention")
+OP_NAMES = ("quantize_pack", "dequantize_unpack", "pool_attention", "layer_attention")
 
 _lock = threading.Lock()
 _kernel_lib_path: Path | None = None
@@ -202,6 +206,15 @@ def pool_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_va
         return _attention.pool_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale)
     load()
     return torch.ops.kvexport.pool_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, float(scale))
+
+
+def layer_attention(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer: int, group: int,
+                    scale: float, features: bool):
+    """``kvexport::layer_attention`` (spec: :mod:`kvexport.kv.layer_attention`); mutates the sinks,
+    the window and the eviction staging rows, returns ``(out [Hq, T, D], recv [W + T, 3])``."""
+    load()
+    return torch.ops.kvexport.layer_attention(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v,
+                                              list(pools), layer, group, float(scale), bool(features))
 
 
 def portable_decompositions() -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kvexport.kv import attention, quant
+from kvexport.kv import attention, layer_attention, quant
 
 NAMESPACE = "kvexport"
 
@@ -35,6 +35,16 @@ SCHEMAS = {
         "pool_attention.out(Tensor q, Tensor k_packed, Tensor k_scale, Tensor k_zero, Tensor v_packed,"
         " Tensor v_scale, Tensor v_zero, Tensor n_valid, int bits, int group, float scale, *, Tensor(a!) o,"
         " Tensor(b!) m, Tensor(c!) l) -> (Tensor(a!), Tensor(b!), Tensor(c!))"
+    ),
+    "layer_attention": (
+        "layer_attention(Tensor q, Tensor k, Tensor v, Tensor state, Tensor(a!) sink_k, Tensor(b!) sink_v,"
+        " Tensor(c!) win_k, Tensor(d!) win_v, Tensor(e!) evict_k, Tensor(f!) evict_v, Tensor[] pools, int layer,"
+        " int group, float scale, bool features) -> (Tensor out, Tensor recv)"
+    ),
+    "layer_attention.out": (
+        "layer_attention.out(Tensor q, Tensor k, Tensor v, Tensor state, Tensor(a!) sink_k, Tensor(b!) sink_v,"
+        " Tensor(c!) win_k, Tensor(d!) win_v, Tensor(e!) evict_k, Tensor(f!) evict_v, Tensor[] pools, int layer,"
+        " int group, float scale, bool features, *, Tensor(g!) out, Tensor(h!) recv) -> (Tensor(g!), Tensor(h!))"
     ),
 }
 
@@ -87,6 +97,18 @@ def _pool_attention_impl(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero
     return o.contiguous(), m.contiguous(), l.contiguous()
 
 
+def _layer_attention_shapes(q, win_k):
+    hq, t, d = q.shape
+    return (hq, t, d), (win_k.shape[0] - 1 + t, layer_attention.N_RECV)
+
+
+def _layer_attention_impl(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group,
+                          scale, features):
+    out, recv = layer_attention.layer_attention(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v,
+                                                pools, layer, group, scale, features)
+    return out.contiguous(), recv
+
+
 def _copy_out(results, outs):
     for res, out in zip(results, outs):
         out.resize_(res.shape)
@@ -105,6 +127,13 @@ def _dequantize_unpack_out_impl(packed, scale, zero, bits, group, *, out):
 def _pool_attention_out_impl(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale, *, o, m, l):
     res = _pool_attention_impl(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale)
     return tuple(_copy_out(res, (o, m, l)))
+
+
+def _layer_attention_out_impl(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group,
+                              scale, features, *, out, recv):
+    res = _layer_attention_impl(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group,
+                                scale, features)
+    return tuple(_copy_out(res, (out, recv)))
 
 
 # ----------------------------------------------------------------------------- fake / meta
@@ -146,6 +175,18 @@ def _pool_attention_out_meta(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_
     return o.resize_(o_shape), m.resize_(ml_shape), l.resize_(ml_shape)
 
 
+def _layer_attention_fake(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group,
+                          scale, features):
+    out_shape, recv_shape = _layer_attention_shapes(q, win_k)
+    return q.new_empty(out_shape, dtype=torch.float32), q.new_empty(recv_shape, dtype=torch.float32)
+
+
+def _layer_attention_out_meta(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group,
+                              scale, features, *, out, recv):
+    out_shape, recv_shape = _layer_attention_shapes(q, win_k)
+    return out.resize_(out_shape), recv.resize_(recv_shape)
+
+
 # ----------------------------------------------------------------------------- registration
 
 
@@ -174,11 +215,13 @@ def register() -> None:
         "quantize_pack": (_quantize_pack_impl, _quantize_pack_fake),
         "dequantize_unpack": (_dequantize_unpack_impl, _dequantize_unpack_fake),
         "pool_attention": (_pool_attention_impl, _pool_attention_fake),
+        "layer_attention": (_layer_attention_impl, _layer_attention_fake),
     }
     out = {
         "quantize_pack.out": (_quantize_pack_out_impl, _quantize_pack_out_meta),
         "dequantize_unpack.out": (_dequantize_unpack_out_impl, _dequantize_unpack_out_meta),
         "pool_attention.out": (_pool_attention_out_impl, _pool_attention_out_meta),
+        "layer_attention.out": (_layer_attention_out_impl, _layer_attention_out_meta),
     }
     for name, (impl, fake) in functional.items():
         lib.impl(name, impl, "CPU")

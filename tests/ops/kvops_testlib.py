@@ -70,12 +70,13 @@ def dynamic_shapes():
     return ({0: n}, {0: n}, None, None)
 
 
-def export_et(module: torch.nn.Module, example, decompose: bool = False) -> bytes:
-    """torch.export -> (optionally inline the reference) -> XNNPACK lowering -> .pte bytes."""
+def export_et(module: torch.nn.Module, example, decompose: bool = False, dynamic=None) -> bytes:
+    """torch.export (``dynamic`` shapes, default :func:`dynamic_shapes`) -> (optionally inline the
+    reference) -> XNNPACK lowering -> .pte bytes."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    ep = torch.export.export(module, example, dynamic_shapes=dynamic_shapes())
+    ep = torch.export.export(module, example, dynamic_shapes=dynamic if dynamic is not None else dynamic_shapes())
     if decompose:
         ep = ep.run_decompositions(ops.portable_decompositions())
     edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])

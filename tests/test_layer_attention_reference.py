@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvexport.kv import layer_attention as ref
-from kvexport.session import CacheOptions, Session
+from kvexport.session import CacheOptions, Session, build_cache
 
 IDS = list(range(1000, 1100))
 
@@ -56,3 +56,31 @@ def test_reference_equals_cache_step(tiny_model, opts, n_prefix, t):
         assert torch.equal(evict[0][in_win], new_k[in_win])
     assert not evict[0][~in_win].any()
     assert torch.equal(mutable["sink_k"][pos[~in_win]], new_k[~in_win])
+
+
+@pytest.mark.parametrize("opts", [
+    dict(policy="random:0.25,0.25,0.25,0.25", window=8, sinks=3),
+    dict(policy="learned", window=8, sinks=2),  # features from the kernel's recv output
+    dict(policy="static-2", window=0, sinks=2),
+    dict(policy="fp32", window=4, sinks=0),
+])
+def test_layer_kernel_cache_decodes_like_the_reference_cache(tiny_model, hand_controller, opts):
+    """A cache whose layers each run ``kvexport::layer_attention`` (eager: its reference) gives the
+    reference cache's logits, and the same pools, positions and fills, step after step."""
+    if opts["policy"] == "learned":
+        opts = {**opts, "policy": f"learned:{hand_controller}"}
+    a = Session(tiny_model, CacheOptions(max_context=96, **opts))
+    b = Session(tiny_model, CacheOptions(max_context=96, **opts), model=a.model)
+    b.cache = build_cache(tiny_model, b.opts, trim=False, fused_ops=True, layer_kernel=True)
+    chunk = min(a.max_chunk, 4)
+    for i in range(0, 60, chunk):  # logits ~16 here; summation order alone moves them by ~1e-4
+        torch.testing.assert_close(b.step(IDS[i : i + chunk]), a.step(IDS[i : i + chunk]), rtol=1e-4, atol=2e-3)
+    state = b.cache.state_buffers()
+    for name, buf in a.cache.state_buffers().items():
+        got = state[name]
+        if name not in ("fill", "n_seen"):  # slot-major: the last (trash) slot holds whatever was discarded
+            buf, got = buf[:-1], got[:-1]
+        if buf.is_floating_point():  # features and float parts: attention-derived, float tolerance
+            torch.testing.assert_close(got.float(), buf.float(), rtol=1e-3, atol=1e-3, msg=name)
+        else:  # positions, fills, packed codes: identical
+            assert torch.equal(got, buf), name

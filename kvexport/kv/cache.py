@@ -124,8 +124,8 @@ class MixedKVCache(nn.Module):
     numbers.
     """
 
-    def __init__(self, layout: CacheLayout, policy: Policy, rarity: torch.Tensor, trim: bool = True, fused_ops: bool = False,
-                 layer_kernel: bool = False):
+    def __init__(self, layout: CacheLayout, policy: Policy, rarity: torch.Tensor, trim: bool = True,
+                 fused_ops: bool = False, layer_kernel: bool = False):
         super().__init__()
         self.layout = layout
         self.policy = policy

@@ -11,6 +11,7 @@
   portable form (its reference reads the fill state as Python ints): portable programs keep the
   per-part attention of :class:`kvexport.kv.cache.MixedKVCache`.
 * :func:`portable_decompositions` turns an already-exported program into the portable one.
+* :func:`kernel_calls` counts the operator calls a ``.pte`` makes outside XNNPACK per step.
 * :func:`missing_kernel_message` explains ``Missing operator: kvexport::...`` load failures.
 * :mod:`kvexport.ops.onnx` holds the ONNX functions and the torch.onnx translation table.
 """
@@ -34,6 +35,7 @@ __all__ = [
     "KernelLibraryError",
     "build_kernels",
     "dequantize_unpack",
+    "kernel_calls",
     "layer_attention",
     "library_path",
     "load",
@@ -106,15 +108,27 @@ _ERROR_CODE_RE = re.compile(r"error:?\s*0x:?([0-9a-fA-F]+)")
 _LOGGED_OP_RE = re.compile(r"Missing operator:?\s*(?:\[\d+\]\s*)?(kvexport::[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)")
 
 
-def program_custom_ops(program: str | Path | bytes) -> list[str]:
-    """``kvexport::`` operators (``name.overload``) a serialized ``.pte`` program calls."""
+def _execution_plans(program: str | Path | bytes):
     from executorch.exir._serialize._program import deserialize_pte_binary
 
     data = program if isinstance(program, (bytes, bytearray)) else Path(program).read_bytes()
     pte = deserialize_pte_binary(bytes(data))
-    prog = getattr(pte, "program", pte)
+    return getattr(pte, "program", pte).execution_plan
+
+
+def kernel_calls(program: str | Path | bytes, method: str = "forward") -> int:
+    """Operator calls outside delegates (XNNPACK) that one run of ``method`` of a ``.pte`` makes:
+    the program's instructions are straight-line, so this is the count per decode step."""
+    from executorch.exir.schema import KernelCall
+
+    plan = next(p for p in _execution_plans(program) if p.name == method)
+    return sum(isinstance(i.instr_args, KernelCall) for chain in plan.chains for i in chain.instructions)
+
+
+def program_custom_ops(program: str | Path | bytes) -> list[str]:
+    """``kvexport::`` operators (``name.overload``) a serialized ``.pte`` program calls."""
     names = []
-    for plan in prog.execution_plan:
+    for plan in _execution_plans(program):
         for operator in plan.operators:
             name = f"{operator.name}.{operator.overload}" if operator.overload else operator.name
             if name.startswith("kvexport::") and name not in names:

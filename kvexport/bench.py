@@ -69,8 +69,8 @@ def run_bench(programs: list[Path], contexts: list[int], decode_steps: int = 16,
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'program':48} {'ctx':>5} {'prefill tok/s':>13} {'decode ms/tok':>13} {'x baseline':>10} {'KV KiB used':>11} {'bits':>5}"
-             f" {'ops outside XNNPACK':>19}"]
+    lines = [f"{'program':48} {'ctx':>5} {'prefill tok/s':>13} {'decode ms/tok':>13} {'x baseline':>10} "
+             f"{'KV KiB used':>11} {'bits':>5} {'ops outside XNNPACK':>19}"]
     for r in result["rows"]:
         calls = "-" if r.get("kernel_calls") is None else r["kernel_calls"]
         lines.append(f"{Path(r['program']).name[:48]:48} {r['context']:>5} {r['prefill_tok_s']:>13.1f} "

@@ -95,6 +95,7 @@ def write_program(step: StepProgram, out_dir: Path, *, target: str, ops: str, we
     log(f"[2/3] lower to ExecuTorch (XNNPACK): {len(ep.graph.nodes)} nodes")
     pte, ops = lower_to_pte(ep, metadata)
     log(f"[3/3] serialize: {len(pte) / 1e6:.1f} MB; {ops['xnnpack_partitions']} XNNPACK partitions "
-        f"({sum(ops['xnnpack_ops'].values())} ops), {ops['kernel_calls_per_step']} operator calls outside XNNPACK per step")
+        f"({sum(ops['xnnpack_ops'].values())} ops), "
+        f"{ops['kernel_calls_per_step']} operator calls outside XNNPACK per step")
     (out_dir / "model.pte").write_bytes(pte)
     return {"program": "model.pte", "files": ["model.pte"], "executorch": {"exported_nodes": len(ep.graph.nodes), **ops}}

@@ -120,17 +120,21 @@ inline const float* float_row(const Part& p, const void* base, int64_t i, int64_
   return buf;
 }
 
-inline const float* query(const Step& s, int64_t h, int64_t qi) {
-  return s.q + ((h * s.grp + qi / s.t) * s.t + qi % s.t) * s.d;
-}
-
 // Partial attention of the nq query vectors of KV head `task.h` over slots [b0, b1) of `part`.
-// partial: [nq, d + 2] = (o, m, l); scratch: kBlock * nq scores + 2 * d + nq * ng floats.
-void run_task(const Step& s, const Part& part, const Task& task, float* partial, float* scratch) {
+// partial: [nq, d + 2] = (o, m, l); scratch: kBlock * nq scores + d + nq * ng + 2 * ng floats.
+void run_task(const Step& s, const Part& part, const Task& task, float* partial, float* scratch,
+              const float** qv_of /* [2 * nq] query and group-sum rows, filled here */) {
   const int64_t nb = task.b1 - task.b0, d = s.d, nq = s.nq, h = task.h;
+  const float** qs_of = qv_of + nq;
+  for (int64_t qi = 0; qi < nq; ++qi) {
+    const int64_t qrow = (h * s.grp + qi / s.t) * s.t + qi % s.t;
+    qv_of[qi] = s.q + qrow * d;
+    qs_of[qi] = s.qsum + qrow * s.ng;
+  }
   float* sc = scratch;              // [nq, kBlock] scores, then weights
   float* row = sc + nq * kBlock;    // [d] a widened K/V row or unpacked codes
   float* zacc = row + d;            // [nq, ng] sum of p * zero per group (quantized V)
+  float* sz = zacc + nq * s.ng;     // [2, ng] this row's scales and zero points
   const bool quant = part.bits != kFloatRows;
   for (int64_t j = 0; j < nb; ++j) {
     const int64_t i = task.b0 + j;
@@ -138,20 +142,21 @@ void run_task(const Step& s, const Part& part, const Task& task, float* partial,
       const int64_t off = i * part.slot_stride + h * part.head_stride;
       const int64_t zoff = i * part.sz_slot_stride + h * part.sz_head_stride;
       unpack_row(part.bits, static_cast<const uint8_t*>(part.k) + off, d, row);
+      widen_half(part.ks + zoff, sz, s.ng);
+      widen_half(part.kz + zoff, sz + s.ng, s.ng);
       for (int64_t qi = 0; qi < nq; ++qi) {
-        const float* qv = query(s, h, qi);
-        const float* qs = s.qsum + ((h * s.grp + qi / s.t) * s.t + qi % s.t) * s.ng;
+        const float* qv = qv_of[qi];
+        const float* qs = qs_of[qi];
         float acc = 0.0f;
         for (int64_t g = 0; g < s.ng; ++g) {
-          const float cdot = dot(qv + g * s.group, row + g * s.group, s.group);
-          acc += f16_to_f32(part.ks[zoff + g]) * cdot + f16_to_f32(part.kz[zoff + g]) * qs[g];
+          acc += sz[g] * dot(qv + g * s.group, row + g * s.group, s.group) + sz[s.ng + g] * qs[g];
         }
         sc[qi * kBlock + j] = acc * s.scale;
       }
     } else {
       const float* kr = float_row(part, part.k, i, h, d, row);
       for (int64_t qi = 0; qi < nq; ++qi) {
-        sc[qi * kBlock + j] = dot(query(s, h, qi), kr, d) * s.scale;
+        sc[qi * kBlock + j] = dot(qv_of[qi], kr, d) * s.scale;
       }
     }
   }
@@ -181,13 +186,15 @@ void run_task(const Step& s, const Part& part, const Task& task, float* partial,
       const int64_t off = i * part.slot_stride + h * part.head_stride;
       const int64_t zoff = i * part.sz_slot_stride + h * part.sz_head_stride;
       unpack_row(part.bits, static_cast<const uint8_t*>(part.v) + off, d, row);
+      widen_half(part.vs + zoff, sz, s.ng);
+      widen_half(part.vz + zoff, sz + s.ng, s.ng);
       for (int64_t qi = 0; qi < nq; ++qi) {
         const float w = sc[qi * kBlock + j];
         float* o = partial + qi * (d + 2);
         float* za = zacc + qi * s.ng;
         for (int64_t g = 0; g < s.ng; ++g) {
-          const float ws = w * f16_to_f32(part.vs[zoff + g]);
-          za[g] += w * f16_to_f32(part.vz[zoff + g]);
+          const float ws = w * sz[g];
+          za[g] += w * sz[s.ng + g];
           const float* c = row + g * s.group;
           float* og = o + g * s.group;
           for (int64_t e = 0; e < s.group; ++e) {
@@ -430,9 +437,10 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
   std::vector<float> partial(tasks.size() * stride);
   bool ok = executorch::extension::parallel_for(0, static_cast<int64_t>(tasks.size()), 1,
                                                 [&](int64_t a, int64_t b) {
-    std::vector<float> scratch(nq * tb + 2 * d + nq * ng);
+    std::vector<float> scratch(nq * tb + d + nq * ng + 2 * ng);
+    std::vector<const float*> rows(2 * nq);
     for (int64_t i = a; i < b; ++i) {
-      run_task(s, parts[tasks[i].part], tasks[i], partial.data() + i * stride, scratch.data());
+      run_task(s, parts[tasks[i].part], tasks[i], partial.data() + i * stride, scratch.data(), rows.data());
     }
   });
   ET_KERNEL_CHECK_MSG(ctx, ok, Internal, ret, "%s: parallel_for failed", name);

@@ -23,7 +23,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_cache_args(p: argparse.ArgumentParser, default_policy: str | None = "fp16") -> None:
     p.add_argument("--kv-policy", default=default_policy,
                    help="fp32, fp16, static-2|4|8, random:B, random:f2,f4,f8,f16, rule, learned[:FILE]"
-                        + ("" if default_policy else " (default: learned when a controller is committed, else fp16)"))
+                        + ("" if default_policy else " (default: learned when a controller is committed, else static-4)"))
     p.add_argument("--kv-window", type=int, default=32, help="FP16 recent-window tokens")
     p.add_argument("--kv-sinks", type=int, default=4, help="FP16 sink tokens at the start")
     p.add_argument("--kv-group", type=int, default=None, help="quantization group size (default: head_dim)")
@@ -121,17 +121,34 @@ def cmd_count_tokens(a: argparse.Namespace) -> int:
     return 0
 
 
+def build_defaults(a: argparse.Namespace, has_controller: bool) -> str | None:
+    """Fill ``--kv-policy`` / ``--ops`` left unset with the fastest program that passes parity (the
+    learned policy when the model has a committed controller, else static-4; fused ops); returns the
+    one line that says what was chosen and how to get the other variants, or None."""
+    chosen = []
+    if a.kv_policy is None:
+        a.kv_policy = "learned" if has_controller else "static-4"
+        chosen.append(f"--kv-policy {a.kv_policy}")
+    if a.ops is None:
+        a.ops = "fused"
+        chosen.append("--ops fused")
+    if not chosen:
+        return None
+    return (f"defaults: {' '.join(chosen)} (the fastest program); --ops portable runs on a stock ExecuTorch "
+            "runtime, --kv-policy fp16 keeps every token at 16 bits")
+
+
 def cmd_build(a: argparse.Namespace) -> int:
     from kvexport.export.build import DEFAULT_WEIGHTS, build, default_name
 
     from kvexport.session import default_controller_path
 
     loaded = load_model(a)
-    if a.kv_policy is None:  # default: the learned policy when a controller is committed for the model
-        a.kv_policy = "learned" if default_controller_path(loaded.name, a.kv_budget_bits).is_file() else "fp16"
+    chosen = build_defaults(a, default_controller_path(loaded.name, a.kv_budget_bits).is_file())
+    if chosen:
+        print(chosen, file=sys.stderr)
     opts = cache_options(a)
     weights = a.weights or DEFAULT_WEIGHTS.get(a.target, "fp32")
-    a.ops = a.ops or ("fused" if a.target in ("onnx", "ort") else "portable")
     name = a.name or default_name(loaded, opts, a.target, a.ops, weights)
     out = Path(a.out) / name
     extra = {"ort_version": a.ort_version} if a.ort_version else {}
@@ -252,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_args(s, default_policy=None)
     s.add_argument("--target", default="executorch", help="executorch, onnx or ort")
     s.add_argument("--ops", default=None,
-                   help="fused (our kernels) or portable (core ATen, stock runtime); default: portable for "
-                        "executorch, fused for onnx/ort (the only mode there: our ops as standard-ONNX functions)")
+                   help="fused (our kernels; default) or portable (core ATen, stock ExecuTorch runtime); "
+                        "onnx/ort: fused only (our ops as standard-ONNX functions)")
     s.add_argument("--weights", default=None,
                    help="executorch: fp32, 8da8w, 8da4w; onnx/ort: fp32, int8, int4 (default: per target, see README)")
     s.add_argument("--ort-version", default=None,

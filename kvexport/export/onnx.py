@@ -178,7 +178,7 @@ def write_program(step: StepProgram, out_dir: Path, *, target: str, ops: str, we
         "outputs": ["logits", "kv_stats", *(STATE_OUT + n for n in names)],
         "initial_state": INITIAL_STATE,
         "state_note": "feed new_state.<name> of one step as state.<name> of the next; start from initial_state",
-        "kvexport_functions": "kvexport::quantize_pack/dequantize_unpack/pool_attention nodes; their "
+        "kvexport_functions": "kvexport::quantize_pack/pool_attention nodes; their "
                               "standard-ONNX bodies are the model's local functions (runtimes inline them)",
         "op_counts": op_counts(onnx_path),
     }

@@ -1,11 +1,11 @@
-"""kvexport custom ops: ``kvexport::quantize_pack``, ``kvexport::dequantize_unpack``, ``kvexport::pool_attention``,
-``kvexport::layer_attention`` (one layer's attention over the whole cache plus the chunk's cache write).
+"""kvexport custom ops: ``kvexport::quantize_pack``, ``kvexport::pool_attention`` and ``kvexport::layer_attention``
+(one layer's attention over the whole cache plus the chunk's cache write).
 
 * :func:`load` registers the ops with ``torch.library`` (functional + ``.out`` overloads, eager CPU
   kernels that call the reference in :mod:`kvexport.kv`, fake kernels for ``torch.export``).
 * :func:`load_executorch_kernels` loads the compiled ExecuTorch kernels (building them on first
   use) into the ExecuTorch Python runtime, exactly once per process, from one path.
-* :func:`quantize_pack` / :func:`dequantize_unpack` / :func:`pool_attention` are what model code
+* :func:`quantize_pack` / :func:`pool_attention` are what model code
   calls: the custom op, or with ``portable=True`` the core-ATen reference inlined (a program that
   runs on a stock ExecuTorch runtime with no kernel library). :func:`layer_attention` has no
   portable form (its reference reads the fill state as Python ints): portable programs keep the
@@ -34,7 +34,6 @@ __all__ = [
     "BuildError",
     "KernelLibraryError",
     "build_kernels",
-    "dequantize_unpack",
     "kernel_calls",
     "layer_attention",
     "library_path",
@@ -49,7 +48,7 @@ __all__ = [
     "raise_if_missing_kernel",
 ]
 
-OP_NAMES = ("quantize_pack", "dequantize_unpack", "pool_attention", "layer_attention")
+OP_NAMES = ("quantize_pack", "pool_attention", "layer_attention")
 
 _lock = threading.Lock()
 _kernel_lib_path: Path | None = None
@@ -206,13 +205,6 @@ def quantize_pack(x: torch.Tensor, bits: int, group: int, *, portable: bool = Fa
         return _quant.quantize_packed(x, bits, group)
     load()
     return torch.ops.kvexport.quantize_pack(x, bits, group)
-
-
-def dequantize_unpack(packed, scale, zero, bits: int, group: int, *, portable: bool = False):
-    if portable:
-        return _quant.dequantize_packed(packed, scale, zero, bits, group)
-    load()
-    return torch.ops.kvexport.dequantize_unpack(packed, scale, zero, bits, group)
 
 
 def pool_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits: int, group: int, scale: float, *, portable: bool = False):

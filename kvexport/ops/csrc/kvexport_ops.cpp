@@ -2,7 +2,6 @@
  * ExecuTorch out-variant kernels for the kvexport custom ops.
  *
  *   kvexport::quantize_pack.out      == kvexport.kv.quant.quantize_packed   (bit-identical)
- *   kvexport::dequantize_unpack.out  == kvexport.kv.quant.dequantize_packed (bit-identical)
  *   kvexport::pool_attention.out     == kvexport.kv.attention.pool_attention (fp32, ~1e-6 rel)
  *
  * The Python functions in kvexport/kv are the spec. Build flags matter for bit-exactness:
@@ -13,8 +12,8 @@
  * own ExecuTorch runtime so the static registrations at the bottom are kept.
  */
 
-#include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
+#include <executorch/runtime/kernel/operator_registry.h>
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
 
 #include "kernel_common.h"
@@ -167,7 +166,6 @@ inline void dequant_row(int bits, const uint8_t* packed, const uint16_t* sc, con
   }
 }
 
-// exp for x <= 0 (softmax weights), ~2 ulp; branch-free so loops over it vectorise.
 
 }  // namespace
 
@@ -207,45 +205,6 @@ Tensor3 quantize_pack_out(KernelRuntimeContext& ctx, const Tensor& x, int64_t bi
                  zp + r * ng, codes.data());
   }
   return ret;
-}
-
-// ---------------------------------------------------------------- dequantize_unpack.out
-
-Tensor& dequantize_unpack_out(KernelRuntimeContext& ctx, const Tensor& packed, const Tensor& scale,
-                              const Tensor& zero, int64_t bits, int64_t group, Tensor& out) {
-  ET_KERNEL_CHECK_MSG(ctx, packed.scalar_type() == ScalarType::Byte &&
-                          scale.scalar_type() == ScalarType::Half &&
-                          zero.scalar_type() == ScalarType::Half &&
-                          out.scalar_type() == ScalarType::Float,
-                      InvalidArgument, out,
-                      "kvexport::dequantize_unpack: dtypes must be uint8, f16, f16 -> f32");
-  ET_KERNEL_CHECK_MSG(ctx, packed.dim() >= 1 && packed.dim() <= kMaxDim, InvalidArgument, out,
-                      "kvexport::dequantize_unpack: bad rank");
-  ET_KERNEL_CHECK_MSG(ctx, bits == 2 || bits == 4 || bits == 8, InvalidArgument, out,
-                      "kvexport::dequantize_unpack: bits must be 2, 4 or 8");
-  const int64_t p = packed.size(packed.dim() - 1);
-  const int64_t d = p * 8 / bits;
-  ET_KERNEL_CHECK_MSG(ctx, layout_ok(d, bits, group), InvalidArgument, out,
-                      "kvexport::dequantize_unpack: bad layout");
-  ET_KERNEL_CHECK_MSG(ctx, same_leading(packed, scale) && same_leading(packed, zero) &&
-                          scale.size(scale.dim() - 1) == d / group &&
-                          zero.size(zero.dim() - 1) == d / group,
-                      InvalidArgument, out, "kvexport::dequantize_unpack: shape mismatch");
-  ET_KERNEL_CHECK(ctx, resize_last(out, packed, d) == Error::Ok, InvalidArgument, out);
-  ET_KERNEL_CHECK_MSG(ctx, dense(packed) && dense(scale) && dense(zero) && dense(out),
-                      InvalidArgument, out,
-                      "kvexport::dequantize_unpack: tensors must be contiguous, default dim order");
-  const int64_t rows = p > 0 ? packed.numel() / p : 0;
-  const uint8_t* pp = packed.const_data_ptr<uint8_t>();
-  const uint16_t* sp = static_cast<const uint16_t*>(scale.const_data_ptr());
-  const uint16_t* zp = static_cast<const uint16_t*>(zero.const_data_ptr());
-  float* op = out.mutable_data_ptr<float>();
-  const int64_t ng = d / group;
-  for (int64_t r = 0; r < rows; ++r) {
-    dequant_row(static_cast<int>(bits), pp + r * p, sp + r * ng, zp + r * ng, d, group,
-                op + r * d);
-  }
-  return out;
 }
 
 // ---------------------------------------------------------------- pool_attention.out
@@ -420,7 +379,7 @@ Tensor3 pool_attention_out(KernelRuntimeContext& ctx, const Tensor& q, const Ten
 //
 // The boxed stack holds the schema's arguments in order (inputs, then the kwarg-only out
 // tensors), followed by the returned values. EXECUTORCH_LIBRARY's unboxing wrapper only handles a
-// single out tensor in this executorch release, so the two 3-output ops are unboxed by hand.
+// single out tensor in this executorch release, so the ops are unboxed by hand.
 
 namespace {
 
@@ -456,5 +415,3 @@ const Kernel kKernels[] = {
 const auto kRegistered = executorch::runtime::register_kernels({kKernels, 2});
 
 }  // namespace
-
-EXECUTORCH_LIBRARY(kvexport, "dequantize_unpack.out", kvexport::native::dequantize_unpack_out);

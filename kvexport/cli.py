@@ -95,18 +95,36 @@ def cmd_count_tokens(a: argparse.Namespace) -> int:
     return 0
 
 
+def build_defaults(a: argparse.Namespace, has_controller: bool) -> str | None:
+    """Fill ``--kv-policy`` / ``--ops`` left unset with the fastest program that passes parity (the
+    learned policy when the model has a committed controller, else static-4; fused ops); returns the
+    one line that says what was chosen and how to get the other variants, or None."""
+    chosen = []
+    if a.kv_policy is None:
+        a.kv_policy = "learned" if has_controller else "static-4"
+        chosen.append(f"--kv-policy {a.kv_policy}")
+    if a.ops is None:
+        a.ops = "fused"
+        chosen.append("--ops fused")
+    if not chosen:
+        return None
+    return (f"defaults: {' '.join(chosen)} (the fastest program); --ops portable runs on a stock ExecuTorch "
+            "runtime, --kv-policy fp16 keeps every token at 16 bits")
+
+
 def cmd_build(a: argparse.Namespace) -> int:
     from kvexport.export.build import DEFAULT_WEIGHTS, build, default_name
 
     from kvexport.session import default_controller_path
 
     loaded = load_model(a)
-    if a.kv_policy is None:  # default: the learned policy when a controller is committed for the model
-        chosen = a.kv_budget_bits is not None or default_controller_path(loaded.name, None).is_file()
-        a.kv_policy = "learned" if chosen else "fp16"  # a budget asks for its controller: missing is an error
+    # the learned policy when a controller is committed; a budget asks for its controller (missing: an error)
+    wants_learned = a.kv_budget_bits is not None or default_controller_path(loaded.name, None).is_file()
+    chosen = build_defaults(a, wants_learned)
+    if chosen:
+        print(chosen, file=sys.stderr)
     opts = cache_options(a)
     weights = a.weights or DEFAULT_WEIGHTS.get(a.target, "fp32")
-    a.ops = a.ops or ("fused" if a.target in ("onnx", "ort") else "portable")
     name = a.name or default_name(loaded, opts, a.target, a.ops, weights)
     out = Path(a.out) / name
     extra = {"ort_version": a.ort_version} if a.ort_version else {}
@@ -231,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_args(s, default_policy=None)
     s.add_argument("--target", default="executorch", help="executorch, onnx or ort")
     s.add_argument("--ops", default=None,
-                   help="fused (our kernels) or portable (core ATen, stock runtime); default: portable for "
-                        "executorch, fused for onnx/ort (the only mode there: our ops as standard-ONNX functions)")
+                   help="fused (our kernels; default) or portable (core ATen, stock ExecuTorch runtime); "
+                        "onnx/ort: fused only (our ops as standard-ONNX functions)")
     s.add_argument("--weights", default=None,
                    help="executorch: fp32, 8da8w, 8da4w, q4 (the GGUF's Q4_1 codes); onnx/ort: fp32, int8, int4 "
                         "(default: per target, see README)")

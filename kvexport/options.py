@@ -27,7 +27,7 @@ def add_cache_args(p: argparse.ArgumentParser, default_policy: str | None = "fp1
     ``policy_type`` its parse-time check (``None`` where the command parses a list itself)."""
     p.add_argument("--kv-policy", default=default_policy, type=policy_type,
                    help=policy_help or POLICY_GRAMMAR
-                   + ("" if default_policy else " (default: learned when a controller is committed, else fp16)"))
+                   + ("" if default_policy else " (default: learned when a controller is committed, else static-4)"))
     p.add_argument("--kv-window", type=validate.non_negative_int, default=32, help="FP16 recent-window tokens")
     p.add_argument("--kv-sinks", type=validate.non_negative_int, default=4, help="FP16 sink tokens at the start")
     p.add_argument("--kv-group", type=validate.positive_int, default=None,

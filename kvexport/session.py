@@ -74,8 +74,10 @@ class CacheOptions:
         return asdict(self)
 
 
-def build_cache(loaded: LoadedModel, opts: CacheOptions, trim: bool = True, fused_ops: bool = False) -> MixedKVCache:
-    """Cache (with its policy) for ``loaded`` under ``opts``; :class:`KvxError` on bad options."""
+def build_cache(loaded: LoadedModel, opts: CacheOptions, trim: bool = True, fused_ops: bool = False,
+                layer_kernel: bool = False) -> MixedKVCache:
+    """Cache (with its policy) for ``loaded`` under ``opts``; :class:`KvxError` on bad options.
+    ``fused_ops`` / ``layer_kernel``: see :class:`MixedKVCache`."""
     args = loaded.args
     group = opts.group or args.head_dim
     if opts.max_context < 1:
@@ -99,7 +101,7 @@ def build_cache(loaded: LoadedModel, opts: CacheOptions, trim: bool = True, fuse
         if policy.needs_features:
             raise KvxError(f"policy '{opts.policy}' needs a token-count table; run 'kvexport count-tokens --model {loaded.name}'")
         rarity = torch.zeros(args.vocab_size)
-    return MixedKVCache(layout, policy, rarity, trim=trim, fused_ops=fused_ops)
+    return MixedKVCache(layout, policy, rarity, trim=trim, fused_ops=fused_ops, layer_kernel=layer_kernel)
 
 
 def kv_stats_dict(stats: torch.Tensor) -> dict:

@@ -73,3 +73,18 @@ def test_generate_every_policy_prints_text_and_stats(policy, hand_controller):
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("The capital of France is") and len(res.stdout) > len("The capital of France is") + 3
     assert "avg bits/element" in res.stderr and "tok/s" in res.stderr
+
+
+def test_build_defaults_pick_the_fast_program_and_say_so():
+    import argparse
+
+    from kvexport.cli import build_defaults
+
+    a = argparse.Namespace(kv_policy=None, ops=None)
+    line = build_defaults(a, has_controller=True)
+    assert (a.kv_policy, a.ops) == ("learned", "fused") and "--ops portable" in line and "fp16" in line
+    a = argparse.Namespace(kv_policy=None, ops=None)
+    build_defaults(a, has_controller=False)
+    assert (a.kv_policy, a.ops) == ("static-4", "fused")
+    a = argparse.Namespace(kv_policy="fp16", ops="portable")
+    assert build_defaults(a, has_controller=True) is None and (a.kv_policy, a.ops) == ("fp16", "portable")

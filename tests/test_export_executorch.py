@@ -40,6 +40,7 @@ def test_manifest_describes_program(built):
     assert ops["xnnpack_partitions"] > 0 and any("linear" in k or "mm" in k for k in ops["xnnpack_ops"])
     custom = [k for k in ops["executorch_kernel_ops"] if k.startswith("kvexport")]
     assert bool(custom) == (m["ops_mode"] == "fused"), ops["executorch_kernel_ops"]
+    assert ops["kernel_calls_per_step"] > 0  # operator calls outside XNNPACK per step, read from the .pte
 
 
 def test_corrupt_truncated_and_mismatched_programs_are_one_line_errors(built, tmp_path):
@@ -73,7 +74,7 @@ def test_bench_reports_ratios_against_the_first_program(built):
     rows = result["rows"]
     assert [r["context"] for r in rows] == [8, 8, 40, 40]
     assert rows[0]["decode_ratio_vs_baseline"] == 1.0
-    assert all(r["decode_ms_per_token"] > 0 and r["prefill_tok_s"] > 0 for r in rows)
+    assert all(r["decode_ms_per_token"] > 0 and r["prefill_tok_s"] > 0 and r["kernel_calls"] > 0 for r in rows)
     assert rows[2]["kv_bytes_used"] > rows[0]["kv_bytes_used"]  # more context, more cache
     with pytest.raises(KvxError, match="exceed"):
         run_bench([built], contexts=[95], decode_steps=3)

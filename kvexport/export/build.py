@@ -187,7 +187,8 @@ def build(loaded: LoadedModel, opts: CacheOptions, target: str, ops: str, weight
 
     t0 = time.perf_counter()
     model = loaded.build()
-    cache = build_cache(loaded, opts, trim=False, fused_ops=ops == "fused")
+    fused = ops == "fused"  # ExecuTorch: one kvexport::layer_attention per layer; ONNX: per-part ops
+    cache = build_cache(loaded, opts, trim=False, fused_ops=fused, layer_kernel=fused and target == "executorch")
     step = StepProgram(model, cache).eval()
     meta = metadata_methods(step, loaded.tokenizer.bos_id, loaded.tokenizer.eos_ids)
     with atomic_directory(out_dir, replaceable) as tmp:

@@ -33,6 +33,12 @@ writes them. Attention covers sinks + window + all pools + the chunk itself (cau
    in one step are served in position order). The same vectorised rule runs in every backend;
 3. writes the chunk into the window ring (and sinks).
 
+With ``layer_kernel`` (ExecuTorch ``--ops fused``) each layer's ``attend`` is ONE
+``kvexport::layer_attention`` call (:mod:`kvexport.kv.layer_attention`): it attends every part,
+returns the last layer's attention features, and already writes the chunk into the sinks / ring,
+staging the ring's old occupants in ``evict_k/v [max_chunk, L, H, D]``; ``commit`` then evicts from
+those staged rows and writes only positions and features into the window.
+
 Eviction happens at step granularity: within one chunk, tokens see each other at full precision.
 Keys are stored after RoPE, optionally multiplied by an orthonormal Hadamard matrix (queries get
 the same rotation, so scores are unchanged while outliers spread across channels before quantizing).
@@ -123,7 +129,8 @@ class CacheStep:
     n_fill: tuple[int, ...]  # pool prefix attended per class: filled counts (trimmed) or capacities
     new_k: list[torch.Tensor] = field(default_factory=list)  # per layer [B, H, T, D], as the cache stores them
     new_v: list[torch.Tensor] = field(default_factory=list)  # per layer [B, H, T, D]
-    received: tuple | None = None  # last layer's attention pieces (batch 1) for the attention features
+    received: tuple | torch.Tensor | None = None  # last layer's attention (batch 1) for the attention features
+    kernel_state: torch.Tensor | None = None  # int32 [5] (p0, fills) for kvexport::layer_attention
 
 
 # Overflow order per desired class: itself, cheaper classes (nearest first), then dearer ones.
@@ -140,12 +147,14 @@ class MixedKVCache(nn.Module):
     numbers.
     """
 
-    def __init__(self, layout: CacheLayout, policy: Policy, rarity: torch.Tensor, trim: bool = True, fused_ops: bool = False):
+    def __init__(self, layout: CacheLayout, policy: Policy, rarity: torch.Tensor, trim: bool = True,
+                 fused_ops: bool = False, layer_kernel: bool = False):
         super().__init__()
         self.layout = layout
         self.policy = policy
         self.trim = trim
         self.fused_ops = fused_ops  # True: our kvexport:: custom ops; False: their core-ATen reference
+        self.layer_kernel = layer_kernel  # True: one kvexport::layer_attention per layer (batch 1)
         L, H, D, S, W = layout.n_layers, layout.n_kv_heads, layout.head_dim, layout.sinks, layout.window
         fp = layout.torch_fp_dtype
         self.register_buffer("rarity", rarity.float(), persistent=False)
@@ -167,6 +176,9 @@ class MixedKVCache(nn.Module):
                 self.register_buffer(f"pool{c}_{kv}", torch.zeros(cap + 1, L, H, D * c // 8, dtype=torch.uint8))
                 self.register_buffer(f"pool{c}_{kv}s", torch.zeros(cap + 1, L, H, D // layout.group, dtype=torch.float16))
                 self.register_buffer(f"pool{c}_{kv}z", torch.zeros(cap + 1, L, H, D // layout.group, dtype=torch.float16))
+        if layer_kernel:  # rows leaving the window this step, staged by the kernel for commit
+            self.register_buffer("evict_k", torch.zeros(self.max_chunk, L, H, D, dtype=fp))
+            self.register_buffer("evict_v", torch.zeros(self.max_chunk, L, H, D, dtype=fp))
         self.register_buffer("fill", torch.zeros(len(CLASSES), dtype=torch.int64))
         self.register_buffer("n_seen", torch.zeros(1, dtype=torch.int64))
         # constants (non-persistent: not state, not counted in nbytes)
@@ -216,7 +228,8 @@ class MixedKVCache(nn.Module):
     def begin(self, input_pos: torch.Tensor) -> CacheStep:
         """Start a step over a chunk whose first token sits at ``input_pos`` int64 ``[1]``."""
         n_fill = tuple(int(f) for f in self.fill.tolist()) if self.trim else self.layout.capacities
-        return CacheStep(input_pos, n_fill)
+        kernel_state = torch.cat([input_pos, self.fill]).to(torch.int32) if self.layer_kernel else None
+        return CacheStep(input_pos, n_fill, kernel_state=kernel_state)
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.rotation if self.layout.rotate_keys else x
@@ -229,6 +242,8 @@ class MixedKVCache(nn.Module):
         b, hq, t, d = q.shape
         scale = 1.0 / math.sqrt(d)
         q = self._rotate(q)
+        if self.layer_kernel:
+            return self._layer_attention(step, layer, q, self._rotate(k), v, scale)
         k = self._rotate(k).to(fp).float()  # what the cache will hold, so later steps see the same
         v = v.to(fp).float()
         step.new_k.append(k)
@@ -280,6 +295,20 @@ class MixedKVCache(nn.Module):
         if layer == lay.n_layers - 1 and b == 1:
             step.received = (win_part if lay.window else None, (cp[0], cm[0]), lse)
         return out.reshape(hq, b, t, d).transpose(0, 1)
+
+    def _layer_attention(self, step: CacheStep, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        """``kvexport::layer_attention`` for batch 1: q ``[1, Hq, T, D]``, k/v ``[1, H, T, D]`` (rotated)
+        -> ``[1, Hq, T, D]``; keeps the last layer's features ``recv [W + T, 3]`` in ``step.received``."""
+        from kvexport import ops
+        from kvexport.kv.layer_attention import POOL_NAMES
+
+        features = layer == self.layout.n_layers - 1 and self.policy.needs_features
+        out, recv = ops.layer_attention(q[0], k[0], v[0], step.kernel_state, self.sink_k, self.sink_v, self.win_k,
+                                        self.win_v, self.evict_k, self.evict_v, [getattr(self, n) for n in POOL_NAMES],
+                                        layer, self.layout.group, scale, features)
+        if features:
+            step.received = recv
+        return out.unsqueeze(0)
 
     def _attention_features(self, received: tuple, n_tokens: int):
         """Attention received in the last layer from this step's queries (``CacheStep.received``),
@@ -339,14 +368,18 @@ class MixedKVCache(nn.Module):
         S, W, fp = lay.sinks, lay.window, lay.torch_fp_dtype
         t = tokens.shape[1]
         pos = step.input_pos + torch.arange(t)
-        new_k = torch.stack([k[0].transpose(0, 1) for k in step.new_k], dim=1)  # [T, L, H, D]
-        new_v = torch.stack([v[0].transpose(0, 1) for v in step.new_v], dim=1)
+        if not self.layer_kernel:
+            new_k = torch.stack([k[0].transpose(0, 1) for k in step.new_k], dim=1)  # [T, L, H, D]
+            new_v = torch.stack([v[0].transpose(0, 1) for v in step.new_v], dim=1)
 
         if self.policy.needs_features:
             logp = torch.log_softmax(logits[0].float(), dim=-1)
             entropy = -(logp.exp() * logp).sum(-1)
             maxp = logp.amax(-1).exp()
-            win_sums, chunk_sums = self._attention_features(step.received, t)
+            if self.layer_kernel:
+                win_sums, chunk_sums = step.received[:W], step.received[W:]
+            else:
+                win_sums, chunk_sums = self._attention_features(step.received, t)
             new_feat = torch.cat([torch.stack([self.rarity[tokens[0]], entropy, maxp], -1), chunk_sums], -1)
             if W:
                 self.win_feat[:W, 3:] += win_sums
@@ -358,9 +391,14 @@ class MixedKVCache(nn.Module):
         if W:
             ring = schedule.ring_slot(pos, S, W)
             cand_pos, cand_feat = self.win_pos[ring], self.win_feat[ring]
-            cand_k, cand_v = self.win_k[ring].float(), self.win_v[ring].float()
+            if not self.layer_kernel:
+                cand_k, cand_v = self.win_k[ring].float(), self.win_v[ring].float()
         else:
-            cand_pos, cand_feat, cand_k, cand_v = torch.where(in_win, pos, -1), new_feat, new_k, new_v
+            cand_pos, cand_feat = torch.where(in_win, pos, -1), new_feat
+            if not self.layer_kernel:
+                cand_k, cand_v = new_k, new_v
+        if self.layer_kernel:  # the kernel staged the rows leaving the window (W == 0: the chunk itself)
+            cand_k, cand_v = self.evict_k[:t].float(), self.evict_v[:t].float()
         valid = cand_pos >= S
         desired = self.policy(self.policy_inputs(cand_feat), cand_pos)
         cls, slot, new_fill = self._allocate(desired, valid)
@@ -381,11 +419,12 @@ class MixedKVCache(nn.Module):
 
         # 2. the chunk enters the window ring (or the sinks)
         if W:
-            self._write(self.win_k, ring, new_k.to(fp))
-            self._write(self.win_v, ring, new_v.to(fp))
+            if not self.layer_kernel:  # the kernel wrote the chunk's K/V already
+                self._write(self.win_k, ring, new_k.to(fp))
+                self._write(self.win_v, ring, new_v.to(fp))
             self._write(self.win_pos, ring, torch.where(in_win, pos, -1))
             self._write(self.win_feat, ring, new_feat)
-        if S:
+        if S and not self.layer_kernel:
             sink_slot = torch.where(in_win, S, pos)
             self._write(self.sink_k, sink_slot, new_k.to(fp))
             self._write(self.sink_v, sink_slot, new_v.to(fp))

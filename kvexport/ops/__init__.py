@@ -1,13 +1,17 @@
-"""kvexport custom ops: ``kvexport::quantize_pack``, ``kvexport::dequantize_unpack``, ``kvexport::pool_attention``.
+"""kvexport custom ops: ``kvexport::quantize_pack``, ``kvexport::pool_attention`` and ``kvexport::layer_attention``
+(one layer's attention over the whole cache plus the chunk's cache write).
 
 * :func:`load` registers the ops with ``torch.library`` (functional + ``.out`` overloads, eager CPU
   kernels that call the reference in :mod:`kvexport.kv`, fake kernels for ``torch.export``).
 * :func:`load_executorch_kernels` loads the compiled ExecuTorch kernels (building them on first
   use) into the ExecuTorch Python runtime, exactly once per process, from one path.
-* :func:`quantize_pack` / :func:`dequantize_unpack` / :func:`pool_attention` are what model code
+* :func:`quantize_pack` / :func:`pool_attention` are what model code
   calls: the custom op, or with ``portable=True`` the core-ATen reference inlined (a program that
-  runs on a stock ExecuTorch runtime with no kernel library).
+  runs on a stock ExecuTorch runtime with no kernel library). :func:`layer_attention` has no
+  portable form (its reference reads the fill state as Python ints): portable programs keep the
+  per-part attention of :class:`kvexport.kv.cache.MixedKVCache`.
 * :func:`portable_decompositions` turns an already-exported program into the portable one.
+* :func:`kernel_calls` counts the operator calls a ``.pte`` makes outside XNNPACK per step.
 * :func:`missing_kernel_message` explains ``Missing operator: kvexport::...`` load failures.
 * :mod:`kvexport.ops.onnx` holds the ONNX functions and the torch.onnx translation table.
 """
@@ -30,7 +34,8 @@ __all__ = [
     "BuildError",
     "KernelLibraryError",
     "build_kernels",
-    "dequantize_unpack",
+    "kernel_calls",
+    "layer_attention",
     "library_path",
     "load",
     "load_method",
@@ -43,7 +48,7 @@ __all__ = [
     "raise_if_missing_kernel",
 ]
 
-OP_NAMES = ("quantize_pack", "dequantize_unpack", "pool_attention")
+OP_NAMES = ("quantize_pack", "pool_attention", "layer_attention")
 
 _lock = threading.Lock()
 _kernel_lib_path: Path | None = None
@@ -102,15 +107,27 @@ _ERROR_CODE_RE = re.compile(r"error:?\s*0x:?([0-9a-fA-F]+)")
 _LOGGED_OP_RE = re.compile(r"Missing operator:?\s*(?:\[\d+\]\s*)?(kvexport::[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)")
 
 
-def program_custom_ops(program: str | Path | bytes) -> list[str]:
-    """``kvexport::`` operators (``name.overload``) a serialized ``.pte`` program calls."""
+def _execution_plans(program: str | Path | bytes):
     from executorch.exir._serialize._program import deserialize_pte_binary
 
     data = program if isinstance(program, (bytes, bytearray)) else Path(program).read_bytes()
     pte = deserialize_pte_binary(bytes(data))
-    prog = getattr(pte, "program", pte)
+    return getattr(pte, "program", pte).execution_plan
+
+
+def kernel_calls(program: str | Path | bytes, method: str = "forward") -> int:
+    """Operator calls outside delegates (XNNPACK) that one run of ``method`` of a ``.pte`` makes:
+    the program's instructions are straight-line, so this is the count per decode step."""
+    from executorch.exir.schema import KernelCall
+
+    plan = next(p for p in _execution_plans(program) if p.name == method)
+    return sum(isinstance(i.instr_args, KernelCall) for chain in plan.chains for i in chain.instructions)
+
+
+def program_custom_ops(program: str | Path | bytes) -> list[str]:
+    """``kvexport::`` operators (``name.overload``) a serialized ``.pte`` program calls."""
     names = []
-    for plan in prog.execution_plan:
+    for plan in _execution_plans(program):
         for operator in plan.operators:
             name = f"{operator.name}.{operator.overload}" if operator.overload else operator.name
             if name.startswith("kvexport::") and name not in names:
@@ -190,18 +207,20 @@ def quantize_pack(x: torch.Tensor, bits: int, group: int, *, portable: bool = Fa
     return torch.ops.kvexport.quantize_pack(x, bits, group)
 
 
-def dequantize_unpack(packed, scale, zero, bits: int, group: int, *, portable: bool = False):
-    if portable:
-        return _quant.dequantize_packed(packed, scale, zero, bits, group)
-    load()
-    return torch.ops.kvexport.dequantize_unpack(packed, scale, zero, bits, group)
-
-
 def pool_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits: int, group: int, scale: float, *, portable: bool = False):
     if portable:
         return _attention.pool_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale)
     load()
     return torch.ops.kvexport.pool_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, float(scale))
+
+
+def layer_attention(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer: int, group: int,
+                    scale: float, features: bool):
+    """``kvexport::layer_attention`` (spec: :mod:`kvexport.kv.layer_attention`); mutates the sinks,
+    the window and the eviction staging rows, returns ``(out [Hq, T, D], recv [W + T, 3])``."""
+    load()
+    return torch.ops.kvexport.layer_attention(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v,
+                                              list(pools), layer, group, float(scale), bool(features))
 
 
 def portable_decompositions() -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,8 @@ from pathlib import Path
 # between releases; the library must be rebuilt for each one).
 EXECUTORCH_VERSION = "1.4.1"
 LIB_NAME = "libkvexport_ops.so"
-SOURCES = ("kvexport_ops.cpp",)
+SOURCES = ("kvexport_ops.cpp", "layer_attention.cpp")
+HEADERS = ("kernel_common.h",)
 CSRC = Path(__file__).resolve().parent / "csrc"
 
 CXXFLAGS = (
@@ -39,7 +41,7 @@ CXXFLAGS = (
     "-DNDEBUG",
     "-DC10_USING_CUSTOM_GENERATED_MACROS",
     "-DET_USE_THREADPOOL",
-)
+) + (("-mf16c",) if platform.machine() in ("x86_64", "AMD64") else ())  # fp16 rows widened in place
 
 
 class BuildError(RuntimeError):
@@ -95,7 +97,7 @@ def find_compiler() -> str:
 
 def _build_key(version: str, portable_lib: Path) -> str:
     h = hashlib.sha256()
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         h.update(name.encode())
         h.update((CSRC / name).read_bytes())
     h.update(" ".join(CXXFLAGS).encode())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kvexport.kv import attention, quant
+from kvexport.kv import attention, layer_attention, quant
 
 NAMESPACE = "kvexport"
 
@@ -22,11 +22,6 @@ SCHEMAS = {
         "quantize_pack.out(Tensor x, int bits, int group, *, Tensor(a!) packed, Tensor(b!) scale, Tensor(c!) zero)"
         " -> (Tensor(a!), Tensor(b!), Tensor(c!))"
     ),
-    "dequantize_unpack": "dequantize_unpack(Tensor packed, Tensor scale, Tensor zero, int bits, int group) -> Tensor",
-    "dequantize_unpack.out": (
-        "dequantize_unpack.out(Tensor packed, Tensor scale, Tensor zero, int bits, int group, *, Tensor(a!) out)"
-        " -> Tensor(a!)"
-    ),
     "pool_attention": (
         "pool_attention(Tensor q, Tensor k_packed, Tensor k_scale, Tensor k_zero, Tensor v_packed, Tensor v_scale,"
         " Tensor v_zero, Tensor n_valid, int bits, int group, float scale) -> (Tensor o, Tensor m, Tensor l)"
@@ -35,6 +30,16 @@ SCHEMAS = {
         "pool_attention.out(Tensor q, Tensor k_packed, Tensor k_scale, Tensor k_zero, Tensor v_packed,"
         " Tensor v_scale, Tensor v_zero, Tensor n_valid, int bits, int group, float scale, *, Tensor(a!) o,"
         " Tensor(b!) m, Tensor(c!) l) -> (Tensor(a!), Tensor(b!), Tensor(c!))"
+    ),
+    "layer_attention": (
+        "layer_attention(Tensor q, Tensor k, Tensor v, Tensor state, Tensor(a!) sink_k, Tensor(b!) sink_v,"
+        " Tensor(c!) win_k, Tensor(d!) win_v, Tensor(e!) evict_k, Tensor(f!) evict_v, Tensor[] pools, int layer,"
+        " int group, float scale, bool features) -> (Tensor out, Tensor recv)"
+    ),
+    "layer_attention.out": (
+        "layer_attention.out(Tensor q, Tensor k, Tensor v, Tensor state, Tensor(a!) sink_k, Tensor(b!) sink_v,"
+        " Tensor(c!) win_k, Tensor(d!) win_v, Tensor(e!) evict_k, Tensor(f!) evict_v, Tensor[] pools, int layer,"
+        " int group, float scale, bool features, *, Tensor(g!) out, Tensor(h!) recv) -> (Tensor(g!), Tensor(h!))"
     ),
 }
 
@@ -55,12 +60,6 @@ def _quantize_pack_shapes(x: torch.Tensor, bits: int, group: int):
     return lead + (d * bits // 8,), lead + (d // group,)
 
 
-def _dequantize_unpack_shape(packed: torch.Tensor, bits: int, group: int):
-    d = packed.shape[-1] * 8 // bits
-    _check_layout(d, bits, group)
-    return tuple(packed.shape[:-1]) + (d,)
-
-
 def _pool_attention_shapes(q: torch.Tensor, k_packed: torch.Tensor):
     hq, r, d = q.shape
     if hq % k_packed.shape[1]:
@@ -76,15 +75,22 @@ def _quantize_pack_impl(x, bits, group):
     return tuple(t.contiguous() for t in quant.quantize_packed(x, bits, group))
 
 
-def _dequantize_unpack_impl(packed, scale, zero, bits, group):
-    _dequantize_unpack_shape(packed, bits, group)
-    return quant.dequantize_packed(packed, scale, zero, bits, group).contiguous()
-
-
 def _pool_attention_impl(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale):
     _pool_attention_shapes(q, k_packed)
     o, m, l = attention.pool_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale)
     return o.contiguous(), m.contiguous(), l.contiguous()
+
+
+def _layer_attention_shapes(q, win_k):
+    hq, t, d = q.shape
+    return (hq, t, d), (win_k.shape[0] - 1 + t, layer_attention.N_RECV)
+
+
+def _layer_attention_impl(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group,
+                          scale, features):
+    out, recv = layer_attention.layer_attention(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v,
+                                                pools, layer, group, scale, features)
+    return out.contiguous(), recv
 
 
 def _copy_out(results, outs):
@@ -98,13 +104,16 @@ def _quantize_pack_out_impl(x, bits, group, *, packed, scale, zero):
     return tuple(_copy_out(_quantize_pack_impl(x, bits, group), (packed, scale, zero)))
 
 
-def _dequantize_unpack_out_impl(packed, scale, zero, bits, group, *, out):
-    return _copy_out((_dequantize_unpack_impl(packed, scale, zero, bits, group),), (out,))[0]
-
-
 def _pool_attention_out_impl(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale, *, o, m, l):
     res = _pool_attention_impl(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale)
     return tuple(_copy_out(res, (o, m, l)))
+
+
+def _layer_attention_out_impl(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group,
+                              scale, features, *, out, recv):
+    res = _layer_attention_impl(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group,
+                                scale, features)
+    return tuple(_copy_out(res, (out, recv)))
 
 
 # ----------------------------------------------------------------------------- fake / meta
@@ -117,10 +126,6 @@ def _quantize_pack_fake(x, bits, group):
         x.new_empty(sz_shape, dtype=torch.float16),
         x.new_empty(sz_shape, dtype=torch.float16),
     )
-
-
-def _dequantize_unpack_fake(packed, scale, zero, bits, group):
-    return packed.new_empty(_dequantize_unpack_shape(packed, bits, group), dtype=torch.float32)
 
 
 def _pool_attention_fake(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale):
@@ -137,13 +142,21 @@ def _quantize_pack_out_meta(x, bits, group, *, packed, scale, zero):
     return packed.resize_(packed_shape), scale.resize_(sz_shape), zero.resize_(sz_shape)
 
 
-def _dequantize_unpack_out_meta(packed, scale, zero, bits, group, *, out):
-    return out.resize_(_dequantize_unpack_shape(packed, bits, group))
-
-
 def _pool_attention_out_meta(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale, *, o, m, l):
     o_shape, ml_shape = _pool_attention_shapes(q, k_packed)
     return o.resize_(o_shape), m.resize_(ml_shape), l.resize_(ml_shape)
+
+
+def _layer_attention_fake(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group,
+                          scale, features):
+    out_shape, recv_shape = _layer_attention_shapes(q, win_k)
+    return q.new_empty(out_shape, dtype=torch.float32), q.new_empty(recv_shape, dtype=torch.float32)
+
+
+def _layer_attention_out_meta(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group,
+                              scale, features, *, out, recv):
+    out_shape, recv_shape = _layer_attention_shapes(q, win_k)
+    return out.resize_(out_shape), recv.resize_(recv_shape)
 
 
 # ----------------------------------------------------------------------------- registration
@@ -172,13 +185,13 @@ def register() -> None:
         lib.define(schema)
     functional = {
         "quantize_pack": (_quantize_pack_impl, _quantize_pack_fake),
-        "dequantize_unpack": (_dequantize_unpack_impl, _dequantize_unpack_fake),
         "pool_attention": (_pool_attention_impl, _pool_attention_fake),
+        "layer_attention": (_layer_attention_impl, _layer_attention_fake),
     }
     out = {
         "quantize_pack.out": (_quantize_pack_out_impl, _quantize_pack_out_meta),
-        "dequantize_unpack.out": (_dequantize_unpack_out_impl, _dequantize_unpack_out_meta),
         "pool_attention.out": (_pool_attention_out_impl, _pool_attention_out_meta),
+        "layer_attention.out": (_layer_attention_out_impl, _layer_attention_out_meta),
     }
     for name, (impl, fake) in functional.items():
         lib.impl(name, impl, "CPU")
@@ -195,6 +208,5 @@ def portable_decompositions() -> dict:
     ops = torch.ops.kvexport
     return {
         ops.quantize_pack.default: quant.quantize_packed,
-        ops.dequantize_unpack.default: quant.dequantize_packed,
         ops.pool_attention.default: attention.pool_attention,
     }

@@ -66,23 +66,6 @@ def quantize_pack(x: FLOAT, bits: int, group: int) -> tuple[UINT8, FLOAT16, FLOA
 
 
 @onnxscript.script(kvexport_opset, default_opset=op)
-def dequantize_unpack(packed: UINT8, scale: FLOAT16, zero: FLOAT16, bits: int, group: int) -> FLOAT:
-    """kvexport::dequantize_unpack == kvexport.kv.quant.dequantize_packed."""
-    b = op.Constant(value_int=bits)
-    g1 = op.Reshape(op.Constant(value_int=group), op.Constant(value_ints=[1]))
-    axis_last = op.Constant(value_ints=[-1])
-    per = op.Div(op.Constant(value_int=8), b)
-    weights = op.Pow(op.Constant(value_int=2), op.Mul(b, op.Range(op.Constant(value_int=0), per, op.Constant(value_int=1))))
-    lanes = op.Mod(op.Div(op.Unsqueeze(op.Cast(packed, to=7), axis_last), weights), op.Pow(op.Constant(value_int=2), b))
-    lead = op.Shape(packed, end=-1)
-    d = op.Mul(op.Shape(packed, start=-1), op.Reshape(per, op.Constant(value_ints=[1])))
-    ng = op.Div(d, g1)
-    cg = op.Reshape(op.Cast(lanes, to=1), op.Concat(lead, ng, g1, axis=0))
-    xg = op.Add(op.Mul(cg, op.Unsqueeze(op.Cast(scale, to=1), axis_last)), op.Unsqueeze(op.Cast(zero, to=1), axis_last))
-    return op.Reshape(xg, op.Concat(lead, d, axis=0))
-
-
-@onnxscript.script(kvexport_opset, default_opset=op)
 def pool_attention(
     q: FLOAT,
     k_packed: UINT8,
@@ -108,7 +91,7 @@ def pool_attention(
     pk = op.Concat(op.Unsqueeze(op.Slice(k_packed, zero1, end, zero1), zero1), op.Unsqueeze(op.Slice(v_packed, zero1, end, zero1), zero1), axis=0)
     ps = op.Concat(op.Unsqueeze(op.Slice(k_scale, zero1, end, zero1), zero1), op.Unsqueeze(op.Slice(v_scale, zero1, end, zero1), zero1), axis=0)
     pz = op.Concat(op.Unsqueeze(op.Slice(k_zero, zero1, end, zero1), zero1), op.Unsqueeze(op.Slice(v_zero, zero1, end, zero1), zero1), axis=0)
-    # dequantize (same ops as dequantize_unpack)
+    # dequantize (quant.dequantize_packed)
     per = op.Div(op.Constant(value_int=8), b)
     weights = op.Pow(op.Constant(value_int=2), op.Mul(b, op.Range(op.Constant(value_int=0), per, op.Constant(value_int=1))))
     lanes = op.Mod(op.Div(op.Unsqueeze(op.Cast(pk, to=7), axis_last), weights), op.Pow(op.Constant(value_int=2), b))
@@ -138,7 +121,6 @@ def pool_attention(
 
 FUNCTIONS = {
     "quantize_pack": quantize_pack,
-    "dequantize_unpack": dequantize_unpack,
     "pool_attention": pool_attention,
 }
 
@@ -153,14 +135,12 @@ def translation_table() -> dict:
     return {getattr(torch.ops.kvexport, name).default: fn for name, fn in FUNCTIONS.items()}
 
 
-# Signatures of the three ops as ONNX schemas (inputs, outputs, attributes). Registering them lets
+# Signatures of the two ops as ONNX schemas (inputs, outputs, attributes). Registering them lets
 # the exporter emit plain ``kvexport::<op>`` nodes, which its version-conversion pass leaves alone
 # (it inlines functions, not nodes of other domains); :func:`function_protos` then become the
 # model's local functions, so the ops stay visible as calls and stock ONNX Runtime runs the bodies.
 _SCHEMAS = {
     "quantize_pack": ([("x", "F")], [("packed", "U"), ("scale", "H"), ("zero", "H")], {"bits": "INT", "group": "INT"}),
-    "dequantize_unpack": ([("packed", "U"), ("scale", "H"), ("zero", "H")], [("y", "F")],
-                          {"bits": "INT", "group": "INT"}),
     "pool_attention": ([("q", "F"), ("k_packed", "U"), ("k_scale", "H"), ("k_zero", "H"), ("v_packed", "U"),
                         ("v_scale", "H"), ("v_zero", "H"), ("n_valid", "I")],
                        [("o", "F"), ("m", "F"), ("l", "F")], {"bits": "INT", "group": "INT", "scale": "FLOAT"}),
@@ -203,19 +183,15 @@ def node_translation_table() -> dict:
     def quantize_pack_node(x, bits: int, group: int):
         return node["quantize_pack"](x, bits=bits, group=group)
 
-    def dequantize_unpack_node(packed, scale, zero, bits: int, group: int):
-        return node["dequantize_unpack"](packed, scale, zero, bits=bits, group=group)
-
     def pool_attention_node(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits: int, group: int,
                             scale: float):
         return node["pool_attention"](q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid,
                                       bits=bits, group=group, scale=scale)
 
     return {torch.ops.kvexport.quantize_pack.default: quantize_pack_node,
-            torch.ops.kvexport.dequantize_unpack.default: dequantize_unpack_node,
             torch.ops.kvexport.pool_attention.default: pool_attention_node}
 
 
 def function_protos() -> list:
-    """The three ``onnx.FunctionProto`` bodies (domain ``kvexport``, version 1)."""
+    """The two ``onnx.FunctionProto`` bodies (domain ``kvexport``, version 1)."""
     return [fn.to_function_proto() for fn in FUNCTIONS.values()]

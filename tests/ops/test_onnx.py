@@ -3,7 +3,6 @@ standard ops, exported through torch.onnx (dynamo) and run on stock ONNX Runtime
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -68,9 +67,3 @@ def test_functions_kept_as_functions_bit_exact(bits):
         p, s, z = _session(qmodel).run(None, {"x": x.numpy()})
         ref = quant.quantize_packed(x, bits, group)
         assert_quant_identical((torch.from_numpy(p), torch.from_numpy(s), torch.from_numpy(z)), ref, f"onnx bits={bits} group={group}")
-        dmodel = _function_model("dequantize_unpack", [vi("p", TensorProto.UINT8, ["n", 4, 64 * bits // 8]),
-                                                       vi("s", TensorProto.FLOAT16, ["n", 4, 64 // group]),
-                                                       vi("z", TensorProto.FLOAT16, ["n", 4, 64 // group])],
-                                 [vi("x", TensorProto.FLOAT, ["n", 4, 64])], {"bits": bits, "group": group})
-        (d,) = _session(dmodel).run(None, {"p": p, "s": s, "z": z})
-        assert np.array_equal(d, quant.dequantize_packed(*ref, bits, group).numpy())

@@ -2,7 +2,6 @@
  * ExecuTorch out-variant kernels for the kvexport custom ops.
  *
  *   kvexport::quantize_pack.out      == kvexport.kv.quant.quantize_packed   (bit-identical)
- *   kvexport::dequantize_unpack.out  == kvexport.kv.quant.dequantize_packed (bit-identical)
  *   kvexport::pool_attention.out     == kvexport.kv.attention.pool_attention (fp32, ~1e-6 rel)
  *
  * The Python functions in kvexport/kv are the spec. Build flags matter for bit-exactness:
@@ -13,9 +12,11 @@
  * own ExecuTorch runtime so the static registrations at the bottom are kept.
  */
 
-#include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
+#include <executorch/runtime/kernel/operator_registry.h>
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
+
+#include "kernel_common.h"
 
 #include <algorithm>
 #include <cmath>
@@ -28,118 +29,16 @@ namespace kvexport {
 namespace native {
 
 using executorch::aten::ScalarType;
-using executorch::aten::SizesType;
 using executorch::aten::Tensor;
 using executorch::runtime::Error;
 using executorch::runtime::KernelRuntimeContext;
 using executorch::runtime::resize_tensor;
-using executorch::runtime::tensor_is_default_dim_order;
 
 using Tensor3 = std::tuple<Tensor&, Tensor&, Tensor&>;
 
+using namespace common;  // NOLINT: the shared helpers of kernel_common.h
+
 namespace {
-
-constexpr int kMaxDim = 16;
-constexpr float kNeg = -1.0e30f;  // attention.NEG
-
-// ---------------------------------------------------------------- fp16 helpers (bit exact)
-
-inline uint32_t f32_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
-inline float bits_f32(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// float32 -> float16 bits, round to nearest even (what torch's .to(torch.float16) does).
-inline uint16_t f32_to_f16(float f) {
-  const uint32_t x = f32_bits(f);
-  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
-  uint32_t ax = x & 0x7fffffffu;
-  if (ax >= 0x7f800000u) {  // inf / nan
-    return sign | 0x7c00u | (ax > 0x7f800000u ? (0x200u | ((ax >> 13) & 0x3ffu)) : 0u);
-  }
-  if (ax >= 0x477ff000u) {  // >= 65520 rounds to inf
-    return sign | 0x7c00u;
-  }
-  if (ax >= 0x38800000u) {  // result is a normal half
-    const uint32_t odd = (ax >> 13) & 1u;
-    ax += 0xc8000fffu + odd;  // re-bias exponent by -112 and round half to even
-    return sign | static_cast<uint16_t>(ax >> 13);
-  }
-  if (ax <= 0x33000000u) {  // <= 2^-25 (a tie at 2^-25 goes to even, i.e. 0)
-    return sign;
-  }
-  // subnormal half: mantissa = round(|f| / 2^-24)
-  const uint32_t e = ax >> 23;
-  const uint32_t mm = (ax & 0x7fffffu) | 0x800000u;
-  const uint32_t shift = 126u - e;  // 14..24
-  uint32_t q = mm >> shift;
-  const uint32_t rem = mm & ((1u << shift) - 1u);
-  const uint32_t half = 1u << (shift - 1u);
-  if (rem > half || (rem == half && (q & 1u))) {
-    ++q;
-  }
-  return sign | static_cast<uint16_t>(q);
-}
-
-inline float f16_to_f32(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t e = (h >> 10) & 0x1fu;
-  const uint32_t m = h & 0x3ffu;
-  if (e == 0) {
-    // zero or subnormal: m * 2^-24 is exact in fp32
-    const float v = static_cast<float>(m) * 5.9604644775390625e-08f;
-    return sign ? -v : v;
-  }
-  if (e == 31) {
-    return bits_f32(sign | 0x7f800000u | (m << 13));
-  }
-  return bits_f32(sign | ((e + 112u) << 23) | (m << 13));
-}
-
-// quant.FP16_NUDGE / quant.FP16_TINY
-constexpr float kNudge = 0.0009765625f;          // 2**-10
-constexpr float kTiny = 5.9604644775390625e-08f;  // 2**-24
-
-// ---------------------------------------------------------------- shape helpers
-
-inline bool layout_ok(int64_t d, int64_t bits, int64_t group) {
-  return (bits == 2 || bits == 4 || bits == 8) && group > 0 && d > 0 && d % group == 0 &&
-      (d * bits) % 8 == 0;
-}
-
-inline bool dense(const Tensor& t) {
-  return tensor_is_default_dim_order(t) && executorch::runtime::tensor_is_contiguous(t);
-}
-
-// Resize `out` to t's sizes with the last dim replaced by `last`.
-inline Error resize_last(Tensor& out, const Tensor& like, int64_t last) {
-  SizesType sizes[kMaxDim];
-  const int n = static_cast<int>(like.dim());
-  for (int i = 0; i < n; ++i) {
-    sizes[i] = like.size(i);
-  }
-  sizes[n - 1] = static_cast<SizesType>(last);
-  return resize_tensor(out, {sizes, static_cast<size_t>(n)});
-}
-
-inline bool same_leading(const Tensor& a, const Tensor& b) {
-  if (a.dim() != b.dim()) {
-    return false;
-  }
-  for (ssize_t i = 0; i + 1 < a.dim(); ++i) {
-    if (a.size(i) != b.size(i)) {
-      return false;
-    }
-  }
-  return true;
-}
 
 // ---------------------------------------------------------------- quantize one row
 
@@ -267,42 +166,6 @@ inline void dequant_row(int bits, const uint8_t* packed, const uint16_t* sc, con
   }
 }
 
-// exp for x <= 0 (softmax weights), ~2 ulp; branch-free so loops over it vectorise.
-inline float exp_neg(float x_in) {
-  const float x = x_in < -87.0f ? -87.0f : x_in;
-  const float log2e = 1.44269504088896341f;
-  const float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer (|v| < 2^22)
-  const float n = (x * log2e + magic) - magic;
-  float r = x - n * ln2_hi;
-  r = r - n * ln2_lo;
-  // Cephes expf polynomial
-  float p = 1.9875691500E-4f;
-  p = p * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t e = static_cast<int32_t>(n) + 127;  // >= 1 since n >= -126
-  const float y = p * bits_f32(static_cast<uint32_t>(e) << 23);
-  return x_in < -87.0f ? 0.0f : y;  // exp(NEG - m) == 0 exactly, as in the reference
-}
-
-inline float dot(const float* a, const float* b, int64_t d) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= d; i += 8) {
-    for (int k = 0; k < 8; ++k) {
-      acc[k] += a[i + k] * b[i + k];
-    }
-  }
-  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-  for (; i < d; ++i) {
-    s += a[i] * b[i];
-  }
-  return s;
-}
 
 }  // namespace
 
@@ -342,45 +205,6 @@ Tensor3 quantize_pack_out(KernelRuntimeContext& ctx, const Tensor& x, int64_t bi
                  zp + r * ng, codes.data());
   }
   return ret;
-}
-
-// ---------------------------------------------------------------- dequantize_unpack.out
-
-Tensor& dequantize_unpack_out(KernelRuntimeContext& ctx, const Tensor& packed, const Tensor& scale,
-                              const Tensor& zero, int64_t bits, int64_t group, Tensor& out) {
-  ET_KERNEL_CHECK_MSG(ctx, packed.scalar_type() == ScalarType::Byte &&
-                          scale.scalar_type() == ScalarType::Half &&
-                          zero.scalar_type() == ScalarType::Half &&
-                          out.scalar_type() == ScalarType::Float,
-                      InvalidArgument, out,
-                      "kvexport::dequantize_unpack: dtypes must be uint8, f16, f16 -> f32");
-  ET_KERNEL_CHECK_MSG(ctx, packed.dim() >= 1 && packed.dim() <= kMaxDim, InvalidArgument, out,
-                      "kvexport::dequantize_unpack: bad rank");
-  ET_KERNEL_CHECK_MSG(ctx, bits == 2 || bits == 4 || bits == 8, InvalidArgument, out,
-                      "kvexport::dequantize_unpack: bits must be 2, 4 or 8");
-  const int64_t p = packed.size(packed.dim() - 1);
-  const int64_t d = p * 8 / bits;
-  ET_KERNEL_CHECK_MSG(ctx, layout_ok(d, bits, group), InvalidArgument, out,
-                      "kvexport::dequantize_unpack: bad layout");
-  ET_KERNEL_CHECK_MSG(ctx, same_leading(packed, scale) && same_leading(packed, zero) &&
-                          scale.size(scale.dim() - 1) == d / group &&
-                          zero.size(zero.dim() - 1) == d / group,
-                      InvalidArgument, out, "kvexport::dequantize_unpack: shape mismatch");
-  ET_KERNEL_CHECK(ctx, resize_last(out, packed, d) == Error::Ok, InvalidArgument, out);
-  ET_KERNEL_CHECK_MSG(ctx, dense(packed) && dense(scale) && dense(zero) && dense(out),
-                      InvalidArgument, out,
-                      "kvexport::dequantize_unpack: tensors must be contiguous, default dim order");
-  const int64_t rows = p > 0 ? packed.numel() / p : 0;
-  const uint8_t* pp = packed.const_data_ptr<uint8_t>();
-  const uint16_t* sp = static_cast<const uint16_t*>(scale.const_data_ptr());
-  const uint16_t* zp = static_cast<const uint16_t*>(zero.const_data_ptr());
-  float* op = out.mutable_data_ptr<float>();
-  const int64_t ng = d / group;
-  for (int64_t r = 0; r < rows; ++r) {
-    dequant_row(static_cast<int>(bits), pp + r * p, sp + r * ng, zp + r * ng, d, group,
-                op + r * d);
-  }
-  return out;
 }
 
 // ---------------------------------------------------------------- pool_attention.out
@@ -555,7 +379,7 @@ Tensor3 pool_attention_out(KernelRuntimeContext& ctx, const Tensor& q, const Ten
 //
 // The boxed stack holds the schema's arguments in order (inputs, then the kwarg-only out
 // tensors), followed by the returned values. EXECUTORCH_LIBRARY's unboxing wrapper only handles a
-// single out tensor in this executorch release, so the two 3-output ops are unboxed by hand.
+// single out tensor in this executorch release, so the ops are unboxed by hand.
 
 namespace {
 
@@ -591,5 +415,3 @@ const Kernel kKernels[] = {
 const auto kRegistered = executorch::runtime::register_kernels({kKernels, 2});
 
 }  // namespace
-
-EXECUTORCH_LIBRARY(kvexport, "dequantize_unpack.out", kvexport::native::dequantize_unpack_out);

@@ -1,0 +1,154 @@
+/*
+ * Helpers shared by the kvexport ExecuTorch kernels: bit-exact fp16 conversion, the exp used for
+ * softmax weights, a dot product, and tensor layout checks. ExecuTorch headers only.
+ */
+#pragma once
+
+#include <executorch/runtime/kernel/kernel_includes.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace kvexport {
+namespace native {
+namespace common {
+
+using executorch::aten::SizesType;
+using executorch::aten::Tensor;
+using executorch::runtime::Error;
+using executorch::runtime::resize_tensor;
+using executorch::runtime::tensor_is_default_dim_order;
+
+constexpr int kMaxDim = 16;
+constexpr float kNeg = -1.0e30f;  // attention.NEG
+
+// ---------------------------------------------------------------- fp16 helpers (bit exact)
+
+inline uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float bits_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// float32 -> float16 bits, round to nearest even (what torch's .to(torch.float16) does).
+inline uint16_t f32_to_f16(float f) {
+  const uint32_t x = f32_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  uint32_t ax = x & 0x7fffffffu;
+  if (ax >= 0x7f800000u) {  // inf / nan
+    return sign | 0x7c00u | (ax > 0x7f800000u ? (0x200u | ((ax >> 13) & 0x3ffu)) : 0u);
+  }
+  if (ax >= 0x477ff000u) {  // >= 65520 rounds to inf
+    return sign | 0x7c00u;
+  }
+  if (ax >= 0x38800000u) {  // result is a normal half
+    const uint32_t odd = (ax >> 13) & 1u;
+    ax += 0xc8000fffu + odd;  // re-bias exponent by -112 and round half to even
+    return sign | static_cast<uint16_t>(ax >> 13);
+  }
+  if (ax <= 0x33000000u) {  // <= 2^-25 (a tie at 2^-25 goes to even, i.e. 0)
+    return sign;
+  }
+  // subnormal half: mantissa = round(|f| / 2^-24)
+  const uint32_t e = ax >> 23;
+  const uint32_t mm = (ax & 0x7fffffu) | 0x800000u;
+  const uint32_t shift = 126u - e;  // 14..24
+  uint32_t q = mm >> shift;
+  const uint32_t rem = mm & ((1u << shift) - 1u);
+  const uint32_t half = 1u << (shift - 1u);
+  if (rem > half || (rem == half && (q & 1u))) {
+    ++q;
+  }
+  return sign | static_cast<uint16_t>(q);
+}
+
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1fu;
+  const uint32_t m = h & 0x3ffu;
+  if (e == 0) {
+    // zero or subnormal: m * 2^-24 is exact in fp32
+    const float v = static_cast<float>(m) * 5.9604644775390625e-08f;
+    return sign ? -v : v;
+  }
+  if (e == 31) {
+    return bits_f32(sign | 0x7f800000u | (m << 13));
+  }
+  return bits_f32(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+// quant.FP16_NUDGE / quant.FP16_TINY
+constexpr float kNudge = 0.0009765625f;          // 2**-10
+constexpr float kTiny = 5.9604644775390625e-08f;  // 2**-24
+
+// ---------------------------------------------------------------- shape helpers
+
+inline bool layout_ok(int64_t d, int64_t bits, int64_t group) {
+  return (bits == 2 || bits == 4 || bits == 8) && group > 0 && d > 0 && d % group == 0 &&
+      (d * bits) % 8 == 0;
+}
+
+inline bool dense(const Tensor& t) {
+  return tensor_is_default_dim_order(t) && executorch::runtime::tensor_is_contiguous(t);
+}
+
+// Resize `out` to t's sizes with the last dim replaced by `last`.
+inline Error resize_last(Tensor& out, const Tensor& like, int64_t last) {
+  SizesType sizes[kMaxDim];
+  const int n = static_cast<int>(like.dim());
+  for (int i = 0; i < n; ++i) {
+    sizes[i] = like.size(i);
+  }
+  sizes[n - 1] = static_cast<SizesType>(last);
+  return resize_tensor(out, {sizes, static_cast<size_t>(n)});
+}
+
+// ---------------------------------------------------------------- math
+
+// exp for x <= 0 (softmax weights), ~2 ulp; branch-free so loops over it vectorise.
+inline float exp_neg(float x_in) {
+  const float x = x_in < -87.0f ? -87.0f : x_in;
+  const float log2e = 1.44269504088896341f;
+  const float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer (|v| < 2^22)
+  const float n = (x * log2e + magic) - magic;
+  float r = x - n * ln2_hi;
+  r = r - n * ln2_lo;
+  // Cephes expf polynomial
+  float p = 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t e = static_cast<int32_t>(n) + 127;  // >= 1 since n >= -126
+  const float y = p * bits_f32(static_cast<uint32_t>(e) << 23);
+  return x_in < -87.0f ? 0.0f : y;  // exp(NEG - m) == 0 exactly, as in the reference
+}
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) {
+    for (int k = 0; k < 8; ++k) {
+      acc[k] += a[i + k] * b[i + k];
+    }
+  }
+  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; i < d; ++i) {
+    s += a[i] * b[i];
+  }
+  return s;
+}
+
+}  // namespace common
+}  // namespace native
+}  // namespace kvexport

@@ -1,0 +1,554 @@
+/*
+ * kvexport::layer_attention.out == kvexport.kv.layer_attention.layer_attention (its docstring is
+ * the spec: inputs, state, staging of evicted tokens, outputs). fp32 math, ~1e-6 relative.
+ *
+ * Work split (flash-decoding): the cache is a list of parts (sinks, window, pool16, pool2, pool4,
+ * pool8, the chunk); a task is (KV head h, block of <= kBlock filled slots of one part) and serves
+ * every query vector of h (Hq/Hkv heads x T rows), so each K/V row is read once per step. A task
+ * leaves a partial (o, m, l) per query vector; one log-sum-exp merge per query vector follows.
+ * Tasks run on ExecuTorch's thread pool (parallel_for, shared with XNNPACK).
+ *
+ * Float parts (fp16 or fp32 storage) are read in place: a block's rows are widened into an L1
+ * scratch row by row. Quantized parts are never dequantized: with k = s*c + z per group,
+ * q.k = sum_g s_g*(q_g.c_g) + z_g*sum(q_g), and the V side accumulates (p*s_g)*c and p*z_g
+ * separately; codes are unpacked into a row of small integers (as floats) only.
+ */
+
+#include <executorch/runtime/kernel/kernel_includes.h>
+#include <executorch/runtime/kernel/operator_registry.h>
+#include <executorch/runtime/kernel/thread_parallel_interface.h>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include "kernel_common.h"
+
+namespace kvexport {
+namespace native {
+
+using namespace common;  // NOLINT: the shared helpers of kernel_common.h
+using executorch::aten::ArrayRef;
+using executorch::aten::ScalarType;
+using executorch::runtime::KernelRuntimeContext;
+
+namespace {
+
+constexpr int64_t kBlock = 64;    // filled slots per task
+constexpr int kPools = 20;        // POOL_NAMES: pool16 k/v, then k, ks, kz, v, vs, vz for 2, 4, 8
+constexpr int kStateSize = 5;     // p0, fill2, fill4, fill8, fill16
+constexpr int kFloatRows = 16;    // Part::bits of float parts
+
+inline void widen_half(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+  }
+#endif
+  for (; i < n; ++i) {
+    dst[i] = f16_to_f32(src[i]);
+  }
+}
+
+template <int BITS>
+inline void unpack_codes(const uint8_t* packed, int64_t d, float* codes) {
+  constexpr int per = 8 / BITS;
+  constexpr uint32_t mask = (1u << BITS) - 1u;
+  for (int64_t b = 0; b < d / per; ++b) {
+    const uint32_t byte = packed[b];
+    for (int i = 0; i < per; ++i) {
+      codes[b * per + i] = static_cast<float>((byte >> (BITS * i)) & mask);
+    }
+  }
+}
+
+inline void unpack_row(int bits, const uint8_t* packed, int64_t d, float* codes) {
+  if (bits == 2) {
+    unpack_codes<2>(packed, d, codes);
+  } else if (bits == 4) {
+    unpack_codes<4>(packed, d, codes);
+  } else {
+    unpack_codes<8>(packed, d, codes);
+  }
+}
+
+// One part of the cache, already offset to the layer: row (slot i, KV head h) of K starts at
+// k + i * slot_stride + h * head_stride elements (codes: bytes); scale/zero rows likewise.
+struct Part {
+  int bits = kFloatRows;  // 16: float rows; 2/4/8: packed codes
+  bool half = false;      // float rows stored as fp16
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const uint16_t* ks = nullptr;
+  const uint16_t* kz = nullptr;
+  const uint16_t* vs = nullptr;
+  const uint16_t* vz = nullptr;
+  int64_t n = 0;
+  int64_t slot_stride = 0, head_stride = 0;
+  int64_t sz_slot_stride = 0, sz_head_stride = 0;
+  bool causal = false;  // the chunk: query row r sees slots <= r
+};
+
+struct Task {
+  int64_t h, part, b0, b1;
+};
+
+// What every task reads.
+struct Step {
+  const float* q;     // [Hq, T, D]
+  const float* qsum;  // [Hq * T, ng] sum of q over each group
+  int64_t hq, hkv, grp, t, d, group, ng, nq;
+  float scale;
+};
+
+// Float row of a float part: in place (fp32) or widened into buf (fp16).
+inline const float* float_row(const Part& p, const void* base, int64_t i, int64_t h, int64_t d,
+                              float* buf) {
+  const int64_t off = i * p.slot_stride + h * p.head_stride;
+  if (!p.half) {
+    return static_cast<const float*>(base) + off;
+  }
+  widen_half(static_cast<const uint16_t*>(base) + off, buf, d);
+  return buf;
+}
+
+// Partial attention of the nq query vectors of KV head `task.h` over slots [b0, b1) of `part`.
+// partial: [nq, d + 2] = (o, m, l); scratch: kBlock * nq scores + d + nq * ng + 2 * ng floats.
+void run_task(const Step& s, const Part& part, const Task& task, float* partial, float* scratch,
+              const float** qv_of /* [2 * nq] query and group-sum rows, filled here */) {
+  const int64_t nb = task.b1 - task.b0, d = s.d, nq = s.nq, h = task.h;
+  const float** qs_of = qv_of + nq;
+  for (int64_t qi = 0; qi < nq; ++qi) {
+    const int64_t qrow = (h * s.grp + qi / s.t) * s.t + qi % s.t;
+    qv_of[qi] = s.q + qrow * d;
+    qs_of[qi] = s.qsum + qrow * s.ng;
+  }
+  float* sc = scratch;              // [nq, kBlock] scores, then weights
+  float* row = sc + nq * kBlock;    // [d] a widened K/V row or unpacked codes
+  float* zacc = row + d;            // [nq, ng] sum of p * zero per group (quantized V)
+  float* sz = zacc + nq * s.ng;     // [2, ng] this row's scales and zero points
+  const bool quant = part.bits != kFloatRows;
+  for (int64_t j = 0; j < nb; ++j) {
+    const int64_t i = task.b0 + j;
+    if (quant) {
+      const int64_t off = i * part.slot_stride + h * part.head_stride;
+      const int64_t zoff = i * part.sz_slot_stride + h * part.sz_head_stride;
+      unpack_row(part.bits, static_cast<const uint8_t*>(part.k) + off, d, row);
+      widen_half(part.ks + zoff, sz, s.ng);
+      widen_half(part.kz + zoff, sz + s.ng, s.ng);
+      for (int64_t qi = 0; qi < nq; ++qi) {
+        const float* qv = qv_of[qi];
+        const float* qs = qs_of[qi];
+        float acc = 0.0f;
+        for (int64_t g = 0; g < s.ng; ++g) {
+          acc += sz[g] * dot(qv + g * s.group, row + g * s.group, s.group) + sz[s.ng + g] * qs[g];
+        }
+        sc[qi * kBlock + j] = acc * s.scale;
+      }
+    } else {
+      const float* kr = float_row(part, part.k, i, h, d, row);
+      for (int64_t qi = 0; qi < nq; ++qi) {
+        sc[qi * kBlock + j] = dot(qv_of[qi], kr, d) * s.scale;
+      }
+    }
+  }
+  // softmax weights of the block; masked (causal) slots get weight 0
+  for (int64_t qi = 0; qi < nq; ++qi) {
+    float* si = sc + qi * kBlock;
+    const int64_t visible = part.causal ? std::min(nb, qi % s.t + 1 - task.b0) : nb;
+    float m = kNeg, l = 0.0f;
+    for (int64_t j = 0; j < visible; ++j) {
+      m = si[j] > m ? si[j] : m;
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+      si[j] = j < visible ? exp_neg(si[j] - m) : 0.0f;
+      l += si[j];
+    }
+    float* pi = partial + qi * (d + 2);
+    std::fill(pi, pi + d, 0.0f);
+    pi[d] = m;
+    pi[d + 1] = l;
+  }
+  if (quant) {
+    std::fill(zacc, zacc + nq * s.ng, 0.0f);
+  }
+  for (int64_t j = 0; j < nb; ++j) {
+    const int64_t i = task.b0 + j;
+    if (quant) {
+      const int64_t off = i * part.slot_stride + h * part.head_stride;
+      const int64_t zoff = i * part.sz_slot_stride + h * part.sz_head_stride;
+      unpack_row(part.bits, static_cast<const uint8_t*>(part.v) + off, d, row);
+      widen_half(part.vs + zoff, sz, s.ng);
+      widen_half(part.vz + zoff, sz + s.ng, s.ng);
+      for (int64_t qi = 0; qi < nq; ++qi) {
+        const float w = sc[qi * kBlock + j];
+        float* o = partial + qi * (d + 2);
+        float* za = zacc + qi * s.ng;
+        for (int64_t g = 0; g < s.ng; ++g) {
+          const float ws = w * sz[g];
+          za[g] += w * sz[s.ng + g];
+          const float* c = row + g * s.group;
+          float* og = o + g * s.group;
+          for (int64_t e = 0; e < s.group; ++e) {
+            og[e] += ws * c[e];
+          }
+        }
+      }
+    } else {
+      const float* vr = float_row(part, part.v, i, h, d, row);
+      for (int64_t qi = 0; qi < nq; ++qi) {
+        const float w = sc[qi * kBlock + j];
+        float* o = partial + qi * (d + 2);
+        for (int64_t e = 0; e < d; ++e) {
+          o[e] += w * vr[e];
+        }
+      }
+    }
+  }
+  if (quant) {
+    for (int64_t qi = 0; qi < nq; ++qi) {
+      float* o = partial + qi * (d + 2);
+      for (int64_t g = 0; g < s.ng; ++g) {
+        for (int64_t e = 0; e < s.group; ++e) {
+          o[g * s.group + e] += zacc[qi * s.ng + g];
+        }
+      }
+    }
+  }
+}
+
+// Storage of the float parts: fp16 bits or fp32.
+template <typename T>
+inline void store_row(T* dst, const float* src, const uint16_t* src_half, int64_t d);
+
+template <>
+inline void store_row<float>(float* dst, const float* src, const uint16_t*, int64_t d) {
+  std::copy(src, src + d, dst);
+}
+
+template <>
+inline void store_row<uint16_t>(uint16_t* dst, const float*, const uint16_t* src_half, int64_t d) {
+  std::copy(src_half, src_half + d, dst);
+}
+
+// Step 3 of the spec: stage the evicted rows, write the chunk into sinks / ring.
+template <typename T>
+void write_chunk(int64_t p0, int64_t t, int64_t sinks, int64_t window, int64_t hkv, int64_t d,
+                 int64_t slot_stride, int64_t layer_off, const float* kr, const float* vr,
+                 const uint16_t* kh, const uint16_t* vh, T* sink_k, T* sink_v, T* win_k, T* win_v,
+                 T* ev_k, T* ev_v) {
+  for (int64_t j = 0; j < t; ++j) {
+    const int64_t pos = p0 + j;
+    for (int64_t h = 0; h < hkv; ++h) {
+      const int64_t src = (h * t + j) * d, row = layer_off + h * d;
+      T* ek = ev_k + j * slot_stride + row;
+      T* evv = ev_v + j * slot_stride + row;
+      T* dk = nullptr;
+      T* dv = nullptr;
+      if (pos < sinks) {
+        std::fill(ek, ek + d, T(0));
+        std::fill(evv, evv + d, T(0));
+        dk = sink_k + pos * slot_stride + row;
+        dv = sink_v + pos * slot_stride + row;
+      } else if (window > 0) {
+        const int64_t slot = (pos - sinks) % window;
+        dk = win_k + slot * slot_stride + row;
+        dv = win_v + slot * slot_stride + row;
+        std::copy(dk, dk + d, ek);
+        std::copy(dv, dv + d, evv);
+      } else {
+        dk = ek;
+        dv = evv;
+      }
+      store_row<T>(dk, kr + src, kh + src, d);
+      store_row<T>(dv, vr + src, vh + src, d);
+    }
+  }
+}
+
+}  // namespace
+
+std::tuple<Tensor&, Tensor&> layer_attention_out(
+    KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+    const Tensor& state, Tensor& sink_k, Tensor& sink_v, Tensor& win_k, Tensor& win_v,
+    Tensor& evict_k, Tensor& evict_v, ArrayRef<Tensor> pools, int64_t layer, int64_t group,
+    double scale, bool features, Tensor& out, Tensor& recv) {
+  std::tuple<Tensor&, Tensor&> ret(out, recv);
+  const char* name = "kvexport::layer_attention";
+  ET_KERNEL_CHECK_MSG(ctx, q.dim() == 3 && k.dim() == 3 && v.dim() == 3 &&
+                          q.scalar_type() == ScalarType::Float && k.scalar_type() == ScalarType::Float &&
+                          v.scalar_type() == ScalarType::Float && out.scalar_type() == ScalarType::Float &&
+                          recv.scalar_type() == ScalarType::Float,
+                      InvalidArgument, ret, "%s: q [Hq,T,D], k/v [H,T,D], out, recv must be float32", name);
+  const int64_t hq = q.size(0), t = q.size(1), d = q.size(2), hkv = k.size(0);
+  ET_KERNEL_CHECK_MSG(ctx, hkv > 0 && hq % hkv == 0 && k.size(1) == t && k.size(2) == d &&
+                          v.size(0) == hkv && v.size(1) == t && v.size(2) == d,
+                      InvalidArgument, ret, "%s: q/k/v shapes do not match", name);
+  ET_KERNEL_CHECK_MSG(ctx, state.scalar_type() == ScalarType::Int && state.numel() == kStateSize,
+                      InvalidArgument, ret, "%s: state must be int32 [5]", name);
+  ET_KERNEL_CHECK_MSG(ctx, pools.size() == kPools, InvalidArgument, ret, "%s: expected 20 pool tensors",
+                      name);
+  const Tensor* fp_bufs[] = {&sink_k, &sink_v, &win_k, &win_v, &evict_k, &evict_v, &pools[0], &pools[1]};
+  const ScalarType fp = sink_k.scalar_type();
+  ET_KERNEL_CHECK_MSG(ctx, fp == ScalarType::Half || fp == ScalarType::Float, InvalidArgument, ret,
+                      "%s: the float cache parts must be float16 or float32", name);
+  const int64_t n_layers = sink_k.dim() == 4 ? sink_k.size(1) : 0;
+  for (const Tensor* b : fp_bufs) {
+    ET_KERNEL_CHECK_MSG(ctx, b->scalar_type() == fp && b->dim() == 4 && b->size(1) == n_layers &&
+                            b->size(2) == hkv && b->size(3) == d && dense(*b),
+                        InvalidArgument, ret, "%s: float cache parts must be dense [N+1, L, H, D]", name);
+  }
+  ET_KERNEL_CHECK_MSG(ctx, layer >= 0 && layer < n_layers && group > 0 && d % group == 0 &&
+                          d % 4 == 0,
+                      InvalidArgument, ret, "%s: bad layer or group", name);
+  const int64_t sinks = sink_k.size(0) - 1, window = win_k.size(0) - 1, ng = d / group;
+  ET_KERNEL_CHECK_MSG(ctx, evict_k.size(0) >= t && (window == 0 || t <= window), InvalidArgument, ret,
+                      "%s: chunk longer than the window or the eviction staging rows", name);
+  const int bit_of[3] = {2, 4, 8};
+  for (int c = 0; c < 3; ++c) {
+    const int64_t width = d * bit_of[c] / 8;
+    const Tensor& codes = pools[2 + 6 * c];
+    for (int e = 0; e < 6; ++e) {
+      const Tensor& x = pools[2 + 6 * c + e];
+      const bool is_codes = e == 0 || e == 3;
+      ET_KERNEL_CHECK_MSG(ctx, x.dim() == 4 && x.size(0) == codes.size(0) && x.size(1) == n_layers &&
+                              x.size(2) == hkv && x.size(3) == (is_codes ? width : ng) && dense(x) &&
+                              x.scalar_type() == (is_codes ? ScalarType::Byte : ScalarType::Half),
+                          InvalidArgument, ret, "%s: pool %d-bit tensor %d has a bad shape or dtype", name,
+                          bit_of[c], e);
+    }
+  }
+  {
+    const SizesType os[3] = {static_cast<SizesType>(hq), static_cast<SizesType>(t),
+                             static_cast<SizesType>(d)};
+    const SizesType rs[2] = {static_cast<SizesType>(window + t), 3};
+    ET_KERNEL_CHECK(ctx, resize_tensor(out, {os, 3}) == Error::Ok, InvalidArgument, ret);
+    ET_KERNEL_CHECK(ctx, resize_tensor(recv, {rs, 2}) == Error::Ok, InvalidArgument, ret);
+  }
+  ET_KERNEL_CHECK_MSG(ctx, dense(q) && dense(k) && dense(v) && dense(out) && dense(recv), InvalidArgument,
+                      ret, "%s: tensors must be contiguous, default dim order", name);
+
+  // ---- state: filled slots of every part
+  const int32_t* st = state.const_data_ptr<int32_t>();
+  const int64_t p0 = st[0] < 0 ? 0 : st[0];
+  const int64_t n_s = std::min(p0, sinks), n_w = std::min(std::max<int64_t>(p0 - sinks, 0), window);
+  int64_t fills[4];
+  for (int c = 0; c < 4; ++c) {
+    const int64_t cap = (c < 3 ? pools[2 + 6 * c].size(0) : pools[0].size(0)) - 1;
+    fills[c] = std::min<int64_t>(std::max<int32_t>(st[1 + c], 0), cap);
+  }
+
+  // ---- the chunk, rounded to the storage dtype (what the cache will hold)
+  const bool half = fp == ScalarType::Half;
+  const int64_t nkv = hkv * t * d;
+  std::vector<float> kr(k.const_data_ptr<float>(), k.const_data_ptr<float>() + nkv);
+  std::vector<float> vr(v.const_data_ptr<float>(), v.const_data_ptr<float>() + nkv);
+  std::vector<uint16_t> kh(half ? nkv : 0), vh(half ? nkv : 0);
+  if (half) {
+    for (int64_t i = 0; i < nkv; ++i) {
+      kh[i] = f32_to_f16(kr[i]);
+      vh[i] = f32_to_f16(vr[i]);
+      kr[i] = f16_to_f32(kh[i]);
+      vr[i] = f16_to_f32(vh[i]);
+    }
+  }
+
+  // ---- parts (offset to the layer)
+  const int64_t esize = half ? 2 : 4;
+  const int64_t slot_stride = n_layers * hkv * d, layer_off = layer * hkv * d;
+  auto float_part = [&](const Tensor& kt, const Tensor& vt, int64_t n) {
+    Part p;
+    p.half = half;
+    p.k = static_cast<const char*>(kt.const_data_ptr()) + layer_off * esize;
+    p.v = static_cast<const char*>(vt.const_data_ptr()) + layer_off * esize;
+    p.n = n;
+    p.slot_stride = slot_stride;
+    p.head_stride = d;
+    return p;
+  };
+  std::vector<Part> parts;
+  parts.push_back(float_part(sink_k, sink_v, n_s));
+  parts.push_back(float_part(win_k, win_v, n_w));
+  parts.push_back(float_part(pools[0], pools[1], fills[3]));
+  for (int c = 0; c < 3; ++c) {
+    const Tensor* x = &pools[2 + 6 * c];
+    const int64_t width = d * bit_of[c] / 8;
+    Part p;
+    p.bits = bit_of[c];
+    p.k = x[0].const_data_ptr<uint8_t>() + layer * hkv * width;
+    p.v = x[3].const_data_ptr<uint8_t>() + layer * hkv * width;
+    const int64_t zo = layer * hkv * ng;
+    p.ks = static_cast<const uint16_t*>(x[1].const_data_ptr()) + zo;
+    p.kz = static_cast<const uint16_t*>(x[2].const_data_ptr()) + zo;
+    p.vs = static_cast<const uint16_t*>(x[4].const_data_ptr()) + zo;
+    p.vz = static_cast<const uint16_t*>(x[5].const_data_ptr()) + zo;
+    p.n = fills[c];
+    p.slot_stride = n_layers * hkv * width;
+    p.head_stride = width;
+    p.sz_slot_stride = n_layers * hkv * ng;
+    p.sz_head_stride = ng;
+    parts.push_back(p);
+  }
+  {
+    Part p;  // the chunk: fp32 rows [H, T, D], causal
+    p.k = kr.data();
+    p.v = vr.data();
+    p.n = t;
+    p.slot_stride = d;
+    p.head_stride = t * d;
+    p.causal = true;
+    parts.push_back(p);
+  }
+
+  // ---- tasks: (KV head, block of one part); the chunk is one block
+  std::vector<Task> tasks;
+  for (int64_t h = 0; h < hkv; ++h) {
+    for (int64_t pi = 0; pi < static_cast<int64_t>(parts.size()); ++pi) {
+      const int64_t n = parts[pi].n, step = parts[pi].causal ? std::max<int64_t>(n, 1) : kBlock;
+      for (int64_t b0 = 0; b0 < n; b0 += step) {
+        tasks.push_back({h, pi, b0, std::min(n, b0 + step)});
+      }
+    }
+  }
+  const int64_t per_head = static_cast<int64_t>(tasks.size()) / hkv;
+  const int64_t grp = hq / hkv, nq = grp * t;
+  const float* qp = q.const_data_ptr<float>();
+  std::vector<float> qsum(hq * t * ng);
+  for (int64_t r = 0; r < hq * t; ++r) {
+    for (int64_t g = 0; g < ng; ++g) {
+      float acc = 0.0f;
+      for (int64_t e = 0; e < group; ++e) {
+        acc += qp[r * d + g * group + e];
+      }
+      qsum[r * ng + g] = acc;
+    }
+  }
+  const Step s{qp, qsum.data(), hq, hkv, grp, t, d, group, ng, nq, static_cast<float>(scale)};
+  const int64_t stride = nq * (d + 2);
+  const int64_t tb = std::max(kBlock, t);
+  std::vector<float> partial(tasks.size() * stride);
+  bool ok = executorch::extension::parallel_for(0, static_cast<int64_t>(tasks.size()), 1,
+                                                [&](int64_t a, int64_t b) {
+    std::vector<float> scratch(nq * tb + d + nq * ng + 2 * ng);
+    std::vector<const float*> rows(2 * nq);
+    for (int64_t i = a; i < b; ++i) {
+      run_task(s, parts[tasks[i].part], tasks[i], partial.data() + i * stride, scratch.data(), rows.data());
+    }
+  });
+  ET_KERNEL_CHECK_MSG(ctx, ok, Internal, ret, "%s: parallel_for failed", name);
+
+  // ---- log-sum-exp merge per query vector
+  float* op = out.mutable_data_ptr<float>();
+  std::vector<float> lse(hq * t);
+  for (int64_t h = 0; h < hkv; ++h) {
+    for (int64_t qi = 0; qi < nq; ++qi) {
+      const int64_t qrow = (h * grp + qi / t) * t + qi % t;
+      float m = kNeg;
+      for (int64_t i = 0; i < per_head; ++i) {
+        m = std::max(m, partial[(h * per_head + i) * stride + qi * (d + 2) + d]);
+      }
+      float* o = op + qrow * d;
+      std::fill(o, o + d, 0.0f);
+      float l = 0.0f;
+      for (int64_t i = 0; i < per_head; ++i) {
+        const float* pi = partial.data() + (h * per_head + i) * stride + qi * (d + 2);
+        const float w = exp_neg(pi[d] - m);
+        l += pi[d + 1] * w;
+        for (int64_t e = 0; e < d; ++e) {
+          o[e] += pi[e] * w;
+        }
+      }
+      for (int64_t e = 0; e < d; ++e) {
+        o[e] /= l;
+      }
+      lse[qrow] = m + std::log(l);
+    }
+  }
+
+  // ---- features: attention received by window slots and chunk tokens (normalised weights)
+  float* rp = recv.mutable_data_ptr<float>();
+  std::fill(rp, rp + (window + t) * 3, 0.0f);
+  if (features) {
+    const int64_t n_cache = n_s + n_w + fills[0] + fills[1] + fills[2] + fills[3];
+    std::vector<float> w(hq), buf(d);
+    auto received = [&](const Part& part, int64_t j, int64_t r0, float* dst) {
+      for (int64_t r = r0; r < t; ++r) {
+        float mean = 0.0f;
+        for (int64_t hh = 0; hh < hq; ++hh) {
+          const float* kr_j = float_row(part, part.k, j, hh / grp, d, buf.data());
+          const float sc = dot(qp + (hh * t + r) * d, kr_j, d) * s.scale;
+          w[hh] = std::exp(sc - lse[hh * t + r]) * static_cast<float>(n_cache + r + 1);
+          mean += w[hh];
+        }
+        mean /= static_cast<float>(hq);
+        float var = 0.0f;
+        for (int64_t hh = 0; hh < hq; ++hh) {
+          var += (w[hh] - mean) * (w[hh] - mean);
+        }
+        dst[0] += mean;
+        dst[1] += var / static_cast<float>(hq);
+      }
+      dst[2] = static_cast<float>(t - r0);
+    };
+    for (int64_t j = 0; j < n_w; ++j) {
+      received(parts[1], j, 0, rp + j * 3);
+    }
+    for (int64_t j = 0; j < t; ++j) {
+      received(parts.back(), j, j + 1, rp + (window + j) * 3);
+    }
+  }
+
+  // ---- write the chunk (after attention and features read the old ring)
+  if (half) {
+    write_chunk<uint16_t>(p0, t, sinks, window, hkv, d, slot_stride, layer_off, kr.data(), vr.data(),
+                          kh.data(), vh.data(), static_cast<uint16_t*>(sink_k.mutable_data_ptr()),
+                          static_cast<uint16_t*>(sink_v.mutable_data_ptr()),
+                          static_cast<uint16_t*>(win_k.mutable_data_ptr()),
+                          static_cast<uint16_t*>(win_v.mutable_data_ptr()),
+                          static_cast<uint16_t*>(evict_k.mutable_data_ptr()),
+                          static_cast<uint16_t*>(evict_v.mutable_data_ptr()));
+  } else {
+    write_chunk<float>(p0, t, sinks, window, hkv, d, slot_stride, layer_off, kr.data(), vr.data(),
+                       kh.data(), vh.data(), sink_k.mutable_data_ptr<float>(),
+                       sink_v.mutable_data_ptr<float>(), win_k.mutable_data_ptr<float>(),
+                       win_v.mutable_data_ptr<float>(), evict_k.mutable_data_ptr<float>(),
+                       evict_v.mutable_data_ptr<float>());
+  }
+  return ret;
+}
+
+}  // namespace native
+}  // namespace kvexport
+
+namespace {
+
+using executorch::runtime::EValue;
+using executorch::runtime::Kernel;
+using executorch::runtime::KernelRuntimeContext;
+using executorch::runtime::Span;
+
+// Stack: q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group,
+// scale, features, out, recv (then the returned values).
+void layer_attention_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  ET_KERNEL_CHECK_MSG(ctx, stack.size() >= 17, InvalidProgram, ,
+                      "kvexport::layer_attention.out: expected 17 arguments, got %zu", stack.size());
+  kvexport::native::layer_attention_out(
+      ctx, stack[0]->toTensor(), stack[1]->toTensor(), stack[2]->toTensor(), stack[3]->toTensor(),
+      stack[4]->toTensor(), stack[5]->toTensor(), stack[6]->toTensor(), stack[7]->toTensor(),
+      stack[8]->toTensor(), stack[9]->toTensor(), stack[10]->toTensorList(), stack[11]->toInt(),
+      stack[12]->toInt(), stack[13]->toDouble(), stack[14]->toBool(), stack[15]->toTensor(),
+      stack[16]->toTensor());
+}
+
+const Kernel kLayerKernels[] = {Kernel("kvexport::layer_attention.out", layer_attention_boxed)};
+const auto kLayerRegistered = executorch::runtime::register_kernels({kLayerKernels, 1});
+
+}  // namespace

@@ -1,0 +1,171 @@
+"""``kvexport::layer_attention``: the C++ kernel, run through real .pte programs in the ExecuTorch
+runtime, against its Python reference (kvexport.kv.layer_attention) on random caches.
+
+Every unfilled slot holds NaN (fp parts, and the scales/zeros of quantized pools), so any read
+beyond the fill counts shows up. Cases cover empty caches, sinks only, a chunk crossing from the
+sinks into the window, window only, a wrapped ring, full and over-full pools (fills are clamped),
+T > 1 chunks, fp16 and fp32 storage, a window of 0 (the chunk itself is staged for eviction)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kvexport.ops as ops
+from kvexport.kv import layer_attention as ref
+from kvops_testlib import export_et
+
+L, H, HQ, D, GROUP = 2, 3, 9, 64, 32
+SCALE = 1.0 / math.sqrt(D)
+T_MAX = 4
+# name: (sinks, window, float dtype, pool capacities (2, 4, 8, 16 bit), layer, features)
+CONFIGS = {
+    "fp16-s4-w8": (4, 8, torch.float16, (5, 70, 7, 3), 1, True),
+    "fp32-s0-w4": (0, 4, torch.float32, (3, 0, 4, 2), 0, True),
+    "fp16-s2-w0": (2, 0, torch.float16, (0, 9, 0, 66), 1, False),
+}
+MUTABLE = ("sink_k", "sink_v", "win_k", "win_v", "evict_k", "evict_v")
+
+
+def cache_shapes(cfg):
+    sinks, window, fp, caps, _, _ = cfg
+    shapes = {"sink_k": (sinks + 1, L, H, D), "sink_v": (sinks + 1, L, H, D), "win_k": (window + 1, L, H, D),
+              "win_v": (window + 1, L, H, D), "evict_k": (T_MAX, L, H, D), "evict_v": (T_MAX, L, H, D),
+              "pool16_k": (caps[3] + 1, L, H, D), "pool16_v": (caps[3] + 1, L, H, D)}
+    for b, cap in zip((2, 4, 8), caps):
+        for name in ("k", "v"):
+            shapes[f"pool{b}_{name}"] = (cap + 1, L, H, D * b // 8)
+            shapes[f"pool{b}_{name}s"] = shapes[f"pool{b}_{name}z"] = (cap + 1, L, H, D // GROUP)
+    return shapes
+
+
+class LayerStep(torch.nn.Module):
+    """The mutable cache parts are buffers (as in the step program); each call first loads them
+    from its inputs, runs the op once, and returns (out, recv, the six mutated buffers). The
+    queries pass an identity Linear (exact in fp32) so the program also has an XNNPACK part."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.layer, self.features = cfg[4], cfg[5]
+        self.proj = torch.nn.Linear(D, D)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.eye(D))
+            self.proj.bias.zero_()
+        shapes = cache_shapes(cfg)
+        for name in MUTABLE:
+            self.register_buffer(name, torch.zeros(shapes[name], dtype=cfg[2]))
+
+    def forward(self, q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, *pools):
+        bufs = [getattr(self, n) for n in MUTABLE]
+        for buf, x in zip(bufs, (sink_k, sink_v, win_k, win_v, evict_k, evict_v)):
+            buf.copy_(x)
+        q = self.proj(q)
+        out, recv = ops.layer_attention(q, k, v, state, *bufs, pools, self.layer, GROUP, SCALE, self.features)
+        return (out, recv, *(b.clone() for b in bufs))
+
+
+def make_inputs(cfg, p0: int, t: int, fills, seed: int):
+    """Random chunk and cache for ``state = (p0, *fills)``; unfilled slots are NaN."""
+    sinks, window, fp, caps, _, _ = cfg
+    g = torch.Generator().manual_seed(seed)
+    shapes = cache_shapes(cfg)
+    n_s, n_w = min(p0, sinks), min(max(p0 - sinks, 0), window)
+    filled = {"sink": n_s, "win": n_w, "pool16": min(fills[3], caps[3]), "evict": T_MAX}
+    for b, f, cap in zip((2, 4, 8), fills, caps):
+        filled[f"pool{b}"] = min(f, cap)
+    cache = {}
+    for name, shape in shapes.items():
+        part = name.rsplit("_", 1)[0]
+        if name in MUTABLE or name.startswith("pool16"):
+            x = (torch.randn(shape, generator=g) * 1.5).to(fp)
+            x[filled[part]:] = float("nan")
+        elif name.endswith(("_k", "_v")):  # packed codes: any byte is valid
+            x = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+        else:  # fp16 scale / zero
+            x = (torch.rand(shape, generator=g) * 0.1 + 0.01) if name.endswith("s") else torch.randn(shape, generator=g)
+            x = x.half()
+            x[filled[part]:] = float("nan")
+        cache[name] = x
+    q = torch.randn(HQ, t, D, generator=g) * 2.0
+    k = torch.randn(H, t, D, generator=g) * 1.5
+    v = torch.randn(H, t, D, generator=g)
+    state = torch.tensor([p0, *fills], dtype=torch.int32)
+    return [q, k, v, state, *(cache[n] for n in MUTABLE), *(cache[n] for n in ref.POOL_NAMES)]
+
+
+def reference(cfg, inputs):
+    q, k, v, state, *rest = [x.clone() for x in inputs]
+    bufs, pools = rest[:6], rest[6:]
+    out, recv = ref.layer_attention(q, k, v, state, *bufs, pools, cfg[4], GROUP, SCALE, cfg[5])
+    return [out, recv, *bufs]
+
+
+def cases(cfg):
+    """(p0, T, fills) covering the boundaries of this layout."""
+    sinks, window, _, caps, _, _ = cfg
+    t2 = min(3, window) if window else 3
+    full = list(caps)
+    over = [c + 5 for c in caps]
+    mixed = [c // 2 + 1 for c in caps]
+    out = [(0, 1, [0, 0, 0, 0]), (0, t2, [0, 0, 0, 0])]
+    if sinks:
+        out += [(sinks, 1, [0, 0, 0, 0]), (sinks - 1, t2, [0, 0, 0, 0])]  # sinks only; crossing into the window
+    if window:
+        out += [(sinks + window // 2, 1, [0, 0, 0, 0]), (sinks + window + 3, t2, mixed)]  # window only; wrapped
+    out += [(sinks + window + 40, 1, full), (sinks + window + 41, t2, over), (sinks + window + 7, 2, mixed)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def programs(et_runtime):
+    loaded = {}
+
+    def get(name):
+        if name not in loaded:
+            cfg = CONFIGS[name]
+            example = make_inputs(cfg, 0, 2, [0, 0, 0, 0], seed=0)
+            dyn_t = torch.export.Dim("T", min=1, max=cfg[1] or T_MAX)
+            dynamic = ({1: dyn_t}, {1: dyn_t}, {1: dyn_t}) + (None,) * 7 + ((None,) * len(ref.POOL_NAMES),)
+            pte = export_et(LayerStep(cfg).eval(), tuple(example), dynamic=dynamic)
+            assert ops.program_custom_ops(pte) == ["kvexport::layer_attention.out"]
+            loaded[name] = (pte, et_runtime.load_program(pte).load_method("forward"))  # the bytes must outlive it
+        return loaded[name][1]
+
+    return get
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view({2: torch.int16, 4: torch.int32}[x.element_size()])
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_kernel_matches_reference(programs, name):
+    cfg = CONFIGS[name]
+    method = programs(name)
+    for i, (p0, t, fills) in enumerate(cases(cfg)):
+        what = f"{name} p0={p0} T={t} fills={fills}"
+        inputs = make_inputs(cfg, p0, t, fills, seed=10 + i)
+        got = method.execute(inputs)
+        want = reference(cfg, inputs)
+        out, recv = got[0], got[1]
+        assert torch.isfinite(out).all(), f"{what}: non-finite output (an unfilled slot was read)"
+        torch.testing.assert_close(out, want[0], rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}: out: {m}")
+        torch.testing.assert_close(recv, want[1], rtol=1e-4, atol=1e-4, msg=lambda m: f"{what}: recv: {m}")
+        if not cfg[5]:
+            assert not recv.any(), what
+        for n, a, b in zip(MUTABLE, got[2:], want[2:]):
+            assert torch.equal(_bits(a), _bits(b)), f"{what}: {n} differs at {(_bits(a) != _bits(b)).nonzero()[:4]}"
+
+
+def test_features_are_attention_weights(programs):
+    """recv is a normalised attention mass: with one query row (T=1), the head-mean weights of all
+    visible keys sum to the number of visible keys; here only the window's share is checked
+    against the reference's, and the chunk token (seen by no later row) gets nothing."""
+    cfg = CONFIGS["fp16-s4-w8"]
+    inputs = make_inputs(cfg, 4 + 8 + 2, 1, [0, 0, 0, 0], seed=3)  # sinks + full window, empty pools
+    recv = programs("fp16-s4-w8").execute(inputs)[1]
+    assert recv.shape == (8 + 1, 3)
+    assert float(recv[:8, 0].sum()) < 4 + 8 + 1 and float(recv[:8, 0].sum()) > 0
+    assert torch.equal(recv[8], torch.zeros(3)) and torch.equal(recv[:8, 2], torch.ones(8))

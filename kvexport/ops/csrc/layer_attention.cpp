@@ -120,6 +120,16 @@ inline const float* float_row(const Part& p, const void* base, int64_t i, int64_
   return buf;
 }
 
+// Codes of row (slot i, head h) of a quantized part as floats into codes [d]; its scales and
+// zero points into sz [2, ng].
+inline void quant_row(const Part& p, const void* packed, const uint16_t* scale, const uint16_t* zero,
+                      int64_t i, int64_t h, int64_t d, int64_t ng, float* codes, float* sz) {
+  const int64_t zoff = i * p.sz_slot_stride + h * p.sz_head_stride;
+  unpack_row(p.bits, static_cast<const uint8_t*>(packed) + i * p.slot_stride + h * p.head_stride, d, codes);
+  widen_half(scale + zoff, sz, ng);
+  widen_half(zero + zoff, sz + ng, ng);
+}
+
 // Partial attention of the nq query vectors of KV head `task.h` over slots [b0, b1) of `part`.
 // partial: [nq, d + 2] = (o, m, l); scratch: kBlock * nq scores + d + nq * ng + 2 * ng floats.
 void run_task(const Step& s, const Part& part, const Task& task, float* partial, float* scratch,
@@ -139,11 +149,7 @@ void run_task(const Step& s, const Part& part, const Task& task, float* partial,
   for (int64_t j = 0; j < nb; ++j) {
     const int64_t i = task.b0 + j;
     if (quant) {
-      const int64_t off = i * part.slot_stride + h * part.head_stride;
-      const int64_t zoff = i * part.sz_slot_stride + h * part.sz_head_stride;
-      unpack_row(part.bits, static_cast<const uint8_t*>(part.k) + off, d, row);
-      widen_half(part.ks + zoff, sz, s.ng);
-      widen_half(part.kz + zoff, sz + s.ng, s.ng);
+      quant_row(part, part.k, part.ks, part.kz, i, h, d, s.ng, row, sz);
       for (int64_t qi = 0; qi < nq; ++qi) {
         const float* qv = qv_of[qi];
         const float* qs = qs_of[qi];
@@ -183,11 +189,7 @@ void run_task(const Step& s, const Part& part, const Task& task, float* partial,
   for (int64_t j = 0; j < nb; ++j) {
     const int64_t i = task.b0 + j;
     if (quant) {
-      const int64_t off = i * part.slot_stride + h * part.head_stride;
-      const int64_t zoff = i * part.sz_slot_stride + h * part.sz_head_stride;
-      unpack_row(part.bits, static_cast<const uint8_t*>(part.v) + off, d, row);
-      widen_half(part.vs + zoff, sz, s.ng);
-      widen_half(part.vz + zoff, sz + s.ng, s.ng);
+      quant_row(part, part.v, part.vs, part.vz, i, h, d, s.ng, row, sz);
       for (int64_t qi = 0; qi < nq; ++qi) {
         const float w = sc[qi * kBlock + j];
         float* o = partial + qi * (d + 2);

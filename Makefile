@@ -26,4 +26,5 @@ demo: setup
 	$(KVX) run $(DEMO_PROGRAM) --chat --max-new-tokens 64 --prompt "$(DEMO_PROMPT)"
 
 test: setup
+	$(VENV)/bin/ruff check kvexport tests
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

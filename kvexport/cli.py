@@ -27,14 +27,19 @@ def cmd_models(a: argparse.Namespace) -> int:
     print(f"{'alias':24} {'Hugging Face id':38} {'':8} available")
     for r in rows:
         print(f"{r['alias']:24} {r['hf_id']:38} {'default' if r['default'] else '':8} {r['available'] or '-'}")
-    print("\n--model also takes a Hugging Face model directory or a .gguf file; --random-weights builds any alias offline.")
+    print(
+        "\n--model also takes a Hugging Face model directory or a .gguf file; "
+        "--random-weights builds any alias offline."
+    )
     return 0
 
 
 def format_kv_stats(s: dict) -> str:
     hist = " ".join(f"{c}b:{n}" for c, n in s["class_histogram"].items())
-    return (f"KV cache: {s['kv_bytes_used'] / 1024:.1f} KiB used of {s['kv_bytes_allocated'] / 1024:.1f} KiB allocated, "
-            f"{s['avg_bits']:.2f} avg bits/element, {s['tokens_cached']} tokens [{hist}]")
+    return (
+        f"KV cache: {s['kv_bytes_used'] / 1024:.1f} KiB used of {s['kv_bytes_allocated'] / 1024:.1f} KiB allocated, "
+        f"{s['avg_bits']:.2f} avg bits/element, {s['tokens_cached']} tokens [{hist}]"
+    )
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -57,7 +62,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         new_ids.append(tok_id)
         full = tok.decode(new_ids)
         if not full.endswith("\ufffd"):
-            sys.stdout.write(full[len(printed):])
+            sys.stdout.write(full[len(printed) :])
             sys.stdout.flush()
             printed = full
 
@@ -66,22 +71,37 @@ def cmd_generate(a: argparse.Namespace) -> int:
     print()
     stats = session.kv_stats()
     dec = f"{res['decode_tok_s']:.1f}" if res["decode_tok_s"] else "-"
-    print(f"\n[{loaded.name} | policy {a.kv_policy} | prefill {res['prefill_tokens']} tok at {res['prefill_tok_s']:.1f} tok/s"
-          f" | decode {len(res['new_ids'])} tok at {dec} tok/s]", file=sys.stderr)
+    print(
+        f"\n[{loaded.name} | policy {a.kv_policy} | prefill {res['prefill_tokens']} tok "
+        f"at {res['prefill_tok_s']:.1f} tok/s"
+        f" | decode {len(res['new_ids'])} tok at {dec} tok/s]",
+        file=sys.stderr,
+    )
     if res["stopped_at_context"]:
         print(f"[stopped: the cache's context of {a.max_context} tokens is full]", file=sys.stderr)
     print(format_kv_stats(stats), file=sys.stderr)
     if a.json:
-        write_text_atomic(a.json, json.dumps({"model": loaded.name, "identity": loaded.identity, "policy": a.kv_policy,
-                                         "text": printed, **res, **stats}, indent=1))
+        write_text_atomic(
+            a.json,
+            json.dumps(
+                {
+                    "model": loaded.name,
+                    "identity": loaded.identity,
+                    "policy": a.kv_policy,
+                    "text": printed,
+                    **res,
+                    **stats,
+                },
+                indent=1,
+            ),
+        )
     return 0
 
 
 def cmd_count_tokens(a: argparse.Namespace) -> int:
     from kvexport.controller.token_counts import count_tokens, wikitext_halves, write_counts
-    from kvexport.session import calibration_dir
-
     from kvexport.data import data_file
+    from kvexport.session import calibration_dir
 
     loaded = load_model(a)
     corpus = Path(a.corpus) if a.corpus else data_file("wikitext", a.data_dir)
@@ -108,13 +128,14 @@ def build_defaults(a: argparse.Namespace, has_controller: bool) -> str | None:
         chosen.append("--ops fused")
     if not chosen:
         return None
-    return (f"defaults: {' '.join(chosen)} (the fastest program); --ops portable runs on a stock ExecuTorch "
-            "runtime, --kv-policy fp16 keeps every token at 16 bits")
+    return (
+        f"defaults: {' '.join(chosen)} (our fastest program); --ops portable runs on a stock ExecuTorch "
+        "runtime, --kv-policy fp16 keeps every token at 16 bits"
+    )
 
 
 def cmd_build(a: argparse.Namespace) -> int:
     from kvexport.export.build import DEFAULT_WEIGHTS, build, default_name
-
     from kvexport.session import default_controller_path
 
     loaded = load_model(a)
@@ -128,11 +149,14 @@ def cmd_build(a: argparse.Namespace) -> int:
     name = a.name or default_name(loaded, opts, a.target, a.ops, weights)
     out = Path(a.out) / name
     extra = {"ort_version": a.ort_version} if a.ort_version else {}
-    path = build(loaded, opts, a.target, a.ops, weights, out, log=lambda m: print(m, file=sys.stderr), force=a.force,
-                 **extra)
+    path = build(
+        loaded, opts, a.target, a.ops, weights, out, log=lambda m: print(m, file=sys.stderr), force=a.force, **extra
+    )
     manifest = json.loads((path / "manifest.json").read_text())
-    print(f"wrote {path} ({(path / manifest['program']).stat().st_size / 1e6:.1f} MB program, "
-          f"{manifest['cache']['kv_bytes_allocated'] / 1024:.0f} KiB KV state, built in {manifest['build_seconds']} s)")
+    print(
+        f"wrote {path} ({(path / manifest['program']).stat().st_size / 1e6:.1f} MB program, "
+        f"{manifest['cache']['kv_bytes_allocated'] / 1024:.0f} KiB KV state, built in {manifest['build_seconds']} s)"
+    )
     return 0
 
 
@@ -143,11 +167,14 @@ def cmd_baseline(a: argparse.Namespace) -> int:
 
     loaded = load_model(a)
     name = a.name or f"{loaded.name}-etllama-{a.qmode or 'fp32'}-ctx{a.max_context}"
-    path = export_baseline(loaded, a.max_context, Path(a.out) / name, qmode=a.qmode,
-                           log=lambda m: print(m, file=sys.stderr))
+    path = export_baseline(
+        loaded, a.max_context, Path(a.out) / name, qmode=a.qmode, log=lambda m: print(m, file=sys.stderr)
+    )
     manifest = json.loads((path / "manifest.json").read_text())
-    print(f"wrote {path} ({(path / manifest['program']).stat().st_size / 1e6:.1f} MB program, "
-          f"{manifest['cache']['kv_bytes_allocated'] / 1024:.0f} KiB KV state, built in {manifest['build_seconds']} s)")
+    print(
+        f"wrote {path} ({(path / manifest['program']).stat().st_size / 1e6:.1f} MB program, "
+        f"{manifest['cache']['kv_bytes_allocated'] / 1024:.0f} KiB KV state, built in {manifest['build_seconds']} s)"
+    )
     return 0
 
 
@@ -165,8 +192,10 @@ def cmd_run(a: argparse.Namespace) -> int:
     if not ids:
         raise KvxError("the prompt is empty; pass --prompt TEXT")
     if len(ids) >= runner.max_context:
-        raise KvxError(f"the prompt has {len(ids)} tokens; the program's context is {runner.max_context}; "
-                       "shorten it or rebuild with a larger --max-context")
+        raise KvxError(
+            f"the prompt has {len(ids)} tokens; the program's context is {runner.max_context}; "
+            "shorten it or rebuild with a larger --max-context"
+        )
     t0 = time.perf_counter()
     logits = runner.prefill(ids)
     t1 = time.perf_counter()
@@ -182,8 +211,11 @@ def cmd_run(a: argparse.Namespace) -> int:
     print((a.prompt if not a.chat else "") + tok.decode(shown))
     stats = kv_stats_dict(runner.last_stats)
     dec = (len(new) - 1) / (t2 - t1) if len(new) > 1 else 0.0
-    print(f"\n[{a.program} | prefill {len(ids)} tok at {len(ids) / (t1 - t0):.1f} tok/s | decode {len(new)} tok at "
-          f"{dec:.1f} tok/s]", file=sys.stderr)
+    print(
+        f"\n[{a.program} | prefill {len(ids)} tok at {len(ids) / (t1 - t0):.1f} tok/s | decode {len(new)} tok at "
+        f"{dec:.1f} tok/s]",
+        file=sys.stderr,
+    )
     print(format_kv_stats(stats), file=sys.stderr)
     return 0
 
@@ -220,8 +252,9 @@ def cmd_bundle(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = validate.Parser(prog="kvexport",
-                        description="SmolLM with an adaptive mixed-precision KV cache, exported for phones.")
+    p = validate.Parser(
+        prog="kvexport", description="SmolLM with an adaptive mixed-precision KV cache, exported for phones."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("models", help="list model aliases and which are available here")
@@ -248,29 +281,51 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(s)
     add_cache_args(s, default_policy=None)
     s.add_argument("--target", default="executorch", help="executorch, onnx or ort")
-    s.add_argument("--ops", default=None,
-                   help="fused (our kernels; default) or portable (core ATen, stock ExecuTorch runtime); "
-                        "onnx/ort: fused only (our ops as standard-ONNX functions)")
-    s.add_argument("--weights", default=None,
-                   help="executorch: fp32, 8da8w, 8da4w, q4 (the GGUF's Q4_1 codes); onnx/ort: fp32, int8, int4 "
-                        "(default: per target, see README)")
-    s.add_argument("--ort-version", default=None,
-                   help="ort/onnx: oldest ONNX Runtime the app ships; warn when the program needs a newer one")
+    s.add_argument(
+        "--ops",
+        default=None,
+        help="fused (our kernels; default) or portable (core ATen, stock ExecuTorch runtime); "
+        "onnx/ort: fused only (our ops as standard-ONNX functions)",
+    )
+    s.add_argument(
+        "--weights",
+        default=None,
+        help="executorch: fp32, 8da8w, 8da4w, q4 (the GGUF's Q4_1 codes); onnx/ort: fp32, int8, int4 "
+        "(default: per target, see README)",
+    )
+    s.add_argument(
+        "--ort-version",
+        default=None,
+        help="ort/onnx: oldest ONNX Runtime the app ships; warn when the program needs a newer one",
+    )
     s.add_argument("--out", default="graphs", type=validate.output_dir)
-    s.add_argument("--name", default=None, type=validate.program_name,
-                   help="directory name under --out (default: derived from the options)")
-    s.add_argument("--force", action="store_true",
-                   help="replace an existing program of that name that was built with other options")
+    s.add_argument(
+        "--name",
+        default=None,
+        type=validate.program_name,
+        help="directory name under --out (default: derived from the options)",
+    )
+    s.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing program of that name that was built with other options",
+    )
     s.set_defaults(func=cmd_build)
 
     s = sub.add_parser("baseline", help="export the same weights with ExecuTorch's own llama export (for bench)")
     add_model_args(s)
-    s.add_argument("--target", default="executorch-llama", help="executorch-llama (export_llama, XNNPACK, fp32 KV cache)")
+    s.add_argument(
+        "--target", default="executorch-llama", help="executorch-llama (export_llama, XNNPACK, fp32 KV cache)"
+    )
     s.add_argument("--max-context", type=validate.positive_int, default=2048)
     s.add_argument("--qmode", default=None, help="8da4w (export_llama -qmode, group 32); default fp32 weights")
     s.add_argument("--out", default="graphs", type=validate.output_dir)
-    s.add_argument("--name", default=None, type=validate.program_name,
-                   help="directory name under --out (default: derived from the options)")
+    s.add_argument(
+        "--name",
+        default=None,
+        type=validate.program_name,
+        help="directory name under --out (default: derived from the options)",
+    )
     s.set_defaults(func=cmd_baseline)
 
     s = sub.add_parser("run", help="generate with a built program (ExecuTorch runtime)")

@@ -39,6 +39,8 @@ DYNAMIC_ACTIVATION_TOLERANCES = {"max_abs_logit": 2.0, "kl": 2e-2, "top1_agreeme
 def tolerances_for(manifest: dict) -> dict:
     quantized = manifest["target"] == "executorch" and manifest["weights"] != "fp32"
     return DYNAMIC_ACTIVATION_TOLERANCES if quantized else TOLERANCES
+
+
 DEFAULT_PROMPT = "The history of the printing press begins in the fifteenth century, when"
 
 
@@ -70,14 +72,19 @@ def run_parity(program_dir: Path, prompt: str = DEFAULT_PROMPT, steps: int = 64,
         ref = session.step(chunk)[-1]
         prog = runner.step(chunk)
         ref_stats, prog_stats = kv_stats.named(session.cache.stats()), kv_stats.named(runner.last_stats)
-        rows.append({
-            "step": len(rows), "kind": kind, "tokens": len(chunk),
-            "max_abs_logit": float((ref - prog).abs().max()), "kl": _kl(ref, prog),
-            "top1_equal": int(ref.argmax()) == int(prog.argmax()),
-            "classes_equal": all(ref_stats[f] == prog_stats[f] for f in kv_stats.TOKEN_COUNTS),
-            "bytes_equal": ref_stats["kv_bytes_used"] == prog_stats["kv_bytes_used"],
-            "avg_bits": prog_stats["avg_bits"],
-        })
+        rows.append(
+            {
+                "step": len(rows),
+                "kind": kind,
+                "tokens": len(chunk),
+                "max_abs_logit": float((ref - prog).abs().max()),
+                "kl": _kl(ref, prog),
+                "top1_equal": int(ref.argmax()) == int(prog.argmax()),
+                "classes_equal": all(ref_stats[f] == prog_stats[f] for f in kv_stats.TOKEN_COUNTS),
+                "bytes_equal": ref_stats["kv_bytes_used"] == prog_stats["kv_bytes_used"],
+                "avg_bits": prog_stats["avg_bits"],
+            }
+        )
         return int(ref.argmax())
 
     tok = None
@@ -95,19 +102,37 @@ def summarize(rows: list[dict], manifest: dict) -> dict:
     top1 = sum(r["top1_equal"] for r in rows) / len(rows)
     classes = all(r["classes_equal"] and r["bytes_equal"] for r in rows)
     ok = worst_abs <= tol["max_abs_logit"] and worst_kl <= tol["kl"] and top1 >= tol["top1_agreement"] and classes
-    return {"program": manifest["program"], "policy": manifest["policy"]["spec"], "ops_mode": manifest["ops_mode"],
-            "steps": len(rows), "max_abs_logit": worst_abs, "max_kl": worst_kl, "top1_agreement": top1,
-            "cache_state_equal": classes, "tolerances": tol, "weights": manifest["weights"], "passed": ok, "rows": rows}
+    return {
+        "program": manifest["program"],
+        "policy": manifest["policy"]["spec"],
+        "ops_mode": manifest["ops_mode"],
+        "steps": len(rows),
+        "max_abs_logit": worst_abs,
+        "max_kl": worst_kl,
+        "top1_agreement": top1,
+        "cache_state_equal": classes,
+        "tolerances": tol,
+        "weights": manifest["weights"],
+        "passed": ok,
+        "rows": rows,
+    }
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'step':>4} {'kind':8} {'T':>3} {'max|dlogit|':>12} {'KL':>10} {'top1':>5} {'classes':>7} {'avg bits':>8}"]
+    lines = [
+        f"{'step':>4} {'kind':8} {'T':>3} {'max|dlogit|':>12} {'KL':>10} {'top1':>5} {'classes':>7} {'avg bits':>8}"
+    ]
     for r in result["rows"]:
-        lines.append(f"{r['step']:>4} {r['kind']:8} {r['tokens']:>3} {r['max_abs_logit']:>12.2e} {r['kl']:>10.2e} "
-                     f"{'ok' if r['top1_equal'] else 'DIFF':>5} {'ok' if r['classes_equal'] and r['bytes_equal'] else 'DIFF':>7} "
-                     f"{r['avg_bits']:>8.2f}")
+        lines.append(
+            f"{r['step']:>4} {r['kind']:8} {r['tokens']:>3} {r['max_abs_logit']:>12.2e} {r['kl']:>10.2e} "
+            f"{'ok' if r['top1_equal'] else 'DIFF':>5} "
+            f"{'ok' if r['classes_equal'] and r['bytes_equal'] else 'DIFF':>7} "
+            f"{r['avg_bits']:>8.2f}"
+        )
     verdict = "PASS" if result["passed"] else "FAIL"
-    lines.append(f"{verdict}: {result['steps']} steps, worst max|dlogit| {result['max_abs_logit']:.2e}, "
-                 f"worst KL {result['max_kl']:.2e}, top-1 agreement {result['top1_agreement']:.3f}, "
-                 f"cache state equal: {result['cache_state_equal']} (tolerances {result['tolerances']})")
+    lines.append(
+        f"{verdict}: {result['steps']} steps, worst max|dlogit| {result['max_abs_logit']:.2e}, "
+        f"worst KL {result['max_kl']:.2e}, top-1 agreement {result['top1_agreement']:.3f}, "
+        f"cache state equal: {result['cache_state_equal']} (tolerances {result['tolerances']})"
+    )
     return "\n".join(lines)

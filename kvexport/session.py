@@ -17,8 +17,8 @@ from kvexport.errors import KvxError
 from kvexport.kv import stats as kv_stats
 from kvexport.kv.cache import CacheLayout, MixedKVCache
 from kvexport.kv.policy import CLASSES, build_policy, parse_policy
-from kvexport.models.loader import LoadedModel
 from kvexport.models.llama import Transformer
+from kvexport.models.loader import LoadedModel
 
 DEFAULT_BUDGET_BITS = 4.0
 
@@ -74,8 +74,9 @@ class CacheOptions:
         return asdict(self)
 
 
-def build_cache(loaded: LoadedModel, opts: CacheOptions, trim: bool = True, fused_ops: bool = False,
-                layer_kernel: bool = False) -> MixedKVCache:
+def build_cache(
+    loaded: LoadedModel, opts: CacheOptions, trim: bool = True, fused_ops: bool = False, layer_kernel: bool = False
+) -> MixedKVCache:
     """Cache (with its policy) for ``loaded`` under ``opts``; :class:`KvxError` on bad options.
     ``fused_ops`` / ``layer_kernel``: see :class:`MixedKVCache`."""
     args = loaded.args
@@ -89,9 +90,15 @@ def build_cache(loaded: LoadedModel, opts: CacheOptions, trim: bool = True, fuse
         pool_share = max(opts.max_context - opts.sinks - opts.window, 0) / opts.max_context
         policy = build_policy(spec, group, pool_share, default_controller_path(loaded.name, opts.budget_bits))
         layout = CacheLayout.build(
-            n_layers=args.n_layers, n_kv_heads=args.n_kv_heads, head_dim=args.head_dim,
-            max_context=opts.max_context, sinks=opts.sinks, window=opts.window, group=group,
-            fractions=policy.fractions, fp_dtype="float32" if spec.kind == "fp32" else "float16",
+            n_layers=args.n_layers,
+            n_kv_heads=args.n_kv_heads,
+            head_dim=args.head_dim,
+            max_context=opts.max_context,
+            sinks=opts.sinks,
+            window=opts.window,
+            group=group,
+            fractions=policy.fractions,
+            fp_dtype="float32" if spec.kind == "fp32" else "float16",
             rotate_keys=opts.rotate_keys,
         )
     except ValueError as err:
@@ -99,7 +106,9 @@ def build_cache(loaded: LoadedModel, opts: CacheOptions, trim: bool = True, fuse
     rarity = rarity_table(loaded.name, args.vocab_size)
     if rarity is None:
         if policy.needs_features:
-            raise KvxError(f"policy '{opts.policy}' needs a token-count table; run 'kvexport count-tokens --model {loaded.name}'")
+            raise KvxError(
+                f"policy '{opts.policy}' needs a token-count table; run 'kvexport count-tokens --model {loaded.name}'"
+            )
         rarity = torch.zeros(args.vocab_size)
     return MixedKVCache(layout, policy, rarity, trim=trim, fused_ops=fused_ops, layer_kernel=layer_kernel)
 
@@ -108,8 +117,10 @@ def kv_stats_dict(stats: torch.Tensor) -> dict:
     """The ``kv_stats [8]`` tensor (cache or program output) as a readable dict."""
     s = kv_stats.named(stats)
     return {
-        "kv_bytes_allocated": int(s["kv_bytes_allocated"]), "kv_bytes_used": int(s["kv_bytes_used"]),
-        "avg_bits": round(s["avg_bits"], 4), "class_histogram": {str(c): int(s[f"tokens_{c}bit"]) for c in CLASSES},
+        "kv_bytes_allocated": int(s["kv_bytes_allocated"]),
+        "kv_bytes_used": int(s["kv_bytes_used"]),
+        "avg_bits": round(s["avg_bits"], 4),
+        "class_histogram": {str(c): int(s[f"tokens_{c}bit"]) for c in CLASSES},
         "tokens_cached": int(s["tokens_cached"]),
     }
 
@@ -135,8 +146,10 @@ class Session:
 
     def check_room(self, n_tokens: int) -> None:
         if self.pos + n_tokens > self.opts.max_context:
-            raise KvxError(f"{self.pos + n_tokens} tokens exceed the cache's context of {self.opts.max_context}; "
-                           "raise --max-context or shorten the prompt")
+            raise KvxError(
+                f"{self.pos + n_tokens} tokens exceed the cache's context of {self.opts.max_context}; "
+                "raise --max-context or shorten the prompt"
+            )
 
     @torch.no_grad()
     def step(self, ids: list[int]) -> torch.Tensor:
@@ -211,4 +224,3 @@ class Session:
             "decode_tok_s": n_decode / (t2 - t1) if n_decode else None,
             "stopped_at_context": len(out) < max_new_tokens and (not out or out[-1] not in self.tokenizer.eos_ids),
         }
-

@@ -7,7 +7,9 @@ import pytest
 
 
 def kvx(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "kvexport.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "kvexport.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def assert_one_line_error(res, *needles):
@@ -19,7 +21,9 @@ def assert_one_line_error(res, *needles):
 
 
 def test_unknown_alias():
-    assert_one_line_error(kvx("generate", "--model", "smollm-999m", "--prompt", "x"), "unknown model 'smollm-999m'", "kvexport models")
+    assert_one_line_error(
+        kvx("generate", "--model", "smollm-999m", "--prompt", "x"), "unknown model 'smollm-999m'", "kvexport models"
+    )
 
 
 def test_missing_weights_names_alias_place_and_fetch_command(tmp_path, monkeypatch):
@@ -27,7 +31,9 @@ def test_missing_weights_names_alias_place_and_fetch_command(tmp_path, monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     res = kvx("generate", "--model", "smollm-360m", "--prompt", "x")
-    assert_one_line_error(res, "smollm-360m", str(tmp_path), "huggingface-cli download HuggingFaceTB/SmolLM-360M", "--random-weights")
+    assert_one_line_error(
+        res, "smollm-360m", str(tmp_path), "huggingface-cli download HuggingFaceTB/SmolLM-360M", "--random-weights"
+    )
 
 
 def test_missing_and_corrupt_files(tmp_path):
@@ -46,12 +52,28 @@ def test_missing_and_corrupt_files(tmp_path):
 @pytest.mark.real
 def test_bad_policy_and_too_long_prompt():
     assert_one_line_error(kvx("generate", "--prompt", "x", "--kv-policy", "static-5"), "invalid policy")
-    assert_one_line_error(kvx("generate", "--prompt", "word " * 300, "--max-context", "128"), "exceed the cache's context of 128")
+    assert_one_line_error(
+        kvx("generate", "--prompt", "word " * 300, "--max-context", "128"), "exceed the cache's context of 128"
+    )
 
 
 def test_random_weights_alias_is_marked(tmp_path):
-    res = kvx("generate", "--model", "smollm2-135m", "--random-weights", "--prompt", "Hello", "--max-new-tokens", "3",
-              "--kv-policy", "static-4", "--max-context", "64", "--json", str(tmp_path / "r.json"))
+    res = kvx(
+        "generate",
+        "--model",
+        "smollm2-135m",
+        "--random-weights",
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "3",
+        "--kv-policy",
+        "static-4",
+        "--max-context",
+        "64",
+        "--json",
+        str(tmp_path / "r.json"),
+    )
     assert res.returncode == 0, res.stderr
     assert "random weights" in res.stderr
     assert '"random_weights": true' in (tmp_path / "r.json").read_text()
@@ -68,8 +90,19 @@ def test_models_lists_all_aliases():
 @pytest.mark.parametrize("policy", ["fp16", "static-8", "static-4", "static-2", "random:4", "rule", "learned"])
 def test_generate_every_policy_prints_text_and_stats(policy, hand_controller):
     spec = f"learned:{hand_controller}" if policy == "learned" else policy
-    res = kvx("generate", "--prompt", "The capital of France is", "--max-new-tokens", "8", "--kv-policy", spec,
-              "--kv-window", "4", "--max-context", "256")
+    res = kvx(
+        "generate",
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "8",
+        "--kv-policy",
+        spec,
+        "--kv-window",
+        "4",
+        "--max-context",
+        "256",
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("The capital of France is") and len(res.stdout) > len("The capital of France is") + 3
     assert "avg bits/element" in res.stderr and "tok/s" in res.stderr

@@ -42,13 +42,18 @@ def test_manifest_describes_graph_state_and_runtime(built):
     m = json.loads((built / "manifest.json").read_text())
     info, state = m["onnx"], m["cache"]["state"]
     assert info["inputs"][:2] == ["tokens", "input_pos"] and info["outputs"][:2] == ["logits", "kv_stats"]
-    assert info["inputs"][2:] == [f"state.{n}" for n in state] and info["outputs"][2:] == [f"new_state.{n}" for n in state]
+    assert info["inputs"][2:] == [f"state.{n}" for n in state] and info["outputs"][2:] == [
+        f"new_state.{n}" for n in state
+    ]
     assert info["opsets"]["ai.onnx"] == 18 and info["op_counts"]["ScatterND"] >= len(state) - 3
     assert not any(op in info["op_counts"] for op in ("BitShift", "BitwiseOr", "BitwiseAnd"))
     assert m["ops_mode"] == "fused" and (built / info["initial_state"]).is_file()
     if m["target"] == "ort":
-        assert m["program"] == "model.ort" and set(m["program_files"]) == {"model.ort", "required_operators.config",
-                                                                          "initial_state.safetensors"}
+        assert m["program"] == "model.ort" and set(m["program_files"]) == {
+            "model.ort",
+            "required_operators.config",
+            "initial_state.safetensors",
+        }
         assert info["min_ort_version"] == "1.16" and "ScatterND" in info["required_operators"]["ai.onnx"]
     else:
         assert m["program"] == "model.onnx" and info["min_ort_version"] == "1.14"
@@ -56,7 +61,10 @@ def test_manifest_describes_graph_state_and_runtime(built):
         onnx.checker.check_model(model, full_check=True)
         # our ops are kvexport:: nodes whose standard-ONNX bodies are the model's local functions
         assert {o.domain for o in model.opset_import} == {"", "kvexport"}
-        assert {(f.domain, f.name) for f in model.functions} >= {("kvexport", "pool_attention"), ("kvexport", "quantize_pack")}
+        assert {(f.domain, f.name) for f in model.functions} >= {
+            ("kvexport", "pool_attention"),
+            ("kvexport", "quantize_pack"),
+        }
         assert any(n.domain == "kvexport" for n in model.graph.node)
         assert all(n.domain in ("", "kvexport") for f in model.functions for n in f.node)
         assert json.loads(model.metadata_props[0].value)["get_max_context_len"] == 96
@@ -101,8 +109,16 @@ def test_quantized_weights_build_run_and_warn_about_old_runtimes(weights, tiny_m
     own simulation of the same 4-bit weights lands as far (0.67 vs 0.62 at the first step)."""
     messages = []
     old = {"int8": "1.13", "int4": "1.16"}[weights]
-    out = build(tiny_model, _opts(CASES["onnx"]), "onnx", "fused", weights, tmp_path / weights, log=messages.append,
-                ort_version=old)
+    out = build(
+        tiny_model,
+        _opts(CASES["onnx"]),
+        "onnx",
+        "fused",
+        weights,
+        tmp_path / weights,
+        log=messages.append,
+        ort_version=old,
+    )
     m = json.loads((out / "manifest.json").read_text())
     ops = m["onnx"]["op_counts"]
     warning = [msg for msg in messages if msg.startswith("warning")]
@@ -129,14 +145,30 @@ def _hf_directory(loaded, path):
 
     a = loaded.args
     path.mkdir()
-    (path / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
-        "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads,
-        "intermediate_size": a.intermediate_size, "vocab_size": a.vocab_size, "rope_theta": a.rope_theta,
-        "rms_norm_eps": a.norm_eps, "max_position_embeddings": a.max_position, "tie_word_embeddings": True,
-        "bos_token_id": loaded.tokenizer.bos_id, "eos_token_id": loaded.tokenizer.eos_ids}))
-    save_file({f"model.{k}": v.contiguous() for k, v in loaded.state_dict.items() if k != "lm_head.weight"},
-              str(path / "model.safetensors"))
+    (path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": a.dim,
+                "num_hidden_layers": a.n_layers,
+                "num_attention_heads": a.n_heads,
+                "num_key_value_heads": a.n_kv_heads,
+                "intermediate_size": a.intermediate_size,
+                "vocab_size": a.vocab_size,
+                "rope_theta": a.rope_theta,
+                "rms_norm_eps": a.norm_eps,
+                "max_position_embeddings": a.max_position,
+                "tie_word_embeddings": True,
+                "bos_token_id": loaded.tokenizer.bos_id,
+                "eos_token_id": loaded.tokenizer.eos_ids,
+            }
+        )
+    )
+    save_file(
+        {f"model.{k}": v.contiguous() for k, v in loaded.state_dict.items() if k != "lm_head.weight"},
+        str(path / "model.safetensors"),
+    )
     for f in TOKENIZER_FILES:
         if (loaded.tokenizer.directory / f).is_file():
             shutil.copy(loaded.tokenizer.directory / f, path / f)
@@ -147,8 +179,22 @@ def test_cli_build_ort_then_parity(tiny_model, tmp_path, capsys):
     from kvexport.cli import main
 
     model = _hf_directory(tiny_model, tmp_path / "tiny")
-    args = ["--model", str(model), "--kv-policy", "static-4", "--max-context", "40", "--kv-window", "4",
-            "--kv-sinks", "2", "--out", str(tmp_path / "graphs"), "--name", "t"]
+    args = [
+        "--model",
+        str(model),
+        "--kv-policy",
+        "static-4",
+        "--max-context",
+        "40",
+        "--kv-window",
+        "4",
+        "--kv-sinks",
+        "2",
+        "--out",
+        str(tmp_path / "graphs"),
+        "--name",
+        "t",
+    ]
     assert main(["build", "--target", "ort", *args]) == 0
     assert "wrote" in capsys.readouterr().out
     assert main(["parity", str(tmp_path / "graphs" / "t"), "--steps", "4"]) == 0

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_ARGS
 from safetensors.torch import save_file
 
 from kvexport.cli import main
@@ -30,8 +31,6 @@ from kvexport.export.build import build, default_name, replaceable_program
 from kvexport.export.runners import open_runner
 from kvexport.fsutil import atomic_directory
 from kvexport.session import CacheOptions, build_cache
-
-from conftest import TINY_ARGS
 
 OPTS = CacheOptions(policy="static-4", max_context=64, window=4, sinks=2)
 

@@ -19,8 +19,13 @@ def test_unpack_inverts_pack(bits, rows, seed):
 
 
 @settings(max_examples=60, deadline=None)
-@given(bits=st.sampled_from([2, 4, 8]), group=st.sampled_from([16, 32, 64]), seed=st.integers(0, 10_000),
-       scale=st.floats(1e-3, 1e3), shift=st.floats(-100, 100))
+@given(
+    bits=st.sampled_from([2, 4, 8]),
+    group=st.sampled_from([16, 32, 64]),
+    seed=st.integers(0, 10_000),
+    scale=st.floats(1e-3, 1e3),
+    shift=st.floats(-100, 100),
+)
 def test_dequantization_error_within_half_a_step(bits, group, seed, scale, shift):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(4, 2, 64, generator=g) * scale + shift
@@ -44,7 +49,9 @@ def test_known_packing_layout():
     assert quant.pack(torch.tensor([[5, 9]], dtype=torch.uint8), 4).tolist() == [[5 + 9 * 16]]
 
 
-@pytest.mark.parametrize("bits,group,expected", [(4, 64, 4.5), (2, 64, 2.5), (8, 64, 8.5), (4, 32, 5.0), (16, 64, 16.0)])
+@pytest.mark.parametrize(
+    "bits,group,expected", [(4, 64, 4.5), (2, 64, 2.5), (8, 64, 8.5), (4, 32, 5.0), (16, 64, 16.0)]
+)
 def test_bits_per_element_counts_metadata(bits, group, expected):
     assert quant.bits_per_element(bits, group) == expected
 

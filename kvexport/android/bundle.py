@@ -30,8 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvexport.android.contract import (
-    FORWARD_INPUTS, LAYOUT_VERSION, METADATA_METHODS, TOKENIZER_FILES,
-    ContractError, chat_default_system, check_tokenizer, read_program,
+    FORWARD_INPUTS,
+    LAYOUT_VERSION,
+    METADATA_METHODS,
+    TOKENIZER_FILES,
+    ContractError,
+    chat_default_system,
+    check_tokenizer,
+    read_program,
 )
 from kvexport.kv import stats as kv_stats
 

@@ -20,16 +20,31 @@ from kvexport.kv import stats as kv_stats
 
 LAYOUT_VERSION = 1
 METADATA_METHODS = (
-    "get_max_context_len", "get_max_seq_len", "get_vocab_size", "get_bos_id",
-    "get_n_layers", "get_layout_version", "get_eos_ids",
+    "get_max_context_len",
+    "get_max_seq_len",
+    "get_vocab_size",
+    "get_bos_id",
+    "get_n_layers",
+    "get_layout_version",
+    "get_eos_ids",
 )
 FORWARD_INPUTS = (("tokens", "int64"), ("input_pos", "int64"))
 FORWARD_OUTPUTS = (("logits", "float32"), ("kv_stats", "float32"))
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 # ExecuTorch ScalarType codes -> names used in the contract
-_SCALAR = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16",
-           6: "float32", 7: "float64", 11: "bool", 15: "bfloat16"}
+_SCALAR = {
+    0: "uint8",
+    1: "int8",
+    2: "int16",
+    3: "int32",
+    4: "int64",
+    5: "float16",
+    6: "float32",
+    7: "float64",
+    11: "bool",
+    15: "bfloat16",
+}
 
 
 class ContractError(ValueError):
@@ -67,7 +82,7 @@ def _manifest_metadata(manifest: dict) -> dict:
     out = {}
     md = manifest.get("metadata") if isinstance(manifest.get("metadata"), dict) else {}
     for m in METADATA_METHODS:
-        short = m[len("get_"):]
+        short = m[len("get_") :]
         for src in (md, manifest):
             for k in (m, short):
                 if k in src and not isinstance(src[k], dict):
@@ -89,8 +104,12 @@ def _manifest_methods(manifest: dict) -> list[str] | None:
 def read_program(program_dir) -> ProgramInfo:
     """Read manifest + program; raise ContractError (one line) on any mismatch with the app."""
     program_dir = Path(program_dir)
-    manifest = read_json(program_dir / "manifest.json", f"{program_dir}: no manifest.json",
-                         "{path}: invalid JSON ({reason})", ContractError)
+    manifest = read_json(
+        program_dir / "manifest.json",
+        f"{program_dir}: no manifest.json",
+        "{path}: invalid JSON ({reason})",
+        ContractError,
+    )
     if not isinstance(manifest, dict):
         raise ContractError(f"{program_dir / 'manifest.json'}: not a JSON object")
     pte = find_pte(program_dir, manifest)
@@ -107,6 +126,7 @@ def read_program(program_dir) -> ProgramInfo:
         raise ContractError(str(err)) from None
 
     from executorch.runtime import Runtime  # heavy import, only when needed
+
     try:
         prog = Runtime.get().load_program(str(pte))
     except Exception as e:  # noqa: BLE001
@@ -133,7 +153,9 @@ def read_program(program_dir) -> ProgramInfo:
 
     def io(infos, want, kind):
         if len(infos) != len(want):
-            raise ContractError(f"forward has {len(infos)} {kind}, app expects {len(want)} ({', '.join(n for n, _ in want)})")
+            raise ContractError(
+                f"forward has {len(infos)} {kind}, app expects {len(want)} ({', '.join(n for n, _ in want)})"
+            )
         rows = []
         for ti, (name, dt) in zip(infos, want):
             got = _SCALAR.get(int(ti.dtype()), f"scalar_type_{int(ti.dtype())}")
@@ -156,7 +178,9 @@ def read_program(program_dir) -> ProgramInfo:
     if metadata["get_layout_version"] != LAYOUT_VERSION:
         raise ContractError(f"program layout version {metadata['get_layout_version']}, app expects {LAYOUT_VERSION}")
     if fin[0]["shape"][1] < metadata["get_max_seq_len"]:
-        raise ContractError(f"forward tokens take at most {fin[0]['shape'][1]} ids but get_max_seq_len is {metadata['get_max_seq_len']}")
+        raise ContractError(
+            f"forward tokens take at most {fin[0]['shape'][1]} ids but get_max_seq_len is {metadata['get_max_seq_len']}"
+        )
     fin[0]["shape"] = [1, "T"]
     fin[0]["max_T"] = metadata["get_max_seq_len"]
 
@@ -170,8 +194,10 @@ def read_program(program_dir) -> ProgramInfo:
         raise ContractError(f"manifest ops_mode is {ops_mode!r}, expected 'fused' or 'portable'")
     info = ProgramInfo(program_dir, pte, manifest, methods, fin, fout, metadata, ops_mode)
     if ops_mode == "fused":
-        info.warnings.append("ops_mode=fused: the stock executorch-android runtime lacks the kvexport:: kernels; "
-                             "the app needs a custom runtime build (see android_demo/README.md)")
+        info.warnings.append(
+            "ops_mode=fused: the stock executorch-android runtime lacks the kvexport:: kernels; "
+            "the app needs a custom runtime build (see android_demo/README.md)"
+        )
     return info
 
 
@@ -193,10 +219,12 @@ def render_chatml(messages: list[dict], default_system: str | None, add_generati
 
 def render_jinja(template: str, messages: list[dict], add_generation_prompt: bool = True) -> str:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
     # same environment options as transformers' apply_chat_template
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            bos_token="", eos_token="")
+    return env.from_string(template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, bos_token="", eos_token=""
+    )
 
 
 def chat_default_system(program_dir) -> str | None:
@@ -206,16 +234,20 @@ def chat_default_system(program_dir) -> str | None:
     rendered = render_jinja(tpl, probe)
     m = re.match(re.escape(CHATML_START) + r"system\n(.*?)" + re.escape(CHATML_END) + "\n", rendered, re.S)
     default = m.group(1) if m else None
-    cases = [probe,
-             [{"role": "system", "content": "S"}, {"role": "user", "content": "a\nb"}],
-             [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}, {"role": "user", "content": "3"}]]
+    cases = [
+        probe,
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "a\nb"}],
+        [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}, {"role": "user", "content": "3"}],
+    ]
     for msgs in cases:
         for gen in (True, False):
             want = render_jinja(tpl, msgs, gen)
             got = render_chatml(msgs, default, gen)
             if want != got:
-                raise ContractError(f"chat_template.jinja does not render as the app's ChatML template "
-                                    f"(jinja {want[:60]!r}... vs app {got[:60]!r}...)")
+                raise ContractError(
+                    f"chat_template.jinja does not render as the app's ChatML template "
+                    f"(jinja {want[:60]!r}... vs app {got[:60]!r}...)"
+                )
     return default
 
 

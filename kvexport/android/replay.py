@@ -29,6 +29,7 @@ def record_greedy(program_dir, messages: list[dict], max_new_tokens: int = 24, t
     ids = tok.encode(prompt, add_special_tokens=False).ids
 
     from executorch.exir._serialize._program import deserialize_pte_binary  # noqa: F401 (executorch present)
+
     from kvexport.android.opcheck import program_operators
     if any(op.startswith("kvexport::") for op in program_operators(info.pte)[0]):
         # a fused program: the ExecuTorch Python runtime needs our kernel library

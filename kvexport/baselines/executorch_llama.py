@@ -36,8 +36,8 @@ from kvexport.errors import KvxError
 from kvexport.export.build import copy_tokenizer, replaceable_program, tokenizer_entry, versions
 from kvexport.export.program import LAYOUT_VERSION
 from kvexport.export.runtime import StepRunner, program_constants
-from kvexport.kv import stats as kv_stats
 from kvexport.fsutil import atomic_directory, sha256_file
+from kvexport.kv import stats as kv_stats
 from kvexport.models.loader import LoadedModel
 from kvexport.models.weights import INT4_GROUP
 

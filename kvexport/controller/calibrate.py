@@ -38,30 +38,44 @@ _REFERENCE: dict[str, tuple[list, dict]] = {}  # fp16 reference log-probs per ev
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model alias, HF directory or .gguf (default: the default model)")
-    p.add_argument("--kv-budget-bits", type=validate.positive_float, required=True,
-                   help="average bits per KV element to train for")
+    p.add_argument(
+        "--kv-budget-bits", type=validate.positive_float, required=True, help="average bits per KV element to train for"
+    )
     p.add_argument("--corpus", default=None, help="WikiText raw file (default: WikiText-2 test from the data folder)")
     add_data_args(p)
-    p.add_argument("--out", default=None, type=validate.output_dir,
-                   help="output folder (default: calibration/<model>/)")
+    p.add_argument(
+        "--out", default=None, type=validate.output_dir, help="output folder (default: calibration/<model>/)"
+    )
     p.add_argument("--windows", type=validate.positive_int, default=8, help="calibration windows (default 8)")
-    p.add_argument("--window-tokens", type=validate.positive_int, default=512,
-                   help="tokens per calibration window (default 512)")
-    p.add_argument("--horizon", type=validate.non_negative_int, default=128,
-                   help="label only tokens with at least this many later positions in their window (default 128)")
+    p.add_argument(
+        "--window-tokens", type=validate.positive_int, default=512, help="tokens per calibration window (default 512)"
+    )
+    p.add_argument(
+        "--horizon",
+        type=validate.non_negative_int,
+        default=128,
+        help="label only tokens with at least this many later positions in their window (default 128)",
+    )
     p.add_argument("--eval-windows", type=validate.positive_int, default=1, help="held-out windows (default 1)")
-    p.add_argument("--eval-tokens", type=validate.positive_int, default=2048,
-                   help="tokens per held-out window = max context (default 2048)")
+    p.add_argument(
+        "--eval-tokens",
+        type=validate.positive_int,
+        default=2048,
+        help="tokens per held-out window = max context (default 2048)",
+    )
     p.add_argument("--hidden", type=validate.positive_int, default=16, help="controller hidden units (default 16)")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the label cross-entropy (default 1)")
     p.add_argument("--gamma", type=float, default=1.0, help="weight of the attributed-KL penalty (default 1)")
-    p.add_argument("--beta", type=float, default=None,
-                   help="weight of expected bits (default: gamma x the oracle multiplier at the budget)")
+    p.add_argument(
+        "--beta",
+        type=float,
+        default=None,
+        help="weight of expected bits (default: gamma x the oracle multiplier at the budget)",
+    )
     p.add_argument("--drop-feature", default=None, help="ablation: train with this feature ignored")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
     p.add_argument("--cache-dir", default=None, help="intermediate results (default ~/.cache/kvexport/calibrate)")
     p.add_argument("--seed", type=validate.non_negative_int, default=0)
-
 
 
 def tokenize_blocks(tokenizer, text: str, n_tokens: int, block_lines: int = 200) -> list[int]:
@@ -94,9 +108,22 @@ def _key(*parts) -> str:
 class Calibrator:
     """Holds the model, data and caches of one calibrate run (also used by the ablation script)."""
 
-    def __init__(self, loaded, *, corpus: Path, cache_dir: Path, windows: int, window_tokens: int, horizon: int,
-                 sinks: int = 4, window: int = 32, max_context: int = 2048, group: int | None = None,
-                 steps: dict | None = None, progress: bool = True):
+    def __init__(
+        self,
+        loaded,
+        *,
+        corpus: Path,
+        cache_dir: Path,
+        windows: int,
+        window_tokens: int,
+        horizon: int,
+        sinks: int = 4,
+        window: int = 32,
+        max_context: int = 2048,
+        group: int | None = None,
+        steps: dict | None = None,
+        progress: bool = True,
+    ):
         from kvexport.controller.token_counts import wikitext_halves
 
         self.loaded = loaded
@@ -111,7 +138,9 @@ class Calibrator:
         self.corpus = corpus
         self.cal_text, self.held_text = wikitext_halves(corpus)
         corpus_id = hashlib.sha256(corpus.read_bytes()).hexdigest()[:16]
-        self.data_key = _key(CACHE_VERSION, loaded.name, corpus_id, window_tokens, sinks, window, self.group, self.steps)
+        self.data_key = _key(
+            CACHE_VERSION, loaded.name, corpus_id, window_tokens, sinks, window, self.group, self.steps
+        )
         self.cache_dir = cache_dir / loaded.name / self.data_key
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.corpus_id = corpus_id
@@ -121,7 +150,9 @@ class Calibrator:
         need = self.windows * self.window_tokens
         ids = tokenize_blocks(self.loaded.tokenizer, self.cal_text, need)
         if len(ids) < need:
-            raise KvxError(f"the calibration half has {len(ids)} tokens, fewer than {self.windows} x {self.window_tokens}")
+            raise KvxError(
+                f"the calibration half has {len(ids)} tokens, fewer than {self.windows} x {self.window_tokens}"
+            )
         return [ids[i * self.window_tokens : (i + 1) * self.window_tokens] for i in range(self.windows)]
 
     def window_data(self, k: int, ids: list[int]) -> dict:
@@ -135,13 +166,28 @@ class Calibrator:
             d = torch.load(path)
             if d.get("ids") == ids:
                 return d
-        sess = Session(self.loaded, CacheOptions(policy="fp16", max_context=max(self.max_context, len(ids)),
-                                                 sinks=self.sinks, window=self.window, group=self.group),
-                       model=self.model)
+        sess = Session(
+            self.loaded,
+            CacheOptions(
+                policy="fp16",
+                max_context=max(self.max_context, len(ids)),
+                sinks=self.sinks,
+                window=self.window,
+                group=self.group,
+            ),
+            model=self.model,
+        )
         pos, feats, _ = record_features(sess, ids)
         tokens = torch.tensor(ids)
-        out = L.attribute(self.model, tokens, sinks=self.sinks, window=self.window, chunk=sess.max_chunk,
-                          group=self.group, steps=self.steps)
+        out = L.attribute(
+            self.model,
+            tokens,
+            sinks=self.sinks,
+            window=self.window,
+            chunk=sess.max_chunk,
+            group=self.group,
+            steps=self.steps,
+        )
         d = {"ids": ids, "pos": pos, "feats": feats, "attr": out["attr"], "chunk": sess.max_chunk}
         if k == 0:  # validation against directly measured KL (class 2), once
             d["validation"] = self._validate(tokens, out, sess.max_chunk)
@@ -160,14 +206,21 @@ class Calibrator:
         order = cand[torch.argsort(a2[cand])]
         half = len(order) // 2
         g = torch.Generator().manual_seed(0)
-        subsets = {"cheapest_half": order[:half], "random_half": cand[torch.randperm(len(cand), generator=g)[:half]],
-                   "dearest_half": order[half:], "all": cand}
+        subsets = {
+            "cheapest_half": order[:half],
+            "random_half": cand[torch.randperm(len(cand), generator=g)[:half]],
+            "dearest_half": order[half:],
+            "all": cand,
+        }
         res = {}
         for name, idx in subsets.items():
             gate = torch.zeros(T)
             gate[idx] = 1.0
-            res[name] = {"measured_kl_sum": L.measured_kl(self.model, tokens, gate, 2, **kw),
-                         "attributed_kl_sum": float(a2[idx].sum()), "tokens": int(len(idx))}
+            res[name] = {
+                "measured_kl_sum": L.measured_kl(self.model, tokens, gate, 2, **kw),
+                "attributed_kl_sum": float(a2[idx].sum()),
+                "tokens": int(len(idx)),
+            }
         res["positions"] = T
         return res
 
@@ -249,9 +302,16 @@ def _merge(rs: list[dict]) -> dict:
     """Token-weighted means over windows; KV stats as the mean over windows (each at full context)."""
     n = sum(r["tokens"] for r in rs)
     nll = sum(r["nll"] * r["tokens"] for r in rs) / n
-    out = {"tokens": n, "nll": nll, "ppl": math.exp(nll), "windows": len(rs),
-           "avg_bits": sum(r["avg_bits"] for r in rs) / len(rs), "avg_bits_per_window": [r["avg_bits"] for r in rs],
-           "kv_bytes_used": rs[-1]["kv_bytes_used"], "kv_bytes_allocated": rs[-1]["kv_bytes_allocated"]}
+    out = {
+        "tokens": n,
+        "nll": nll,
+        "ppl": math.exp(nll),
+        "windows": len(rs),
+        "avg_bits": sum(r["avg_bits"] for r in rs) / len(rs),
+        "avg_bits_per_window": [r["avg_bits"] for r in rs],
+        "kv_bytes_used": rs[-1]["kv_bytes_used"],
+        "kv_bytes_allocated": rs[-1]["kv_bytes_allocated"],
+    }
     hist = {}
     for r in rs:
         for c, v in r["class_histogram"].items():
@@ -281,7 +341,9 @@ def run(args: argparse.Namespace) -> int:
     if args.windows < 1 or args.window_tokens <= args.horizon + window or args.eval_windows < 1:
         raise KvxError("need --windows >= 1, --window-tokens > --horizon + 32 and --eval-windows >= 1")
     if rarity_table(loaded.name, loaded.args.vocab_size) is None:
-        raise KvxError(f"no token-count table for {loaded.name}; run 'kvexport count-tokens --model {loaded.name}' first")
+        raise KvxError(
+            f"no token-count table for {loaded.name}; run 'kvexport count-tokens --model {loaded.name}' first"
+        )
     drop = None
     if args.drop_feature is not None:
         if args.drop_feature not in FEATURES:
@@ -292,47 +354,86 @@ def run(args: argparse.Namespace) -> int:
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "kvexport" / "calibrate"
     corpus = Path(args.corpus) if args.corpus else data_file("wikitext", args.data_dir)
 
-    cal = Calibrator(loaded, corpus=corpus, cache_dir=cache_dir, windows=args.windows,
-                     window_tokens=args.window_tokens, horizon=args.horizon, sinks=sinks, window=window,
-                     max_context=max_context)
+    cal = Calibrator(
+        loaded,
+        corpus=corpus,
+        cache_dir=cache_dir,
+        windows=args.windows,
+        window_tokens=args.window_tokens,
+        horizon=args.horizon,
+        sinks=sinks,
+        window=window,
+        max_context=max_context,
+    )
     data = cal.dataset()
     t_labels = time.perf_counter() - t_start
     target = pooled_target(budget, max_context, sinks, window)
-    cfg = TrainConfig(hidden=args.hidden, alpha=args.alpha, gamma=args.gamma, beta=args.beta, seed=args.seed,
-                      drop_feature=drop)
-    meta = {"model": loaded.name, "budget_bits": budget, "group": cal.group, "sinks": sinks, "window": window,
-            "max_context": max_context,
-            "data": {"corpus": corpus.name, "corpus_sha256_16": cal.corpus_id, "half": "first (calibration)",
-                     "windows": args.windows, "window_tokens": args.window_tokens, "horizon": args.horizon,
-                     "label_tokens": int(data["x"].shape[0])},
-            "labels": {"method": "integrated-gradients attribution of measured KL(fp16 || gated quantized) summed "
-                                 "over positions; label = cheapest class with attributed KL <= threshold",
-                       "ig_steps": {str(k): v for k, v in cal.steps.items()}}}
+    cfg = TrainConfig(
+        hidden=args.hidden, alpha=args.alpha, gamma=args.gamma, beta=args.beta, seed=args.seed, drop_feature=drop
+    )
+    meta = {
+        "model": loaded.name,
+        "budget_bits": budget,
+        "group": cal.group,
+        "sinks": sinks,
+        "window": window,
+        "max_context": max_context,
+        "data": {
+            "corpus": corpus.name,
+            "corpus_sha256_16": cal.corpus_id,
+            "half": "first (calibration)",
+            "windows": args.windows,
+            "window_tokens": args.window_tokens,
+            "horizon": args.horizon,
+            "label_tokens": int(data["x"].shape[0]),
+        },
+        "labels": {
+            "method": "integrated-gradients attribution of measured KL(fp16 || gated quantized) summed "
+            "over positions; label = cheapest class with attributed KL <= threshold",
+            "ig_steps": {str(k): v for k, v in cal.steps.items()},
+        },
+    }
     ctrl, summary = train_controller(data["x"], data["cost"], target_bits=target, group=cal.group, cfg=cfg, meta=meta)
     suffix = f"-no-{args.drop_feature}" if drop is not None else ""
     ctrl_path = out_dir / f"controller-{budget:g}{suffix}.safetensors"
     ctrl.save(ctrl_path)
     t_train = time.perf_counter() - t_start - t_labels
-    print(f"wrote {ctrl_path} ({ctrl.n_params()} parameters; calibration shares "
-          f"{', '.join(f'{c}b {f:.3f}' for c, f in zip(ctrl.meta['classes'], ctrl.meta['fractions']))})")
+    print(
+        f"wrote {ctrl_path} ({ctrl.n_params()} parameters; calibration shares "
+        f"{', '.join(f'{c}b {f:.3f}' for c, f in zip(ctrl.meta['classes'], ctrl.meta['fractions']))})"
+    )
 
-    report = {"model": loaded.name, "budget_bits": budget, "controller": ctrl_path.name,
-              "parameters": ctrl.n_params(), "hidden": args.hidden, "loss_weights": ctrl.meta["loss"],
-              "calibration": summary, "label_validation": data["validation"],
-              "class_histogram_calibration": dict(zip(map(str, ctrl.meta["classes"]), summary["fractions"]))}
+    report = {
+        "model": loaded.name,
+        "budget_bits": budget,
+        "controller": ctrl_path.name,
+        "parameters": ctrl.n_params(),
+        "hidden": args.hidden,
+        "loss_weights": ctrl.meta["loss"],
+        "calibration": summary,
+        "label_validation": data["validation"],
+        "class_histogram_calibration": dict(zip(map(str, ctrl.meta["classes"]), summary["fractions"])),
+    }
     if not args.no_eval:
         policies = {"fp16": "fp16", "learned": f"learned:{ctrl_path}", f"random:{budget:g}": f"random:{budget:g}"}
         if drop is None:
             policies.update({b: b for b in BASELINES})
         report["heldout"] = cal.evaluate(policies, args.eval_windows, args.eval_tokens, budget)
-        report["heldout_setup"] = {"windows": args.eval_windows, "tokens_per_window": args.eval_tokens,
-                                   "text": "second half of the corpus (held out)", "kl": "KL(fp16 || policy), nats/token"}
+        report["heldout_setup"] = {
+            "windows": args.eval_windows,
+            "tokens_per_window": args.eval_tokens,
+            "text": "second half of the corpus (held out)",
+            "kl": "KL(fp16 || policy), nats/token",
+        }
         got = report["heldout"]["learned"]["avg_bits"]
         report["budget_check"] = {"target": budget, "learned_avg_bits": got, "within_0.15": abs(got - budget) <= 0.15}
         for name, r in report["heldout"].items():
             print(f"  {name:>10}: ppl {r['ppl']:.3f}  KL {r.get('kl', 0):.4f}  avg bits {r['avg_bits']:.3f}")
-    report["runtime_s"] = {"labels": round(t_labels, 1), "train": round(t_train, 1),
-                           "total": round(time.perf_counter() - t_start, 1)}
+    report["runtime_s"] = {
+        "labels": round(t_labels, 1),
+        "train": round(t_train, 1),
+        "total": round(time.perf_counter() - t_start, 1),
+    }
     rep_path = out_dir / f"report-{budget:g}{suffix}.json"
     _atomic_json(report, rep_path)
     print(f"wrote {rep_path} ({report['runtime_s']['total']:.0f} s)")

@@ -137,7 +137,9 @@ class Plan:
         j = torch.arange(n)
         evict = schedule.evict_chunk(n, sinks, window, chunk)
         n_chunks = (n + chunk - 1) // chunk
-        seg = torch.cat([torch.zeros(n, dtype=torch.int64)] + [torch.full((len(c),), k + 1) for k, c in enumerate(conts)])
+        seg = torch.cat(
+            [torch.zeros(n, dtype=torch.int64)] + [torch.full((len(c),), k + 1) for k, c in enumerate(conts)]
+        )
         pos = torch.cat([j] + [n + torch.arange(len(c)) for c in conts])
         tok = torch.tensor(list(ctx) + [t for c in conts for t in c], dtype=torch.int64)
         q_chunk = torch.where(seg == 0, pos // chunk, n_chunks)
@@ -180,8 +182,12 @@ class BatchedEngine:
 
     def _log_probs(self, hidden_rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Log-probability ``[M]`` of ``targets [M]`` under the logits of ``hidden_rows [M, dim]``."""
-        return torch.cat([lp.gather(1, targets[i : i + LOGIT_ROWS, None].to(lp.device))[:, 0]
-                          for i, lp in self._log_softmax_slices(hidden_rows)])
+        return torch.cat(
+            [
+                lp.gather(1, targets[i : i + LOGIT_ROWS, None].to(lp.device))[:, 0]
+                for i, lp in self._log_softmax_slices(hidden_rows)
+            ]
+        )
 
     def _features(self, plan: Plan, hidden: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """Feature state ``[B, n, 6]`` (as the cache's ``win_feat``) of every context token, from the
@@ -203,8 +209,11 @@ class BatchedEngine:
         """Class index ``[B, n]`` the policy gives each context token when it is evicted."""
         b, n = len(plan.items), plan.ctx_width
         pos = plan.positions[:, :n].to(self.device)
-        feats = torch.zeros(b * n, 5, device=self.device) if feat_state is None else \
-            MixedKVCache.policy_inputs(feat_state.reshape(b * n, -1))
+        feats = (
+            torch.zeros(b * n, 5, device=self.device)
+            if feat_state is None
+            else MixedKVCache.policy_inputs(feat_state.reshape(b * n, -1))
+        )
         return self.policy(feats, pos.reshape(-1)).reshape(b, n).cpu()
 
     @torch.no_grad()
@@ -268,4 +277,6 @@ class BatchedEngine:
     def token_logprobs(self, plan: Plan, classes: torch.Tensor) -> list[torch.Tensor]:
         """Per item (context only): log-softmax of each position's next-token logits ``[n - 1, V]``."""
         hidden, _ = self._hidden(plan, classes, plan.ctx_width, keep_probs=False)
-        return [torch.log_softmax(self.model.logits(hidden[r, : m - 1]), dim=-1).cpu() for r, m in enumerate(plan.n_ctx)]
+        return [
+            torch.log_softmax(self.model.logits(hidden[r, : m - 1]), dim=-1).cpu() for r, m in enumerate(plan.n_ctx)
+        ]

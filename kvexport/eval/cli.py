@@ -76,47 +76,102 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_model_args(p)
     # a list: split_policies parses each spec before the model loads
-    add_cache_args(p, default_policy=DEFAULT_POLICIES, policy_type=None, policy_help="policies to compare, "
-                   f"comma-separated (or ';'-separated): {POLICY_GRAMMAR} (default {DEFAULT_POLICIES})")
+    add_cache_args(
+        p,
+        default_policy=DEFAULT_POLICIES,
+        policy_type=None,
+        policy_help="policies to compare, "
+        f"comma-separated (or ';'-separated): {POLICY_GRAMMAR} (default {DEFAULT_POLICIES})",
+    )
     p.add_argument("--tasks", default=",".join(MC_TASKS), help=f"comma-separated: {', '.join(ALL_TASKS)}, or all")
-    p.add_argument("--limit", type=validate.positive_int, default=None,
-                   help="first N items per task (N windows for wikitext)")
-    p.add_argument("--sample", type=validate.positive_int, default=None,
-                   help="a fixed random sample of N items per multiple-choice task (drawn with --seed), instead of the first N")
-    p.add_argument("--weights", default="fp32", choices=TORCHAO_FORMATS,
-                   help="linear-layer format of the reference model (as kvexport build --target executorch)")
-    p.add_argument("--program", default=None,
-                   help="with --backend executorch|onnx: graphs/<name>; scored beside the reference with its policy")
-    p.add_argument("--backend", default="reference", help=f"scorer backend: {', '.join(BACKENDS)} (executorch|onnx score --program beside the reference)")
-    p.add_argument("--prefill-chunk", type=validate.positive_int, default=None,
-                   help="tokens per step when feeding contexts (default: the window; 1 when --kv-window 0)")
-    p.add_argument("--ppl-window", type=validate.positive_int, default=512,
-                   help="WikiText window in tokens (each from an empty cache)")
-    p.add_argument("--out", default=DEFAULT_OUT, type=validate.output_dir,
-                   help="results folder (items.jsonl, summary.json, table.md, acc_vs_bits.png)")
+    p.add_argument(
+        "--limit", type=validate.positive_int, default=None, help="first N items per task (N windows for wikitext)"
+    )
+    p.add_argument(
+        "--sample",
+        type=validate.positive_int,
+        default=None,
+        help="a fixed random sample of N items per multiple-choice task (drawn with --seed), instead of the first N",
+    )
+    p.add_argument(
+        "--weights",
+        default="fp32",
+        choices=TORCHAO_FORMATS,
+        help="linear-layer format of the reference model (as kvexport build --target executorch)",
+    )
+    p.add_argument(
+        "--program",
+        default=None,
+        help="with --backend executorch|onnx: graphs/<name>; scored beside the reference with its policy",
+    )
+    p.add_argument(
+        "--backend",
+        default="reference",
+        help=f"scorer backend: {', '.join(BACKENDS)} (executorch|onnx score --program beside the reference)",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=validate.positive_int,
+        default=None,
+        help="tokens per step when feeding contexts (default: the window; 1 when --kv-window 0)",
+    )
+    p.add_argument(
+        "--ppl-window",
+        type=validate.positive_int,
+        default=512,
+        help="WikiText window in tokens (each from an empty cache)",
+    )
+    p.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        type=validate.output_dir,
+        help="results folder (items.jsonl, summary.json, table.md, acc_vs_bits.png)",
+    )
     add_data_args(p)
     p.add_argument("--n-boot", type=validate.positive_int, default=10_000, help="bootstrap resamples for the CIs")
     p.add_argument("--threads", type=validate.positive_int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--batch-items", type=validate.positive_int, default=16,
-                   help="reference backend: items per packed batch (same scores as the cache path, faster; 1 = cache path)")
+    p.add_argument(
+        "--batch-items",
+        type=validate.positive_int,
+        default=16,
+        help="reference backend: items per packed batch (same scores as the cache path, faster; 1 = cache path)",
+    )
     p.add_argument("--device", default="cpu", help="reference backend: where packed batches run (cpu, cuda)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--report-only", action="store_true",
-                   help="score nothing: write summary/table/plot from the records already there")
-    p.add_argument("--records", default=None, type=validate.output_file,
-                   help="records file (default: OUT/items.jsonl; a .gz is read, not appended to: use with --report-only)")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="score nothing: write summary/table/plot from the records already there",
+    )
+    p.add_argument(
+        "--records",
+        default=None,
+        type=validate.output_file,
+        help="records file (default: OUT/items.jsonl; a .gz is read, not appended to: use with --report-only)",
+    )
 
 
 def _settings(args, evaluation) -> dict:
     opts = evaluation.cfg.opts
     first = evaluation.runs[0].describe if evaluation.runs else {}
-    return {"backend": args.backend, "weights": args.weights, "window": opts.window, "sinks": opts.sinks,
-            "group": opts.group or evaluation.loaded.args.head_dim, "rotate_keys": opts.rotate_keys,
-            "max_context": opts.max_context, "seed": opts.seed, "budget_bits": opts.budget_bits,
-            "prefill_chunk": first.get("prefill_chunk"), "limit": args.limit, "sample": args.sample,
-            "ppl_window": args.ppl_window,
-            "random_weights": bool(evaluation.loaded.identity.get("random_weights")),
-            "policies": evaluation.cfg.policies, "tasks": evaluation.cfg.tasks}
+    return {
+        "backend": args.backend,
+        "weights": args.weights,
+        "window": opts.window,
+        "sinks": opts.sinks,
+        "group": opts.group or evaluation.loaded.args.head_dim,
+        "rotate_keys": opts.rotate_keys,
+        "max_context": opts.max_context,
+        "seed": opts.seed,
+        "budget_bits": opts.budget_bits,
+        "prefill_chunk": first.get("prefill_chunk"),
+        "limit": args.limit,
+        "sample": args.sample,
+        "ppl_window": args.ppl_window,
+        "random_weights": bool(evaluation.loaded.identity.get("random_weights")),
+        "policies": evaluation.cfg.policies,
+        "tasks": evaluation.cfg.tasks,
+    }
 
 
 def program_setup(program: str, backend: str):
@@ -127,8 +182,10 @@ def program_setup(program: str, backend: str):
 
     manifest = read_manifest(Path(program))
     if manifest["target"] not in BACKEND_TARGETS[backend]:
-        raise KvxError(f"{program} is a {manifest['target']} program; use --backend "
-                       f"{next(b for b, t in BACKEND_TARGETS.items() if manifest['target'] in t)}")
+        raise KvxError(
+            f"{program} is a {manifest['target']} program; use --backend "
+            f"{next(b for b, t in BACKEND_TARGETS.items() if manifest['target'] in t)}"
+        )
     weights = manifest["weights"] if manifest["target"] == "executorch" else "fp32"
     opts = CacheOptions(**manifest["cache_options"])
     return loaded_for_manifest(manifest), opts, [opts.policy], weights
@@ -138,11 +195,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from kvexport.data import data_file
-    from kvexport.options import cache_options, load_model
     from kvexport.eval.records import RecordStore
     from kvexport.eval.report import summarize, write_reports
     from kvexport.eval.runner import EvalConfig, Evaluation
     from kvexport.eval.scoring import check_backend
+    from kvexport.options import cache_options, load_model
 
     policies = split_policies(args.kv_policy)
     tasks = split_tasks(args.tasks)
@@ -165,13 +222,23 @@ def run(args: argparse.Namespace) -> int:
         loaded, opts, policies, weights = program_setup(args.program, args.backend)
     else:
         loaded = load_model(args)
-    cfg = EvalConfig(policies=policies, tasks=tasks, opts=opts, backend=args.backend,
-                     prefill_chunk=args.prefill_chunk, limit=args.limit, sample=args.sample, sample_seed=args.seed,
-                     ppl_window=args.ppl_window,
-                     data_dir=Path(args.data_dir) if args.data_dir else None,
-                     progress=not args.no_progress, weights=weights,
-                     program=Path(args.program) if args.program else None,
-                     batch_items=args.batch_items, device=args.device)
+    cfg = EvalConfig(
+        policies=policies,
+        tasks=tasks,
+        opts=opts,
+        backend=args.backend,
+        prefill_chunk=args.prefill_chunk,
+        limit=args.limit,
+        sample=args.sample,
+        sample_seed=args.seed,
+        ppl_window=args.ppl_window,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        progress=not args.no_progress,
+        weights=weights,
+        program=Path(args.program) if args.program else None,
+        batch_items=args.batch_items,
+        device=args.device,
+    )
     evaluation = Evaluation(loaded, cfg)
     out = Path(args.out)
     records = Path(args.records) if args.records else out / "items.jsonl"
@@ -180,8 +247,11 @@ def run(args: argparse.Namespace) -> int:
     store = RecordStore(records)
     pending = evaluation.pending(store)
     todo = ", ".join(f"{t} {n}" for t, n in pending.items())
-    print(f"[eval {loaded.name}: {len(evaluation.runs)} runs (policies{' + program' if args.program else ''}) x {len(tasks)} tasks; to score: {todo}; records in {store.path}]",
-          file=sys.stderr)
+    print(
+        f"[eval {loaded.name}: {len(evaluation.runs)} runs (policies{' + program' if args.program else ''}) "
+        f"x {len(tasks)} tasks; to score: {todo}; records in {store.path}]",
+        file=sys.stderr,
+    )
     if store.bad_lines:
         print(f"[skipped {store.bad_lines} unreadable line(s) in {store.path}]", file=sys.stderr)
 
@@ -195,8 +265,10 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         store.close()
         report()
-        print(f"\n[interrupted: {len(store.records)} records kept in {store.path}; rerun the same command to resume]",
-              file=sys.stderr)
+        print(
+            f"\n[interrupted: {len(store.records)} records kept in {store.path}; rerun the same command to resume]",
+            file=sys.stderr,
+        )
         raise
     finally:
         store.close()
@@ -204,4 +276,3 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write(paths["markdown"].read_text())
     print(f"[wrote {', '.join(str(p) for p in paths.values() if p.exists())}]", file=sys.stderr)
     return 0
-

@@ -38,10 +38,16 @@ def summarize_mc(recs: list[dict], n_boot: int, seed: int) -> dict:
         out[f"{m}_ci"] = list(S.bootstrap_ci(vals, n_boot, seed))
     secs = sum(r["seconds"] for r in recs)
     cpu = sum(r.get("cpu_seconds", 0.0) for r in recs)
-    out.update(avg_bits=_mean(recs, "avg_bits"), kv_bytes_used=_mean(recs, "kv_bytes_used"),
-               kv_bytes_allocated=_mean(recs, "kv_bytes_allocated"), n_ctx=_mean(recs, "n_ctx"),
-               seconds=secs, cpu_seconds=cpu, items_per_s=len(recs) / secs if secs > 0 else None,
-               engines=dict(Counter(f"{r.get('path', 'cache')}@{r.get('device', 'cpu')}" for r in recs)))
+    out.update(
+        avg_bits=_mean(recs, "avg_bits"),
+        kv_bytes_used=_mean(recs, "kv_bytes_used"),
+        kv_bytes_allocated=_mean(recs, "kv_bytes_allocated"),
+        n_ctx=_mean(recs, "n_ctx"),
+        seconds=secs,
+        cpu_seconds=cpu,
+        items_per_s=len(recs) / secs if secs > 0 else None,
+        engines=dict(Counter(f"{r.get('path', 'cache')}@{r.get('device', 'cpu')}" for r in recs)),
+    )
     return out
 
 
@@ -53,12 +59,18 @@ def summarize_wikitext(recs: list[dict], n_boot: int, seed: int) -> dict:
     secs = sum(r["seconds"] for r in recs)
     cpu = sum(r.get("cpu_seconds", 0.0) for r in recs)
     return {
-        "n": len(recs), "tokens": total, "ppl": math.exp(sum(nll) / total),
+        "n": len(recs),
+        "tokens": total,
+        "ppl": math.exp(sum(nll) / total),
         "ppl_ci": list(S.bootstrap_ratio_ci(nll, tok, np.exp, n_boot, seed)),
-        "kl": sum(kl) / total, "kl_ci": list(S.bootstrap_ratio_ci(kl, tok, None, n_boot, seed)),
-        "avg_bits": _mean(recs, "avg_bits"), "kv_bytes_used": _mean(recs, "kv_bytes_used"),
+        "kl": sum(kl) / total,
+        "kl_ci": list(S.bootstrap_ratio_ci(kl, tok, None, n_boot, seed)),
+        "avg_bits": _mean(recs, "avg_bits"),
+        "kv_bytes_used": _mean(recs, "kv_bytes_used"),
         "kv_bytes_allocated": _mean(recs, "kv_bytes_allocated"),
-        "seconds": secs, "cpu_seconds": cpu, "windows_per_s": len(recs) / secs if secs > 0 else None,
+        "seconds": secs,
+        "cpu_seconds": cpu,
+        "windows_per_s": len(recs) / secs if secs > 0 else None,
     }
 
 
@@ -81,16 +93,23 @@ def summarize(evaluation, store, n_boot: int = S.N_BOOT, seed: int = 0, settings
                 res[task] = summarize_mc(recs, n_boot, seed)
                 by_item.setdefault(run.policy, {})[task] = {r["idx"]: r for r in recs}
         mc = [r for t in tasks if t != "wikitext" for r in by_item.get(run.policy, {}).get(t, {}).values()]
-        res["overall"] = {"avg_bits": _mean(mc, "avg_bits"), "kv_bytes_used": _mean(mc, "kv_bytes_used"),
-                          "kv_bytes_allocated": _mean(mc, "kv_bytes_allocated"), "n": len(mc)}
+        res["overall"] = {
+            "avg_bits": _mean(mc, "avg_bits"),
+            "kv_bytes_used": _mean(mc, "kv_bytes_used"),
+            "kv_bytes_allocated": _mean(mc, "kv_bytes_allocated"),
+            "n": len(mc),
+        }
     policies = [r.policy for r in evaluation.runs]
     baseline = "fp16" if "fp16" in policies else policies[0]
+
     def compare(pol: str, base: str, task: str) -> dict | None:
         a, b = by_item.get(pol, {}).get(task, {}), by_item.get(base, {}).get(task, {})
         common = sorted(set(a) & set(b))
         if not common:
             return None
-        return {m: S.paired_comparison([a[i][m] for i in common], [b[i][m] for i in common], n_boot, seed) for m in METRICS}
+        return {
+            m: S.paired_comparison([a[i][m] for i in common], [b[i][m] for i in common], n_boot, seed) for m in METRICS
+        }
 
     paired: dict[str, dict] = {}
     for pol in policies:
@@ -113,13 +132,20 @@ def summarize(evaluation, store, n_boot: int = S.N_BOOT, seed: int = 0, settings
                 if task != "wikitext" and (c := compare(pol, rival, task)) is not None:
                     matched.append({"policy": pol, "baseline": rival, "task": task, **c})
     return {
-        "model": evaluation.loaded.name, "identity": evaluation.loaded.identity,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": settings or {},
-        "policies": [{"policy": r.policy, "key": r.key, "ppl_key": r.ppl_key, "scorer": r.describe} for r in evaluation.runs],
+        "model": evaluation.loaded.name,
+        "identity": evaluation.loaded.identity,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": settings or {},
+        "policies": [
+            {"policy": r.policy, "key": r.key, "ppl_key": r.ppl_key, "scorer": r.describe} for r in evaluation.runs
+        ],
         "tasks": {t: evaluation.sizes[t] for t in tasks},
         "sample": any(evaluation.sizes[t]["n"] < evaluation.sizes[t]["n_total"] for t in tasks),
         "bootstrap": {"n_boot": n_boot, "seed": seed, "level": 0.95},
-        "baseline": baseline, "results": results, "paired": paired, "matched": matched,
+        "baseline": baseline,
+        "results": results,
+        "paired": paired,
+        "matched": matched,
     }
 
 
@@ -146,16 +172,23 @@ def markdown(summary: dict) -> str:
     if summary["sample"]:
         sizes = ", ".join(f"{TASK_TITLES[t]} {v['n']:,} of {v['n_total']:,}" for t, v in summary["tasks"].items())
         unit = " (WikiText: windows)" if "wikitext" in tasks else ""
-        which = (f"a fixed random sample drawn with seed {s.get('seed')}" if s.get("sample")
-                 else "first items only")
-        lines += [f"> **Subset, not the full benchmarks**: {which} ({sizes}{unit}). "
-                  "Intervals are wider than on the full sets; quote them with the subset named.", ""]
-    lines += [f"Settings: backend {s.get('backend')}, weights {s.get('weights', 'fp32')}, window {s.get('window')}, sinks {s.get('sinks')}, "
-              f"group {s.get('group')}, prefill chunk {s.get('prefill_chunk')}, max context {s.get('max_context')}, "
-              f"seed {s.get('seed')}; zero-shot lm-eval prompts; "
-              f"95% percentile bootstrap CIs ({summary['bootstrap']['n_boot']:,} resamples, seed {summary['bootstrap']['seed']}).",
-              "avg bits and KV bytes: `Session.kv_stats()` after each context (sinks and window at 16 bits), "
-              "mean over the multiple-choice items scored.", ""]
+        which = f"a fixed random sample drawn with seed {s.get('seed')}" if s.get("sample") else "first items only"
+        lines += [
+            f"> **Subset, not the full benchmarks**: {which} ({sizes}{unit}). "
+            "Intervals are wider than on the full sets; quote them with the subset named.",
+            "",
+        ]
+    lines += [
+        f"Settings: backend {s.get('backend')}, weights {s.get('weights', 'fp32')}, "
+        f"window {s.get('window')}, sinks {s.get('sinks')}, "
+        f"group {s.get('group')}, prefill chunk {s.get('prefill_chunk')}, max context {s.get('max_context')}, "
+        f"seed {s.get('seed')}; zero-shot lm-eval prompts; "
+        f"95% percentile bootstrap CIs ({summary['bootstrap']['n_boot']:,} resamples, "
+        f"seed {summary['bootstrap']['seed']}).",
+        "avg bits and KV bytes: `Session.kv_stats()` after each context (sinks and window at 16 bits), "
+        "mean over the multiple-choice items scored.",
+        "",
+    ]
 
     def table(metric: str, title: str):
         head = ["Policy", "avg bits", "KV bytes"] + [f"{TASK_TITLES[t]} {metric}" for t in mc]
@@ -164,12 +197,20 @@ def markdown(summary: dict) -> str:
         out = [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for pol, res in summary["results"].items():
             ov = res.get("overall", {})
-            row = [f"`{pol}`", "-" if ov.get("avg_bits") is None else f"{ov['avg_bits']:.2f}", _kib(ov.get("kv_bytes_used"))]
+            row = [
+                f"`{pol}`",
+                "-" if ov.get("avg_bits") is None else f"{ov['avg_bits']:.2f}",
+                _kib(ov.get("kv_bytes_used")),
+            ]
             row += [_cell(res.get(t), metric) for t in mc]
             if "wikitext" in tasks:
                 w = res.get("wikitext")
                 if w:
-                    row += [f"{w['ppl']:.2f} [{w['ppl_ci'][0]:.2f}, {w['ppl_ci'][1]:.2f}]", f"{w['kl']:.4f}", f"{w['avg_bits']:.2f}"]
+                    row += [
+                        f"{w['ppl']:.2f} [{w['ppl_ci'][0]:.2f}, {w['ppl_ci'][1]:.2f}]",
+                        f"{w['kl']:.4f}",
+                        f"{w['avg_bits']:.2f}",
+                    ]
                 else:
                     row += ["-", "-", "-"]
             out.append("| " + " | ".join(row) + " |")
@@ -181,44 +222,65 @@ def markdown(summary: dict) -> str:
     elif "wikitext" in tasks:
         lines += table("acc", "WikiText-2 held-out half")
     if summary["paired"]:
-        lines += [f"## Paired comparisons against `{summary['baseline']}` (same items)", "",
-                  "diff = policy - baseline in points, paired-bootstrap 95% CI; McNemar: items only the policy / "
-                  "only the baseline got right, exact two-sided p.", "",
-                  "| Policy | Task | metric | diff | 95% CI | policy only | baseline only | p |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## Paired comparisons against `{summary['baseline']}` (same items)",
+            "",
+            "diff = policy - baseline in points, paired-bootstrap 95% CI; McNemar: items only the policy / "
+            "only the baseline got right, exact two-sided p.",
+            "",
+            "| Policy | Task | metric | diff | 95% CI | policy only | baseline only | p |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for pol, per_task in summary["paired"].items():
             for task, per_m in per_task.items():
                 for m, c in per_m.items():
                     mc_ = c["mcnemar"]
-                    lines.append(f"| `{pol}` | {TASK_TITLES[task]} | {m} | {100 * c['diff']:+.1f} | "
-                                 f"[{100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}] | {mc_['a_only']} | {mc_['b_only']} | "
-                                 f"{mc_['p_exact']:.3g} |")
+                    lines.append(
+                        f"| `{pol}` | {TASK_TITLES[task]} | {m} | {100 * c['diff']:+.1f} | "
+                        f"[{100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}] | {mc_['a_only']} | {mc_['b_only']} | "
+                        f"{mc_['p_exact']:.3g} |"
+                    )
         lines.append("")
     if summary.get("matched"):
-        lines += ["## Feature policies against random and static at the nearest average bits (same items)", "",
-                  "Each `learned`/`rule` policy against the `random:*` and the `static-*` policy of this run whose mean "
-                  "average bits is closest; columns as above (baseline = the rival).", "",
-                  "| Policy | Rival | Task | metric | diff | 95% CI | policy only | rival only | p |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Feature policies against random and static at the nearest average bits (same items)",
+            "",
+            "Each `learned`/`rule` policy against the `random:*` and the `static-*` policy of this run whose mean "
+            "average bits is closest; columns as above (baseline = the rival).",
+            "",
+            "| Policy | Rival | Task | metric | diff | 95% CI | policy only | rival only | p |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for row in summary["matched"]:
             for m in METRICS:
                 c = row[m]
                 mc_ = c["mcnemar"]
-                lines.append(f"| `{row['policy']}` | `{row['baseline']}` | {TASK_TITLES[row['task']]} | {m} | {100 * c['diff']:+.1f} | "
-                             f"[{100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}] | {mc_['a_only']} | {mc_['b_only']} | "
-                             f"{mc_['p_exact']:.3g} |")
+                lines.append(
+                    f"| `{row['policy']}` | `{row['baseline']}` | {TASK_TITLES[row['task']]} | {m} | "
+                    f"{100 * c['diff']:+.1f} | "
+                    f"[{100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}] | {mc_['a_only']} | {mc_['b_only']} | "
+                    f"{mc_['p_exact']:.3g} |"
+                )
         lines.append("")
-    lines += ["## Throughput (the machine that scored; each row its own backend)", "",
-              "Wall-clock seconds per item (WikiText: per window) and CPU seconds of this process per item; "
-              "engines: `packed` = batched engine (kvexport.eval.batched), `cache` = the cache path, @ the device.", "",
-              "| Policy | Task | items | s/item | items/s | CPU s/item | engines |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Throughput (the machine that scored; each row its own backend)",
+        "",
+        "Wall-clock seconds per item (WikiText: per window) and CPU seconds of this process per item; "
+        "engines: `packed` = batched engine (kvexport.eval.batched), `cache` = the cache path, @ the device.",
+        "",
+        "| Policy | Task | items | s/item | items/s | CPU s/item | engines |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for pol, res in summary["results"].items():
         for task in tasks:
             r = res.get(task)
             if r:
                 rate = r.get("items_per_s") or r.get("windows_per_s")
                 engines = ", ".join(f"{k} {v}" for k, v in r.get("engines", {}).items()) or "-"
-                lines.append(f"| `{pol}` | {TASK_TITLES[task]} | {r['n']} | {r['seconds'] / max(r['n'], 1):.4f} | "
-                             f"{'-' if rate is None else f'{rate:.2f}'} | {r['cpu_seconds'] / max(r['n'], 1):.4f} | {engines} |")
+                lines.append(
+                    f"| `{pol}` | {TASK_TITLES[task]} | {r['n']} | {r['seconds'] / max(r['n'], 1):.4f} | "
+                    f"{'-' if rate is None else f'{rate:.2f}'} | {r['cpu_seconds'] / max(r['n'], 1):.4f} | {engines} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -266,6 +328,9 @@ def write_reports(summary: dict, out_dir: Path) -> dict[str, Path]:
     paths = {"json": out_dir / "summary.json", "markdown": out_dir / "table.md", "png": out_dir / "acc_vs_bits.png"}
     paths["json"].write_text(json.dumps(summary, indent=1) + "\n")
     paths["markdown"].write_text(markdown(summary))
-    if any(summary["results"].get(p) and any(k in summary["tasks"] for k in summary["results"][p]) for p in summary["results"]):
+    if any(
+        summary["results"].get(p) and any(k in summary["tasks"] for k in summary["results"][p])
+        for p in summary["results"]
+    ):
         plot(summary, paths["png"])
     return paths

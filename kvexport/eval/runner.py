@@ -63,8 +63,15 @@ def model_identity(loaded: LoadedModel) -> dict:
 def prepare_policies(loaded: LoadedModel, cfg: EvalConfig, model) -> list[PolicyRun]:
     runs = []
     for policy in cfg.policies:
-        scorer = make_scorer("reference", loaded, with_policy(cfg.opts, policy), model=model,
-                             prefill_chunk=cfg.prefill_chunk, batch_items=cfg.batch_items, device=cfg.device)
+        scorer = make_scorer(
+            "reference",
+            loaded,
+            with_policy(cfg.opts, policy),
+            model=model,
+            prefill_chunk=cfg.prefill_chunk,
+            batch_items=cfg.batch_items,
+            device=cfg.device,
+        )
         runs.append(_policy_run(policy, scorer, loaded, cfg))
     if cfg.program is not None:  # the exported program of the (single) policy, scored on the same items
         from kvexport.eval.program_scorer import ProgramScorer
@@ -117,7 +124,9 @@ def score_batch(scorer, pairs) -> list[tuple[list[float], dict, str]]:
     return scorer.score_many(pairs) if hasattr(scorer, "score_many") else score_each(scorer, pairs)
 
 
-def run_mc(run: PolicyRun, task: str, items: list[T.MCItem], toks, store: RecordStore, cfg: EvalConfig, bar=None) -> None:
+def run_mc(
+    run: PolicyRun, task: str, items: list[T.MCItem], toks, store: RecordStore, cfg: EvalConfig, bar=None
+) -> None:
     """Score the items of ``items`` that ``store`` lacks for ``run``; ``bar`` (tqdm) counts them."""
     max_ctx = cfg.opts.max_context
     todo = [(it, tk) for it, tk in zip(items, toks) if not store.has(run.key, task, it.idx)]
@@ -136,14 +145,29 @@ def run_mc(run: PolicyRun, task: str, items: list[T.MCItem], toks, store: Record
         dt, cpu = (time.perf_counter() - t0) / len(batch), (time.process_time() - c0) / len(batch)
         for (it, (ctx, conts)), (scores, stats, path) in zip(batch, results):
             m = choice_metrics(scores, it.choices, it.gold)
-            store.append({
-                "key": run.key, "task": task, "idx": it.idx, "id": it.id, "policy": run.policy, "gold": it.gold,
-                "scores": [round(s, 6) for s in scores], **m, "n_ctx": len(ctx), "n_cont": [len(c) for c in conts],
-                "avg_bits": stats["avg_bits"], "kv_bytes_used": stats["kv_bytes_used"],
-                "kv_bytes_allocated": stats["kv_bytes_allocated"], "tokens_cached": stats["tokens_cached"],
-                "class_histogram": stats["class_histogram"], "path": path, "device": cfg.device if path == "packed" else "cpu",
-                "seconds": round(dt, 4), "cpu_seconds": round(cpu, 4),
-            })
+            store.append(
+                {
+                    "key": run.key,
+                    "task": task,
+                    "idx": it.idx,
+                    "id": it.id,
+                    "policy": run.policy,
+                    "gold": it.gold,
+                    "scores": [round(s, 6) for s in scores],
+                    **m,
+                    "n_ctx": len(ctx),
+                    "n_cont": [len(c) for c in conts],
+                    "avg_bits": stats["avg_bits"],
+                    "kv_bytes_used": stats["kv_bytes_used"],
+                    "kv_bytes_allocated": stats["kv_bytes_allocated"],
+                    "tokens_cached": stats["tokens_cached"],
+                    "class_histogram": stats["class_histogram"],
+                    "path": path,
+                    "device": cfg.device if path == "packed" else "cpu",
+                    "seconds": round(dt, 4),
+                    "cpu_seconds": round(cpu, 4),
+                }
+            )
         if bar is not None:
             bar.update(len(batch))
 
@@ -157,14 +181,22 @@ def wikitext_windows(cfg: EvalConfig, tokenizer) -> tuple[list[list[int]], int]:
     return (all_windows[: cfg.limit] if cfg.limit is not None else all_windows), len(all_windows)
 
 
-def run_wikitext(runs: list[PolicyRun], wins: list[list[int]], store: RecordStore, cfg: EvalConfig, make_reference) -> None:
+def run_wikitext(
+    runs: list[PolicyRun], wins: list[list[int]], store: RecordStore, cfg: EvalConfig, make_reference
+) -> None:
     """Per window: FP16 reference log-probs once (``make_reference()`` builds its scorer unless
     ``fp16`` is one of the policies), then NLL and KL(reference || policy) of each pending policy."""
     ref_run = next((r for r in runs if r.policy == REFERENCE_POLICY), None)
     ref_scorer = ref_run.scorer if ref_run else None
     todo = [w for w in range(len(wins)) if any(not store.has(r.ppl_key, "wikitext", w) for r in runs)]
-    bar = tqdm(total=len(wins), initial=len(wins) - len(todo), desc="wikitext", unit="window",
-               disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(wins),
+        initial=len(wins) - len(todo),
+        desc="wikitext",
+        unit="window",
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+    )
     try:
         for w in todo:
             chunk = wins[w]
@@ -183,10 +215,20 @@ def run_wikitext(runs: list[PolicyRun], wins: list[list[int]], store: RecordStor
                     lp = r.scorer.token_logprobs(chunk)
                     stats, dt, cpu = r.scorer.kv_stats(), time.perf_counter() - t0, time.process_time() - c0
                 s = W.window_scores(lp, chunk, ref)
-                store.append({"key": r.ppl_key, "task": "wikitext", "idx": w, "policy": r.policy, **s,
-                              "avg_bits": stats["avg_bits"], "kv_bytes_used": stats["kv_bytes_used"],
-                              "kv_bytes_allocated": stats["kv_bytes_allocated"], "seconds": round(dt, 4),
-                              "cpu_seconds": round(cpu, 4)})
+                store.append(
+                    {
+                        "key": r.ppl_key,
+                        "task": "wikitext",
+                        "idx": w,
+                        "policy": r.policy,
+                        **s,
+                        "avg_bits": stats["avg_bits"],
+                        "kv_bytes_used": stats["kv_bytes_used"],
+                        "kv_bytes_allocated": stats["kv_bytes_allocated"],
+                        "seconds": round(dt, 4),
+                        "cpu_seconds": round(cpu, 4),
+                    }
+                )
             bar.update(1)
     finally:
         bar.close()
@@ -215,23 +257,49 @@ class Evaluation:
         for task, its in self.items.items():
             out[task] = sum(not store.has(r.key, task, it.idx) for r in self.runs for it in its)
         if self.wins:
-            out["wikitext"] = sum(not store.has(r.ppl_key, "wikitext", w) for r in self.runs for w in range(len(self.wins)))
+            out["wikitext"] = sum(
+                not store.has(r.ppl_key, "wikitext", w) for r in self.runs for w in range(len(self.wins))
+            )
         return out
 
     def execute(self, store: RecordStore) -> None:
         """Task by task, in blocks of ``BLOCK_ITEMS`` items that every policy scores in turn (an
         interrupted run leaves the policies compared on the same items); one progress bar with ETA."""
         mc = {t: n for t, n in self.pending(store).items() if t != "wikitext"}
-        with tqdm(total=sum(mc.values()), desc="eval", unit="item", disable=not self.cfg.progress or not any(mc.values()),
-                  dynamic_ncols=True) as bar:
+        with tqdm(
+            total=sum(mc.values()),
+            desc="eval",
+            unit="item",
+            disable=not self.cfg.progress or not any(mc.values()),
+            dynamic_ncols=True,
+        ) as bar:
             for task in mc:
                 items, toks = self.items[task], self.toks[task]
                 for start in range(0, len(items), BLOCK_ITEMS):
                     for run in self.runs:
-                        run_mc(run, task, items[start : start + BLOCK_ITEMS], toks[start : start + BLOCK_ITEMS], store,
-                               self.cfg, bar)
+                        run_mc(
+                            run,
+                            task,
+                            items[start : start + BLOCK_ITEMS],
+                            toks[start : start + BLOCK_ITEMS],
+                            store,
+                            self.cfg,
+                            bar,
+                        )
         if self.wins:
             cfg = self.cfg
-            run_wikitext(self.runs, self.wins, store, cfg, lambda: make_scorer(
-                "reference", self.loaded, with_policy(cfg.opts, REFERENCE_POLICY), model=self.model,
-                prefill_chunk=cfg.prefill_chunk, batch_items=cfg.batch_items, device=cfg.device))
+            run_wikitext(
+                self.runs,
+                self.wins,
+                store,
+                cfg,
+                lambda: make_scorer(
+                    "reference",
+                    self.loaded,
+                    with_policy(cfg.opts, REFERENCE_POLICY),
+                    model=self.model,
+                    prefill_chunk=cfg.prefill_chunk,
+                    batch_items=cfg.batch_items,
+                    device=cfg.device,
+                ),
+            )

@@ -99,8 +99,15 @@ class ReferenceScorer:
 
     backend = "reference"
 
-    def __init__(self, loaded: LoadedModel, opts: CacheOptions, model=None, prefill_chunk: int | None = None,
-                 batch_items: int = 1, device: str = "cpu"):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        opts: CacheOptions,
+        model=None,
+        prefill_chunk: int | None = None,
+        batch_items: int = 1,
+        device: str = "cpu",
+    ):
         self.opts = opts
         self.prefill_chunk = prefill_chunk or default_prefill_chunk(opts)
         self.session = EvalSession(loaded, opts, model=model, prefill_chunk=self.prefill_chunk)
@@ -160,20 +167,33 @@ class ReferenceScorer:
         return torch.log_softmax(self.session.prefill(ids)[:-1], dim=-1)
 
     def describe(self) -> dict:
-        info = {"backend": self.backend, "cache": self.opts.to_dict(), "prefill_chunk": self.prefill_chunk,
-                "layout": {"capacities": list(self.session.cache.layout.capacities)},
-                "scoring": SCORING_VERSION}
+        info = {
+            "backend": self.backend,
+            "cache": self.opts.to_dict(),
+            "prefill_chunk": self.prefill_chunk,
+            "layout": {"capacities": list(self.session.cache.layout.capacities)},
+            "scoring": SCORING_VERSION,
+        }
         if "controller" in self._policy_info:  # a retrained controller must not reuse old records
             info["controller_sha256"] = _file_sha256(self._policy_info["controller"])
         return info
 
 
-def make_scorer(backend: str, loaded: LoadedModel, opts: CacheOptions, model=None,
-                prefill_chunk: int | None = None, batch_items: int = 1, device: str = "cpu") -> Scorer:
+def make_scorer(
+    backend: str,
+    loaded: LoadedModel,
+    opts: CacheOptions,
+    model=None,
+    prefill_chunk: int | None = None,
+    batch_items: int = 1,
+    device: str = "cpu",
+) -> Scorer:
     """The reference scorer (program backends: :class:`kvexport.eval.program_scorer.ProgramScorer`)."""
     if backend != "reference":
         raise KvxError(f"--backend {backend} scores a built program: give it with --program graphs/<name>")
-    return ReferenceScorer(loaded, opts, model=model, prefill_chunk=prefill_chunk, batch_items=batch_items, device=device)
+    return ReferenceScorer(
+        loaded, opts, model=model, prefill_chunk=prefill_chunk, batch_items=batch_items, device=device
+    )
 
 
 # Which program targets each program backend runs.
@@ -202,7 +222,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         context = context[:-n_spaces]
     whole = tokenizer.encode(context + continuation)
     ctx = tokenizer.encode(context)
-    return ctx, whole[len(ctx):]
+    return ctx, whole[len(ctx) :]
 
 
 def choice_metrics(scores: list[float], choices: list[str] | tuple[str, ...], gold: int) -> dict:
@@ -213,5 +233,10 @@ def choice_metrics(scores: list[float], choices: list[str] | tuple[str, ...], go
     norm = [s / n for s, n in zip(scores, lengths)]
     pred = max(range(len(scores)), key=lambda i: (scores[i], -i))
     pred_norm = max(range(len(norm)), key=lambda i: (norm[i], -i))
-    return {"pred": pred, "pred_norm": pred_norm, "acc": float(pred == gold), "acc_norm": float(pred_norm == gold),
-            "choice_bytes": lengths}
+    return {
+        "pred": pred,
+        "pred_norm": pred_norm,
+        "acc": float(pred == gold),
+        "acc_norm": float(pred_norm == gold),
+        "choice_bytes": lengths,
+    }

@@ -38,8 +38,13 @@ MC_TASKS = ("hellaswag", "arc_challenge", "arc_easy", "openbookqa")
 ALL_TASKS = MC_TASKS + ("wikitext",)
 assert set(ALL_TASKS) == set(FILES)
 
-TASK_TITLES = {"hellaswag": "HellaSwag", "arc_challenge": "ARC-C", "arc_easy": "ARC-E", "openbookqa": "OBQA",
-               "wikitext": "WikiText-2"}
+TASK_TITLES = {
+    "hellaswag": "HellaSwag",
+    "arc_challenge": "ARC-C",
+    "arc_easy": "ARC-E",
+    "openbookqa": "OBQA",
+    "wikitext": "WikiText-2",
+}
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,9 @@ def load_hellaswag(path: Path) -> list[MCItem]:
         ctx, label, *endings = lines[i : i + 6]
         if label.strip() not in ("0", "1", "2", "3"):
             raise ValueError(f"{path}:{i + 2}: label {label!r} is not 0-3")
-        items.append(MCItem("hellaswag", i // 6, str(i // 6), ctx.strip(), tuple(e.strip() for e in endings), int(label)))
+        items.append(
+            MCItem("hellaswag", i // 6, str(i // 6), ctx.strip(), tuple(e.strip() for e in endings), int(label))
+        )
     return items
 
 
@@ -85,8 +92,16 @@ def _question_items(task: str, path: Path, template: str) -> list[MCItem]:
             key = doc["answerKey"].strip()
             if key not in labels:
                 raise ValueError(f"{path}:{n + 1}: answerKey {key!r} not among labels {labels}")
-            items.append(MCItem(task, len(items), doc["id"], template.format(q=q["stem"].strip()),
-                                tuple(c["text"] for c in q["choices"]), labels.index(key)))
+            items.append(
+                MCItem(
+                    task,
+                    len(items),
+                    doc["id"],
+                    template.format(q=q["stem"].strip()),
+                    tuple(c["text"] for c in q["choices"]),
+                    labels.index(key),
+                )
+            )
     return items
 
 

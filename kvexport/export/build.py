@@ -21,8 +21,8 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 from kvexport.errors import KvxError
-from kvexport.fsutil import atomic_directory, check_replaceable, read_json, sha256_file
 from kvexport.export.program import LAYOUT_VERSION, StepProgram, metadata_methods
+from kvexport.fsutil import atomic_directory, check_replaceable, read_json, sha256_file
 from kvexport.kv import stats as kv_stats
 from kvexport.kv.policy import CLASSES
 from kvexport.models.loader import LoadedModel

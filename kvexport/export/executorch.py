@@ -23,7 +23,6 @@ from kvexport.errors import KvxError
 from kvexport.export.program import StepProgram
 from kvexport.models.weights import q4_manifest, quantize_weights
 
-
 # Substrings of the state buffers whose initial values the program must carry.
 INITIALIZED_STATE = ("win_pos", "pool_pos", "fill", "n_seen", "win_feat")
 

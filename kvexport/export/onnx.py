@@ -10,8 +10,9 @@
   ``kvexport::<op>`` node (:func:`kvexport.ops.onnx.node_translation_table`) and their bodies
   (standard ONNX) are attached as model-local functions, so stock ONNX Runtime runs them with no
   extra library. (Translating the ops *to* functions does not work: ``torch.onnx.export`` always
-  runs onnxscript's version-conversion pass, which inlines every function first.) The tied LM head's ``Transpose(embedding)`` is folded
-  into its own initializer so it is not recomputed every step and weight quantizers see it.
+  runs onnxscript's version-conversion pass, which inlines every function first.) The tied LM head's
+  ``Transpose(embedding)`` is folded into its own initializer so it is not recomputed every step and
+  weight quantizers see it.
 * **weights**: fp32, or int8 / int4 MatMul weights (:mod:`kvexport.export.ort_tools`).
 * **check**: ``onnx.checker.check_model(path, full_check=True)``; weights above 100 MB go to
   ``model.onnx.data`` (external data).
@@ -70,7 +71,11 @@ def export_onnx(step: StepProgram):
         warnings.simplefilter("ignore")  # torch.export and torch.onnx notes while tracing
         ep = torch.export.export(wrapped, example, dynamic_shapes=dynamic, strict=False)
         return torch.onnx.export(
-            ep, opset_version=OPSET, custom_translation_table=node_translation_table(), optimize=True, verbose=False,
+            ep,
+            opset_version=OPSET,
+            custom_translation_table=node_translation_table(),
+            optimize=True,
+            verbose=False,
             input_names=["tokens", "input_pos", *(STATE_IN + n for n in wrapped.names)],
             output_names=["logits", "kv_stats", *(STATE_OUT + n for n in wrapped.names)],
         )
@@ -100,8 +105,12 @@ def fold_weight_transposes(model) -> int:
         if src is None or src.const_value is None or src.name not in graph.initializers:
             continue
         perm = node.attributes["perm"].as_ints() if "perm" in node.attributes else None
-        value = ir.Value(name=f"{src.name}.T", shape=None, type=src.type,
-                         const_value=ir.tensor(src.const_value.numpy().transpose(perm), name=f"{src.name}.T"))
+        value = ir.Value(
+            name=f"{src.name}.T",
+            shape=None,
+            type=src.type,
+            const_value=ir.tensor(src.const_value.numpy().transpose(perm), name=f"{src.name}.T"),
+        )
         value.shape = ir.Shape(value.const_value.shape)
         graph.register_initializer(value)
         node.outputs[0].replace_all_uses_with(value)
@@ -133,19 +142,36 @@ def save_onnx(model, path: Path) -> bool:
 
     ort_tools.stamp_min_ir_version(model)
     external = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
-    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=f"{path.name}.data", size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=f"{path.name}.data",
+        size_threshold=1024,
+    )
     return external
 
 
-def write_program(step: StepProgram, out_dir: Path, *, target: str, ops: str, weights: str, metadata: dict,
-                  log=print, ort_version: str | None = None) -> dict:
+def write_program(
+    step: StepProgram,
+    out_dir: Path,
+    *,
+    target: str,
+    ops: str,
+    weights: str,
+    metadata: dict,
+    log=print,
+    ort_version: str | None = None,
+) -> dict:
     """The build's writer for ``onnx`` and ``ort``: see the module docstring for the steps."""
     import onnx
 
     if ops != "fused":
-        raise KvxError(f"--ops {ops} is not available for {target}: ONNX programs always carry the kvexport "
-                       "ops as standard-ONNX functions (stock ONNX Runtime runs them); use --ops fused")
+        raise KvxError(
+            f"--ops {ops} is not available for {target}: ONNX programs always carry the kvexport "
+            "ops as standard-ONNX functions (stock ONNX Runtime runs them); use --ops fused"
+        )
     step.cache.fused_ops = True  # trace our ops (their ONNX functions), not the bit-shift reference
     n_steps = 4 if target == "ort" else 3
     names = list(step.cache.state_buffers())
@@ -155,8 +181,10 @@ def write_program(step: StepProgram, out_dir: Path, *, target: str, ops: str, we
     folded = fold_weight_transposes(program.model)
     program.model.metadata_props["kvexport.metadata"] = json.dumps(metadata)
     onnx_path = out_dir / "model.onnx"
-    log(f"[2/{n_steps}] weights: {ort_tools.describe_weights(weights)}"
-        + (f"; {folded} tied-weight transpose(s) folded" if folded else ""))
+    log(
+        f"[2/{n_steps}] weights: {ort_tools.describe_weights(weights)}"
+        + (f"; {folded} tied-weight transpose(s) folded" if folded else "")
+    )
     with tempfile.TemporaryDirectory(dir=out_dir) as work:
         exported = Path(work) / "model.onnx"
         program.save(exported, external_data=True)
@@ -164,13 +192,16 @@ def write_program(step: StepProgram, out_dir: Path, *, target: str, ops: str, we
         model = onnx.load(str(exported)) if weights == "fp32" else ort_tools.quantize_weights(exported, weights)
     external = save_onnx(model, onnx_path)
     del model
-    log(f"[3/{n_steps}] check: onnx.checker full_check ({onnx_path.stat().st_size / 1e6:.1f} MB graph"
-        + (f", {(out_dir / 'model.onnx.data').stat().st_size / 1e6:.1f} MB model.onnx.data)" if external else ")"))
+    log(
+        f"[3/{n_steps}] check: onnx.checker full_check ({onnx_path.stat().st_size / 1e6:.1f} MB graph"
+        + (f", {(out_dir / 'model.onnx.data').stat().st_size / 1e6:.1f} MB model.onnx.data)" if external else ")")
+    )
     try:
         onnx.checker.check_model(str(onnx_path), full_check=True)
     except onnx.checker.ValidationError as err:
-        raise KvxError(f"the exported ONNX graph fails onnx.checker ({str(err).splitlines()[0]}); "
-                       "this is a kvexport bug") from None
+        raise KvxError(
+            f"the exported ONNX graph fails onnx.checker ({str(err).splitlines()[0]}); this is a kvexport bug"
+        ) from None
     save_initial_state(step, out_dir / INITIAL_STATE)
     info = {
         "graph": f"one graph for both steps: T=1 is the decode step, 1<T<={step.cache.max_chunk} the prefill step",
@@ -179,7 +210,7 @@ def write_program(step: StepProgram, out_dir: Path, *, target: str, ops: str, we
         "initial_state": INITIAL_STATE,
         "state_note": "feed new_state.<name> of one step as state.<name> of the next; start from initial_state",
         "kvexport_functions": "kvexport::quantize_pack/pool_attention nodes; their "
-                              "standard-ONNX bodies are the model's local functions (runtimes inline them)",
+        "standard-ONNX bodies are the model's local functions (runtimes inline them)",
         "op_counts": op_counts(onnx_path),
     }
     files = ["model.onnx", *(["model.onnx.data"] if external else []), INITIAL_STATE]

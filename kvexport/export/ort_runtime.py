@@ -39,7 +39,9 @@ class OrtRunner(StepRunner):
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-            raise KvxError(f"ONNX Runtime cannot load {self.path} ({str(err).splitlines()[0][:200]}); rebuild it") from None
+            raise KvxError(
+                f"ONNX Runtime cannot load {self.path} ({str(err).splitlines()[0][:200]}); rebuild it"
+            ) from None
         state_file = self.dir / self.manifest["onnx"]["initial_state"]
         self.initial = load_file(str(state_file))
         self.names = list(self.initial)

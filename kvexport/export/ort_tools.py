@@ -30,8 +30,19 @@ from kvexport.errors import KvxError
 
 # ONNX Runtime release -> (newest ai.onnx opset, newest ONNX IR version) it implements.
 ORT_RELEASES = {
-    "1.8": (14, 7), "1.9": (15, 8), "1.10": (15, 8), "1.11": (16, 8), "1.12": (17, 8), "1.13": (17, 8), "1.14": (18, 8), "1.15": (19, 8),
-    "1.16": (19, 9), "1.17": (20, 9), "1.18": (21, 10), "1.19": (21, 10), "1.20": (21, 10),
+    "1.8": (14, 7),
+    "1.9": (15, 8),
+    "1.10": (15, 8),
+    "1.11": (16, 8),
+    "1.12": (17, 8),
+    "1.13": (17, 8),
+    "1.14": (18, 8),
+    "1.15": (19, 8),
+    "1.16": (19, 9),
+    "1.17": (20, 9),
+    "1.18": (21, 10),
+    "1.19": (21, 10),
+    "1.20": (21, 10),
 }
 CONTRIB_OPS = {"MatMulNBits": "1.17"}  # com.microsoft op -> first release with its CPU kernel
 ORT_FORMATS = {"5": "1.13", "6": "1.16"}  # ORT format version -> first release that reads it
@@ -74,12 +85,20 @@ class Compatibility:
     def requirements(self) -> list[tuple[str, str]]:
         """``(release, reason)`` for every requirement."""
         opset = self.opsets.get("ai.onnx", 1)
-        out = [(_release_for(opset, self.ir_version) or _v_str(installed_version()),
-                f"ai.onnx opset {opset}, IR version {self.ir_version}")]
+        out = [
+            (
+                _release_for(opset, self.ir_version) or _v_str(installed_version()),
+                f"ai.onnx opset {opset}, IR version {self.ir_version}",
+            )
+        ]
         out += [(CONTRIB_OPS[op], f"com.microsoft {op}") for op in self.contrib_ops if op in CONTRIB_OPS]
-        out += [(_v_str(installed_version()), f"com.microsoft {op}") for op in self.contrib_ops if op not in CONTRIB_OPS]
+        out += [
+            (_v_str(installed_version()), f"com.microsoft {op}") for op in self.contrib_ops if op not in CONTRIB_OPS
+        ]
         if self.ort_format:
-            out.append((ORT_FORMATS.get(self.ort_format, _v_str(installed_version())), f"ORT format v{self.ort_format}"))
+            out.append(
+                (ORT_FORMATS.get(self.ort_format, _v_str(installed_version())), f"ORT format v{self.ort_format}")
+            )
         return out
 
     def min_version(self) -> str:
@@ -99,8 +118,12 @@ class Compatibility:
         return f"needs ONNX Runtime >= {self.min_version()}; " + "; ".join(parts)
 
     def to_manifest(self) -> dict:
-        return {"opsets": self.opsets, "ir_version": self.ir_version, "min_ort_version": self.min_version(),
-                "min_ort_version_reasons": [f"{why}: {r}" for r, why in self.requirements()]}
+        return {
+            "opsets": self.opsets,
+            "ir_version": self.ir_version,
+            "min_ort_version": self.min_version(),
+            "min_ort_version_reasons": [f"{why}: {r}" for r, why in self.requirements()],
+        }
 
 
 def _v_str(version: str) -> str:
@@ -115,8 +138,11 @@ def onnx_file_ops(path: Path) -> tuple[dict, int, dict]:
     ops = {}
     for node in [*model.graph.node, *(n for f in model.functions for n in f.node)]:  # local functions' bodies too
         ops.setdefault(node.domain or "ai.onnx", set()).add(node.op_type)
-    return ({o.domain or "ai.onnx": o.version for o in model.opset_import}, model.ir_version,
-            {d: sorted(v) for d, v in ops.items()})
+    return (
+        {o.domain or "ai.onnx": o.version for o in model.opset_import},
+        model.ir_version,
+        {d: sorted(v) for d, v in ops.items()},
+    )
 
 
 def compatibility(opsets: dict, ir_version: int, ops: dict, ort_format: str | None = None) -> Compatibility:
@@ -126,8 +152,9 @@ def compatibility(opsets: dict, ir_version: int, ops: dict, ort_format: str | No
 
     opset = opsets.get("ai.onnx", 1)
     onnx_ops = {op: defs.get_schema(op, opset).since_version for op in ops.get("ai.onnx", ())}
-    return Compatibility(dict(sorted(opsets.items())), ir_version, onnx_ops, sorted(ops.get("com.microsoft", ())),
-                         ort_format)
+    return Compatibility(
+        dict(sorted(opsets.items())), ir_version, onnx_ops, sorted(ops.get("com.microsoft", ())), ort_format
+    )
 
 
 def stamp_min_ir_version(model) -> None:
@@ -141,7 +168,8 @@ def stamp_min_ir_version(model) -> None:
     types |= {v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info)}
     types |= {a.t.data_type for n in graph.node for a in n.attribute if a.type == a.TENSOR}
     if types & {t for t in TensorProto.DataType.values() if t > TensorProto.BFLOAT16} or any(
-            f.overload for f in model.functions):
+        f.overload for f in model.functions
+    ):
         return
     model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
 
@@ -159,17 +187,18 @@ def quiet():
 
 
 def describe_weights(weights: str) -> str:
-    return {"fp32": "float32 weights",
-            "int8": "MatMul weights int8 per channel, activations quantized at run time (quantize_dynamic)",
-            "int4": f"MatMul weights 4-bit, blocks of {INT4_BLOCK}, symmetric (MatMulNBits)",
-            "q4": "the GGUF's Q4_1 / Q8_0 codes in MatMulNBits (4 / 8 bit, blocks of 32), exact, fp32 "
-                  "activations; the embedding reads the lm_head's 8-bit codes"}[weights]
+    return {
+        "fp32": "float32 weights",
+        "int8": "MatMul weights int8 per channel, activations quantized at run time (quantize_dynamic)",
+        "int4": f"MatMul weights 4-bit, blocks of {INT4_BLOCK}, symmetric (MatMulNBits)",
+        "q4": "the GGUF's Q4_1 / Q8_0 codes in MatMulNBits (4 / 8 bit, blocks of 32), exact, fp32 "
+        "activations; the embedding reads the lm_head's 8-bit codes",
+    }[weights]
 
 
 def quantize_weights(src: Path, weights: str):
     """Quantize the constant-weight MatMuls of the ONNX file ``src``; returns the ModelProto."""
     import onnx
-
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -178,17 +207,27 @@ def quantize_weights(src: Path, weights: str):
 
         model = onnx.load(str(src))
         if not onnx_q4.rewrite(model)["q4_1"]:
-            raise KvxError("--weights q4 for onnx/ort needs a model whose linears hold Q4_1 codes (a Q4_1 GGUF); "
-                           "this one has none: use --weights int4 or fp32, or --target executorch (re-quantizes)")
+            raise KvxError(
+                "--weights q4 for onnx/ort needs a model whose linears hold Q4_1 codes (a Q4_1 GGUF); "
+                "this one has none: use --weights int4 or fp32, or --target executorch (re-quantizes)"
+            )
         return model
     with quiet():
         if weights == "int8":
             out = src.with_name("int8.onnx")
-            quantize_dynamic(src, out, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8,
-                             use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+            quantize_dynamic(
+                src,
+                out,
+                op_types_to_quantize=["MatMul"],
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                use_external_data_format=True,
+                extra_options={"MatMulConstBOnly": True},
+            )
             return onnx.load(str(out))
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=INT4_BLOCK, is_symmetric=True,
-                                         op_types_to_quantize=("MatMul",))
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(src)), bits=4, block_size=INT4_BLOCK, is_symmetric=True, op_types_to_quantize=("MatMul",)
+        )
         quantizer.process()
         return quantizer.model.model
 
@@ -201,11 +240,13 @@ def convert_to_ort(onnx_path: Path, out_dir: Path) -> tuple[Path, Path]:
     os.environ["ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL"] = ORT_OPTIMIZATION
     try:
         with quiet():
-            convert_onnx_models_to_ort(onnx_path, output_dir=out_dir, optimization_styles=[OptimizationStyle.Fixed],
-                                       target_platform="arm")
+            convert_onnx_models_to_ort(
+                onnx_path, output_dir=out_dir, optimization_styles=[OptimizationStyle.Fixed], target_platform="arm"
+            )
     except Exception as err:  # the converter raises whatever ORT raised while loading the graph
-        raise KvxError(f"ONNX Runtime could not convert {onnx_path.name} to ORT format "
-                       f"({str(err).splitlines()[0]})") from None
+        raise KvxError(
+            f"ONNX Runtime could not convert {onnx_path.name} to ORT format ({str(err).splitlines()[0]})"
+        ) from None
     finally:
         if level is None:
             del os.environ["ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL"]
@@ -245,5 +286,7 @@ def check_installed(manifest: dict) -> None:
     need = manifest["onnx"]["min_ort_version"]
     have = installed_version()
     if _v(have) < _v(need):
-        raise KvxError(f"this program needs ONNX Runtime >= {need} (installed {have}); upgrade onnxruntime "
-                       "or rebuild the program with this one")
+        raise KvxError(
+            f"this program needs ONNX Runtime >= {need} (installed {have}); upgrade onnxruntime "
+            "or rebuild the program with this one"
+        )

@@ -30,8 +30,9 @@ class StepRunner:
         self.manifest = manifest or read_manifest(self.dir)
         self.path = self.dir / self.manifest["program"]
         if self.manifest["target"] not in self.targets:
-            raise KvxError(f"{self.dir} is a {self.manifest['target']} program; "
-                           f"this runner takes {', '.join(self.targets)}")
+            raise KvxError(
+                f"{self.dir} is a {self.manifest['target']} program; this runner takes {', '.join(self.targets)}"
+            )
         self.max_context = self.manifest["cache"]["max_context"]
         self.max_chunk = self.manifest["cache"]["max_chunk"]
         self.reset()
@@ -44,8 +45,10 @@ class StepRunner:
         for key in self.CHECKED_METADATA:
             want = self.manifest["metadata"].get(key)
             if program.get(key) != want:
-                raise KvxError(f"{self.dir / 'manifest.json'} says {key}={want} but the program says "
-                               f"{program.get(key)}; the manifest was edited or belongs to another program; rebuild")
+                raise KvxError(
+                    f"{self.dir / 'manifest.json'} says {key}={want} but the program says "
+                    f"{program.get(key)}; the manifest was edited or belongs to another program; rebuild"
+                )
 
     def reset(self) -> None:
         """Fresh state: the initial cache, position 0."""
@@ -57,9 +60,13 @@ class StepRunner:
         if len(ids) > self.max_chunk:
             raise ValueError(f"chunk of {len(ids)} > max_chunk {self.max_chunk}")
         if self.pos + len(ids) > self.max_context:
-            raise KvxError(f"{self.pos + len(ids)} tokens exceed the program's context of {self.max_context}; "
-                           "rebuild with a larger --max-context")
-        logits, stats = self._execute(torch.tensor([ids], dtype=torch.int64), torch.tensor([self.pos], dtype=torch.int64))
+            raise KvxError(
+                f"{self.pos + len(ids)} tokens exceed the program's context of {self.max_context}; "
+                "rebuild with a larger --max-context"
+            )
+        logits, stats = self._execute(
+            torch.tensor([ids], dtype=torch.int64), torch.tensor([self.pos], dtype=torch.int64)
+        )
         self.pos += len(ids)
         self.last_stats = stats
         return logits[0]
@@ -139,4 +146,3 @@ def program_constants(program) -> dict:
             vals.extend(v.flatten().tolist() if isinstance(v, torch.Tensor) else [v])
         out[name] = vals if name == "get_eos_ids" or len(vals) != 1 else vals[0]
     return out
-

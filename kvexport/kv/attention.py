@@ -42,7 +42,9 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return torch.matmul(p, vh), m, p.sum(dim=-1), p
 
 
-def pool_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits: int, group: int, scale: float):
+def pool_attention(
+    q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits: int, group: int, scale: float
+):
     """Partial attention over a quantized pool; only slots ``[0, n_valid)`` count.
 
     ``k_packed``/``v_packed`` uint8 ``[N, Hkv, D*bits/8]``; scales/zeros fp16 ``[N, Hkv, D/group]``;

@@ -96,7 +96,9 @@ class CacheLayout:
         return asdict(self)
 
     @classmethod
-    def build(cls, *, n_layers, n_kv_heads, head_dim, max_context, sinks, window, group, fractions, fp_dtype, rotate_keys):
+    def build(
+        cls, *, n_layers, n_kv_heads, head_dim, max_context, sinks, window, group, fractions, fp_dtype, rotate_keys
+    ):
         """Size the pools: class ``c`` gets ``ceil(fraction_c * pooled tokens)`` slots."""
         if sinks < 0 or window < 0 or sinks + window > max_context:
             raise ValueError(f"sinks ({sinks}) + window ({window}) must fit in the context ({max_context})")
@@ -147,8 +149,15 @@ class MixedKVCache(nn.Module):
     numbers.
     """
 
-    def __init__(self, layout: CacheLayout, policy: Policy, rarity: torch.Tensor, trim: bool = True,
-                 fused_ops: bool = False, layer_kernel: bool = False):
+    def __init__(
+        self,
+        layout: CacheLayout,
+        policy: Policy,
+        rarity: torch.Tensor,
+        trim: bool = True,
+        fused_ops: bool = False,
+        layer_kernel: bool = False,
+    ):
         super().__init__()
         self.layout = layout
         self.policy = policy
@@ -174,8 +183,12 @@ class MixedKVCache(nn.Module):
                 continue
             for kv in "kv":
                 self.register_buffer(f"pool{c}_{kv}", torch.zeros(cap + 1, L, H, D * c // 8, dtype=torch.uint8))
-                self.register_buffer(f"pool{c}_{kv}s", torch.zeros(cap + 1, L, H, D // layout.group, dtype=torch.float16))
-                self.register_buffer(f"pool{c}_{kv}z", torch.zeros(cap + 1, L, H, D // layout.group, dtype=torch.float16))
+                self.register_buffer(
+                    f"pool{c}_{kv}s", torch.zeros(cap + 1, L, H, D // layout.group, dtype=torch.float16)
+                )
+                self.register_buffer(
+                    f"pool{c}_{kv}z", torch.zeros(cap + 1, L, H, D // layout.group, dtype=torch.float16)
+                )
         if layer_kernel:  # rows leaving the window this step, staged by the kernel for commit
             self.register_buffer("evict_k", torch.zeros(self.max_chunk, L, H, D, dtype=fp))
             self.register_buffer("evict_v", torch.zeros(self.max_chunk, L, H, D, dtype=fp))
@@ -184,7 +197,9 @@ class MixedKVCache(nn.Module):
         # constants (non-persistent: not state, not counted in nbytes)
         self.register_buffer("preference", _PREFERENCE.clone(), persistent=False)
         self.register_buffer("caps", torch.tensor(layout.capacities, dtype=torch.int64), persistent=False)
-        self.register_buffer("class_bytes", torch.tensor(layout.class_bytes_per_token(), dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "class_bytes", torch.tensor(layout.class_bytes_per_token(), dtype=torch.float32), persistent=False
+        )
         self.register_buffer("is_fp_class", torch.tensor([0, 0, 0, 1], dtype=torch.int64), persistent=False)
         self.register_buffer("allocated", torch.tensor([float(self.nbytes())]), persistent=False)
 
@@ -303,9 +318,23 @@ class MixedKVCache(nn.Module):
         from kvexport.kv.layer_attention import POOL_NAMES
 
         features = layer == self.layout.n_layers - 1 and self.policy.needs_features
-        out, recv = ops.layer_attention(q[0], k[0], v[0], step.kernel_state, self.sink_k, self.sink_v, self.win_k,
-                                        self.win_v, self.evict_k, self.evict_v, [getattr(self, n) for n in POOL_NAMES],
-                                        layer, self.layout.group, scale, features)
+        out, recv = ops.layer_attention(
+            q[0],
+            k[0],
+            v[0],
+            step.kernel_state,
+            self.sink_k,
+            self.sink_v,
+            self.win_k,
+            self.win_v,
+            self.evict_k,
+            self.evict_v,
+            [getattr(self, n) for n in POOL_NAMES],
+            layer,
+            self.layout.group,
+            scale,
+            features,
+        )
         if features:
             step.received = recv
         return out.unsqueeze(0)
@@ -321,18 +350,22 @@ class MixedKVCache(nn.Module):
         n_keys = (n_cache + torch.arange(1, n_tokens + 1)).float()  # visible keys per query row
         chunk_w = cp * torch.exp(cm - lse).unsqueeze(-1) * n_keys.view(1, -1, 1)
         later = torch.ones(n_tokens, n_tokens, dtype=torch.bool).tril(-1)  # query row > key column
-        chunk_sums = torch.stack([
-            (chunk_w.mean(0) * later).sum(0),
-            (chunk_w.var(0, unbiased=False) * later).sum(0),
-            later.sum(0).float(),
-        ], dim=-1)
+        chunk_sums = torch.stack(
+            [
+                (chunk_w.mean(0) * later).sum(0),
+                (chunk_w.var(0, unbiased=False) * later).sum(0),
+                later.sum(0).float(),
+            ],
+            dim=-1,
+        )
         if win_part is None:
             return None, chunk_sums
         wp, wm = win_part
         win_w = wp * torch.exp(wm - lse).unsqueeze(-1) * n_keys.view(1, -1, 1)
         valid = (self.win_pos[: lay.window] >= 0).float()
-        win_sums = torch.stack([win_w.mean(0).sum(0), win_w.var(0, unbiased=False).sum(0),
-                                torch.ones_like(valid) * n_tokens], dim=-1) * valid.unsqueeze(-1)
+        win_sums = torch.stack(
+            [win_w.mean(0).sum(0), win_w.var(0, unbiased=False).sum(0), torch.ones_like(valid) * n_tokens], dim=-1
+        ) * valid.unsqueeze(-1)
         return win_sums, chunk_sums
 
     @staticmethod

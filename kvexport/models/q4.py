@@ -58,7 +58,9 @@ class Q4Linear(nn.Module):
     def __init__(self, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, exact: bool):
         super().__init__()
         from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
-            IntxUnpackedToInt8Tensor, IntxUnpackedToInt8TensorActivationQuantization)
+            IntxUnpackedToInt8Tensor,
+            IntxUnpackedToInt8TensorActivationQuantization,
+        )
 
         self.out_features, self.in_features = codes.shape
         self.exact = exact  # codes recovered bit-exactly (True) or re-quantized (False)

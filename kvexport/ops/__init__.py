@@ -78,7 +78,8 @@ def load_executorch_kernels(path: str | Path | None = None) -> Path:
         if _kernel_lib_path is not None:
             if wanted is not None and wanted != _kernel_lib_path:
                 raise KernelLibraryError(
-                    f"kvexport kernels already loaded from {_kernel_lib_path}; refusing to load a second copy from {wanted}"
+                    f"kvexport kernels already loaded from {_kernel_lib_path}; "
+                    f"refusing to load a second copy from {wanted}"
                 )
             return _kernel_lib_path
         if wanted is None:
@@ -144,7 +145,9 @@ def _registered_operator_names() -> set[str]:
         return set()
 
 
-def missing_kernel_message(error: BaseException | str, program: str | Path | bytes | None = None, log: str = "") -> str | None:
+def missing_kernel_message(
+    error: BaseException | str, program: str | Path | bytes | None = None, log: str = ""
+) -> str | None:
     """One-line explanation when ExecuTorch failed to load a method because kvexport kernels are
     missing (``Missing operator: kvexport::...``, error 0x14); ``None`` when that is not the cause.
 
@@ -207,20 +210,68 @@ def quantize_pack(x: torch.Tensor, bits: int, group: int, *, portable: bool = Fa
     return torch.ops.kvexport.quantize_pack(x, bits, group)
 
 
-def pool_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits: int, group: int, scale: float, *, portable: bool = False):
+def pool_attention(
+    q,
+    k_packed,
+    k_scale,
+    k_zero,
+    v_packed,
+    v_scale,
+    v_zero,
+    n_valid,
+    bits: int,
+    group: int,
+    scale: float,
+    *,
+    portable: bool = False,
+):
     if portable:
-        return _attention.pool_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale)
+        return _attention.pool_attention(
+            q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale
+        )
     load()
-    return torch.ops.kvexport.pool_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, float(scale))
+    return torch.ops.kvexport.pool_attention(
+        q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, float(scale)
+    )
 
 
-def layer_attention(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer: int, group: int,
-                    scale: float, features: bool):
+def layer_attention(
+    q,
+    k,
+    v,
+    state,
+    sink_k,
+    sink_v,
+    win_k,
+    win_v,
+    evict_k,
+    evict_v,
+    pools,
+    layer: int,
+    group: int,
+    scale: float,
+    features: bool,
+):
     """``kvexport::layer_attention`` (spec: :mod:`kvexport.kv.layer_attention`); mutates the sinks,
     the window and the eviction staging rows, returns ``(out [Hq, T, D], recv [W + T, 3])``."""
     load()
-    return torch.ops.kvexport.layer_attention(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v,
-                                              list(pools), layer, group, float(scale), bool(features))
+    return torch.ops.kvexport.layer_attention(
+        q,
+        k,
+        v,
+        state,
+        sink_k,
+        sink_v,
+        win_k,
+        win_v,
+        evict_k,
+        evict_v,
+        list(pools),
+        layer,
+        group,
+        float(scale),
+        bool(features),
+    )
 
 
 def portable_decompositions() -> dict:

@@ -77,7 +77,9 @@ def _quantize_pack_impl(x, bits, group):
 
 def _pool_attention_impl(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale):
     _pool_attention_shapes(q, k_packed)
-    o, m, l = attention.pool_attention(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale)
+    o, m, l = attention.pool_attention(
+        q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale
+    )
     return o.contiguous(), m.contiguous(), l.contiguous()
 
 
@@ -86,10 +88,12 @@ def _layer_attention_shapes(q, win_k):
     return (hq, t, d), (win_k.shape[0] - 1 + t, layer_attention.N_RECV)
 
 
-def _layer_attention_impl(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group,
-                          scale, features):
-    out, recv = layer_attention.layer_attention(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v,
-                                                pools, layer, group, scale, features)
+def _layer_attention_impl(
+    q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features
+):
+    out, recv = layer_attention.layer_attention(
+        q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features
+    )
     return out.contiguous(), recv
 
 
@@ -104,15 +108,19 @@ def _quantize_pack_out_impl(x, bits, group, *, packed, scale, zero):
     return tuple(_copy_out(_quantize_pack_impl(x, bits, group), (packed, scale, zero)))
 
 
-def _pool_attention_out_impl(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale, *, o, m, l):
+def _pool_attention_out_impl(
+    q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale, *, o, m, l
+):
     res = _pool_attention_impl(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale)
     return tuple(_copy_out(res, (o, m, l)))
 
 
-def _layer_attention_out_impl(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group,
-                              scale, features, *, out, recv):
-    res = _layer_attention_impl(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group,
-                                scale, features)
+def _layer_attention_out_impl(
+    q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features, *, out, recv
+):
+    res = _layer_attention_impl(
+        q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features
+    )
     return tuple(_copy_out(res, (out, recv)))
 
 
@@ -142,19 +150,23 @@ def _quantize_pack_out_meta(x, bits, group, *, packed, scale, zero):
     return packed.resize_(packed_shape), scale.resize_(sz_shape), zero.resize_(sz_shape)
 
 
-def _pool_attention_out_meta(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale, *, o, m, l):
+def _pool_attention_out_meta(
+    q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale, *, o, m, l
+):
     o_shape, ml_shape = _pool_attention_shapes(q, k_packed)
     return o.resize_(o_shape), m.resize_(ml_shape), l.resize_(ml_shape)
 
 
-def _layer_attention_fake(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group,
-                          scale, features):
+def _layer_attention_fake(
+    q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features
+):
     out_shape, recv_shape = _layer_attention_shapes(q, win_k)
     return q.new_empty(out_shape, dtype=torch.float32), q.new_empty(recv_shape, dtype=torch.float32)
 
 
-def _layer_attention_out_meta(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group,
-                              scale, features, *, out, recv):
+def _layer_attention_out_meta(
+    q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features, *, out, recv
+):
     out_shape, recv_shape = _layer_attention_shapes(q, win_k)
     return out.resize_(out_shape), recv.resize_(recv_shape)
 

@@ -59,8 +59,12 @@ def quantize_pack(x: FLOAT, bits: int, group: int) -> tuple[UINT8, FLOAT16, FLOA
 
     # pack: 8/bits codes per byte, code i in bits [bits*i, bits*(i+1)) -> sum(code_i * 2**(bits*i))
     per = op.Div(op.Constant(value_int=8), b)
-    weights = op.Pow(op.Constant(value_int=2), op.Mul(b, op.Range(op.Constant(value_int=0), per, op.Constant(value_int=1))))
-    lanes = op.Reshape(codes, op.Concat(lead, op.Constant(value_ints=[-1]), op.Reshape(per, op.Constant(value_ints=[1])), axis=0))
+    weights = op.Pow(
+        op.Constant(value_int=2), op.Mul(b, op.Range(op.Constant(value_int=0), per, op.Constant(value_int=1)))
+    )
+    lanes = op.Reshape(
+        codes, op.Concat(lead, op.Constant(value_ints=[-1]), op.Reshape(per, op.Constant(value_ints=[1])), axis=0)
+    )
     packed = op.Cast(op.ReduceSum(op.Mul(lanes, weights), axis_last, keepdims=0), to=2)
     return packed, s16, z16
 
@@ -88,12 +92,26 @@ def pool_attention(
     nv = op.Reshape(n_valid, op.Constant(value_ints=[1]))
     end = op.Max(nv, op.Constant(value_ints=[1]))
     # K and V of the filled prefix, stacked: [2, n, Hkv, *]
-    pk = op.Concat(op.Unsqueeze(op.Slice(k_packed, zero1, end, zero1), zero1), op.Unsqueeze(op.Slice(v_packed, zero1, end, zero1), zero1), axis=0)
-    ps = op.Concat(op.Unsqueeze(op.Slice(k_scale, zero1, end, zero1), zero1), op.Unsqueeze(op.Slice(v_scale, zero1, end, zero1), zero1), axis=0)
-    pz = op.Concat(op.Unsqueeze(op.Slice(k_zero, zero1, end, zero1), zero1), op.Unsqueeze(op.Slice(v_zero, zero1, end, zero1), zero1), axis=0)
+    pk = op.Concat(
+        op.Unsqueeze(op.Slice(k_packed, zero1, end, zero1), zero1),
+        op.Unsqueeze(op.Slice(v_packed, zero1, end, zero1), zero1),
+        axis=0,
+    )
+    ps = op.Concat(
+        op.Unsqueeze(op.Slice(k_scale, zero1, end, zero1), zero1),
+        op.Unsqueeze(op.Slice(v_scale, zero1, end, zero1), zero1),
+        axis=0,
+    )
+    pz = op.Concat(
+        op.Unsqueeze(op.Slice(k_zero, zero1, end, zero1), zero1),
+        op.Unsqueeze(op.Slice(v_zero, zero1, end, zero1), zero1),
+        axis=0,
+    )
     # dequantize (quant.dequantize_packed)
     per = op.Div(op.Constant(value_int=8), b)
-    weights = op.Pow(op.Constant(value_int=2), op.Mul(b, op.Range(op.Constant(value_int=0), per, op.Constant(value_int=1))))
+    weights = op.Pow(
+        op.Constant(value_int=2), op.Mul(b, op.Range(op.Constant(value_int=0), per, op.Constant(value_int=1)))
+    )
     lanes = op.Mod(op.Div(op.Unsqueeze(op.Cast(pk, to=7), axis_last), weights), op.Pow(op.Constant(value_int=2), b))
     lead = op.Shape(pk, end=-1)
     d = op.Mul(op.Shape(pk, start=-1), op.Reshape(per, op.Constant(value_ints=[1])))
@@ -141,9 +159,20 @@ def translation_table() -> dict:
 # model's local functions, so the ops stay visible as calls and stock ONNX Runtime runs the bodies.
 _SCHEMAS = {
     "quantize_pack": ([("x", "F")], [("packed", "U"), ("scale", "H"), ("zero", "H")], {"bits": "INT", "group": "INT"}),
-    "pool_attention": ([("q", "F"), ("k_packed", "U"), ("k_scale", "H"), ("k_zero", "H"), ("v_packed", "U"),
-                        ("v_scale", "H"), ("v_zero", "H"), ("n_valid", "I")],
-                       [("o", "F"), ("m", "F"), ("l", "F")], {"bits": "INT", "group": "INT", "scale": "FLOAT"}),
+    "pool_attention": (
+        [
+            ("q", "F"),
+            ("k_packed", "U"),
+            ("k_scale", "H"),
+            ("k_zero", "H"),
+            ("v_packed", "U"),
+            ("v_scale", "H"),
+            ("v_zero", "H"),
+            ("n_valid", "I"),
+        ],
+        [("o", "F"), ("m", "F"), ("l", "F")],
+        {"bits": "INT", "group": "INT", "scale": "FLOAT"},
+    ),
 }
 _TYPES = {"F": "tensor(float)", "H": "tensor(float16)", "U": "tensor(uint8)", "I": "tensor(int64)"}
 
@@ -157,13 +186,17 @@ def register_schemas() -> None:
         if defs.has(name, DOMAIN):
             continue
         used = sorted({t for _, t in ins + outs})
-        defs.register_schema(OpSchema(
-            name, DOMAIN, VERSION,
-            inputs=[OpSchema.FormalParameter(n, f"T{t}") for n, t in ins],
-            outputs=[OpSchema.FormalParameter(n, f"T{t}") for n, t in outs],
-            type_constraints=[(f"T{t}", [_TYPES[t]], "") for t in used],
-            attributes=[OpSchema.Attribute(a, getattr(OpSchema.AttrType, k), "") for a, k in attrs.items()],
-        ))
+        defs.register_schema(
+            OpSchema(
+                name,
+                DOMAIN,
+                VERSION,
+                inputs=[OpSchema.FormalParameter(n, f"T{t}") for n, t in ins],
+                outputs=[OpSchema.FormalParameter(n, f"T{t}") for n, t in outs],
+                type_constraints=[(f"T{t}", [_TYPES[t]], "") for t in used],
+                attributes=[OpSchema.Attribute(a, getattr(OpSchema.AttrType, k), "") for a, k in attrs.items()],
+            )
+        )
 
 
 def node_translation_table() -> dict:
@@ -183,13 +216,17 @@ def node_translation_table() -> dict:
     def quantize_pack_node(x, bits: int, group: int):
         return node["quantize_pack"](x, bits=bits, group=group)
 
-    def pool_attention_node(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits: int, group: int,
-                            scale: float):
-        return node["pool_attention"](q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid,
-                                      bits=bits, group=group, scale=scale)
+    def pool_attention_node(
+        q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits: int, group: int, scale: float
+    ):
+        return node["pool_attention"](
+            q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits=bits, group=group, scale=scale
+        )
 
-    return {torch.ops.kvexport.quantize_pack.default: quantize_pack_node,
-            torch.ops.kvexport.pool_attention.default: pool_attention_node}
+    return {
+        torch.ops.kvexport.quantize_pack.default: quantize_pack_node,
+        torch.ops.kvexport.pool_attention.default: pool_attention_node,
+    }
 
 
 def function_protos() -> list:

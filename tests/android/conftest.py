@@ -17,7 +17,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from kvx_android_helpers import require
 
 HERE = Path(__file__).resolve().parent
@@ -111,8 +110,9 @@ def jvm_build(toolchain):
 
 @pytest.fixture(scope="session")
 def bundled_app(tmp_path_factory, program_dir):
-    from kvexport.android.bundle import bundle
     from kvx_android_helpers import copy_demo
+
+    from kvexport.android.bundle import bundle
     app = copy_demo(tmp_path_factory.mktemp("app") / "android_demo")
     result = bundle(program_dir, app)
     return app, result

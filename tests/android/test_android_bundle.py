@@ -7,11 +7,10 @@ import json
 import shutil
 
 import pytest
+from kvx_android_helpers import copy_demo
 
 from kvexport.android.bundle import BundleError, bundle
 from kvexport.android.contract import ContractError, render_chatml, render_jinja
-
-from kvx_android_helpers import copy_demo
 
 pytestmark = pytest.mark.android
 

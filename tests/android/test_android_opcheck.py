@@ -13,6 +13,7 @@ ABIS = ["arm64-v8a", "x86_64"]
 @pytest.fixture(scope="module")
 def libs(toolchain):
     from kvx_android_helpers import require
+
     require(toolchain, "npm:react-native-executorch")
     return {abi: opcheck.read_library(toolchain.libexecutorch(abi)) for abi in ABIS}
 
@@ -38,15 +39,23 @@ def test_program_ops_registered(toolchain, libs, program_dir, abi):
     if rep.ops_mode == "fused" or rep.custom_ops:
         assert rep.needs_custom_runtime
         assert set(rep.custom_ops) <= set(rep.missing), "kvexport kernels unexpectedly in the stock runtime"
-        pytest.skip(f"SKIPPED: ops_mode={rep.ops_mode}: needs a custom runtime build with {rep.custom_ops}; "
-                    f"other missing: {sorted(set(rep.missing) - set(rep.custom_ops))}")
+        pytest.skip(
+            f"SKIPPED: ops_mode={rep.ops_mode}: needs a custom runtime build with {rep.custom_ops}; "
+            f"other missing: {sorted(set(rep.missing) - set(rep.custom_ops))}"
+        )
     assert not rep.missing, rep.summary()
     assert not rep.missing_backends, rep.summary()
 
 
 def test_custom_and_missing_ops_are_flagged(toolchain, libs, program_dir, monkeypatch):
-    monkeypatch.setattr(opcheck, "program_operators", lambda pte: (
-        ["aten::add.out", "aten::made_up_op.out", "kvexport::kv_quant_update.out"], ["XnnpackBackend", "MadeUpBackend"]))
+    monkeypatch.setattr(
+        opcheck,
+        "program_operators",
+        lambda pte: (
+            ["aten::add.out", "aten::made_up_op.out", "kvexport::kv_quant_update.out"],
+            ["XnnpackBackend", "MadeUpBackend"],
+        ),
+    )
     rep = opcheck.check_program_dir(program_dir, toolchain.libexecutorch("arm64-v8a"))
     assert rep.custom_ops == ["kvexport::kv_quant_update.out"] and rep.needs_custom_runtime
     assert rep.missing == ["aten::made_up_op.out", "kvexport::kv_quant_update.out"]

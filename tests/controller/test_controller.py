@@ -47,11 +47,16 @@ def test_gated_forward_matches_the_cache(tiny_model, tiny_attr):
     model, tokens, out = tiny_attr
     ids = tokens.tolist()
     for policy, gate, bits in (("fp16", None, 2), ("static-8", torch.ones(len(ids)), 8)):
-        sess = Session(tiny_model, CacheOptions(policy=policy, max_context=128, sinks=SINKS, window=WINDOW, group=GROUP),
-                       model=model)
+        sess = Session(
+            tiny_model,
+            CacheOptions(policy=policy, max_context=128, sinks=SINKS, window=WINDOW, group=GROUP),
+            model=model,
+        )
         lp_cache = torch.log_softmax(sess.prefill(ids), -1)
         with torch.no_grad():
-            lp = L.gated_forward(model, tokens, gate, bits, GROUP, L.quantized_visibility(len(ids), SINKS, WINDOW, WINDOW))
+            lp = L.gated_forward(
+                model, tokens, gate, bits, GROUP, L.quantized_visibility(len(ids), SINKS, WINDOW, WINDOW)
+            )
         assert (lp - lp_cache).abs().max() < 2e-2, policy
 
 
@@ -132,7 +137,9 @@ def test_dropped_feature_is_ignored():
 
 def test_save_load_round_trip(tmp_path):
     x, cost = _synthetic()
-    ctrl, _ = train_controller(x, cost, target_bits=3.0, group=64, cfg=TrainConfig(steps=200), meta={"budget_bits": 3.0})
+    ctrl, _ = train_controller(
+        x, cost, target_bits=3.0, group=64, cfg=TrainConfig(steps=200), meta={"budget_bits": 3.0}
+    )
     path = tmp_path / "c.safetensors"
     ctrl.save(path)
     back = Controller.load(path)
@@ -144,8 +151,10 @@ def test_save_load_round_trip(tmp_path):
 
 # ---------------------------------------------------------------- inside the cache
 def test_recording_policy_delegates(tiny_model):
-    sess = Session(tiny_model, CacheOptions(policy="random:0.25,0.25,0.25,0.25", max_context=128, sinks=SINKS,
-                                            window=WINDOW, group=GROUP))
+    sess = Session(
+        tiny_model,
+        CacheOptions(policy="random:0.25,0.25,0.25,0.25", max_context=128, sinks=SINKS, window=WINDOW, group=GROUP),
+    )
     ids = _ids(tiny_model, 100)
     sess.prefill(ids)
     plain = sess.kv_stats()
@@ -171,8 +180,9 @@ def test_learned_policy_in_cache_uses_controller(tiny_model, tmp_path):
     ctrl.meta["fractions"] = [1.0, 1.0, 1.0, 1.0]  # room everywhere: no overflow
     path = tmp_path / "ctrl.safetensors"
     ctrl.save(path)
-    sess = Session(tiny_model, CacheOptions(policy=f"learned:{path}", max_context=256, sinks=SINKS, window=WINDOW,
-                                            group=GROUP))
+    sess = Session(
+        tiny_model, CacheOptions(policy=f"learned:{path}", max_context=256, sinks=SINKS, window=WINDOW, group=GROUP)
+    )
     pos, feats, _ = record_features(sess, ids)
     want = ctrl(feats)
     assert len(set(want.tolist())) > 1  # a real test: more than one class chosen
@@ -191,17 +201,38 @@ def _args(tmp_path, corpus, **over):
 
     p = argparse.ArgumentParser()
     add_arguments(p)
-    argv = ["--model", "tiny-random", "--kv-budget-bits", "8", "--corpus", str(corpus), "--out", str(tmp_path / "out"),
-            "--cache-dir", str(tmp_path / "cache"), "--windows", "2", "--window-tokens", "80", "--horizon", "16",
-            "--eval-windows", "1", "--eval-tokens", "128", "--hidden", "8"]
+    argv = [
+        "--model",
+        "tiny-random",
+        "--kv-budget-bits",
+        "8",
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(tmp_path / "out"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--windows",
+        "2",
+        "--window-tokens",
+        "80",
+        "--horizon",
+        "16",
+        "--eval-windows",
+        "1",
+        "--eval-tokens",
+        "128",
+        "--hidden",
+        "8",
+    ]
     for k, v in over.items():
         argv += [f"--{k}", str(v)]
     return p.parse_args(argv)
 
 
 def test_calibrate_command_tiny(tiny_model, tmp_path, monkeypatch):
-    from kvexport.controller import calibrate
     import kvexport.models.loader as loader
+    from kvexport.controller import calibrate
 
     monkeypatch.setattr(loader, "resolve", lambda name, **kw: tiny_model)
     corpus = tmp_path / "wiki.raw"
@@ -227,8 +258,8 @@ def test_calibrate_command_tiny(tiny_model, tmp_path, monkeypatch):
 
 
 def test_calibrate_rejects_bad_budget(tiny_model, tmp_path, monkeypatch):
-    from kvexport.controller import calibrate
     import kvexport.models.loader as loader
+    from kvexport.controller import calibrate
 
     monkeypatch.setattr(loader, "resolve", lambda name, **kw: tiny_model)
     with pytest.raises(KvxError, match="outside"):

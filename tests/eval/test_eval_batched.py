@@ -38,12 +38,17 @@ def _compare(tiny_model, opts: CacheOptions, prefill_chunk=None, n_items=6, expe
     return paths
 
 
-@pytest.mark.parametrize("policy", ["fp16", "fp32", "static-4", "static-2", "random:6", "random:0.3,0.3,0.2,0.2", "rule"])
+@pytest.mark.parametrize(
+    "policy", ["fp16", "fp32", "static-4", "static-2", "random:6", "random:0.3,0.3,0.2,0.2", "rule"]
+)
 @pytest.mark.parametrize("window,sinks", [(8, 4), (0, 0), (16, 0)])
 def test_batched_equals_cache_path(tiny_model, policy, window, sinks):
     # rule: random token ids are mostly "rare" -> 8-bit, whose pool (10%) overflows in long contexts
-    _compare(tiny_model, CacheOptions(policy=policy, max_context=256, window=window, sinks=sinks, group=16),
-             expect_packed=policy != "rule")
+    _compare(
+        tiny_model,
+        CacheOptions(policy=policy, max_context=256, window=window, sinks=sinks, group=16),
+        expect_packed=policy != "rule",
+    )
 
 
 def test_batched_learned_with_attention_features_and_chunks(tiny_model, hand_controller):
@@ -57,7 +62,9 @@ def test_batched_learned_with_attention_features_and_chunks(tiny_model, hand_con
 
 
 def test_batched_with_key_rotation(tiny_model):
-    _compare(tiny_model, CacheOptions(policy="static-2", max_context=256, window=8, sinks=4, group=16, rotate_keys=True))
+    _compare(
+        tiny_model, CacheOptions(policy="static-2", max_context=256, window=8, sinks=4, group=16, rotate_keys=True)
+    )
 
 
 def test_overflowing_items_fall_back_to_the_cache_path(tiny_model):
@@ -94,7 +101,9 @@ def _to_float64(module) -> None:
         for store in (mod._parameters, mod._buffers):
             for k, v in list(store.items()):
                 if v is not None and v.dtype == torch.float32:
-                    store[k] = torch.nn.Parameter(v.double(), requires_grad=False) if k in mod._parameters else v.double()
+                    store[k] = (
+                        torch.nn.Parameter(v.double(), requires_grad=False) if k in mod._parameters else v.double()
+                    )
 
 
 @pytest.mark.real

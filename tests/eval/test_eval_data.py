@@ -1,9 +1,8 @@
 """Loaders parse the real benchmark copies ($KVEXPORT_DATA, set by conftest): counts, labels, prompt formats."""
 
+import os
 from collections import Counter
 from pathlib import Path
-
-import os
 
 import pytest
 

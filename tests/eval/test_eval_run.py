@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 import kvexport.options
-from kvexport.kv.quant import bits_per_element
 from kvexport.eval import cli as eval_cli
 from kvexport.eval.records import RecordStore
 from kvexport.eval.runner import EvalConfig, Evaluation
 from kvexport.eval.scoring import ReferenceScorer
+from kvexport.kv.quant import bits_per_element
 from kvexport.session import CacheOptions
 
 DATA = Path(os.environ["KVEXPORT_DATA"])
@@ -35,8 +35,14 @@ def count_scores(monkeypatch):
 
 
 def _cfg(limit, window=8, policies=("fp16", "static-2"), tasks=("arc_easy",)):
-    return EvalConfig(policies=list(policies), tasks=list(tasks), opts=CacheOptions(window=window, sinks=2, max_context=512),
-                      limit=limit, data_dir=DATA, progress=False)
+    return EvalConfig(
+        policies=list(policies),
+        tasks=list(tasks),
+        opts=CacheOptions(window=window, sinks=2, max_context=512),
+        limit=limit,
+        data_dir=DATA,
+        progress=False,
+    )
 
 
 def test_resume_skips_recorded_items(tiny_model, tmp_path, count_scores):
@@ -81,9 +87,24 @@ def _args(out, *extra):
 def test_end_to_end_tiny_model(tiny_model, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(kvexport.options, "load_model", lambda a: tiny_model)
     out = tmp_path / "run"
-    argv = ["--tasks", "hellaswag,arc_challenge,arc_easy,openbookqa,wikitext", "--limit", "3", "--ppl-window", "48",
-            "--kv-policy", "fp16,static-2,random:0.25,0.25,0.25,0.25", "--kv-window", "0", "--kv-sinks", "0",
-            "--prefill-chunk", "8", "--max-context", "512"]
+    argv = [
+        "--tasks",
+        "hellaswag,arc_challenge,arc_easy,openbookqa,wikitext",
+        "--limit",
+        "3",
+        "--ppl-window",
+        "48",
+        "--kv-policy",
+        "fp16,static-2,random:0.25,0.25,0.25,0.25",
+        "--kv-window",
+        "0",
+        "--kv-sinks",
+        "0",
+        "--prefill-chunk",
+        "8",
+        "--max-context",
+        "512",
+    ]
     assert eval_cli.run(_args(out, *argv)) == 0
     stdout = capsys.readouterr().out
     for name in ("items.jsonl", "summary.json", "table.md", "acc_vs_bits.png"):
@@ -97,7 +118,11 @@ def test_end_to_end_tiny_model(tiny_model, tmp_path, monkeypatch, capsys):
     res = summary["results"]
     assert set(res) == {"fp16", "static-2", "random:0.25,0.25,0.25,0.25"}
     hs = res["static-2"]["hellaswag"]
-    assert hs["n"] == 3 and hs["avg_bits"] == pytest.approx(bits_per_element(2, 32)) and hs["acc_norm_ci"][0] <= hs["acc_norm"] <= hs["acc_norm_ci"][1]
+    assert (
+        hs["n"] == 3
+        and hs["avg_bits"] == pytest.approx(bits_per_element(2, 32))
+        and hs["acc_norm_ci"][0] <= hs["acc_norm"] <= hs["acc_norm_ci"][1]
+    )
     assert res["fp16"]["hellaswag"]["avg_bits"] == 16.0
     assert 2.5 < res["random:0.25,0.25,0.25,0.25"]["overall"]["avg_bits"] < 16
     assert res["fp16"]["wikitext"]["kl"] == 0.0 and res["static-2"]["wikitext"]["kl"] > 0
@@ -107,7 +132,12 @@ def test_end_to_end_tiny_model(tiny_model, tmp_path, monkeypatch, capsys):
     assert res["static-2"]["arc_easy"]["acc"] == pytest.approx(sum(acc) / 3)
     assert set(summary["paired"]) == {"static-2", "random:0.25,0.25,0.25,0.25"}
     table = (out / "table.md").read_text()
-    assert "Subset, not the full benchmarks" in table and "| `static-2` |" in table and "HellaSwag acc_norm" in table and "WikiText-2 ppl" in table
+    assert (
+        "Subset, not the full benchmarks" in table
+        and "| `static-2` |" in table
+        and "HellaSwag acc_norm" in table
+        and "WikiText-2 ppl" in table
+    )
     assert table in stdout
 
     before = (out / "items.jsonl").read_text()
@@ -130,8 +160,18 @@ def test_ctrl_c_leaves_a_resumable_state(tiny_model, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ReferenceScorer, "score", flaky)
     out = tmp_path / "run"
-    argv = ["--tasks", "openbookqa", "--limit", "3", "--kv-policy", "fp16,static-4", "--max-context", "256",
-            "--batch-items", "1"]  # the cache path: one score() call per item
+    argv = [
+        "--tasks",
+        "openbookqa",
+        "--limit",
+        "3",
+        "--kv-policy",
+        "fp16,static-4",
+        "--max-context",
+        "256",
+        "--batch-items",
+        "1",
+    ]  # the cache path: one score() call per item
     with pytest.raises(KeyboardInterrupt):
         eval_cli.run(_args(out, *argv))
     assert len((out / "items.jsonl").read_text().splitlines()) == 4
@@ -145,8 +185,15 @@ def test_ctrl_c_leaves_a_resumable_state(tiny_model, tmp_path, monkeypatch):
 @pytest.mark.real
 def test_real_model_arc_easy_protocol(real_model):
     """Real SmolLM2: fp16 scores equal full-sequence log-probs; 2-bit KV at window 0 changes them."""
-    cfg = EvalConfig(policies=["fp16", "static-2"], tasks=["arc_easy"], limit=1, data_dir=DATA, progress=False,
-                     opts=CacheOptions(window=0, sinks=0, max_context=256), prefill_chunk=8)
+    cfg = EvalConfig(
+        policies=["fp16", "static-2"],
+        tasks=["arc_easy"],
+        limit=1,
+        data_dir=DATA,
+        progress=False,
+        opts=CacheOptions(window=0, sinks=0, max_context=256),
+        prefill_chunk=8,
+    )
     ev = Evaluation(real_model, cfg)
     fp, q2 = ev.runs[0].scorer, ev.runs[1].scorer
     ctx, conts = ev.toks["arc_easy"][0]
@@ -162,7 +209,9 @@ def test_sample_is_a_fixed_seeded_subset_in_file_order():
     from kvexport.eval.runner import load_items
 
     def pick(seed):
-        cfg = EvalConfig(policies=["fp16"], tasks=["openbookqa"], opts=CacheOptions(), sample=50, sample_seed=seed, data_dir=DATA)
+        cfg = EvalConfig(
+            policies=["fp16"], tasks=["openbookqa"], opts=CacheOptions(), sample=50, sample_seed=seed, data_dir=DATA
+        )
         return [it.idx for it in load_items(cfg)[0]["openbookqa"]]
 
     first = pick(0)

@@ -3,12 +3,18 @@
 import pytest
 import torch
 
-from kvexport.errors import KvxError
 from kvexport.cli import main as eval_main
-from kvexport.kv.quant import bits_per_element
+from kvexport.errors import KvxError
 from kvexport.eval.cli import split_policies, split_tasks
-from kvexport.eval.scoring import (ReferenceScorer, Scorer, choice_metrics, default_prefill_chunk, encode_pair,
-                                   make_scorer)
+from kvexport.eval.scoring import (
+    ReferenceScorer,
+    Scorer,
+    choice_metrics,
+    default_prefill_chunk,
+    encode_pair,
+    make_scorer,
+)
+from kvexport.kv.quant import bits_per_element
 from kvexport.session import CacheOptions, Session
 
 
@@ -46,7 +52,11 @@ def _full_sequence_logprob(loaded, ctx, cont):
 def test_fp16_scores_equal_full_sequence_logprobs(tiny_model):
     tok = tiny_model.tokenizer
     ctx = tok.encode("Roof shingle removal: A man is sitting on a roof. He pulls out a hammer and")
-    conts = [tok.encode(" starts pulling up roofing."), tok.encode(" sings."), tok.encode(" is holding a rubik's cube today")]
+    conts = [
+        tok.encode(" starts pulling up roofing."),
+        tok.encode(" sings."),
+        tok.encode(" is holding a rubik's cube today"),
+    ]
     scorer = make_scorer("reference", tiny_model, CacheOptions(policy="fp16", sinks=4, window=8, max_context=256))
     assert isinstance(scorer, Scorer)
     got = scorer.score(ctx, conts)
@@ -72,8 +82,9 @@ def test_policy_matters_and_window_zero_decodes_token_by_token(tiny_model):
     assert max(abs(a - b) for a, b in zip(q2, fp)) > 1e-2  # 2-bit keys/values change the scores
     assert max(abs(a - b) for a, b in zip(q2, chunked)) > 1e-4  # chunked prefill sees the chunk at full precision
     # fp16 does not depend on the chunking
-    fp_chunked = ReferenceScorer(tiny_model, CacheOptions(policy="fp16", sinks=0, window=0, max_context=256),
-                                 prefill_chunk=64).score(ctx, conts)
+    fp_chunked = ReferenceScorer(
+        tiny_model, CacheOptions(policy="fp16", sinks=0, window=0, max_context=256), prefill_chunk=64
+    ).score(ctx, conts)
     assert fp_chunked == pytest.approx(fp, abs=2e-3)
 
 
@@ -84,11 +95,19 @@ def test_describe_changes_with_options(tiny_model):
 
 
 def test_split_policies():
-    assert split_policies("fp16,static-8,static-4,static-2,random:4,rule") == \
-        ["fp16", "static-8", "static-4", "static-2", "random:4", "rule"]
+    assert split_policies("fp16,static-8,static-4,static-2,random:4,rule") == [
+        "fp16",
+        "static-8",
+        "static-4",
+        "static-2",
+        "random:4",
+        "rule",
+    ]
     assert split_policies("fp16,random:0.5,0.5,0,0,static-4") == ["fp16", "random:0.5,0.5,0,0", "static-4"]
-    assert split_policies("random:0.25,0.25,0.25,0.25;learned:/x/c,1.safetensors") == \
-        ["random:0.25,0.25,0.25,0.25", "learned:/x/c,1.safetensors"]
+    assert split_policies("random:0.25,0.25,0.25,0.25;learned:/x/c,1.safetensors") == [
+        "random:0.25,0.25,0.25,0.25",
+        "learned:/x/c,1.safetensors",
+    ]
     assert split_policies("fp16,fp16") == ["fp16"]
     for bad in ("fp16,static-3", "random:0.5,0.5", "fp16,,static-4", "nope"):
         with pytest.raises(KvxError):
@@ -102,9 +121,14 @@ def test_split_tasks():
         split_tasks("mmlu")
 
 
-@pytest.mark.parametrize("backend,extra,needle", [("executorch", [], "needs --program graphs/<name>"),
-                                                 ("reference", ["--program", "graphs/x"], "--program needs --backend"),
-                                                 ("tflite", [], "unknown --backend")])
+@pytest.mark.parametrize(
+    "backend,extra,needle",
+    [
+        ("executorch", [], "needs --program graphs/<name>"),
+        ("reference", ["--program", "graphs/x"], "--program needs --backend"),
+        ("tflite", [], "unknown --backend"),
+    ],
+)
 def test_bad_backend_options_are_one_line_errors(backend, extra, needle, capsys):
     assert eval_main(["eval", "--backend", backend, *extra, "--tasks", "arc_easy", "--limit", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

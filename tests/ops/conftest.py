@@ -24,7 +24,7 @@ def et_runtime():
 @pytest.fixture(scope="session")
 def custom_pte():
     """.pte bytes of KvOps (bits 2/4/8, custom ops, Linear on XNNPACK) per GQA ratio; exported once."""
-    from kvops_testlib import HEADS, R, KvOps, export_et, make_inputs
+    from kvops_testlib import HEADS, KvOps, R, export_et, make_inputs
 
     ops.load()
     cache = {}

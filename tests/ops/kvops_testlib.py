@@ -97,7 +97,9 @@ def assert_quant_identical(got, ref, what: str):
     for name, a, b in (("scale", gs, rs), ("zero", gz, rz)):
         assert a.dtype == torch.float16 and a.shape == b.shape, f"{what}: {name} dtype/shape"
         diff = f16_bits(a) != f16_bits(b)
-        assert not diff.any(), f"{what}: {name} differs at {diff.nonzero()[:5].tolist()}: {a[diff][:5]} vs {b[diff][:5]}"
+        assert not diff.any(), (
+            f"{what}: {name} differs at {diff.nonzero()[:5].tolist()}: {a[diff][:5]} vs {b[diff][:5]}"
+        )
 
 
 def assert_attention_close(got, ref, what: str, rtol: float = 1e-5):
@@ -113,7 +115,7 @@ def check_outputs(out, inputs, bits, group: int, what: str):
     k = len(OUTPUT_NAMES)
     assert len(out) == k * len(bits), (len(out), what)
     for i, b in enumerate(bits):
-        _check_one(out[i * k:(i + 1) * k], inputs, b, group, f"{what} bits={b}")
+        _check_one(out[i * k : (i + 1) * k], inputs, b, group, f"{what} bits={b}")
 
 
 def _check_one(out, inputs, bits: int, group: int, what: str):
@@ -152,5 +154,6 @@ def run_python(code: str, *args: str, env: dict | None = None, timeout: int = 30
     full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), full_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     if env:
         full_env.update(env)
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=full_env,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO
+    )

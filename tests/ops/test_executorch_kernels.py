@@ -5,9 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kvops_testlib import (
+    BITS,
+    GROUP,
+    HEADS,
+    OUTPUT_NAMES,
+    R,
+    assert_quant_identical,
+    check_outputs,
+    make_inputs,
+    stress_rows,
+)
 
 import kvexport.ops as ops
-from kvops_testlib import HEADS, R, BITS, GROUP, OUTPUT_NAMES, assert_quant_identical, check_outputs, make_inputs, stress_rows
 from kvexport.kv import quant
 
 

@@ -12,10 +12,10 @@ import math
 
 import pytest
 import torch
+from kvops_testlib import export_et
 
 import kvexport.ops as ops
 from kvexport.kv import layer_attention as ref
-from kvops_testlib import export_et
 
 L, H, HQ, D, GROUP = 2, 3, 9, 64, 32
 SCALE = 1.0 / math.sqrt(D)

@@ -7,10 +7,21 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from kvops_testlib import (
+    BITS,
+    GROUP,
+    HEADS,
+    KvOps,
+    R,
+    assert_quant_identical,
+    check_outputs,
+    dynamic_shapes,
+    make_inputs,
+    stress_rows,
+)
 from onnx import TensorProto, helper
 
 import kvexport.ops as ops
-from kvops_testlib import HEADS, R, BITS, GROUP, KvOps, assert_quant_identical, check_outputs, dynamic_shapes, make_inputs, stress_rows
 from kvexport.kv import quant
 from kvexport.ops import onnx as kv_onnx
 
@@ -24,9 +35,14 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
 def exported():
     ops.load()
     hq, hkv = HEADS["gqa3"]
-    program = torch.onnx.export(KvOps().eval(), make_inputs(16, hq, hkv, R, 9), dynamo=True,
-                                custom_translation_table=kv_onnx.translation_table(),
-                                dynamic_shapes=dynamic_shapes(), verbose=False)
+    program = torch.onnx.export(
+        KvOps().eval(),
+        make_inputs(16, hq, hkv, R, 9),
+        dynamo=True,
+        custom_translation_table=kv_onnx.translation_table(),
+        dynamic_shapes=dynamic_shapes(),
+        verbose=False,
+    )
     return program.model_proto
 
 
@@ -49,8 +65,15 @@ def _function_model(name: str, inputs, outputs, attrs) -> onnx.ModelProto:
     """A model whose graph is one call to the kvexport function ``name`` (kept as a function)."""
     node = helper.make_node(name, [i.name for i in inputs], [o.name for o in outputs], domain=kv_onnx.DOMAIN, **attrs)
     graph = helper.make_graph([node], name, inputs, outputs)
-    return helper.make_model(graph, functions=kv_onnx.function_protos(), ir_version=10, opset_imports=[
-        helper.make_opsetid("", kv_onnx.ONNX_OPSET), helper.make_opsetid(kv_onnx.DOMAIN, kv_onnx.VERSION)])
+    return helper.make_model(
+        graph,
+        functions=kv_onnx.function_protos(),
+        ir_version=10,
+        opset_imports=[
+            helper.make_opsetid("", kv_onnx.ONNX_OPSET),
+            helper.make_opsetid(kv_onnx.DOMAIN, kv_onnx.VERSION),
+        ],
+    )
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -60,10 +83,18 @@ def test_functions_kept_as_functions_bit_exact(bits):
     vi = helper.make_tensor_value_info
     x = stress_rows(600, seed=bits)
     for group in (8, 32, 64):
-        qmodel = _function_model("quantize_pack", [vi("x", TensorProto.FLOAT, ["n", 4, 64])],
-                                 [vi("p", TensorProto.UINT8, ["n", 4, 64 * bits // 8]),
-                                  vi("s", TensorProto.FLOAT16, ["n", 4, 64 // group]),
-                                  vi("z", TensorProto.FLOAT16, ["n", 4, 64 // group])], {"bits": bits, "group": group})
+        qmodel = _function_model(
+            "quantize_pack",
+            [vi("x", TensorProto.FLOAT, ["n", 4, 64])],
+            [
+                vi("p", TensorProto.UINT8, ["n", 4, 64 * bits // 8]),
+                vi("s", TensorProto.FLOAT16, ["n", 4, 64 // group]),
+                vi("z", TensorProto.FLOAT16, ["n", 4, 64 // group]),
+            ],
+            {"bits": bits, "group": group},
+        )
         p, s, z = _session(qmodel).run(None, {"x": x.numpy()})
         ref = quant.quantize_packed(x, bits, group)
-        assert_quant_identical((torch.from_numpy(p), torch.from_numpy(s), torch.from_numpy(z)), ref, f"onnx bits={bits} group={group}")
+        assert_quant_identical(
+            (torch.from_numpy(p), torch.from_numpy(s), torch.from_numpy(z)), ref, f"onnx bits={bits} group={group}"
+        )

@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
+from kvops_testlib import GROUP, HEADS, KvOps, R, check_outputs, export_et, make_inputs, run_python
 
 import kvexport.ops as ops
-from kvops_testlib import HEADS, R, run_python, GROUP, KvOps, check_outputs, export_et, make_inputs
 
 HQ, HKV = HEADS["gqa3"]
 CASES = [(7, 0), (7, 7), (64, 33), (257, 129)]

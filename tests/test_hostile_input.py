@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_ARGS
 from safetensors.torch import save_file
 
 from kvexport.cli import main
@@ -84,7 +83,7 @@ def model_dir(tiny_model, tmp_path_factory) -> Path:
     """The tiny random Llama as a Hugging Face model directory."""
     d = tmp_path_factory.mktemp("models") / "tiny-dir"
     d.mkdir()
-    a = TINY_ARGS
+    a = tiny_model.args
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
               "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads,
               "intermediate_size": a.intermediate_size, "vocab_size": a.vocab_size, "rope_theta": a.rope_theta,

@@ -25,6 +25,8 @@ demo: setup
 	$(KVX) parity $(DEMO_PROGRAM) --steps 32
 	$(KVX) run $(DEMO_PROGRAM) --chat --max-new-tokens 64 --prompt "$(DEMO_PROMPT)"
 
+# One pytest-xdist worker per core (at most 4), a test file per worker at a time (tests/conftest.py orders them).
+PYTEST_ARGS ?= -n auto --maxprocesses 4 --dist loadgroup --no-loadscope-reorder --durations 25
 test: setup
 	$(VENV)/bin/ruff check kvexport tests
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -40,7 +40,9 @@ def tiny_model(real_model) -> LoadedModel:
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # ``make test`` runs pytest-xdist workers side by side: they share the cores instead of oversubscribing them.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +62,31 @@ def hand_controller(tmp_path_factory):
     path = tmp_path_factory.mktemp("ctrl") / "hand.safetensors"
     ctrl.save(path)
     return path
+
+
+# Files that take minutes, heaviest first: pytest-xdist (``--dist loadgroup --no-loadscope-reorder``) starts them
+# before the many quick files, so the workers finish together.
+HEAVY_FIRST = ("test_export_real.py", "test_hostile_input.py", "test_export_executorch.py", "android", "test_q4.py",
+               "test_eval_batched.py", "test_export_onnx.py", "test_portable_and_missing.py",
+               "test_baseline_executorch_llama.py", "test_cli.py")
+
+
+def _group(item) -> str:
+    """One xdist group per test file (module fixtures build programs once), one for all Android checks (they
+    share the provisioned tool-chain in ~/.cache/kvexport-android)."""
+    path = Path(str(item.fspath))
+    return "android" if path.parent.name == "android" else path.name
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(_group(item), len(rank)))  # stable: file order is kept within a group
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
+
+
+def pytest_configure(config):
+    """Under xdist the controller converts the embedded model once, before any worker starts, so workers never
+    race on the model cache."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        resolve(DEFAULT_MODEL)

@@ -78,6 +78,7 @@ def _group(item) -> str:
     return "android" if path.parent.name == "android" else path.name
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(_group(item), len(rank)))  # stable: file order is kept within a group

@@ -189,7 +189,7 @@ def quiet():
 def describe_weights(weights: str) -> str:
     return {
         "fp32": "float32 weights",
-        "int8": "MatMul weights int8 per channel, activations quantized at run time (quantize_dynamic)",
+        "int8": "MatMul weights 8-bit per channel (uint8 codes), activations quantized at run time (quantize_dynamic)",
         "int4": f"MatMul weights 4-bit, blocks of {INT4_BLOCK}, symmetric (MatMulNBits)",
         "q4": "the GGUF's Q4_1 / Q8_0 codes in MatMulNBits (4 / 8 bit, blocks of 32), exact, fp32 "
         "activations; the embedding reads the lm_head's 8-bit codes",
@@ -214,13 +214,16 @@ def quantize_weights(src: Path, weights: str):
         return model
     with quiet():
         if weights == "int8":
+            # uint8 weights (U8U8), not int8: on x86 without VNNI, ORT's U8S8 GEMM sums pairs of u8*s8 products in
+            # 16 bits (vpmaddubsw) and saturates; U8U8 is exact on every CPU. Tiny test model, static-4, 24 steps,
+            # on an AVX2 machine: median KL(fp32 || program) 0.60 with int8 weights, 0.16 with reduce_range, 0.06.
             out = src.with_name("int8.onnx")
             quantize_dynamic(
                 src,
                 out,
                 op_types_to_quantize=["MatMul"],
                 per_channel=True,
-                weight_type=QuantType.QInt8,
+                weight_type=QuantType.QUInt8,
                 use_external_data_format=True,
                 extra_options={"MatMulConstBOnly": True},
             )

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kvexport.fsutil import cache_root
+
 # The executorch release the kernel sources are written against (headers and kernel ABI change
 # between releases; the library must be rebuilt for each one).
 EXECUTORCH_VERSION = "1.4.1"
@@ -78,11 +80,6 @@ def portable_lib_path() -> Path:
     if not path.is_file():
         raise BuildError(f"executorch runtime library not found at {path}; reinstall executorch=={EXECUTORCH_VERSION}")
     return path
-
-
-def cache_root() -> Path:
-    env = os.environ.get("KVEXPORT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "kvexport"
 
 
 def find_compiler() -> str:

@@ -17,8 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m kvexport.ops.build
 	touch $@
 
-# The main job: export the default model (learned 4-bit KV policy, fp32 weights, our fused kernels;
-# ~15-30 min of lowering on 2 cores), check the program against the PyTorch reference, generate.
+# The main job: export the default model (learned 4-bit KV policy, the GGUF's own 4-bit weights with a compact
+# tied table (q4-h8, build's default for this model), our fused kernels; ~15-25 min of lowering on 2 cores),
+# check the program against the PyTorch reference, generate.
 DEMO_PROGRAM ?= graphs/demo-learned4-fused
 demo: setup
 	$(KVX) build --kv-policy learned --kv-budget-bits 4 --max-context 1024 --ops fused --name $(notdir $(DEMO_PROGRAM))

@@ -50,8 +50,11 @@ def set_threads(threads: int) -> None:
     does not reach: without the reset, ExecuTorch programs keep one thread per core."""
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
+    from kvexport import quiet
+
     torch.set_num_threads(threads)
-    _unsafe_reset_threadpool(threads)
+    with quiet.native_stderr():  # the reset's cpuinfo / threadpool log lines
+        _unsafe_reset_threadpool(threads)
 
 
 def run_bench(programs: list[Path], contexts: list[int], decode_steps: int = 16, threads: int | None = None) -> dict:

@@ -115,10 +115,13 @@ def cmd_count_tokens(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_defaults(a: argparse.Namespace, has_controller: bool) -> str | None:
-    """Fill ``--kv-policy`` / ``--ops`` left unset with the fastest program that passes parity (the
-    learned policy when the model has a committed controller, else static-4; fused ops); returns the
+def build_defaults(a: argparse.Namespace, has_controller: bool, q4_codes: bool) -> str | None:
+    """Fill ``--kv-policy`` / ``--ops`` / ``--weights`` left unset with the fastest, smallest program that
+    passes parity (the learned policy when the model has a committed controller, else static-4; fused
+    ops; the GGUF's own 4-bit codes when the model holds them, ``q4-h8`` / ``q4``, else fp32); returns the
     one line that says what was chosen and how to get the other variants, or None."""
+    from kvexport.export.build import DEFAULT_WEIGHTS
+
     chosen = []
     if a.kv_policy is None:
         a.kv_policy = "learned" if has_controller else "static-4"
@@ -126,26 +129,30 @@ def build_defaults(a: argparse.Namespace, has_controller: bool) -> str | None:
     if a.ops is None:
         a.ops = "fused"
         chosen.append("--ops fused")
+    if a.weights is None:
+        a.weights = DEFAULT_WEIGHTS[a.target] if q4_codes else "fp32"
+        chosen.append(f"--weights {a.weights}")
     if not chosen:
         return None
     return (
-        f"defaults: {' '.join(chosen)} (our fastest program); --ops portable runs on a stock ExecuTorch "
-        "runtime, --kv-policy fp16 keeps every token at 16 bits"
+        f"defaults: {' '.join(chosen)} (our fastest, smallest program); --ops portable runs on a stock "
+        "ExecuTorch runtime, --kv-policy fp16 keeps every token at 16 bits, --weights fp32 keeps float weights"
     )
 
 
 def cmd_build(a: argparse.Namespace) -> int:
-    from kvexport.export.build import DEFAULT_WEIGHTS, build, default_name
+    from kvexport.export.build import build, default_name
+    from kvexport.models.q4 import holds_q4_1_codes
     from kvexport.session import default_controller_path
 
     loaded = load_model(a)
     # the learned policy when a controller is committed; a budget asks for its controller (missing: an error)
     wants_learned = a.kv_budget_bits is not None or default_controller_path(loaded.name, None).is_file()
-    chosen = build_defaults(a, wants_learned)
+    chosen = build_defaults(a, wants_learned, a.weights is None and holds_q4_1_codes(loaded.state_dict))
     if chosen:
         print(chosen, file=sys.stderr)
     opts = cache_options(a)
-    weights = a.weights or DEFAULT_WEIGHTS.get(a.target, "fp32")
+    weights = a.weights
     name = a.name or default_name(loaded, opts, a.target, a.ops, weights)
     out = Path(a.out) / name
     extra = {"ort_version": a.ort_version} if a.ort_version else {}
@@ -290,8 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--weights",
         default=None,
-        help="executorch: fp32, 8da8w, 8da4w, q4 (the GGUF's Q4_1 codes); onnx/ort: fp32, int8, int4 "
-        "(default: per target, see README)",
+        help="executorch: fp32, 8da8w, 8da4w, q4, q4-h8, q4-h4 (the GGUF's Q4_1 codes; -h8/-h4: compact tied "
+        "table); onnx/ort: fp32, int8, int4, q4 (default: q4-h8 / q4 for a model holding Q4_1 codes, else fp32)",
     )
     s.add_argument(
         "--ort-version",

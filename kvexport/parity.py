@@ -7,10 +7,24 @@ the class histogram (each decode step evicts at most one token, so equal histogr
 mean the same class for every token), bytes used and average bits. Bit-identity of the packed
 codes themselves is checked at the op level (``tests/ops``: the kernels reproduce the reference
 quantizer bit for bit); the runtime does not expose the program's buffers.
+
+Programs whose linears quantize their activations at run time (ExecuTorch ``8da8w``, ``8da4w``,
+``q4*``) are judged against the reference's own **noise floor** instead: per-token int8 rounding of
+activations with outliers (the default model's late ``down_proj`` inputs span -293..447, so one code
+is ~2.9 wide) turns float-ordering differences of ~1e-7 into whole code flips, and they compound
+over 30 layers. Measured on the default model (eager, prefill of the parity prompt): a 1e-6 relative
+perturbation of the embeddings moves the fp32 model by KL 6e-8 but the ``q4`` / ``q4-h8`` / ``8da8w``
+models by KL 0.026 / 0.045 / 0.022, while each linear lowered alone matches the eager torchao module
+to float precision (relative 1e-7..1e-6 on the same real activations). So a second reference, with
+that perturbation (:data:`NOISE`), runs beside the first; the program passes when it departs from
+the reference no more than the perturbed reference does (:data:`NOISE_RULE`). Its cache classes may
+then differ (the controller sees features that moved), so they are reported, not required.
 """
 
 from __future__ import annotations
 
+import statistics
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,17 +42,35 @@ from kvexport.session import CacheOptions, Session
 # distribution (KL), the greedy token and the cache state are the strict checks; max |dlogit| only
 # catches gross breakage (wrong positions or masks move logits by several units).
 TOLERANCES = {"max_abs_logit": 1.0, "kl": 1e-3, "top1_agreement": 0.95}
-# 8da8w / 8da4w programs quantize activations per token at run time: the same ~1e-6 float
-# differences can flip an activation code, which moves every output of that linear layer by up to
-# one activation step. The reference uses the same quantized weights and the same quantizer (bf16
-# group scales for 4-bit, as XNNPACK), so most steps agree to ~1e-5 (measured on the tiny test
-# model: 8da4w worst KL 2e-11 over 28 steps; 8da8w 7e-3 at the worst of 8 flipped steps).
-DYNAMIC_ACTIVATION_TOLERANCES = {"max_abs_logit": 2.0, "kl": 2e-2, "top1_agreement": 0.95}
+
+
+# Noise-floor rule (module docstring): median and mean KL(reference || program) at most ``factor`` times
+# those of KL(reference || perturbed reference) plus ``slack`` (float noise of an exact program: the tiny
+# test model's 8da4w program sits at ~1e-11), top-1 agreement at most ``top1_slack`` below the perturbed
+# reference's. A broken program (wrong mask, positions or codes) lands at KL 1-10.
+NOISE = 1e-6
+NOISE_RULE = {"factor": 3.0, "slack": 2e-3, "top1_slack": 0.1}
+
+
+def dynamic_activations(manifest: dict) -> bool:
+    return manifest["target"] == "executorch" and manifest["weights"] != "fp32"
 
 
 def tolerances_for(manifest: dict) -> dict:
-    quantized = manifest["target"] == "executorch" and manifest["weights"] != "fp32"
-    return DYNAMIC_ACTIVATION_TOLERANCES if quantized else TOLERANCES
+    return NOISE_RULE if dynamic_activations(manifest) else TOLERANCES
+
+
+@contextmanager
+def perturbed(model, scale: float = NOISE, seed: int = 0):
+    """``model``'s embedding output multiplied by ``1 + scale·N(0, 1)`` (fixed seed) inside the block."""
+    gen = torch.Generator().manual_seed(seed)
+    handle = model.embed_tokens.register_forward_hook(
+        lambda mod, inp, out: out * (1 + scale * torch.randn(out.shape, generator=gen, dtype=out.dtype))
+    )
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 DEFAULT_PROMPT = "The history of the printing press begins in the fifteenth century, when"
@@ -63,7 +95,10 @@ def run_parity(program_dir: Path, prompt: str = DEFAULT_PROMPT, steps: int = 64,
     manifest = read_manifest(program_dir)
     runner = open_runner(program_dir)
     loaded = loaded or loaded_for_manifest(manifest)
-    session = Session(loaded, CacheOptions(**manifest["cache_options"]), model=reference_model(loaded, manifest))
+    model = reference_model(loaded, manifest)
+    session = Session(loaded, CacheOptions(**manifest["cache_options"]), model=model)
+    opts = CacheOptions(**manifest["cache_options"])
+    noisy = Session(loaded, opts, model=model) if dynamic_activations(manifest) else None
     ids = loaded.tokenizer.encode(prompt)
     total = min(len(ids) + steps, manifest["cache"]["max_context"])
     rows = []
@@ -71,6 +106,9 @@ def run_parity(program_dir: Path, prompt: str = DEFAULT_PROMPT, steps: int = 64,
     def compare(kind: str, chunk: list[int]) -> int:
         ref = session.step(chunk)[-1]
         prog = runner.step(chunk)
+        if noisy is not None:
+            with perturbed(model, seed=len(rows)):
+                noise = noisy.step(chunk)[-1]
         ref_stats, prog_stats = kv_stats.named(session.cache.stats()), kv_stats.named(runner.last_stats)
         rows.append(
             {
@@ -85,6 +123,8 @@ def run_parity(program_dir: Path, prompt: str = DEFAULT_PROMPT, steps: int = 64,
                 "avg_bits": prog_stats["avg_bits"],
             }
         )
+        if noisy is not None:
+            rows[-1].update(noise_kl=_kl(ref, noise), noise_top1_equal=int(ref.argmax()) == int(noise.argmax()))
         return int(ref.argmax())
 
     tok = None
@@ -98,41 +138,63 @@ def run_parity(program_dir: Path, prompt: str = DEFAULT_PROMPT, steps: int = 64,
 def summarize(rows: list[dict], manifest: dict) -> dict:
     tol = tolerances_for(manifest)
     worst_abs = max(r["max_abs_logit"] for r in rows)
-    worst_kl = max(r["kl"] for r in rows)
+    kls = [r["kl"] for r in rows]
     top1 = sum(r["top1_equal"] for r in rows) / len(rows)
     classes = all(r["classes_equal"] and r["bytes_equal"] for r in rows)
-    ok = worst_abs <= tol["max_abs_logit"] and worst_kl <= tol["kl"] and top1 >= tol["top1_agreement"] and classes
-    return {
+    result = {
         "program": manifest["program"],
         "policy": manifest["policy"]["spec"],
         "ops_mode": manifest["ops_mode"],
         "steps": len(rows),
         "max_abs_logit": worst_abs,
-        "max_kl": worst_kl,
+        "max_kl": max(kls),
+        "median_kl": statistics.median(kls),
+        "mean_kl": statistics.fmean(kls),
         "top1_agreement": top1,
         "cache_state_equal": classes,
         "tolerances": tol,
         "weights": manifest["weights"],
-        "passed": ok,
-        "rows": rows,
     }
+    if dynamic_activations(manifest):
+        noise = [r["noise_kl"] for r in rows]
+        floor = {"median_kl": statistics.median(noise), "mean_kl": statistics.fmean(noise), "max_kl": max(noise),
+                 "top1_agreement": sum(r["noise_top1_equal"] for r in rows) / len(rows)}
+        ok = (all(result[k] <= tol["factor"] * floor[k] + tol["slack"] for k in ("median_kl", "mean_kl"))
+              and top1 >= floor["top1_agreement"] - tol["top1_slack"])
+        result["noise_floor"] = floor
+    else:
+        ok = worst_abs <= tol["max_abs_logit"] and result["max_kl"] <= tol["kl"] and top1 >= tol["top1_agreement"]
+        ok = ok and classes
+    return {**result, "passed": ok, "rows": rows}
 
 
 def format_table(result: dict) -> str:
+    noise = "noise_floor" in result
     lines = [
         f"{'step':>4} {'kind':8} {'T':>3} {'max|dlogit|':>12} {'KL':>10} {'top1':>5} {'classes':>7} {'avg bits':>8}"
+        + (f" {'noise KL':>10}" if noise else "")
     ]
     for r in result["rows"]:
         lines.append(
             f"{r['step']:>4} {r['kind']:8} {r['tokens']:>3} {r['max_abs_logit']:>12.2e} {r['kl']:>10.2e} "
             f"{'ok' if r['top1_equal'] else 'DIFF':>5} "
             f"{'ok' if r['classes_equal'] and r['bytes_equal'] else 'DIFF':>7} "
-            f"{r['avg_bits']:>8.2f}"
+            f"{r['avg_bits']:>8.2f}" + (f" {r['noise_kl']:>10.2e}" if noise else "")
         )
     verdict = "PASS" if result["passed"] else "FAIL"
-    lines.append(
-        f"{verdict}: {result['steps']} steps, worst max|dlogit| {result['max_abs_logit']:.2e}, "
-        f"worst KL {result['max_kl']:.2e}, top-1 agreement {result['top1_agreement']:.3f}, "
-        f"cache state equal: {result['cache_state_equal']} (tolerances {result['tolerances']})"
-    )
+    if noise:
+        f = result["noise_floor"]
+        lines.append(
+            f"{verdict}: {result['steps']} steps, KL median {result['median_kl']:.2e} / mean {result['mean_kl']:.2e} "
+            f"(noise floor {f['median_kl']:.2e} / {f['mean_kl']:.2e}), top-1 {result['top1_agreement']:.3f} "
+            f"(noise floor {f['top1_agreement']:.3f}), cache state equal: {result['cache_state_equal']} "
+            f"(activations quantized at run time: judged against the reference perturbed by {NOISE:g}, "
+            f"rule {NOISE_RULE})"
+        )
+    else:
+        lines.append(
+            f"{verdict}: {result['steps']} steps, worst max|dlogit| {result['max_abs_logit']:.2e}, "
+            f"worst KL {result['max_kl']:.2e}, top-1 agreement {result['top1_agreement']:.3f}, "
+            f"cache state equal: {result['cache_state_equal']} (tolerances {result['tolerances']})"
+        )
     return "\n".join(lines)

@@ -133,3 +133,21 @@ def test_quantized_weights_match_the_same_quantized_reference(weights, tiny_mode
     assert any("quantize_affine" in k for k in m["executorch"]["xnnpack_ops"])
     result = run_parity(out, steps=16, loaded=tiny_model)
     assert result["passed"] and result["top1_agreement"] == 1.0, {k: v for k, v in result.items() if k != "rows"}
+
+
+def test_noise_floor_rule_passes_noise_and_fails_a_broken_program():
+    """Dynamic-activation programs are judged against the perturbed reference (kvexport.parity)."""
+    from kvexport.parity import summarize
+
+    manifest = {"program": "model.pte", "policy": {"spec": "static-4"}, "ops_mode": "fused", "weights": "q4-h8",
+                "target": "executorch"}
+
+    def rows(kl: float, noise: float, top1: bool = True) -> list[dict]:
+        return [{"max_abs_logit": 3.0, "kl": kl * (1 + i % 3), "noise_kl": noise * (1 + i % 2), "top1_equal": top1,
+                 "noise_top1_equal": True, "classes_equal": i < 5, "bytes_equal": True} for i in range(20)]
+
+    assert summarize(rows(0.04, 0.03), manifest)["passed"]  # as far from the reference as float noise moves it
+    assert not summarize(rows(1.5, 0.03), manifest)["passed"]  # a broken program
+    assert not summarize(rows(0.04, 0.03, top1=False), manifest)["passed"]
+    exact = dict(manifest, weights="fp32")  # fp32 weights keep the strict per-step tolerances
+    assert not summarize([dict(r, kl=1e-5) for r in rows(0, 0)], exact)["passed"]  # classes differ

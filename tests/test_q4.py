@@ -150,6 +150,12 @@ def gguf_like(tiny_model):
     return dataclasses.replace(tiny_model, name="tiny-gguf-like", state_dict=state)
 
 
+def test_build_defaults_to_q4_only_for_models_that_hold_the_codes(gguf_like, tiny_model):
+    from kvexport.models.q4 import holds_q4_1_codes
+
+    assert holds_q4_1_codes(gguf_like.state_dict) and not holds_q4_1_codes(tiny_model.state_dict)
+
+
 def test_onnx_q4_program_is_exact(gguf_like, tmp_path):
     """MatMulNBits on the codes: 4-bit linears, the 8-bit lm_head, the embedding reading its codes;
     fp32 activations, so the plain fp32 reference is the reference."""

@@ -33,13 +33,12 @@ from kvexport.session import CacheOptions, build_cache
 TARGETS = ("executorch", "onnx", "ort")
 WEIGHT_FORMATS = {"executorch": TORCHAO_FORMATS, "onnx": ("fp32", "int8", "int4", "q4"),
                   "ort": ("fp32", "int8", "int4", "q4")}
-# executorch: fp32. The rule is "the fastest format within 2% of fp32's WikiText-2 perplexity" and
-# 8da8w meets it in the reference (+1.3%; 29 vs 44 ms/token for the learned B=4 program at 512
-# tokens), but its programs do not pass parity against the torchao reference on the default model
-# (KL 3e-2 already at the first step; the tiny test model agrees), so it is not the default until
-# that is understood. 8da4w: +46% perplexity. onnx/ort: fp32 (ORT's int8/int4 quantizers cost KL
-# 0.1-0.5 per token on the default model).
-DEFAULT_WEIGHTS = {"executorch": "fp32", "onnx": "fp32", "ort": "fp32"}
+# The default for a model that holds the GGUF's Q4_1 codes (the embedded default model): its 4-bit linears
+# exactly, and the tied table compact where the target can (``q4-h8``: Q8_0 lookup + int8 lm_head; ONNX's
+# ``q4`` stores the table once in 8 bits). ``kvexport build`` falls back to fp32 for other models
+# (re-quantizing float weights to 4 bits costs quality: say ``--weights`` to ask for it). 8da8w is not a
+# default: its programs do not pass parity against the torchao reference on the default model.
+DEFAULT_WEIGHTS = {"executorch": "q4-h8", "onnx": "q4", "ort": "q4"}
 OPS_MODES = ("fused", "portable")
 
 

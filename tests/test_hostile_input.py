@@ -256,6 +256,8 @@ def test_missing_budget_names_the_budget_and_those_that_exist(tiny_model, hand_c
     (["bench", "p", "--contexts", "128,,512"], "--contexts"),
     (["bench", "p", "--threads", "0"], "--threads"),
     (["bench", "p", "--decode-steps", "-3"], "--decode-steps"),
+    (["bench", "--peers", "etllama-int2"], "unknown peer 'etllama-int2'"),
+    (["bench"], "nothing to bench"),
     (["parity", "p", "--steps", "0"], "--steps"),
     (["eval", "--limit", "0"], "--limit"),
     (["eval", "--n-boot", "-5"], "--n-boot"),

@@ -154,6 +154,9 @@ def test_build_defaults_to_q4_only_for_models_that_hold_the_codes(gguf_like, tin
     from kvexport.models.q4 import holds_q4_1_codes
 
     assert holds_q4_1_codes(gguf_like.state_dict) and not holds_q4_1_codes(tiny_model.state_dict)
+    hf_names = {f"model.{k}" if k.startswith(("layers.", "embed_tokens", "norm")) else k: v
+                for k, v in gguf_like.state_dict.items()}  # a converted GGUF / HF directory's names
+    assert holds_q4_1_codes(hf_names)
 
 
 def test_onnx_q4_program_is_exact(gguf_like, tmp_path):

@@ -1,21 +1,21 @@
-"""Baseline: ExecuTorch's own Llama export (``executorch.examples.models.llama.export_llama``) of
-the same weights, as a kvexport program directory (target ``executorch-llama``).
+"""Peer: ExecuTorch's own Llama export (``executorch.examples.models.llama.export_llama``) of the same
+weights, as a kvexport program directory (target ``executorch-llama``; :mod:`.peer_program`).
 
 ``export_baseline`` writes our Hugging Face Llama weights as the Meta-layout checkpoint +
 ``params.json`` that export_llama reads, runs export_llama in a subprocess (XNNPACK with extended
-ops, its custom SDPA op with an fp32 KV cache updated in place, dynamic chunk length, fp32
-weights or ``-qmode 8da4w``), and writes ``model.pte``, ``manifest.json`` and the tokenizer files
-into the output directory atomically. :class:`ExecuTorchLlamaRunner` runs such a directory
-through the same :class:`~kvexport.export.runtime.StepRunner` interface as our programs, so
-``kvexport bench`` / ``run`` can put it next to them.
+ops, its custom SDPA op with a KV cache updated in place, dynamic chunk length), with fp32 weights or
+``-qmode 8da4w`` and an fp32 KV cache or its int8 one (``kv="int8"``: ``--quantize_kv_cache``, int8
+values with an fp32 scale and an int8 zero point per token and head, and its quantized SDPA op), and
+writes ``model.pte``, ``manifest.json`` and the tokenizer files into the output directory atomically.
+:class:`ExecuTorchLlamaRunner` runs such a directory through the same
+:class:`~kvexport.export.runtime.StepRunner` interface as our programs.
 
 RoPE: our weights keep Hugging Face's q/k layout ("rotate_half" pairs ``i`` and ``i + D/2``);
 ``params.json`` sets ``use_hf_rope`` so export_llama applies the same rotation, and q/k need no
 permutation.
 
 The program's forward is ``(tokens int64 [1, T], input_pos int64 [1]) -> logits float32 [1, V]``
-(last token only; ``T <= max_seq_len - 1``: export_llama bounds the dynamic dim that way). It has
-no ``kv_stats`` output; the runner synthesizes one (see :meth:`ExecuTorchLlamaRunner._execute`).
+(last token only; ``T <= max_seq_len - 1``: export_llama bounds the dynamic dim that way).
 """
 
 from __future__ import annotations
@@ -32,17 +32,17 @@ from pathlib import Path
 import torch
 
 from kvexport import quiet
+from kvexport.baselines.peer_program import peer_identity, peer_manifest, replaceable_peer, synthetic_stats
 from kvexport.errors import KvxError
-from kvexport.export.build import copy_tokenizer, replaceable_program, tokenizer_entry, versions
-from kvexport.export.program import LAYOUT_VERSION
+from kvexport.export.build import copy_tokenizer
 from kvexport.export.runtime import StepRunner, program_constants
-from kvexport.fsutil import atomic_directory, sha256_file
-from kvexport.kv import stats as kv_stats
+from kvexport.fsutil import atomic_directory
 from kvexport.models.loader import LoadedModel
 from kvexport.models.weights import INT4_GROUP
 
 TARGET = "executorch-llama"
 QMODES = ("8da4w",)
+KV_DTYPES = ("fp32", "int8")
 PROGRAM = "model.pte"
 EXPORT_MODULE = "executorch.examples.models.llama.export_llama"
 
@@ -93,14 +93,16 @@ def params_json(loaded: LoadedModel) -> dict:
             "norm_eps": a.norm_eps, "rope_theta": a.rope_theta, "use_hf_rope": True, "use_scaled_rope": False}
 
 
-def kv_bytes_per_token(loaded: LoadedModel) -> int:
-    """fp32 K and V of one token over all layers (export_llama's cache is [1, H_kv, max_context, D] per layer)."""
+def kv_bytes_per_token(loaded: LoadedModel, kv: str = "fp32") -> int:
+    """K and V of one token over all layers in export_llama's cache ([1, H_kv, max_context, D] per
+    layer): fp32 values, or int8 values plus an fp32 scale and an int8 zero point per head."""
     a = loaded.args
-    return 2 * a.n_layers * a.n_kv_heads * a.head_dim * 4
+    per_head = a.head_dim * 4 if kv == "fp32" else a.head_dim + 4 + 1
+    return 2 * a.n_layers * a.n_kv_heads * per_head
 
 
 def export_command(checkpoint: Path, params: Path, work_dir: Path, max_context: int, max_seq_len: int,
-                   qmode: str | None, metadata: dict) -> list[str]:
+                   qmode: str | None, kv: str, metadata: dict) -> list[str]:
     cmd = [sys.executable, "-m", EXPORT_MODULE,
            "--model", "smollm2",  # recipe name only: with --checkpoint nothing is downloaded
            "--checkpoint", str(checkpoint), "--params", str(params),
@@ -110,28 +112,31 @@ def export_command(checkpoint: Path, params: Path, work_dir: Path, max_context: 
            "--output-dir", str(work_dir), "--output_name", str(work_dir / PROGRAM)]
     if qmode:
         cmd += ["-qmode", qmode, "-G", str(INT4_GROUP)]
+    if kv == "int8":
+        cmd += ["--quantize_kv_cache"]
     return cmd
 
 
 def export_baseline(loaded: LoadedModel, max_context: int, out_dir: Path, qmode: str | None = None,
-                    log=print, max_chunk: int | None = None) -> Path:
+                    log=print, max_chunk: int | None = None, kv: str = "fp32") -> Path:
     """Export ``loaded`` with export_llama into ``out_dir`` (atomic); returns ``out_dir``.
 
     ``max_chunk``: most tokens one forward call takes (default ``max_context - 1``, i.e.
-    export_llama's ``max_seq_length = max_context_length``); :class:`KvxError` on bad options or a
-    failed export (the export's log is named in the message)."""
+    export_llama's ``max_seq_length = max_context_length``); ``kv``: ``fp32`` or ``int8`` cache;
+    :class:`KvxError` on bad options or a failed export (the export's log is named in the message)."""
     if qmode is not None and qmode not in QMODES:
         raise KvxError(f"unknown --qmode '{qmode}'; choose one of {', '.join(QMODES)} (or none for fp32)")
+    if kv not in KV_DTYPES:
+        raise KvxError(f"unknown export_llama KV cache '{kv}'; choose one of {', '.join(KV_DTYPES)}")
     max_chunk = max_chunk or max_context - 1
     if max_context < 2 or not 1 <= max_chunk < max_context:
         raise KvxError(f"need max_context >= 2 and 1 <= max_chunk < max_context (got {max_context}, {max_chunk})")
     tok = loaded.tokenizer
     out_dir = Path(out_dir).resolve()  # export_llama runs with cwd in the temporary directory
-    identity = {"model": [loaded.name, loaded.identity], "cache_options": None, "max_context": max_context,
-                "target": TARGET, "ops_mode": "export_llama", "weights": qmode or "fp32"}
-    replaceable = replaceable_program(json.loads(json.dumps(identity, default=str)), force=False)
+    ops_mode = "export_llama" if kv == "fp32" else "export_llama-int8kv"
+    identity = peer_identity(loaded, TARGET, ops_mode, qmode or "fp32", max_context)
     t0 = time.perf_counter()
-    with atomic_directory(out_dir, replaceable) as tmp, \
+    with atomic_directory(out_dir, replaceable_peer(identity)) as tmp, \
             tempfile.TemporaryDirectory(prefix="kvexport-etllama-") as ckpt_dir:
         # export_llama treats a checkpoint whose *path* contains "int8" or "8da4w" as pre-quantized,
         # so the checkpoint lives outside out_dir (whose name may well say 8da4w).
@@ -141,10 +146,10 @@ def export_baseline(loaded: LoadedModel, max_context: int, out_dir: Path, qmode:
                            "misreads; set TMPDIR to another directory")
         torch.save(meta_state_dict(loaded), ckpt)
         params.write_text(json.dumps(params_json(loaded), indent=1))
-        cmd = export_command(ckpt, params, tmp, max_context, max_chunk + 1, qmode,
+        cmd = export_command(ckpt, params, tmp, max_context, max_chunk + 1, qmode, kv,
                              {"get_bos_id": tok.bos_id, "get_eos_ids": list(tok.eos_ids)})
         log(f"export_llama: {loaded.name}, max_context {max_context}, chunk <= {max_chunk}, "
-            f"weights {qmode or 'fp32'} (a few minutes for 135M)")
+            f"weights {qmode or 'fp32'}, {kv} KV cache (a few minutes for 135M)")
         log_path = tmp / "export_llama.log"
         with open(log_path, "w") as log_file:
             rc = subprocess.run(cmd, cwd=tmp, stdout=log_file, stderr=subprocess.STDOUT,
@@ -163,34 +168,11 @@ def export_baseline(loaded: LoadedModel, max_context: int, out_dir: Path, qmode:
         if "get_eos_ids" not in constants:
             constants["get_eos_ids"] = list(tok.eos_ids)
         copy_tokenizer(tok, tmp)
-        per_token = kv_bytes_per_token(loaded)
-        a = loaded.args
-        manifest = {
-            "format": "kvexport-program",
-            "layout_version": LAYOUT_VERSION,
-            "target": TARGET,
-            "program": PROGRAM,
-            "program_files": {PROGRAM: sha256_file(pte)},
-            "ops_mode": "export_llama",
-            "weights": qmode or "fp32",
-            "model": {"name": loaded.name, "source": loaded.source, "identity": loaded.identity,
-                      "args": {k: getattr(a, k) for k in a.__dataclass_fields__}},
-            "tokenizer": tokenizer_entry(tok),
-            "methods": {"forward": {
-                "inputs": [{"name": "tokens", "dtype": "int64", "shape": [1, f"T<={max_chunk}"]},
-                           {"name": "input_pos", "dtype": "int64", "shape": [1]}],
-                "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, a.vocab_size]}]},
-                **{k: {"constant": v} for k, v in constants.items()}},
-            "metadata": constants,
-            "cache": {"max_context": max_context, "max_chunk": max_chunk, "dtype": "float32",
-                      "shape_per_layer": [1, a.n_kv_heads, max_context, a.head_dim],
-                      "kv_bytes_per_token": per_token, "kv_bytes_allocated": per_token * max_context},
-            "policy": {"spec": "fp32-kv (export_llama)"},
-            "export_command": [c.replace(str(tmp), str(out_dir)) for c in cmd],  # checkpoint.pth: deleted
-            "params": params_json(loaded),
-            "versions": versions(),
-            "build_seconds": round(time.perf_counter() - t0, 1),
-        }
+        manifest = peer_manifest(
+            loaded, identity, tmp, [PROGRAM], max_chunk, kv_bytes_per_token(loaded, kv),
+            f"{kv}-kv (export_llama)", constants, t0,
+            export_command=[c.replace(str(tmp), str(out_dir)) for c in cmd],  # checkpoint.pth: deleted
+            params=params_json(loaded))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
     return out_dir
 
@@ -209,6 +191,7 @@ class ExecuTorchLlamaRunner(StepRunner):
         check_pte_header(self.path)
         try:
             import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama:: kernels)
+            import executorch.kernels.quantized  # noqa: F401  (quantized_decomposed:: kernels of the int8 KV cache)
         except Exception:  # the runtime may already carry them; load_method says if not
             pass
         try:
@@ -219,22 +202,12 @@ class ExecuTorchLlamaRunner(StepRunner):
         except RuntimeError as err:
             raise KvxError(f"ExecuTorch cannot load {self.path} ({str(err).splitlines()[0]}); "
                            "re-export it with 'kvexport baseline'") from None
-        self._per_token = self.manifest["cache"]["kv_bytes_per_token"]
 
     def _metadata(self) -> dict:
         return program_constants(self.program)
 
     def _execute(self, tokens, input_pos):
-        """kv_stats is synthesized, not measured: allocated = fp32 K+V bytes of the whole cache
-        (2 * n_layers * n_kv_heads * head_dim * 4 * max_context), used = the same per token times
-        the tokens cached after this step, 32.0 bits, 0 tokens in our 2/4/8/16-bit classes."""
         logits = self.method.execute([tokens, input_pos])[0]
         if logits.dim() == 3:  # [1, T, V] if exported with --generate_full_logits
             logits = logits[:, -1]
-        cached = int(input_pos[0]) + tokens.shape[1]
-        stats = torch.zeros(len(kv_stats.FIELDS), dtype=torch.float32)
-        stats[kv_stats.INDEX["kv_bytes_allocated"]] = self._per_token * self.max_context
-        stats[kv_stats.INDEX["kv_bytes_used"]] = self._per_token * cached
-        stats[kv_stats.INDEX["avg_bits"]] = 32.0
-        stats[kv_stats.INDEX["tokens_cached"]] = cached
-        return logits, stats
+        return logits, synthetic_stats(self.manifest, int(input_pos[0]) + tokens.shape[1])

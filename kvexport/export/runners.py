@@ -23,6 +23,14 @@ def runner_class(target: str) -> type[StepRunner]:
         from kvexport.baselines.executorch_llama import ExecuTorchLlamaRunner
 
         return ExecuTorchLlamaRunner
+    if target == "ort-genai":
+        from kvexport.baselines.ortgenai import OrtGenaiRunner
+
+        return OrtGenaiRunner
+    if target == "llama.cpp":
+        from kvexport.baselines.llamacpp import LlamaCppRunner
+
+        return LlamaCppRunner
     raise KvxError(f"no runner for target '{target}'; rebuild the program with this kvexport")
 
 

@@ -46,10 +46,10 @@ def q4_1_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def holds_q4_1_codes(state_dict: dict[str, torch.Tensor]) -> bool:
-    """Whether every block linear (``layers.*_proj.weight``) reproduces Q4_1 codes bit for bit, as the
+    """Whether every block linear (``[model.]layers.*_proj.weight``) reproduces Q4_1 codes bit for bit, as the
     weights of a Q4_1 GGUF do: then the ``q4`` formats lose nothing but bf16 scale rounding, and
     ``kvexport build`` picks them by default. Stops at the first linear that does not."""
-    names = [k for k in state_dict if k.startswith("layers.") and k.endswith("_proj.weight")]
+    names = [k for k in state_dict if k.removeprefix("model.").startswith("layers.") and k.endswith("_proj.weight")]
     return bool(names) and all(state_dict[k].shape[1] % BLOCK == 0 and q4_1_codes(state_dict[k])[3] for k in names)
 
 

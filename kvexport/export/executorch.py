@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import operator
 import re
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -108,17 +109,21 @@ def check_pte_header(path: Path) -> None:
 def write_program(step: StepProgram, out_dir: Path, *, target: str, ops: str, weights: str, metadata: dict,
                   log=print) -> dict:
     """export -> lower -> serialize ``model.pte`` into ``out_dir`` (the build's writer for executorch)."""
+    t0 = time.perf_counter()
     log(f"[1/3] export: ops {ops}, weights {weights}")
     quantize_weights(step.model, weights)
     ep = export_step(step)
-    log(f"[2/3] lower to ExecuTorch (XNNPACK): {len(ep.graph.nodes)} nodes")
+    t1 = time.perf_counter()
+    log(f"[2/3] lower to ExecuTorch (XNNPACK): {len(ep.graph.nodes)} nodes (export took {t1 - t0:.0f} s)")
     pte, ops = lower_to_pte(ep, metadata)
+    t2 = time.perf_counter()
     log(f"[3/3] serialize: {len(pte) / 1e6:.1f} MB; {ops['xnnpack_partitions']} XNNPACK partitions "
         f"({sum(ops['xnnpack_ops'].values())} ops), "
-        f"{ops['kernel_calls_per_step']} operator calls outside XNNPACK per step")
+        f"{ops['kernel_calls_per_step']} operator calls outside XNNPACK per step (lowering took {t2 - t1:.0f} s)")
     (out_dir / "model.pte").write_bytes(pte)
+    seconds = {"export": round(t1 - t0, 1), "lower_and_serialize": round(t2 - t1, 1)}
     written = {"program": "model.pte", "files": ["model.pte"],
-               "executorch": {"exported_nodes": len(ep.graph.nodes), **ops}}
+               "executorch": {"exported_nodes": len(ep.graph.nodes), "seconds": seconds, **ops}}
     if weights.startswith("q4"):  # where the codes came from: the GGUF's, or a re-quantization
         written["q4"] = q4_manifest(step.model, weights)
     return written

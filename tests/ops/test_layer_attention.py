@@ -151,7 +151,8 @@ def test_kernel_matches_reference(programs, name):
         want = reference(cfg, inputs)
         out, recv = got[0], got[1]
         assert torch.isfinite(out).all(), f"{what}: non-finite output (an unfilled slot was read)"
-        torch.testing.assert_close(out, want[0], rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}: out: {m}")
+        # fp32 on both sides, summed in other orders (8-wide AVX2 lanes vs torch): measured <= 2.3e-5
+        torch.testing.assert_close(out, want[0], rtol=5e-5, atol=5e-5, msg=lambda m: f"{what}: out: {m}")
         torch.testing.assert_close(recv, want[1], rtol=1e-4, atol=1e-4, msg=lambda m: f"{what}: recv: {m}")
         if not cfg[5]:
             assert not recv.any(), what

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from kvexport import validate
 from kvexport.errors import KvxError
+from kvexport.eval.passkey import FILLERS
 from kvexport.eval.tasks import ALL_TASKS, LONG_TASKS, MC_TASKS
 from kvexport.options import POLICY_GRAMMAR, add_cache_args, add_data_args, add_model_args
 
@@ -179,7 +180,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     long.add_argument(
         "--probe-filler",
         default="repeat",
-        choices=("repeat", "text"),
+        choices=FILLERS,
         help="passkey filler: a repeated neutral paragraph, or the longppl text",
     )
     p.add_argument(

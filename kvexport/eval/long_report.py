@@ -473,7 +473,7 @@ def plot_passkey(summary: dict) -> bytes:
 
     pk = summary["passkey"]
     ns = [str(n) for n in pk["contexts"]]
-    fig, axes = plt.subplots(2, len(ns), figsize=(4.5 * len(ns), 6.4), squeeze=False)
+    fig, axes = plt.subplots(2, len(ns), figsize=(max(6.0, 4.5 * len(ns)), 6.4), squeeze=False)
     for col, n in enumerate(ns):
         for i, (p, per_n) in enumerate(pk["results"].items()):
             if n not in per_n:
@@ -490,7 +490,7 @@ def plot_passkey(summary: dict) -> bytes:
             ax.set_xticks(pk["depths"])
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.suptitle(f"{summary['model']}: passkey retrieval ({pk['trials']} trials per point)")
+    fig.suptitle(f"{summary['model']}: passkey ({pk['trials']} trials per point)")
     fig.tight_layout()
     data = _png(fig)
     plt.close(fig)

@@ -131,8 +131,9 @@ class LongEvaluation:
     def __init__(self, loaded: LoadedModel, cfg: LongConfig, model=None):
         self.loaded, self.cfg = loaded, cfg
         limit = loaded.args.max_position
-        for option, lengths in (("--long-contexts", cfg.contexts), ("--probe-contexts", cfg.probe_contexts)):
-            if max(lengths) > limit:
+        for task, option, lengths in (("longppl", "--long-contexts", cfg.contexts),
+                                      ("passkey", "--probe-contexts", cfg.probe_contexts)):
+            if task in cfg.tasks and max(lengths) > limit:
                 raise KvxError(f"{option} {max(lengths)} exceeds the model's {limit} positions; use at most {limit}")
         self.ids, self.text = [], {}
         if "longppl" in cfg.tasks or ("passkey" in cfg.tasks and cfg.filler == "text"):

@@ -13,9 +13,11 @@ from kvexport.errors import KvxError
 from kvexport.eval import cli as eval_cli
 from kvexport.eval import long_report as R
 from kvexport.eval import passkey as P
-from kvexport.eval.longctx import token_metrics
+from kvexport.eval.longctx import LongConfig, LongEvaluation, token_metrics
+from kvexport.eval.records import RecordStore
 from kvexport.eval.scoring import ReferenceScorer
 from kvexport.kv.quant import bits_per_element
+from kvexport.session import CacheOptions
 
 WORDS = "river stone light among quiet northern village winter harbour market old bridge seven".split()
 
@@ -197,3 +199,18 @@ def test_bad_input_is_one_line(tiny_model, tmp_path, monkeypatch, text_file, ext
         eval_cli.run(_args(tmp_path / "run", *argv, *extra))
     assert "\n" not in str(err.value)
     assert not (tmp_path / "run" / "items.jsonl").exists()
+
+
+@pytest.mark.real
+def test_real_model_short_long_context(real_model, tmp_path):
+    """Real SmolLM2 at 256 tokens: FP16 finds a passkey planted mid-context, KL orders 2 > 4 bits > FP16 = 0."""
+    cfg = LongConfig(policies=["static-4", "static-2"], tasks=["longppl", "passkey"], opts=CacheOptions(),
+                     contexts=[256], depths=[0.5], trials=1, limit=1, progress=False)
+    ev = LongEvaluation(real_model, cfg)
+    with RecordStore(tmp_path / "items.jsonl") as store:
+        ev.execute(store)
+        summary = R.summarize(ev, store, n_boot=200)
+    res = summary["longppl"]["results"]
+    assert res["fp16"]["256"]["kl"] == 0 and res["static-2"]["256"]["kl"] > res["static-4"]["256"]["kl"] > 0
+    assert res["fp16"]["256"]["ppl"] < 100
+    assert summary["passkey"]["results"]["fp16"]["256"]["0.5"]["acc"] == 1

@@ -93,12 +93,17 @@ def atomic_directory(out_dir: Path, replaceable=lambda path: False):
 
 def write_text_atomic(path: Path, text: str) -> None:
     """``path.write_text(text)`` through a temporary sibling and a rename (parents created)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """``path.write_bytes(data)`` through a temporary sibling and a rename (parents created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.kvxtmp-{os.getpid()}-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:

@@ -144,10 +144,12 @@ class Session:
         self.cache.reset()
         self.pos = 0
 
-    def check_room(self, n_tokens: int) -> None:
-        if self.pos + n_tokens > self.opts.max_context:
+    def check_room(self, n_tokens: int, start: int | None = None) -> None:
+        """:class:`KvxError` unless ``n_tokens`` fit after position ``start`` (default: where the cache is)."""
+        end = (self.pos if start is None else start) + n_tokens
+        if end > self.opts.max_context:
             raise KvxError(
-                f"{self.pos + n_tokens} tokens exceed the cache's context of {self.opts.max_context}; "
+                f"{end} tokens exceed the cache's context of {self.opts.max_context}; "
                 "raise --max-context or shorten the prompt"
             )
 
@@ -170,7 +172,7 @@ class Session:
         """``ValueError`` for an empty context or continuation, :class:`KvxError` when they do not fit."""
         if not context or not continuations or not all(continuations):
             raise ValueError("context and every continuation need at least one token")
-        self.check_room(len(context) + max(map(len, continuations)))
+        self.check_room(len(context) + max(map(len, continuations)), start=0)  # scoring starts from an empty cache
 
     @torch.no_grad()
     def score_continuations(self, context: list[int], continuations: list[list[int]]) -> list[float]:

@@ -11,6 +11,19 @@ policies). ``--limit N`` scores the first N items of each task (N windows for Wi
 
 Results go to ``--out``: ``items.jsonl`` (one record per item; rerunning the same command skips
 what is recorded, so Ctrl-C then rerun resumes), ``summary.json``, ``table.md``, ``acc_vs_bits.png``.
+
+Long context (:mod:`kvexport.eval.longctx`, reference backend; fp16 is always scored, the cache is sized
+to each context and ``--max-context`` is not used)::
+
+    kvexport eval --tasks longppl,passkey --kv-policy fp16,static-4,static-2 \\
+        [--long-contexts 512,2048,8192] [--limit N] [--text-file PATH] \\
+        [--probe-contexts 2048] [--probe-depths 0.1,0.5,0.9] [--probe-trials 5] [--probe-filler repeat|text]
+
+``longppl``: KL(fp16 || policy), perplexity, top-1 agreement, ΔNLL by query position and effective bits
+per context length on WikiText-2's held-out half (or ``--text-file``); ``--limit N`` scores the first
+``N`` windows of the longest context, the same tokens at every length. ``passkey``: the retrieval probe
+of :mod:`kvexport.eval.passkey`. Both write ``long_summary.json``, ``long_table.md``, ``longppl.png``
+and ``passkey.png`` (:mod:`kvexport.eval.long_report`).
 """
 
 from __future__ import annotations
@@ -22,7 +35,8 @@ from pathlib import Path
 
 from kvexport import validate
 from kvexport.errors import KvxError
-from kvexport.eval.tasks import ALL_TASKS, MC_TASKS
+from kvexport.eval.passkey import FILLERS
+from kvexport.eval.tasks import ALL_TASKS, LONG_TASKS, MC_TASKS
 from kvexport.options import POLICY_GRAMMAR, add_cache_args, add_data_args, add_model_args
 
 DEFAULT_POLICIES = "fp16,static-8,static-4,static-2"
@@ -57,17 +71,30 @@ def split_policies(text: str) -> list[str]:
 
 
 def split_tasks(text: str) -> list[str]:
+    """A ``--tasks`` list -> task names (``all``: the benchmarks of ``ALL_TASKS``, not the long tasks)."""
+    known = ALL_TASKS + LONG_TASKS
     tasks = []
     for t in (t.strip() for t in text.split(",")):
         names = ALL_TASKS if t == "all" else (t,)
         for n in names:
-            if n not in ALL_TASKS:
-                raise KvxError(f"unknown task '{n}'; use {', '.join(ALL_TASKS)} or all")
+            if n not in known:
+                raise KvxError(f"unknown task '{n}'; use {', '.join(known)} or all")
             if n not in tasks:
                 tasks.append(n)
     if not tasks:
         raise KvxError("no task given; use --tasks " + ",".join(ALL_TASKS))
     return tasks
+
+
+def depth_list(text: str) -> list[float]:
+    """``"0.1,0.5,0.9"`` -> fractions in [0, 1] (``--probe-depths``)."""
+    try:
+        depths = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers") from None
+    if not depths or not all(0 <= d <= 1 for d in depths) or len(set(depths)) != len(depths):
+        raise argparse.ArgumentTypeError(f"'{text}': give distinct depths between 0 and 1, e.g. 0.1,0.5,0.9")
+    return depths
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,9 +110,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         policy_help="policies to compare, "
         f"comma-separated (or ';'-separated): {POLICY_GRAMMAR} (default {DEFAULT_POLICIES})",
     )
-    p.add_argument("--tasks", default=",".join(MC_TASKS), help=f"comma-separated: {', '.join(ALL_TASKS)}, or all")
     p.add_argument(
-        "--limit", type=validate.positive_int, default=None, help="first N items per task (N windows for wikitext)"
+        "--tasks",
+        default=",".join(MC_TASKS),
+        help=f"comma-separated: {', '.join(ALL_TASKS + LONG_TASKS)}, or all (the first {len(ALL_TASKS)})",
+    )
+    p.add_argument(
+        "--limit",
+        type=validate.positive_int,
+        default=None,
+        help="first N items per task (N windows for wikitext; N windows of the longest context for longppl)",
     )
     p.add_argument(
         "--sample",
@@ -120,6 +154,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=validate.positive_int,
         default=512,
         help="WikiText window in tokens (each from an empty cache)",
+    )
+    long = p.add_argument_group("long context (--tasks longppl,passkey)")
+    long.add_argument(
+        "--long-contexts",
+        type=validate.int_list,
+        default="512,2048,8192",
+        help="longppl window lengths in tokens, each scored from an empty cache of that size (default 512,2048,8192)",
+    )
+    long.add_argument(
+        "--text-file", default=None, help="longppl text: this UTF-8 file instead of WikiText-2's held-out half"
+    )
+    long.add_argument(
+        "--probe-contexts",
+        type=validate.int_list,
+        default=None,
+        help="passkey context lengths in tokens (default: --long-contexts)",
+    )
+    long.add_argument(
+        "--probe-depths", type=depth_list, default="0.1,0.5,0.9", help="where the key sits (0 = start, 1 = end)"
+    )
+    long.add_argument(
+        "--probe-trials", type=validate.positive_int, default=5, help="passkey items (keys) per context and depth"
+    )
+    long.add_argument(
+        "--probe-filler",
+        default="repeat",
+        choices=FILLERS,
+        help="passkey filler: a repeated neutral paragraph, or the longppl text",
     )
     p.add_argument(
         "--out",
@@ -191,10 +253,38 @@ def program_setup(program: str, backend: str):
     return loaded_for_manifest(manifest), opts, [opts.policy], weights
 
 
+def _long_settings(args, ev) -> dict:
+    opts = ev.cfg.opts
+    first = next(iter(ev.runs.values())).scorer.describe()
+    return {
+        "backend": "reference",
+        "weights": ev.cfg.weights,
+        "window": opts.window,
+        "sinks": opts.sinks,
+        "group": opts.group or ev.loaded.args.head_dim,
+        "rotate_keys": opts.rotate_keys,
+        "seed": opts.seed,
+        "budget_bits": opts.budget_bits,
+        "prefill_chunk": first["prefill_chunk"],
+        "limit": args.limit,
+        "contexts": ev.cfg.contexts,
+        "probe_contexts": ev.cfg.probe_contexts,
+        "probe_depths": ev.cfg.depths,
+        "probe_trials": ev.cfg.trials,
+        "probe_filler": ev.cfg.filler,
+        "text_file": args.text_file,
+        "random_weights": bool(ev.loaded.identity.get("random_weights")),
+        "policies": ev.cfg.policies,
+        "tasks": ev.cfg.tasks,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from kvexport.data import data_file
+    from kvexport.eval import long_report
+    from kvexport.eval.longctx import LongConfig, LongEvaluation, check_text_file
     from kvexport.eval.records import RecordStore
     from kvexport.eval.report import summarize, write_reports
     from kvexport.eval.runner import EvalConfig, Evaluation
@@ -203,7 +293,13 @@ def run(args: argparse.Namespace) -> int:
 
     policies = split_policies(args.kv_policy)
     tasks = split_tasks(args.tasks)
+    long_tasks = [t for t in tasks if t in LONG_TASKS]
+    std_tasks = [t for t in tasks if t not in LONG_TASKS]
     check_backend(args.backend, args.program)
+    if long_tasks and args.backend != "reference":
+        raise KvxError(f"{','.join(long_tasks)} run on the reference backend only; drop --backend and --program")
+    if long_tasks and min(args.long_contexts + (args.probe_contexts or [])) < 2:
+        raise KvxError("--long-contexts and --probe-contexts need at least 2 tokens per context")
     if args.sample is not None and args.limit is not None:
         raise KvxError("--sample takes a positive N and replaces --limit; give one of them")
     if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
@@ -215,40 +311,66 @@ def run(args: argparse.Namespace) -> int:
 
             set_threads(args.threads)  # ExecuTorch's own pool too
     if not args.report_only:  # missing data: one line now, not after the model has loaded
-        for task in tasks:
+        for task in std_tasks:
             data_file(task, args.data_dir)
+    if args.text_file:
+        check_text_file(args.text_file)
     opts, weights = cache_options(args), args.weights
     if args.program:  # the program fixes model, policy, cache and weights: the reference follows it
         loaded, opts, policies, weights = program_setup(args.program, args.backend)
     else:
         loaded = load_model(args)
-    cfg = EvalConfig(
-        policies=policies,
-        tasks=tasks,
-        opts=opts,
-        backend=args.backend,
-        prefill_chunk=args.prefill_chunk,
-        limit=args.limit,
-        sample=args.sample,
-        sample_seed=args.seed,
-        ppl_window=args.ppl_window,
-        data_dir=Path(args.data_dir) if args.data_dir else None,
-        progress=not args.no_progress,
-        weights=weights,
-        program=Path(args.program) if args.program else None,
-        batch_items=args.batch_items,
-        device=args.device,
-    )
-    evaluation = Evaluation(loaded, cfg)
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    evaluation = long_ev = None
+    if std_tasks:
+        cfg = EvalConfig(
+            policies=policies,
+            tasks=std_tasks,
+            opts=opts,
+            backend=args.backend,
+            prefill_chunk=args.prefill_chunk,
+            limit=args.limit,
+            sample=args.sample,
+            sample_seed=args.seed,
+            ppl_window=args.ppl_window,
+            data_dir=data_dir,
+            progress=not args.no_progress,
+            weights=weights,
+            program=Path(args.program) if args.program else None,
+            batch_items=args.batch_items,
+            device=args.device,
+        )
+        evaluation = Evaluation(loaded, cfg)
+    if long_tasks:
+        long_cfg = LongConfig(
+            policies=policies,
+            tasks=long_tasks,
+            opts=opts,
+            contexts=args.long_contexts,
+            probe_contexts=args.probe_contexts,
+            depths=args.probe_depths,
+            trials=args.probe_trials,
+            filler=args.probe_filler,
+            text_file=Path(args.text_file) if args.text_file else None,
+            limit=args.limit,
+            data_dir=data_dir,
+            prefill_chunk=args.prefill_chunk,
+            weights=weights,
+            batch_items=args.batch_items,
+            device=args.device,
+            progress=not args.no_progress,
+        )
+        long_ev = LongEvaluation(loaded, long_cfg, model=evaluation.model if evaluation else None)
     out = Path(args.out)
     records = Path(args.records) if args.records else out / "items.jsonl"
     if records.suffix == ".gz" and not args.report_only:
         raise KvxError(f"--records {records} is compressed: it can only be read (--report-only)")
     store = RecordStore(records)
-    pending = evaluation.pending(store)
+    pending = {**(evaluation.pending(store) if evaluation else {}), **(long_ev.pending(store) if long_ev else {})}
     todo = ", ".join(f"{t} {n}" for t, n in pending.items())
+    n_runs = len(evaluation.runs) if evaluation else len(long_ev.cfg.policies)
     print(
-        f"[eval {loaded.name}: {len(evaluation.runs)} runs (policies{' + program' if args.program else ''}) "
+        f"[eval {loaded.name}: {n_runs} runs (policies{' + program' if args.program else ''}) "
         f"x {len(tasks)} tasks; to score: {todo}; records in {store.path}]",
         file=sys.stderr,
     )
@@ -256,12 +378,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"[skipped {store.bad_lines} unreadable line(s) in {store.path}]", file=sys.stderr)
 
     def report() -> dict:
-        summary = summarize(evaluation, store, n_boot=args.n_boot, seed=args.seed, settings=_settings(args, evaluation))
-        return write_reports(summary, out)
+        paths = {}
+        if evaluation is not None:
+            settings = _settings(args, evaluation)
+            paths.update(write_reports(summarize(evaluation, store, args.n_boot, args.seed, settings), out))
+        if long_ev is not None:
+            summary = long_report.summarize(long_ev, store, args.n_boot, args.seed, _long_settings(args, long_ev))
+            paths.update({f"long_{k}": p for k, p in long_report.write_reports(summary, out).items()})
+        return paths
 
     try:
         if not args.report_only:
-            evaluation.execute(store)
+            for ev in (evaluation, long_ev):
+                if ev is not None:
+                    ev.execute(store)
     except KeyboardInterrupt:
         store.close()
         report()
@@ -273,6 +403,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         store.close()
     paths = report()
-    sys.stdout.write(paths["markdown"].read_text())
+    for name in ("markdown", "long_markdown"):
+        if name in paths:
+            sys.stdout.write(paths[name].read_text())
     print(f"[wrote {', '.join(str(p) for p in paths.values() if p.exists())}]", file=sys.stderr)
     return 0

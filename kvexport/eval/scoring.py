@@ -157,7 +157,7 @@ class ReferenceScorer:
     @torch.no_grad()
     def token_logprobs(self, ids: list[int]) -> torch.Tensor:
         if self.engine is not None:
-            self.session.check_room(len(ids))
+            self.session.check_room(len(ids), start=0)
             plan, classes, ok = self._plan([(ids, [])])
             if ok[0]:
                 self._stats = kv_stats_dict(self.engine.stats(plan, classes)[0])

@@ -37,6 +37,7 @@ OBQA_FORMAT = "stem"  # "stem" (lm-eval) or "qa" ("Question: ...\nAnswer:")
 MC_TASKS = ("hellaswag", "arc_challenge", "arc_easy", "openbookqa")
 ALL_TASKS = MC_TASKS + ("wikitext",)
 assert set(ALL_TASKS) == set(FILES)
+LONG_TASKS = ("longppl", "passkey")  # kvexport.eval.longctx: long documents and the passkey probe
 
 TASK_TITLES = {
     "hellaswag": "HellaSwag",

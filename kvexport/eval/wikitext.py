@@ -48,10 +48,15 @@ def heldout_ids(tokenizer: Tokenizer, path: Path) -> list[int]:
     from kvexport.controller.token_counts import wikitext_halves
 
     _, held = wikitext_halves(path)
-    lines = held.splitlines(keepends=True)
+    return encode_text(tokenizer, held)
+
+
+def encode_text(tokenizer: Tokenizer, text: str, lines_per_call: int = 200) -> list[int]:
+    """Token ids of a long text, encoded ``lines_per_call`` lines at a time (a tokenizer call per block)."""
+    lines = text.splitlines(keepends=True)
     ids: list[int] = []
-    for start in range(0, len(lines), 200):
-        ids += tokenizer.encode("".join(lines[start : start + 200]))
+    for start in range(0, len(lines), lines_per_call):
+        ids += tokenizer.encode("".join(lines[start : start + lines_per_call]))
     return ids
 
 

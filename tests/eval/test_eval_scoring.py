@@ -133,3 +133,14 @@ def test_bad_backend_options_are_one_line_errors(backend, extra, needle, capsys)
     assert eval_main(["eval", "--backend", backend, *extra, "--tasks", "arc_easy", "--limit", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kvexport: error:") and needle in err[0]
+
+
+def test_items_that_fill_the_context_score_one_after_another(tiny_model):
+    """Room is checked from the empty cache each item starts from, not from where the last item left it."""
+    sc = ReferenceScorer(tiny_model, CacheOptions(max_context=40, window=8, sinks=2))
+    ctx, conts = list(range(100, 138)), [[5, 6], [7]]  # 38 + 2 = 40 tokens
+    first = sc.score(ctx, conts)
+    assert sc.score(ctx, conts) == first
+    assert sc.token_logprobs(ctx + [5, 6]).shape == (39, tiny_model.args.vocab_size)
+    with pytest.raises(KvxError, match="41 tokens exceed the cache's context of 40"):
+        sc.score(ctx, [[5, 6, 7]])

@@ -79,7 +79,9 @@ def test_wikitext_logprobs_match(tiny_model, hand_controller):
     exact = ReferenceScorer(tiny_model, opts)
     batched = ReferenceScorer(tiny_model, opts, model=exact.session.model, batch_items=4)
     ids = _items(1, seed=3)[0][0]
-    assert torch.allclose(batched.token_logprobs(ids), exact.token_logprobs(ids), atol=2e-4)
+    # fp32 noise of other matmul shapes, machine-dependent (AVX-512: up to 5.8e-4 on log-probs of ~20, even
+    # with the fp16 policy); a wrong mask or eviction moves them by O(1)
+    assert torch.allclose(batched.token_logprobs(ids), exact.token_logprobs(ids), rtol=1e-4, atol=2e-4)
     assert batched.kv_stats() == exact.kv_stats()
 
 

@@ -67,7 +67,8 @@ def hand_controller(tmp_path_factory):
 # Files that take minutes, heaviest first: pytest-xdist (``--dist loadgroup --no-loadscope-reorder``) starts them
 # before the many quick files, so the workers finish together.
 HEAVY_FIRST = ("test_export_real.py", "test_hostile_input.py", "test_export_executorch.py", "android", "test_q4.py",
-               "test_bench_peers.py", "test_eval_long.py", "test_eval_batched.py", "test_export_onnx.py", "test_portable_and_missing.py",
+               "test_bench_peers.py", "test_eval_long.py", "test_eval_batched.py", "test_export_onnx.py",
+               "test_portable_and_missing.py",
                "test_baseline_executorch_llama.py", "test_cli.py")
 
 

@@ -128,3 +128,21 @@ def test_llamacpp_runs_the_embedded_gguf_like_the_reference(real_model, tmp_path
         assert path is not None, why
         got = torch.log_softmax(open_runner(path).prefill(prompt), -1)
         assert (want.exp() * (want - got)).sum() < 0.05, name
+
+
+def test_cli_bench_peers(peers, tmp_path, capsys):
+    """``kvexport bench --peers`` from the command line: the peer named first is the baseline; a program of other
+    weights is refused in one line; a peer that cannot run is a 'not run' row; the report is written."""
+    from kvexport.cli import main
+
+    ours = {name: p for name, p, _ in peers[1]}["ortgenai-fp32"]  # built from the tiny model, not --model
+    common = ["--model", "smollm2-135m", "--random-weights", "--contexts", "8", "--decode-steps", "2",
+              "--repeats", "1", "--out", str(tmp_path / "graphs")]
+    assert main(["bench", str(ours), "--peers", "ortgenai-fp32", *common]) == 2
+    assert "was built from tiny-random, not from --model smollm2-135m" in capsys.readouterr().err
+    assert main(["bench", "--peers", "ortgenai-fp32,llamacpp", *common, "--report", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m-random-peer-ortgenai-fp32-ctx10" in out and "llamacpp" in out and "not run: " in out
+    result = json.loads((tmp_path / "r" / "bench.json").read_text())
+    assert result["threads"] == 2 and [r["context"] for r in result["rows"]] == [8]
+    assert result["rows"][0]["peak_rss_mb"] > 0  # --peers measures memory

@@ -175,4 +175,6 @@ def test_onnx_q4_program_is_exact(gguf_like, tmp_path):
     size = sum((out / f).stat().st_size for f in manifest["program_files"])
     assert table < size < 1.5 * table  # the tied table once, in 8 bits (fp32: 8 bytes a weight, two copies)
     result = run_parity(out, steps=16, loaded=gguf_like)
-    assert result["passed"] and result["max_kl"] < 1e-6, result
+    # AMD AVX2: max KL < 1e-6; Intel AVX-512 (ORT's MLAS picks other 4-bit kernels): 1.6e-5, mean 8.5e-7.
+    # Wrong codes, scales or zero points cost KL >= 0.1.
+    assert result["passed"] and result["max_kl"] < 1e-4, result

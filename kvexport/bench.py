@@ -20,6 +20,7 @@ against context, one line per program).
 
 from __future__ import annotations
 
+import io
 import json
 import statistics
 import subprocess
@@ -33,7 +34,7 @@ from tqdm import tqdm
 from kvexport.errors import KvxError
 from kvexport.export.runners import open_runner
 from kvexport.export.runtime import StepRunner
-from kvexport.fsutil import write_text_atomic
+from kvexport.fsutil import write_bytes_atomic, write_text_atomic
 from kvexport.kv.stats import named
 from kvexport.ops import kernel_calls
 
@@ -137,6 +138,7 @@ def run_bench(programs: list[Path], contexts: list[int], decode_steps: int = 16,
                 "bench shorter contexts or rebuild it with a larger --max-context"
             )
     calls = {r.dir: kernel_calls(r.path) if r.path.suffix == ".pte" else None for r in runners}
+    sizes = {r.dir: program_bytes(r) for r in runners}
     ids = token_stream(max(contexts) + decode_steps)
     rows = []
     work = tqdm(total=len(contexts) * repeats * len(runners), desc="bench", unit="run", leave=False)
@@ -152,7 +154,7 @@ def run_bench(programs: list[Path], contexts: list[int], decode_steps: int = 16,
         for r in runners:
             row = {"program": str(r.dir), "target": r.manifest["target"], "weights": r.manifest["weights"],
                    "policy": r.manifest["policy"]["spec"], "ops_mode": r.manifest["ops_mode"],
-                   "kernel_calls": calls[r.dir], "program_bytes": program_bytes(r), **_row(r, c, *measured[r.dir])}
+                   "kernel_calls": calls[r.dir], "program_bytes": sizes[r.dir], **_row(r, c, *measured[r.dir])}
             base = base or row
             row["decode_ratio_vs_baseline"] = row["decode_ms_per_token"] / base["decode_ms_per_token"]
             rows.append(row)
@@ -243,10 +245,10 @@ def plot(result: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    tmp.replace(path)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def write_report(result: dict, out_dir: Path) -> dict[str, Path]:

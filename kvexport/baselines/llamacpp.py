@@ -20,6 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kvexport.baselines.peer_program import (
@@ -87,7 +88,7 @@ class LlamaCppRunner(StepRunner):
         if getattr(self, "llm", None) is None:
             if (why := available()) is not None:
                 raise KvxError(why)
-            from llama_cpp import Llama
+            from llama_cpp import Llama, llama_get_logits_ith
 
             kv = self.manifest["llama_cpp"]["type_k"]
             threads = torch.get_num_threads()
@@ -98,6 +99,7 @@ class LlamaCppRunner(StepRunner):
                                  verbose=False)
             except Exception as err:
                 raise KvxError(f"llama.cpp cannot load {self.path} ({str(err).splitlines()[0][:160]})") from None
+            self._last_logits = lambda: llama_get_logits_ith(self.llm.ctx, -1)  # keeps no logits unless logits_all
         self.llm.reset()
 
     def _metadata(self) -> dict:
@@ -106,10 +108,7 @@ class LlamaCppRunner(StepRunner):
                 "get_max_seq_len": self.max_chunk + 1, "get_vocab_size": self.llm.n_vocab()}
 
     def _execute(self, tokens, input_pos):
-        import llama_cpp
-        import numpy as np
-
-        self.llm.eval(tokens[0].tolist())  # keeps no logits unless logits_all: read the last row from the context
-        row = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-        logits = torch.from_numpy(np.ctypeslib.as_array(row, shape=(self.llm.n_vocab(),)).copy()).reshape(1, -1)
+        self.llm.eval(tokens[0].tolist())
+        row = np.ctypeslib.as_array(self._last_logits(), shape=(self.llm.n_vocab(),))
+        logits = torch.from_numpy(row.copy()).reshape(1, -1)
         return logits, synthetic_stats(self.manifest, int(input_pos[0]) + tokens.shape[1])

@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kvexport.baselines.peer_program import (
@@ -154,8 +155,6 @@ class OrtGenaiRunner(StepRunner):
                 "get_vocab_size": config["model"]["vocab_size"]}
 
     def _execute(self, tokens, input_pos):
-        import numpy as np
-
         self.generator.append_tokens(tokens.numpy().astype(np.int32))
         logits = torch.from_numpy(np.asarray(self.generator.get_logits(), dtype=np.float32)).reshape(1, -1)
         return logits, synthetic_stats(self.manifest, int(input_pos[0]) + tokens.shape[1])

@@ -33,8 +33,8 @@ def test_reference_equals_cache_step(tiny_model, opts, n_prefix, t):
         q = torch.randn(1, hq, t, lay.head_dim, generator=g)
         k = torch.randn(1, lay.n_kv_heads, t, lay.head_dim, generator=g)
         v = torch.randn(1, lay.n_kv_heads, t, lay.head_dim, generator=g)
-        want = cache.attend(step, layer, q, k, v)[0]
-        got, recv = ref.layer_attention(q[0], k[0], v[0], state, *mutable.values(), *evict, pools, layer, lay.group,
+        want = cache.attend(step, layer, q, k, v)
+        got, recv = ref.layer_attention(q, k, v, state, *mutable.values(), *evict, pools, layer, lay.group,
                                         lay.head_dim**-0.5, layer == lay.n_layers - 1)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     win_sums, chunk_sums = cache._attention_features(step.received, t)

@@ -42,7 +42,7 @@ def gated_forward(model: Transformer, tokens: torch.Tensor, gate: torch.Tensor |
     args = model.args
     T = tokens.shape[0]
     pos = torch.arange(T)
-    cos, sin = rope_cos_sin(pos, args.head_dim, args.rope_theta)
+    rope = (*rope_cos_sin(pos, args.head_dim, args.rope_theta), model.half_turn)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     scale = 1.0 / math.sqrt(args.head_dim)
     rep = args.n_heads // args.n_kv_heads
@@ -53,7 +53,7 @@ def gated_forward(model: Transformer, tokens: torch.Tensor, gate: torch.Tensor |
         q = att.q_proj(h).view(1, T, att.n_heads, att.head_dim).transpose(1, 2)
         k = att.k_proj(h).view(1, T, att.n_kv_heads, att.head_dim).transpose(1, 2)
         v = att.v_proj(h).view(1, T, att.n_kv_heads, att.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         k = k + (k.detach().half().float() - k.detach())  # fp16 storage, straight-through
         v = v + (v.detach().half().float() - v.detach())
         kh, vh = k[0].repeat_interleave(rep, 0), v[0].repeat_interleave(rep, 0)  # [Hq, T, D]

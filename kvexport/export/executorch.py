@@ -18,14 +18,47 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.export import Dim, ExportedProgram, export
 
 from kvexport.errors import KvxError
 from kvexport.export.program import StepProgram
+from kvexport.models.llama import RMSNorm, Transformer, half_turn
 from kvexport.models.weights import q4_manifest, quantize_weights
 
 # Substrings of the state buffers whose initial values the program must carry.
 INITIALIZED_STATE = ("win_pos", "pool_pos", "fill", "n_seen", "win_feat")
+
+
+class LinearRMSNorm(RMSNorm):
+    """Export form of :class:`RMSNorm`: the mean of squares as a ``[dim -> 1]`` linear with weights
+    ``1/dim``, which XNNPACK runs in the layer's partition (its mean over the last dim of a 3-d tensor
+    it does not take: two ops per layer outside it). Same weight; differs from the reference by the
+    summation order only (float32 rounding)."""
+
+    def __init__(self, norm: RMSNorm):
+        super().__init__(norm.weight.shape[0], norm.eps)
+        self.weight = norm.weight
+        dim = norm.weight.shape[0]
+        self.register_buffer("inv_dim", torch.full((1, dim), 1.0 / dim, dtype=norm.weight.dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(F.linear(x * x, self.inv_dim) + self.eps) * self.weight
+
+
+def delegable_forms(model: Transformer, rope: bool) -> int:
+    """ExecuTorch's forms of the reference, in place: every :class:`RMSNorm` becomes its
+    :class:`LinearRMSNorm`, and with ``rope`` RoPE's rotate_half a linear (:func:`half_turn`, exact).
+    Returns how many norms were replaced.
+
+    ``rope`` is for ``--ops fused`` only: in a portable program (attention in core ATen around it) the
+    XNNPACK partitioner fails on the rotate_half linear ("Invalid partition, found dependency cycles")."""
+    model.half_turn = half_turn(model.args.head_dim) if rope else None
+    found = [(fqn, mod) for fqn, mod in model.named_modules() if type(mod) is RMSNorm]
+    for fqn, mod in found:
+        parent, _, name = fqn.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, name, LinearRMSNorm(mod))
+    return len(found)
 
 
 def export_step(step: StepProgram) -> ExportedProgram:
@@ -112,6 +145,7 @@ def write_program(step: StepProgram, out_dir: Path, *, target: str, ops: str, we
     t0 = time.perf_counter()
     log(f"[1/3] export: ops {ops}, weights {weights}")
     quantize_weights(step.model, weights)
+    delegable_forms(step.model, rope=ops == "fused")
     ep = export_step(step)
     t1 = time.perf_counter()
     log(f"[2/3] lower to ExecuTorch (XNNPACK): {len(ep.graph.nodes)} nodes (export took {t1 - t0:.0f} s)")

@@ -30,14 +30,15 @@ writes them. Attention covers sinks + window + all pools + the chunk itself (cau
    occupants of the chunk's ring slots; ``W == 0``: the chunk tokens themselves) into pools: the
    policy picks a class, and the **overflow rule** places each token in its class if that pool has
    room, otherwise in the nearest cheaper class with room, otherwise in the nearest dearer one (ties
-   in one step are served in position order). The same vectorised rule runs in every backend;
+   in one step are served in position order; :mod:`kvexport.kv.allocate`). The same rule runs in every backend;
 3. writes the chunk into the window ring (and sinks).
 
 With ``layer_kernel`` (ExecuTorch ``--ops fused``) each layer's ``attend`` is ONE
 ``kvexport::layer_attention`` call (:mod:`kvexport.kv.layer_attention`): it attends every part,
 returns the last layer's attention features, and already writes the chunk into the sinks / ring,
 staging the ring's old occupants in ``evict_k/v [max_chunk, L, H, D]``; ``commit`` then evicts from
-those staged rows and writes only positions and features into the window.
+those staged rows (placing them with one ``kvexport::allocate`` call) and writes only positions and
+features into the window.
 
 Eviction happens at step granularity: within one chunk, tokens see each other at full precision.
 Keys are stored after RoPE, optionally multiplied by an orthonormal Hadamard matrix (queries get
@@ -54,6 +55,7 @@ import torch
 from torch import nn
 
 from kvexport.kv import attention, quant, schedule
+from kvexport.kv.allocate import allocate
 from kvexport.kv.policy import CLASSES, Policy
 
 N_FEAT_STATE = 6  # rarity, entropy, max_prob, attn_received_sum, attn_head_var_sum, n_observations
@@ -135,12 +137,6 @@ class CacheStep:
     kernel_state: torch.Tensor | None = None  # int32 [5] (p0, fills) for kvexport::layer_attention
 
 
-# Overflow order per desired class: itself, cheaper classes (nearest first), then dearer ones.
-_PREFERENCE = torch.tensor(
-    [[c] + list(range(c - 1, -1, -1)) + list(range(c + 1, len(CLASSES))) for c in range(len(CLASSES))]
-)
-
-
 class MixedKVCache(nn.Module):
     """State + step logic of the mixed-precision cache (see module docstring).
 
@@ -195,7 +191,6 @@ class MixedKVCache(nn.Module):
         self.register_buffer("fill", torch.zeros(len(CLASSES), dtype=torch.int64))
         self.register_buffer("n_seen", torch.zeros(1, dtype=torch.int64))
         # constants (non-persistent: not state, not counted in nbytes)
-        self.register_buffer("preference", _PREFERENCE.clone(), persistent=False)
         self.register_buffer("caps", torch.tensor(layout.capacities, dtype=torch.int64), persistent=False)
         self.register_buffer(
             "class_bytes", torch.tensor(layout.class_bytes_per_token(), dtype=torch.float32), persistent=False
@@ -319,9 +314,9 @@ class MixedKVCache(nn.Module):
 
         features = layer == self.layout.n_layers - 1 and self.policy.needs_features
         out, recv = ops.layer_attention(
-            q[0],
-            k[0],
-            v[0],
+            q,
+            k,
+            v,
             step.kernel_state,
             self.sink_k,
             self.sink_v,
@@ -337,7 +332,7 @@ class MixedKVCache(nn.Module):
         )
         if features:
             step.received = recv
-        return out.unsqueeze(0)
+        return out
 
     def _attention_features(self, received: tuple, n_tokens: int):
         """Attention received in the last layer from this step's queries (``CacheStep.received``),
@@ -375,25 +370,13 @@ class MixedKVCache(nn.Module):
         return torch.cat([feat_state[:, :3], feat_state[:, 3:5] / n], dim=-1)
 
     def _allocate(self, desired: torch.Tensor, valid: torch.Tensor):
-        """Overflow rule (vectorised). desired/valid ``[N]`` -> (class ``[N]``, slot ``[N]``);
-        tokens not placed (invalid) get class -1."""
-        cls = torch.full_like(desired, -1)
-        slot = torch.zeros_like(desired)
-        fill = self.fill
-        done = ~valid
-        for r in range(len(CLASSES)):
-            target = self.preference[desired, r]
-            new_fill = []
-            for c in range(len(CLASSES)):
-                want = (~done) & (target == c)
-                rank = torch.cumsum(want.long(), 0) - 1
-                ok = want & (fill[c] + rank < self.caps[c])
-                slot = torch.where(ok, fill[c] + rank, slot)
-                cls = torch.where(ok, c, cls)
-                done = done | ok
-                new_fill.append(fill[c] + ok.sum())
-            fill = torch.stack(new_fill)
-        return cls, slot, fill
+        """The overflow rule (:mod:`kvexport.kv.allocate`): ``kvexport::allocate`` with the layer kernel,
+        else its reference. desired/valid ``[N]`` -> (class ``[N]``, slot ``[N]``, new fill ``[4]``)."""
+        if self.layer_kernel:
+            from kvexport import ops
+
+            return ops.allocate(desired, valid, self.fill, self.caps)
+        return allocate(desired, valid, self.fill, self.caps)
 
     def commit(self, step: CacheStep, tokens: torch.Tensor, logits: torch.Tensor) -> None:
         """Write the chunk of ``step`` into the cache (batch 1). tokens ``[1, T]``, logits ``[1, T, V]``."""

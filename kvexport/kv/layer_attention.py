@@ -22,10 +22,11 @@ front to back from position ``S``, and softmax does not care about slot order), 
 ``[0, fill_c)`` (every count clamped to its part's capacity).
 
 Shapes (``S`` sinks, ``W`` window, ``L`` layers, ``H`` KV heads, ``Hq`` query heads, ``D`` head_dim):
-``q [Hq, T, D]`` f32 (rotated like the keys), new ``k, v [H, T, D]`` f32; ``sink_k/v [S+1, L, H, D]``,
+``q [1, Hq, T, D]`` f32 (rotated like the keys), new ``k, v [1, H, T, D]`` f32 (batch 1, the model's own
+layout: no select or unsqueeze op around the kernel); ``sink_k/v [S+1, L, H, D]``,
 ``win_k/v [W+1, L, H, D]``, ``evict_k/v [Tmax >= T, L, H, D]`` in the cache's float dtype (fp16 or
 fp32); ``pools`` in :data:`POOL_NAMES` order with the shapes of :mod:`kvexport.kv.cache`. Returns
-``out [Hq, T, D]`` f32 and ``recv [W + T, 3]`` f32: window rows then chunk rows, columns (sum over
+``out [1, Hq, T, D]`` f32 and ``recv [W + T, 3]`` f32: window rows then chunk rows, columns (sum over
 query rows of the head-mean normalised weight, sum of the head variance, observing rows), zeros
 without ``features``. This Python function is the oracle the C++ kernel is tested against.
 """
@@ -54,6 +55,7 @@ def layer_attention(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict
                     group: int, scale: float, features: bool):
     """See the module docstring; mutates ``sink_k/v``, ``win_k/v``, ``evict_k/v``."""
     S, W = sink_k.shape[0] - 1, win_k.shape[0] - 1
+    q, k, v = q[0], k[0], v[0]  # [Hq, T, D], [H, T, D]
     hq, t, _ = q.shape
     pool = dict(zip(POOL_NAMES, pools))
     caps = [pool[f"pool{c}_k"].shape[0] - 1 for c in (2, 4, 8, 16)]
@@ -94,7 +96,7 @@ def layer_attention(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict
             win_k[slot, layer], win_v[slot, layer] = k[:, j].to(fp), v[:, j].to(fp)
         else:
             evict_k[j, layer], evict_v[j, layer] = k[:, j].to(fp), v[:, j].to(fp)
-    return out, recv
+    return out.unsqueeze(0), recv
 
 
 def _received(q, keys, lse, n_keys, scale, seen):

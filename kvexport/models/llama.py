@@ -80,10 +80,27 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x ``[B, H, T, D]``; cos/sin ``[T, D]`` or ``[B, 1, T, D]``."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+def half_turn(head_dim: int) -> torch.Tensor:
+    """``[D, D]`` with ``F.linear(x, half_turn(D)) == cat(-x[D/2:], x[:D/2])`` exactly ("rotate_half": one ±1
+    per row, so every output is one input, sign flipped or not): the ExecuTorch export's form
+    (:func:`kvexport.export.executorch.delegable_forms`), which XNNPACK runs inside the layer's partition
+    where the slices and the cat ran as four ops outside it. Not for ONNX: its weight quantizers would
+    quantize this matmul too."""
+    h = head_dim // 2
+    m = torch.zeros(head_dim, head_dim)
+    m[:h, h:] = -torch.eye(h)  # out[j] = -x[h + j]
+    m[h:, :h] = torch.eye(h)  # out[h + j] = x[j]
+    return m
+
+
+def apply_rope(x: torch.Tensor, rope: tuple) -> torch.Tensor:
+    """x ``[B, H, T, D]``; rope = (cos, sin ``[T, D]`` or ``[B, 1, T, D]``, ``None`` or :func:`half_turn`)."""
+    cos, sin, turn = rope
+    if turn is None:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    else:
+        rotated = F.linear(x, turn)  # the same values, exactly
     return x * cos + rotated * sin
 
 
@@ -96,12 +113,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache, step, layer: int) -> torch.Tensor:
+    def forward(self, x, rope, cache, step, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         out = cache.attend(step, layer, q, k, v)  # [B, Hq, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -125,8 +142,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, cache, step, layer: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, step, layer)
+    def forward(self, x, rope, cache, step, layer: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, step, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -142,6 +159,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("half_turn", None, persistent=False)  # export forms set it (apply_rope)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache) -> torch.Tensor:
         """Run the chunk through all layers, attending over ``cache``; returns logits ``[B, T, V]``."""
@@ -156,10 +174,10 @@ class Transformer(nn.Module):
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, cache, step) -> torch.Tensor:
         """Last layer's output (before the final norm) ``[B, T, dim]``; positions ``[T]`` or ``[B, T]``.
         ``step`` is what ``cache.attend`` takes with each layer (``cache.begin``'s value)."""
-        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)
+        rope = (*rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta), self.half_turn)
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, step, i)
+            x = layer(x, rope, cache, step, i)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

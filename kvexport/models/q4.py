@@ -9,10 +9,12 @@ hold ``m`` — but ``w = d·(q − 8) + (m + 8d)``, hence for ``x`` ``[..., in]`
       + blocksum(x) @ cᵀ                                  # blocksum [..., in/32], c = m + 8d [out, in/32]
 
 The first term is torchao's ``IntxUnpackedToInt8Tensor`` with per-token asymmetric int8 activations
-(the form ExecuTorch's XNNPACK partitioner lowers to its 8da4w GEMM); the second is a small fp32
-linear on the unquantized input. The only departures from the GGUF's arithmetic are the bf16
-rounding of ``d`` and the int8 activations of the first term; the eager reference (this module)
-computes exactly what the program computes, so ``kvexport parity`` compares like with like.
+(the form ExecuTorch's XNNPACK partitioner lowers to its 8da4w GEMM); the second is two small fp32
+linears on the unquantized input (the block sums are a linear with a 0/1 block indicator, so XNNPACK
+runs the whole rewrite in one partition: a ``sum`` op would run outside it, once per linear). The
+only departures from the GGUF's arithmetic are the bf16 rounding of ``d`` and the int8 activations
+of the first term; the eager reference (this module) computes what the program computes (up to
+float32 summation order), so ``kvexport parity`` compares like with like.
 
 Codes are recovered from the loaded float weights (the GGUF converter dequantized them with
 ``d·q + m`` in fp32): in a Q4_1 block the min is ``m`` (code 0) and the max ``m + 15d`` (code 15),
@@ -45,6 +47,12 @@ def q4_1_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return q.to(torch.uint8).reshape(out_f, in_f), d, m, exact
 
 
+def block_ones(in_features: int) -> torch.Tensor:
+    """``[in/32, in]`` block indicator: ``F.linear(x, block_ones(in))`` sums each block of 32 inputs
+    (:func:`quantize_q4` shares one per width among the linears, so the program stores it once)."""
+    return torch.eye(in_features // BLOCK).repeat_interleave(BLOCK, dim=1)
+
+
 def holds_q4_1_codes(state_dict: dict[str, torch.Tensor]) -> bool:
     """Whether every block linear (``[model.]layers.*_proj.weight``) reproduces Q4_1 codes bit for bit, as the
     weights of a Q4_1 GGUF do: then the ``q4`` formats lose nothing but bf16 scale rounding, and
@@ -63,7 +71,8 @@ def dequantize_q4_1(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> to
 class Q4Linear(nn.Module):
     """A bias-free linear with Q4_1 weights in the rewritten form (module docstring)."""
 
-    def __init__(self, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, exact: bool):
+    def __init__(self, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, exact: bool,
+                 ones: torch.Tensor | None = None):
         super().__init__()
         from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
             IntxUnpackedToInt8Tensor,
@@ -80,13 +89,15 @@ class Q4Linear(nn.Module):
             activation_quantization=IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN)
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.offsets = nn.Parameter(m + 8 * d, requires_grad=False)  # [out, in/32]: c = m + 8d
+        ones = block_ones(self.in_features) if ones is None else ones  # [in/32, in], shared when given
+        self.register_buffer("block_ones", ones, persistent=False)
 
     @classmethod
-    def from_float(cls, w: torch.Tensor) -> "Q4Linear":
-        return cls(*q4_1_codes(w))
+    def from_float(cls, w: torch.Tensor, ones: torch.Tensor | None = None) -> "Q4Linear":
+        return cls(*q4_1_codes(w), ones)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sums = x.unflatten(-1, (self.in_features // BLOCK, BLOCK)).sum(-1)  # [..., in/32]
+        sums = F.linear(x, self.block_ones)  # [..., in/32]: one XNNPACK linear, not a sum op
         return F.linear(x, self.weight) + F.linear(sums, self.offsets)  # [..., out]
 
 
@@ -97,9 +108,11 @@ def quantize_q4(model: nn.Module) -> dict:
     targets = [(fqn, mod) for fqn, mod in model.named_modules()
                if isinstance(mod, nn.Linear) and fqn.startswith("layers.") and mod.bias is None
                and mod.in_features % BLOCK == 0]
+    ones = {}  # width -> its block_ones, one per width
     for fqn, mod in targets:
         parent, _, name = fqn.rpartition(".")
-        setattr(model.get_submodule(parent), name, Q4Linear.from_float(mod.weight.detach()))
+        shared = ones.setdefault(mod.in_features, block_ones(mod.in_features))
+        setattr(model.get_submodule(parent), name, Q4Linear.from_float(mod.weight.detach(), shared))
     return q4_summary(model)
 
 

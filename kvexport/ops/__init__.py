@@ -1,5 +1,6 @@
-"""kvexport custom ops: ``kvexport::quantize_pack``, ``kvexport::pool_attention`` and ``kvexport::layer_attention``
-(one layer's attention over the whole cache plus the chunk's cache write).
+"""kvexport custom ops: ``kvexport::quantize_pack``, ``kvexport::pool_attention``, ``kvexport::layer_attention``
+(one layer's attention over the whole cache plus the chunk's cache write) and ``kvexport::allocate`` (the
+overflow rule, :mod:`kvexport.kv.allocate`, in one call).
 
 * :func:`load` registers the ops with ``torch.library`` (functional + ``.out`` overloads, eager CPU
   kernels that call the reference in :mod:`kvexport.kv`, fake kernels for ``torch.export``).
@@ -33,6 +34,7 @@ from kvexport.ops.build import BuildError, build_kernels, library_path
 __all__ = [
     "BuildError",
     "KernelLibraryError",
+    "allocate",
     "build_kernels",
     "kernel_calls",
     "layer_attention",
@@ -48,7 +50,7 @@ __all__ = [
     "raise_if_missing_kernel",
 ]
 
-OP_NAMES = ("quantize_pack", "pool_attention", "layer_attention")
+OP_NAMES = ("quantize_pack", "pool_attention", "layer_attention", "allocate")
 
 _lock = threading.Lock()
 _kernel_lib_path: Path | None = None
@@ -253,7 +255,7 @@ def layer_attention(
     features: bool,
 ):
     """``kvexport::layer_attention`` (spec: :mod:`kvexport.kv.layer_attention`); mutates the sinks,
-    the window and the eviction staging rows, returns ``(out [Hq, T, D], recv [W + T, 3])``."""
+    the window and the eviction staging rows, returns ``(out [1, Hq, T, D], recv [W + T, 3])``."""
     load()
     return torch.ops.kvexport.layer_attention(
         q,
@@ -272,6 +274,12 @@ def layer_attention(
         float(scale),
         bool(features),
     )
+
+
+def allocate(desired, valid, fill, caps):
+    """``kvexport::allocate`` (spec: :func:`kvexport.kv.allocate.allocate`): (class, slot, new fill)."""
+    load()
+    return torch.ops.kvexport.allocate(desired, valid, fill, caps)
 
 
 def portable_decompositions() -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kvexport.kv import attention, layer_attention, quant
+from kvexport.kv import allocate, attention, layer_attention, quant
 
 NAMESPACE = "kvexport"
 
@@ -40,6 +40,13 @@ SCHEMAS = {
         "layer_attention.out(Tensor q, Tensor k, Tensor v, Tensor state, Tensor(a!) sink_k, Tensor(b!) sink_v,"
         " Tensor(c!) win_k, Tensor(d!) win_v, Tensor(e!) evict_k, Tensor(f!) evict_v, Tensor[] pools, int layer,"
         " int group, float scale, bool features, *, Tensor(g!) out, Tensor(h!) recv) -> (Tensor(g!), Tensor(h!))"
+    ),
+    "allocate": (
+        "allocate(Tensor desired, Tensor valid, Tensor fill, Tensor caps) -> (Tensor cls, Tensor slot, Tensor fill_out)"
+    ),
+    "allocate.out": (
+        "allocate.out(Tensor desired, Tensor valid, Tensor fill, Tensor caps, *, Tensor(a!) cls, Tensor(b!) slot,"
+        " Tensor(c!) fill_out) -> (Tensor(a!), Tensor(b!), Tensor(c!))"
     ),
 }
 
@@ -84,8 +91,8 @@ def _pool_attention_impl(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero
 
 
 def _layer_attention_shapes(q, win_k):
-    hq, t, d = q.shape
-    return (hq, t, d), (win_k.shape[0] - 1 + t, layer_attention.N_RECV)
+    _, hq, t, d = q.shape
+    return (1, hq, t, d), (win_k.shape[0] - 1 + t, layer_attention.N_RECV)
 
 
 def _layer_attention_impl(
@@ -95,6 +102,10 @@ def _layer_attention_impl(
         q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features
     )
     return out.contiguous(), recv
+
+
+def _allocate_impl(desired, valid, fill, caps):
+    return tuple(t.contiguous() for t in allocate.allocate(desired, valid, fill, caps))
 
 
 def _copy_out(results, outs):
@@ -124,7 +135,19 @@ def _layer_attention_out_impl(
     return tuple(_copy_out(res, (out, recv)))
 
 
+def _allocate_out_impl(desired, valid, fill, caps, *, cls, slot, fill_out):
+    return tuple(_copy_out(_allocate_impl(desired, valid, fill, caps), (cls, slot, fill_out)))
+
+
 # ----------------------------------------------------------------------------- fake / meta
+
+
+def _allocate_fake(desired, valid, fill, caps):
+    return torch.empty_like(desired), torch.empty_like(desired), torch.empty_like(fill)
+
+
+def _allocate_out_meta(desired, valid, fill, caps, *, cls, slot, fill_out):
+    return cls.resize_(desired.shape), slot.resize_(desired.shape), fill_out.resize_(fill.shape)
 
 
 def _quantize_pack_fake(x, bits, group):
@@ -199,11 +222,13 @@ def register() -> None:
         "quantize_pack": (_quantize_pack_impl, _quantize_pack_fake),
         "pool_attention": (_pool_attention_impl, _pool_attention_fake),
         "layer_attention": (_layer_attention_impl, _layer_attention_fake),
+        "allocate": (_allocate_impl, _allocate_fake),
     }
     out = {
         "quantize_pack.out": (_quantize_pack_out_impl, _quantize_pack_out_meta),
         "pool_attention.out": (_pool_attention_out_impl, _pool_attention_out_meta),
         "layer_attention.out": (_layer_attention_out_impl, _layer_attention_out_meta),
+        "allocate.out": (_allocate_out_impl, _allocate_out_meta),
     }
     for name, (impl, fake) in functional.items():
         lib.impl(name, impl, "CPU")
@@ -221,4 +246,5 @@ def portable_decompositions() -> dict:
     return {
         ops.quantize_pack.default: quant.quantize_packed,
         ops.pool_attention.default: attention.pool_attention,
+        ops.allocate.default: allocate.allocate,
     }

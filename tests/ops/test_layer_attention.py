@@ -88,9 +88,9 @@ def make_inputs(cfg, p0: int, t: int, fills, seed: int):
             x = x.half()
             x[filled[part]:] = float("nan")
         cache[name] = x
-    q = torch.randn(HQ, t, D, generator=g) * 2.0
-    k = torch.randn(H, t, D, generator=g) * 1.5
-    v = torch.randn(H, t, D, generator=g)
+    q = torch.randn(1, HQ, t, D, generator=g) * 2.0
+    k = torch.randn(1, H, t, D, generator=g) * 1.5
+    v = torch.randn(1, H, t, D, generator=g)
     state = torch.tensor([p0, *fills], dtype=torch.int32)
     return [q, k, v, state, *(cache[n] for n in MUTABLE), *(cache[n] for n in ref.POOL_NAMES)]
 
@@ -127,7 +127,7 @@ def programs(et_runtime):
             cfg = CONFIGS[name]
             example = make_inputs(cfg, 0, 2, [0, 0, 0, 0], seed=0)
             dyn_t = torch.export.Dim("T", min=1, max=cfg[1] or T_MAX)
-            dynamic = ({1: dyn_t}, {1: dyn_t}, {1: dyn_t}) + (None,) * 7 + ((None,) * len(ref.POOL_NAMES),)
+            dynamic = ({2: dyn_t}, {2: dyn_t}, {2: dyn_t}) + (None,) * 7 + ((None,) * len(ref.POOL_NAMES),)
             pte = export_et(LayerStep(cfg).eval(), tuple(example), dynamic=dynamic)
             assert ops.program_custom_ops(pte) == ["kvexport::layer_attention.out"]
             loaded[name] = (pte, et_runtime.load_program(pte).load_method("forward"))  # the bytes must outlive it

@@ -3,6 +3,7 @@
  *
  *   kvexport::quantize_pack.out      == kvexport.kv.quant.quantize_packed   (bit-identical)
  *   kvexport::pool_attention.out     == kvexport.kv.attention.pool_attention (fp32, ~1e-6 rel)
+ *   kvexport::allocate.out           == kvexport.kv.allocate.allocate        (exact, integers)
  *
  * The Python functions in kvexport/kv are the spec. Build flags matter for bit-exactness:
  * compile with -ffp-contract=off (no fused multiply-add in the quantizer), never -ffast-math.
@@ -372,6 +373,52 @@ Tensor3 pool_attention_out(KernelRuntimeContext& ctx, const Tensor& q, const Ten
   return ret;
 }
 
+// ---------------------------------------------------------------- allocate.out
+
+// The overflow rule of kvexport/kv/allocate.py, sequentially: round r, class c, tokens in order. The
+// reference ranks a round's candidates for c with a cumulative sum and places those with
+// fill[c] + rank < caps[c]; once one fails every later one fails, so "place while there is room" is the
+// same rule.
+Tensor3 allocate_out(KernelRuntimeContext& ctx, const Tensor& desired, const Tensor& valid, const Tensor& fill,
+                     const Tensor& caps, Tensor& cls, Tensor& slot, Tensor& fill_out) {
+  Tensor3 ret(cls, slot, fill_out);
+  ET_KERNEL_CHECK_MSG(ctx, desired.scalar_type() == ScalarType::Long && valid.scalar_type() == ScalarType::Bool &&
+                          fill.scalar_type() == ScalarType::Long && caps.scalar_type() == ScalarType::Long &&
+                          cls.scalar_type() == ScalarType::Long && slot.scalar_type() == ScalarType::Long &&
+                          fill_out.scalar_type() == ScalarType::Long,
+                      InvalidArgument, ret, "kvexport::allocate: desired/fill/caps/outputs int64, valid bool");
+  ET_KERNEL_CHECK_MSG(ctx, desired.dim() == 1 && valid.dim() == 1 && valid.size(0) == desired.size(0) &&
+                          fill.dim() == 1 && caps.dim() == 1 && caps.size(0) == fill.size(0) && fill.size(0) <= 8,
+                      InvalidArgument, ret, "kvexport::allocate: desired/valid [N], fill/caps [K <= 8]");
+  ET_KERNEL_CHECK(ctx, resize_tensor(cls, desired.sizes()) == Error::Ok, InvalidArgument, ret);
+  ET_KERNEL_CHECK(ctx, resize_tensor(slot, desired.sizes()) == Error::Ok, InvalidArgument, ret);
+  ET_KERNEL_CHECK(ctx, resize_tensor(fill_out, fill.sizes()) == Error::Ok, InvalidArgument, ret);
+  const int64_t n = desired.size(0), k = fill.size(0);
+  const int64_t* want = desired.const_data_ptr<int64_t>();
+  const bool* ok = valid.const_data_ptr<bool>();
+  const int64_t* cap = caps.const_data_ptr<int64_t>();
+  int64_t* c_out = cls.mutable_data_ptr<int64_t>();
+  int64_t* s_out = slot.mutable_data_ptr<int64_t>();
+  int64_t* f = fill_out.mutable_data_ptr<int64_t>();
+  std::memcpy(f, fill.const_data_ptr<int64_t>(), k * sizeof(int64_t));  // fill_out may not alias fill
+  for (int64_t i = 0; i < n; ++i) {
+    c_out[i] = -1;
+    s_out[i] = 0;
+  }
+  for (int64_t r = 0; r < k; ++r) {
+    for (int64_t c = 0; c < k; ++c) {
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t target = want[i] >= r ? want[i] - r : r;
+        if (ok[i] && c_out[i] < 0 && target == c && f[c] < cap[c]) {
+          c_out[i] = c;
+          s_out[i] = f[c]++;
+        }
+      }
+    }
+  }
+  return ret;
+}
+
 }  // namespace native
 }  // namespace kvexport
 
@@ -407,11 +454,20 @@ void pool_attention_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
       stack[11]->toTensor(), stack[12]->toTensor(), stack[13]->toTensor());
 }
 
+void allocate_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  ET_KERNEL_CHECK_MSG(ctx, stack.size() >= 7, InvalidProgram, ,
+                      "kvexport::allocate.out: expected 7 arguments, got %zu", stack.size());
+  kvexport::native::allocate_out(ctx, stack[0]->toTensor(), stack[1]->toTensor(), stack[2]->toTensor(),
+                                 stack[3]->toTensor(), stack[4]->toTensor(), stack[5]->toTensor(),
+                                 stack[6]->toTensor());
+}
+
 const Kernel kKernels[] = {
     Kernel("kvexport::quantize_pack.out", quantize_pack_boxed),
     Kernel("kvexport::pool_attention.out", pool_attention_boxed),
+    Kernel("kvexport::allocate.out", allocate_boxed),
 };
 
-const auto kRegistered = executorch::runtime::register_kernels({kKernels, 2});
+const auto kRegistered = executorch::runtime::register_kernels({kKernels, 3});
 
 }  // namespace

@@ -285,14 +285,14 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
     double scale, bool features, Tensor& out, Tensor& recv) {
   std::tuple<Tensor&, Tensor&> ret(out, recv);
   const char* name = "kvexport::layer_attention";
-  ET_KERNEL_CHECK_MSG(ctx, q.dim() == 3 && k.dim() == 3 && v.dim() == 3 &&
-                          q.scalar_type() == ScalarType::Float && k.scalar_type() == ScalarType::Float &&
-                          v.scalar_type() == ScalarType::Float && out.scalar_type() == ScalarType::Float &&
-                          recv.scalar_type() == ScalarType::Float,
-                      InvalidArgument, ret, "%s: q [Hq,T,D], k/v [H,T,D], out, recv must be float32", name);
-  const int64_t hq = q.size(0), t = q.size(1), d = q.size(2), hkv = k.size(0);
-  ET_KERNEL_CHECK_MSG(ctx, hkv > 0 && hq % hkv == 0 && k.size(1) == t && k.size(2) == d &&
-                          v.size(0) == hkv && v.size(1) == t && v.size(2) == d,
+  ET_KERNEL_CHECK_MSG(ctx, q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(0) == 1 && k.size(0) == 1 &&
+                          v.size(0) == 1 && q.scalar_type() == ScalarType::Float &&
+                          k.scalar_type() == ScalarType::Float && v.scalar_type() == ScalarType::Float &&
+                          out.scalar_type() == ScalarType::Float && recv.scalar_type() == ScalarType::Float,
+                      InvalidArgument, ret, "%s: q [1,Hq,T,D], k/v [1,H,T,D], out, recv must be float32", name);
+  const int64_t hq = q.size(1), t = q.size(2), d = q.size(3), hkv = k.size(1);
+  ET_KERNEL_CHECK_MSG(ctx, hkv > 0 && hq % hkv == 0 && k.size(2) == t && k.size(3) == d &&
+                          v.size(1) == hkv && v.size(2) == t && v.size(3) == d,
                       InvalidArgument, ret, "%s: q/k/v shapes do not match", name);
   ET_KERNEL_CHECK_MSG(ctx, state.scalar_type() == ScalarType::Int && state.numel() == kStateSize,
                       InvalidArgument, ret, "%s: state must be int32 [5]", name);
@@ -329,10 +329,10 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
     }
   }
   {
-    const SizesType os[3] = {static_cast<SizesType>(hq), static_cast<SizesType>(t),
+    const SizesType os[4] = {1, static_cast<SizesType>(hq), static_cast<SizesType>(t),
                              static_cast<SizesType>(d)};
     const SizesType rs[2] = {static_cast<SizesType>(window + t), 3};
-    ET_KERNEL_CHECK(ctx, resize_tensor(out, {os, 3}) == Error::Ok, InvalidArgument, ret);
+    ET_KERNEL_CHECK(ctx, resize_tensor(out, {os, 4}) == Error::Ok, InvalidArgument, ret);
     ET_KERNEL_CHECK(ctx, resize_tensor(recv, {rs, 2}) == Error::Ok, InvalidArgument, ret);
   }
   ET_KERNEL_CHECK_MSG(ctx, dense(q) && dense(k) && dense(v) && dense(out) && dense(recv), InvalidArgument,

@@ -1,0 +1,79 @@
+"""The layer forms that keep a decode step inside XNNPACK: rotate_half as a linear (exact), the q4
+block sums as a linear, RMSNorm's mean as a linear — each against the reference form in float64 — and
+the census they buy: a layer adds only its ``kvexport::layer_attention`` call and four views to the
+operator calls a fused ExecuTorch program makes outside XNNPACK."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvexport.export.build import build
+from kvexport.export.executorch import LinearRMSNorm, delegable_forms
+from kvexport.models.llama import RMSNorm, half_turn
+from kvexport.models.loader import LoadedModel
+from kvexport.models.q4 import BLOCK, Q4Linear, block_ones
+from kvexport.session import CacheOptions
+
+PER_LAYER_CALLS = 5  # layer_attention + the views of q, k, v and of the attention output
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_half_turn_is_rotate_half_exactly(dtype):
+    x = torch.randn(2, 3, 5, 64, dtype=dtype) * 1e3
+    want = torch.cat([-x[..., 32:], x[..., :32]], dim=-1)
+    assert torch.equal(F.linear(x, half_turn(64).to(dtype)), want)
+
+
+def test_block_sums_and_linear_norm_match_the_reference_forms_in_float64():
+    x = torch.randn(3, 7, 96, dtype=torch.float64)
+    torch.testing.assert_close(F.linear(x, block_ones(96).double()), x.unflatten(-1, (96 // BLOCK, BLOCK)).sum(-1),
+                               rtol=1e-14, atol=1e-13)
+    norm = RMSNorm(96, 1e-5).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(96) + 0.5)
+    linear = LinearRMSNorm(norm)
+    assert linear.weight is norm.weight
+    torch.testing.assert_close(linear(x), norm(x), rtol=1e-13, atol=1e-13)
+
+
+def test_delegable_forms_replace_every_norm_and_rotate_half_in_place(tiny_model):
+    model = tiny_model.build()
+    norms = {fqn: m for fqn, m in model.named_modules() if type(m) is RMSNorm}
+    assert model.half_turn is None  # the reference's rotate_half: slices and a cat
+    assert delegable_forms(model, rope=True) == len(norms) == 2 * tiny_model.args.n_layers + 1
+    assert torch.equal(model.half_turn, half_turn(tiny_model.args.head_dim))
+    assert delegable_forms(model, rope=False) == 0 and model.half_turn is None  # portable programs
+    for fqn, old in norms.items():
+        new = model.get_submodule(fqn)
+        assert isinstance(new, LinearRMSNorm) and new.weight is old.weight and new.eps == old.eps
+
+
+def test_q4_linears_share_one_block_indicator_per_width(tiny_model):
+    from kvexport.models.q4 import quantize_q4
+
+    model = tiny_model.build()
+    quantize_q4(model)
+    by_width = {}
+    for m in model.modules():
+        if isinstance(m, Q4Linear):
+            assert by_width.setdefault(m.in_features, m.block_ones) is m.block_ones
+    assert sorted(by_width) == [tiny_model.args.dim, tiny_model.args.intermediate_size]
+
+
+def test_a_layer_adds_only_its_kernel_and_four_views_outside_xnnpack(tiny_model, tmp_path):
+    def kernel_calls(n_layers: int) -> int:
+        keep = {k: v for k, v in tiny_model.state_dict.items()
+                if not (m := re.search(r"layers\.(\d+)\.", k)) or int(m.group(1)) < n_layers}
+        args = dataclasses.replace(tiny_model.args, n_layers=n_layers)
+        loaded = LoadedModel("tiny-random", args, keep, tiny_model.tokenizer, "tiny-random", tiny_model.identity)
+        opts = CacheOptions(policy="static-4", max_context=64, window=4, sinks=2)
+        out = build(loaded, opts, "executorch", "fused", "fp32", tmp_path / f"l{n_layers}", log=lambda m: None)
+        return json.loads((out / "manifest.json").read_text())["executorch"]["kernel_calls_per_step"]
+
+    assert kernel_calls(2) - kernel_calls(1) == PER_LAYER_CALLS

@@ -67,6 +67,32 @@ def test_context_beyond_the_build_is_refused(built):
         runner.step([5])
 
 
+def test_program_runs_with_one_torch_thread_and_restores_the_count(built):
+    """The runtime's output clones must not start torch's OpenMP workers (they spin on the cores the
+    program's own pool needs): torch runs single-threaded inside the call, and the count comes back."""
+    import torch
+
+    from kvexport.export import runtime
+
+    runner = open_runner(built)
+    seen = []
+    real = runner.method
+
+    class Probe:  # forwards to the real method, noting torch's thread count during the call
+        def execute(self, inputs):
+            seen.append(torch.get_num_threads())
+            return real.execute(inputs)
+
+    torch.set_num_threads(2)  # as bench --threads 2 sets it (xdist workers may have set 1)
+    before = torch.get_num_threads()
+    runner.method = Probe()
+    runner.step([5, 6])
+    assert seen == [1] and torch.get_num_threads() == before
+    with pytest.raises(AttributeError):
+        runtime.execute(None, [])  # no method: fails inside the call, and the count is still restored
+    assert torch.get_num_threads() == before
+
+
 def test_bench_reports_ratios_against_the_first_program(built):
     from kvexport.bench import run_bench
 

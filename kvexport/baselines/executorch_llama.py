@@ -35,7 +35,7 @@ from kvexport import quiet
 from kvexport.baselines.peer_program import peer_identity, peer_manifest, replaceable_peer, synthetic_stats
 from kvexport.errors import KvxError
 from kvexport.export.build import copy_tokenizer
-from kvexport.export.runtime import StepRunner, program_constants
+from kvexport.export.runtime import StepRunner, execute, program_constants
 from kvexport.fsutil import atomic_directory
 from kvexport.models.loader import LoadedModel
 from kvexport.models.weights import INT4_GROUP
@@ -207,7 +207,7 @@ class ExecuTorchLlamaRunner(StepRunner):
         return program_constants(self.program)
 
     def _execute(self, tokens, input_pos):
-        logits = self.method.execute([tokens, input_pos])[0]
+        logits = execute(self.method, [tokens, input_pos])[0]
         if logits.dim() == 3:  # [1, T, V] if exported with --generate_full_logits
             logits = logits[:, -1]
         return logits, synthetic_stats(self.manifest, int(input_pos[0]) + tokens.shape[1])

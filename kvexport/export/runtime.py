@@ -130,8 +130,23 @@ class ExecuTorchRunner(StepRunner):
         return program_constants(self.program)
 
     def _execute(self, tokens, input_pos):
-        out = self.method.execute([tokens, input_pos])
+        out = execute(self.method, [tokens, input_pos])
         return out[0], out[1]
+
+
+def execute(method, inputs: list) -> list:
+    """``method.execute(inputs)`` for every ExecuTorch runner (ours and ``export_llama``'s), with one torch
+    thread for the call. The pybindings return clones made by torch, which copies the ``[1, V]`` logits
+    in an OpenMP loop: with more torch threads, libgomp's worker then spins on a core that ExecuTorch's
+    own pool (XNNPACK, our kernels) needs for the next step (perf: a quarter of the samples of a 2-thread
+    decode loop; 25 -> 19 ms/token for the default program at 128 tokens). The program's pool keeps its
+    size (:func:`kvexport.bench.set_threads`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return method.execute(inputs)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def program_constants(program) -> dict:

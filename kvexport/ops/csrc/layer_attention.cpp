@@ -130,6 +130,22 @@ inline void quant_row(const Part& p, const void* packed, const uint16_t* scale, 
   widen_half(zero + zoff, sz + ng, ng);
 }
 
+// Rows of a part are a whole layer-and-head stride apart (slot-major buffers: [slots, L, H, ...]), so
+// every K/V row, scale and zero point is a cache miss of its own that the hardware prefetcher does not
+// see coming; ask for the row kAhead slots on while this one is used.
+constexpr int64_t kAhead = 6;
+
+inline void prefetch_row(const Part& p, const void* data, const uint16_t* scale, const uint16_t* zero,
+                         int64_t i, int64_t h) {
+  const int64_t bytes = p.bits == kFloatRows ? (p.half ? 2 : 4) : 1;  // per element / per code byte
+  __builtin_prefetch(static_cast<const char*>(data) + (i * p.slot_stride + h * p.head_stride) * bytes);
+  if (scale != nullptr) {
+    const int64_t zoff = i * p.sz_slot_stride + h * p.sz_head_stride;
+    __builtin_prefetch(scale + zoff);
+    __builtin_prefetch(zero + zoff);
+  }
+}
+
 // Partial attention of the nq query vectors of KV head `task.h` over slots [b0, b1) of `part`.
 // partial: [nq, d + 2] = (o, m, l); scratch: kBlock * nq scores + d + nq * ng + 2 * ng floats.
 void run_task(const Step& s, const Part& part, const Task& task, float* partial, float* scratch,
@@ -148,6 +164,9 @@ void run_task(const Step& s, const Part& part, const Task& task, float* partial,
   const bool quant = part.bits != kFloatRows;
   for (int64_t j = 0; j < nb; ++j) {
     const int64_t i = task.b0 + j;
+    if (j + kAhead < nb) {
+      prefetch_row(part, part.k, part.ks, part.kz, i + kAhead, h);
+    }
     if (quant) {
       quant_row(part, part.k, part.ks, part.kz, i, h, d, s.ng, row, sz);
       for (int64_t qi = 0; qi < nq; ++qi) {
@@ -188,6 +207,9 @@ void run_task(const Step& s, const Part& part, const Task& task, float* partial,
   }
   for (int64_t j = 0; j < nb; ++j) {
     const int64_t i = task.b0 + j;
+    if (j + kAhead < nb) {
+      prefetch_row(part, part.v, part.vs, part.vz, i + kAhead, h);
+    }
     if (quant) {
       quant_row(part, part.v, part.vs, part.vz, i, h, d, s.ng, row, sz);
       for (int64_t qi = 0; qi < nq; ++qi) {

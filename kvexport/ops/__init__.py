@@ -50,7 +50,6 @@ __all__ = [
     "raise_if_missing_kernel",
 ]
 
-OP_NAMES = ("quantize_pack", "pool_attention", "layer_attention", "allocate")
 
 _lock = threading.Lock()
 _kernel_lib_path: Path | None = None

@@ -50,7 +50,6 @@ __all__ = [
     "raise_if_missing_kernel",
 ]
 
-
 _lock = threading.Lock()
 _kernel_lib_path: Path | None = None
 _kernel_lib_handle: ctypes.CDLL | None = None

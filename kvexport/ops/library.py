@@ -142,14 +142,6 @@ def _allocate_out_impl(desired, valid, fill, caps, *, cls, slot, fill_out):
 # ----------------------------------------------------------------------------- fake / meta
 
 
-def _allocate_fake(desired, valid, fill, caps):
-    return torch.empty_like(desired), torch.empty_like(desired), torch.empty_like(fill)
-
-
-def _allocate_out_meta(desired, valid, fill, caps, *, cls, slot, fill_out):
-    return cls.resize_(desired.shape), slot.resize_(desired.shape), fill_out.resize_(fill.shape)
-
-
 def _quantize_pack_fake(x, bits, group):
     packed_shape, sz_shape = _quantize_pack_shapes(x, bits, group)
     return (
@@ -192,6 +184,14 @@ def _layer_attention_out_meta(
 ):
     out_shape, recv_shape = _layer_attention_shapes(q, win_k)
     return out.resize_(out_shape), recv.resize_(recv_shape)
+
+
+def _allocate_fake(desired, valid, fill, caps):
+    return torch.empty_like(desired), torch.empty_like(desired), torch.empty_like(fill)
+
+
+def _allocate_out_meta(desired, valid, fill, caps, *, cls, slot, fill_out):
+    return cls.resize_(desired.shape), slot.resize_(desired.shape), fill_out.resize_(fill.shape)
 
 
 # ----------------------------------------------------------------------------- registration

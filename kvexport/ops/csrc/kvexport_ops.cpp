@@ -388,8 +388,8 @@ Tensor3 allocate_out(KernelRuntimeContext& ctx, const Tensor& desired, const Ten
                           fill_out.scalar_type() == ScalarType::Long,
                       InvalidArgument, ret, "kvexport::allocate: desired/fill/caps/outputs int64, valid bool");
   ET_KERNEL_CHECK_MSG(ctx, desired.dim() == 1 && valid.dim() == 1 && valid.size(0) == desired.size(0) &&
-                          fill.dim() == 1 && caps.dim() == 1 && caps.size(0) == fill.size(0) && fill.size(0) <= 8,
-                      InvalidArgument, ret, "kvexport::allocate: desired/valid [N], fill/caps [K <= 8]");
+                          fill.dim() == 1 && caps.dim() == 1 && caps.size(0) == fill.size(0),
+                      InvalidArgument, ret, "kvexport::allocate: desired/valid [N], fill/caps [K]");
   ET_KERNEL_CHECK(ctx, resize_tensor(cls, desired.sizes()) == Error::Ok, InvalidArgument, ret);
   ET_KERNEL_CHECK(ctx, resize_tensor(slot, desired.sizes()) == Error::Ok, InvalidArgument, ret);
   ET_KERNEL_CHECK(ctx, resize_tensor(fill_out, fill.sizes()) == Error::Ok, InvalidArgument, ret);

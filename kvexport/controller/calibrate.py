@@ -217,7 +217,7 @@ class Calibrator:
             gate = torch.zeros(T)
             gate[idx] = 1.0
             res[name] = {
-                "measured_kl_sum": L.measured_kl(self.model, tokens, gate, 2, **kw),
+                "measured_kl_sum": L.measured_kl(self.model, tokens, {2: gate}, **kw),
                 "attributed_kl_sum": float(a2[idx].sum()),
                 "tokens": int(len(idx)),
             }

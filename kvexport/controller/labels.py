@@ -32,12 +32,15 @@ from kvexport.models.llama import Transformer, apply_rope, rope_cos_sin
 QUANT_CLASSES = (2, 4, 8)
 
 
-def gated_forward(model: Transformer, tokens: torch.Tensor, gate: torch.Tensor | None, bits: int, group: int,
-                  qvis: torch.Tensor) -> torch.Tensor:
+def gated_forward(model: Transformer, tokens: torch.Tensor, gates: dict[int, torch.Tensor] | None, group: int,
+                  qvis: torch.Tensor, rotation: torch.Tensor | None = None) -> torch.Tensor:
     """Full-sequence forward (batch 1, positions from 0) with gated quantization of K/V.
 
-    tokens int64 ``[T]``; gate float ``[T]`` (may require grad) or None (pure fp16 storage);
-    returns log-probs ``[T, V]``. Keys are rounded to fp16 after RoPE, as the cache stores them.
+    tokens int64 ``[T]``; gates ``{bits: gate float [T]}`` (a gate may require grad; a token whose
+    gates are 0 stays fp16, one with gate 1 at ``bits`` is stored at that class) or None (pure fp16
+    storage); returns log-probs ``[T, V]``. Keys are rounded to fp16 after RoPE, as the cache stores them;
+    with ``rotation`` (``--kv-rotate``'s Hadamard ``[D, D]``) queries and keys are rotated first, as the
+    cache does, so keys are stored and quantized in the rotated basis.
     """
     args = model.args
     T = tokens.shape[0]
@@ -47,40 +50,44 @@ def gated_forward(model: Transformer, tokens: torch.Tensor, gate: torch.Tensor |
     scale = 1.0 / math.sqrt(args.head_dim)
     rep = args.n_heads // args.n_kv_heads
     qv = qvis.float()
-    def block(layer, x, gate):
+    def block(layer, x, gates):
         att = layer.self_attn
         h = layer.input_layernorm(x)
         q = att.q_proj(h).view(1, T, att.n_heads, att.head_dim).transpose(1, 2)
         k = att.k_proj(h).view(1, T, att.n_kv_heads, att.head_dim).transpose(1, 2)
         v = att.v_proj(h).view(1, T, att.n_kv_heads, att.head_dim).transpose(1, 2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if rotation is not None:
+            q, k = q @ rotation, k @ rotation
         k = k + (k.detach().half().float() - k.detach())  # fp16 storage, straight-through
         v = v + (v.detach().half().float() - v.detach())
         kh, vh = k[0].repeat_interleave(rep, 0), v[0].repeat_interleave(rep, 0)  # [Hq, T, D]
         s = q[0] @ kh.transpose(-1, -2) * scale  # [Hq, T, T]
-        if gate is not None:
-            with torch.no_grad():  # quantization error, treated as a constant direction
-                dk = quant.dequantize(*quant.quantize(k.detach(), bits, group), group) - k.detach()
-                dv = quant.dequantize(*quant.quantize(v.detach(), bits, group), group) - v.detach()
-            gdk = (gate.view(1, 1, T, 1) * dk)[0].repeat_interleave(rep, 0)
-            gdv = (gate.view(1, 1, T, 1) * dv)[0].repeat_interleave(rep, 0)
+        if gates:
+            gdk = gdv = 0.0
+            for bits, gate in gates.items():
+                with torch.no_grad():  # quantization error, treated as a constant direction
+                    dk = quant.dequantize(*quant.quantize(k.detach(), bits, group), group) - k.detach()
+                    dv = quant.dequantize(*quant.quantize(v.detach(), bits, group), group) - v.detach()
+                gdk = gdk + (gate.view(1, 1, T, 1) * dk)[0].repeat_interleave(rep, 0)  # [Hq, T, D]
+                gdv = gdv + (gate.view(1, 1, T, 1) * dv)[0].repeat_interleave(rep, 0)
             s = s + qv * (q[0] @ gdk.transpose(-1, -2) * scale)
         s = s.masked_fill(~causal, float("-inf"))
         p = torch.softmax(s, dim=-1)
         o = p @ vh
-        if gate is not None:
+        if gates:
             o = o + (p * qv) @ gdv
         o = o.unsqueeze(0).transpose(1, 2).reshape(1, T, -1)
         x = x + att.o_proj(o)
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
     x = model.embed_tokens(tokens.unsqueeze(0))
-    grad = gate is not None and gate.requires_grad and torch.is_grad_enabled()
+    grad = any(g.requires_grad for g in (gates or {}).values()) and torch.is_grad_enabled()
     for layer in model.layers:
         if grad:  # recompute activations in backward: memory per layer instead of per model
-            x = checkpoint(block, layer, x, gate, use_reentrant=False)
+            x = checkpoint(block, layer, x, gates, use_reentrant=False)
         else:
-            x = block(layer, x, gate)
+            x = block(layer, x, gates)
     return torch.log_softmax(model.lm_head(model.norm(x))[0], dim=-1)
 
 
@@ -89,7 +96,7 @@ def _kl_sum(ref: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
 
 
 def attribute(model: Transformer, tokens: torch.Tensor, *, sinks: int, window: int, chunk: int, group: int,
-              steps: dict[int, int], ref: torch.Tensor | None = None) -> dict:
+              steps: dict[int, int], ref: torch.Tensor | None = None, rotation: torch.Tensor | None = None) -> dict:
     """Integrated-gradients attribution of the measured KL to each token, per quantized class.
 
     Returns ``{"ref": log-probs [T, V], "attr": float32 [T, 3] (classes 2, 4, 8; nats of summed KL)}``.
@@ -100,25 +107,26 @@ def attribute(model: Transformer, tokens: torch.Tensor, *, sinks: int, window: i
         p.requires_grad_(False)
     if ref is None:
         with torch.no_grad():
-            ref = gated_forward(model, tokens, None, 2, group, qvis)
+            ref = gated_forward(model, tokens, None, group, qvis, rotation)
     attr = torch.zeros(T, len(QUANT_CLASSES))
     for ci, bits in enumerate(QUANT_CLASSES):
         n = steps.get(bits, 1)
         for k in range(n):
             t = (k + 0.5) / n
             gate = torch.full((T,), t, requires_grad=True)
-            loss = _kl_sum(ref, gated_forward(model, tokens, gate, bits, group, qvis))
+            loss = _kl_sum(ref, gated_forward(model, tokens, {bits: gate}, group, qvis, rotation))
             (g,) = torch.autograd.grad(loss, gate)
             attr[:, ci] += g / n
     return {"ref": ref, "attr": attr}
 
 
 @torch.no_grad()
-def measured_kl(model: Transformer, tokens: torch.Tensor, gate: torch.Tensor, bits: int, *, sinks: int,
-                window: int, chunk: int, group: int, ref: torch.Tensor) -> float:
-    """Directly measured summed KL with gate ``gate`` (0/1 per token) at class ``bits``."""
+def measured_kl(model: Transformer, tokens: torch.Tensor, gates: dict[int, torch.Tensor], *, sinks: int,
+                window: int, chunk: int, group: int, ref: torch.Tensor, rotation: torch.Tensor | None = None) -> float:
+    """Directly measured summed KL with ``gates`` (``{bits: 0/1 per token}``, at most one 1 per token)."""
     qvis = quantized_visibility(tokens.shape[0], sinks, window, chunk)
-    return float(_kl_sum(ref, gated_forward(model, tokens, gate.float(), bits, group, qvis)))
+    gates = {b: g.float() for b, g in gates.items()}
+    return float(_kl_sum(ref, gated_forward(model, tokens, gates, group, qvis, rotation)))
 
 
 def labels_at(attr: torch.Tensor, tau: float) -> torch.Tensor:

@@ -46,7 +46,7 @@ def test_gated_forward_matches_the_cache(tiny_model, tiny_attr):
     """gate=None is the fp16 cache; gate=1 at 8 bits is static-8 (same visibility rule, same quantizer)."""
     model, tokens, out = tiny_attr
     ids = tokens.tolist()
-    for policy, gate, bits in (("fp16", None, 2), ("static-8", torch.ones(len(ids)), 8)):
+    for policy, gates in (("fp16", None), ("static-8", {8: torch.ones(len(ids))})):
         sess = Session(
             tiny_model,
             CacheOptions(policy=policy, max_context=128, sinks=SINKS, window=WINDOW, group=GROUP),
@@ -55,7 +55,7 @@ def test_gated_forward_matches_the_cache(tiny_model, tiny_attr):
         lp_cache = torch.log_softmax(sess.prefill(ids), -1)
         with torch.no_grad():
             lp = L.gated_forward(
-                model, tokens, gate, bits, GROUP, L.quantized_visibility(len(ids), SINKS, WINDOW, WINDOW)
+                model, tokens, gates, GROUP, L.quantized_visibility(len(ids), SINKS, WINDOW, WINDOW)
             )
         assert (lp - lp_cache).abs().max() < 2e-2, policy
 
@@ -71,7 +71,7 @@ def test_attribution_adds_up_to_measured_kl(tiny_attr):
     assert (attr[never] == 0).all()  # tokens no query sees quantized cost nothing
     kw = dict(sinks=SINKS, window=WINDOW, chunk=WINDOW, group=GROUP, ref=out["ref"])
     for ci, bits in enumerate(L.QUANT_CLASSES[:2]):
-        measured = L.measured_kl(model, tokens, torch.ones(T), bits, **kw)
+        measured = L.measured_kl(model, tokens, {bits: torch.ones(T)}, **kw)
         assert measured > 0
         assert attr[:, ci].sum() == pytest.approx(measured, rel=0.25), bits
     # fewer bits cost more, in total
@@ -83,7 +83,7 @@ def test_attribution_adds_up_to_measured_kl(tiny_attr):
     cheap, dear = torch.zeros(T), torch.zeros(T)
     cheap[order[:half]] = 1
     dear[order[half:]] = 1
-    assert L.measured_kl(model, tokens, dear, 2, **kw) > L.measured_kl(model, tokens, cheap, 2, **kw)
+    assert L.measured_kl(model, tokens, {2: dear}, **kw) > L.measured_kl(model, tokens, {2: cheap}, **kw)
 
 
 def test_labels_at_threshold():

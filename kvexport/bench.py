@@ -20,7 +20,6 @@ against context, one line per program).
 
 from __future__ import annotations
 
-import io
 import json
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ from kvexport.export.runtime import StepRunner
 from kvexport.fsutil import write_bytes_atomic, write_text_atomic
 from kvexport.kv.stats import named
 from kvexport.ops import kernel_calls
+from kvexport.plots import png_bytes, pyplot
 
 
 def _round(runner: StepRunner, context: int, decode_steps: int, ids: list[int]) -> tuple[float, list[float]]:
@@ -227,10 +227,7 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """Decode ms/token against context, one line per program (log-scaled context axis)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     programs = dict.fromkeys(r["program"] for r in result["rows"])
@@ -244,11 +241,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"decode speed, {result['threads']} threads")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, png_bytes(fig))
 
 
 def write_report(result: dict, out_dir: Path) -> dict[str, Path]:

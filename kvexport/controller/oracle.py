@@ -39,6 +39,7 @@ from kvexport.fsutil import write_bytes_atomic, write_text_atomic
 from kvexport.kv import quant
 from kvexport.kv.policy import CLASSES, class_bits
 from kvexport.kv.schedule import quantized_visibility
+from kvexport.plots import png_bytes, pyplot
 
 FP_CLASS = len(CLASSES) - 1  # index of the 16-bit class
 
@@ -59,8 +60,8 @@ def assignments(cost: torch.Tensor, pooled: torch.Tensor, budgets: list[float], 
 
     for c in range(FP_CLASS):
         out[f"static-{CLASSES[c]}"] = full(torch.full((len(idx),), c, dtype=torch.long))
+    pc = cost[idx]  # [n_pooled, 4]
     for b in budgets:
-        pc = cost[idx]
         oracle = oracle_choice(pc, bits, multiplier_for(pc, bits, b))  # [n_pooled]
         out[f"oracle@{b:g}"] = full(oracle)
         for s in seeds:
@@ -142,15 +143,8 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = result["summary"]["rows"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.2))
     for prefix, style, label in (("oracle@", "o-", "oracle"), ("random@", "x", "random, oracle's shares"),
                                  ("static-", "s--", "static")):
         pts = sorted((r["pooled_bits"], r["kl_per_token"]) for n, r in rows.items() if n.startswith(prefix))
@@ -162,10 +156,7 @@ def plot(result: dict) -> bytes:
     ax.set_title(f"routing headroom, {result['settings']['tokens']}-token windows")
     ax.grid(alpha=0.3)
     ax.legend()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def write_report(result: dict, out_dir: Path) -> dict[str, Path]:

@@ -28,7 +28,6 @@ distractor; each policy against fp16 on the same trials (paired bootstrap, McNem
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
@@ -41,6 +40,7 @@ from kvexport.eval import stats as S
 from kvexport.eval.report import short_label
 from kvexport.eval.runner import REFERENCE_POLICY
 from kvexport.fsutil import write_bytes_atomic, write_text_atomic
+from kvexport.plots import png_bytes, pyplot
 
 BLOCK = 64  # tokens per bootstrap unit
 FILES = {"json": "long_summary.json", "markdown": "long_table.md", "longppl": "longppl.png", "passkey": "passkey.png"}
@@ -409,18 +409,9 @@ def markdown(summary: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- plots
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    return buf.getvalue()
-
-
 def plot_longppl(summary: dict) -> bytes:
     """KL against effective bits (one point per policy and context), FP16 NLL and ΔNLL by query position."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     lp = summary["longppl"]
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -458,18 +449,12 @@ def plot_longppl(summary: dict) -> bytes:
     for ax in (a, b, c):
         ax.grid(alpha=0.3)
     fig.suptitle(f"{summary['model']}: long-context KV fidelity")
-    fig.tight_layout()
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    return png_bytes(fig)
 
 
 def plot_passkey(summary: dict) -> bytes:
     """Accuracy and answer log-probability against depth, one panel column per probe context."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     pk = summary["passkey"]
     ns = [str(n) for n in pk["contexts"]]
@@ -491,10 +476,7 @@ def plot_passkey(summary: dict) -> bytes:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.suptitle(f"{summary['model']}: passkey ({pk['trials']} trials per point)")
-    fig.tight_layout()
-    data = _png(fig)
-    plt.close(fig)
-    return data
+    return png_bytes(fig)
 
 
 def write_reports(summary: dict, out_dir: Path) -> dict[str, Path]:

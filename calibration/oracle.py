@@ -26,6 +26,7 @@ from kvexport.controller.calibrate import tokenize_blocks  # noqa: E402
 from kvexport.controller.token_counts import wikitext_halves  # noqa: E402
 from kvexport.data import data_file  # noqa: E402
 from kvexport.fsutil import write_text_atomic  # noqa: E402
+from kvexport.kv import quant  # noqa: E402
 from kvexport.models.loader import resolve  # noqa: E402
 from kvexport.session import CacheOptions, Session  # noqa: E402
 
@@ -40,6 +41,7 @@ def main() -> int:
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--kv-rotate", action="store_true", help="keys quantized after the Hadamard rotation")
+    p.add_argument("--kv-clip", default="none", help="clip ratios per class (kvexport --kv-clip), default none")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=str(HERE.parent / "results" / "oracle"))
     p.add_argument("--threads", type=int, default=2)
@@ -51,7 +53,8 @@ def main() -> int:
     sess = Session(loaded, CacheOptions(policy="fp16", max_context=a.tokens, sinks=a.sinks, window=a.window,
                                         group=group), model=model)
     settings = {"tokens": a.tokens, "sinks": a.sinks, "window": a.window, "chunk": sess.max_chunk, "group": group,
-                "budgets": a.budgets, "seeds": a.seeds, "ig_steps": {2: 2, 4: 1, 8: 1}, "rotate": a.kv_rotate}
+                "budgets": a.budgets, "seeds": a.seeds, "ig_steps": {2: 2, 4: 1, 8: 1}, "rotate": a.kv_rotate,
+                **({} if a.kv_clip == "none" else {"clip": a.kv_clip})}
     _, held = wikitext_halves(data_file("wikitext", a.data_dir))
     ids = tokenize_blocks(loaded.tokenizer, held, a.windows * a.tokens)
     out = Path(a.out)
@@ -66,7 +69,7 @@ def main() -> int:
                   file=sys.stderr)
             res = oracle.measure_window(model, w_ids, sinks=a.sinks, window=a.window, chunk=sess.max_chunk,
                                         group=group, budgets=a.budgets, seeds=a.seeds, steps=settings["ig_steps"],
-                                        rotate=a.kv_rotate)
+                                        rotate=a.kv_rotate, clip=quant.parse_clip(a.kv_clip))
             done = {"settings": settings, "ids": w_ids, **res}
             write_text_atomic(path, json.dumps(done))
         windows.append({k2: v for k2, v in done.items() if k2 != "ids"})

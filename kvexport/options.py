@@ -33,6 +33,9 @@ def add_cache_args(p: argparse.ArgumentParser, default_policy: str | None = "fp1
     p.add_argument("--kv-group", type=validate.positive_int, default=None,
                    help="quantization group size (default: head_dim)")
     p.add_argument("--kv-rotate", action="store_true", help="Hadamard-rotate keys before quantizing")
+    p.add_argument("--kv-clip", type=validate.kv_clip, default=None,
+                   help="clip ratios of the quantization range per class and side, e.g. 'k2=0.7,v2=0.9', or "
+                        "'none' (default: k2=0.7)")
     p.add_argument("--kv-budget-bits", type=validate.positive_float, default=None,
                    help="budget; picks the learned controller")
     p.add_argument("--max-context", type=validate.positive_int, default=2048)
@@ -49,7 +52,8 @@ def cache_options(a: argparse.Namespace):
     from kvexport.session import CacheOptions
 
     return CacheOptions(policy=a.kv_policy, max_context=a.max_context, sinks=a.kv_sinks, window=a.kv_window,
-                        group=a.kv_group, rotate_keys=a.kv_rotate, budget_bits=a.kv_budget_bits, seed=a.seed)
+                        group=a.kv_group, rotate_keys=a.kv_rotate, budget_bits=a.kv_budget_bits, seed=a.seed,
+                        **({} if a.kv_clip is None else {"clip": a.kv_clip}))
 
 
 def load_model(a: argparse.Namespace):

@@ -95,7 +95,7 @@ def run_parity(program_dir: Path, prompt: str = DEFAULT_PROMPT, steps: int = 64,
     manifest = read_manifest(program_dir)
     runner = open_runner(program_dir)
     loaded = loaded or loaded_for_manifest(manifest)
-    model, opts = reference_model(loaded, manifest), CacheOptions(**manifest["cache_options"])
+    model, opts = reference_model(loaded, manifest), CacheOptions.from_manifest(manifest["cache_options"])
     session = Session(loaded, opts, model=model)
     noisy = Session(loaded, opts, model=model) if dynamic_activations(manifest) else None  # same weights, own cache
     ids = loaded.tokenizer.encode(prompt)

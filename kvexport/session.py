@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from kvexport.errors import KvxError
+from kvexport.kv import quant
 from kvexport.kv import stats as kv_stats
 from kvexport.kv.cache import CacheLayout, MixedKVCache
 from kvexport.kv.policy import CLASSES, build_policy, parse_policy
@@ -21,6 +22,7 @@ from kvexport.models.llama import Transformer
 from kvexport.models.loader import LoadedModel
 
 DEFAULT_BUDGET_BITS = 4.0
+DEFAULT_CLIP = "k2=0.7"  # --kv-clip: 2-bit keys on the middle 70% of each group's range (calibration/README.md)
 
 
 def calibration_dir() -> Path:
@@ -69,9 +71,15 @@ class CacheOptions:
     rotate_keys: bool = False
     budget_bits: float | None = None  # picks the default learned controller
     seed: int = 0
+    clip: str = DEFAULT_CLIP  # --kv-clip (quant.parse_clip)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_manifest(cls, options: dict) -> CacheOptions:
+        """The options a program was built with (programs from before ``--kv-clip`` clipped nothing)."""
+        return cls(**{"clip": "none", **options})
 
 
 def build_cache(
@@ -100,6 +108,7 @@ def build_cache(
             fractions=policy.fractions,
             fp_dtype="float32" if spec.kind == "fp32" else "float16",
             rotate_keys=opts.rotate_keys,
+            clip=quant.parse_clip(opts.clip),
         )
     except ValueError as err:
         raise KvxError(str(err)) from None

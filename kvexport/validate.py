@@ -115,12 +115,24 @@ def output_dir(text: str) -> Path:
     return path
 
 
+def _parses(text: str, parse) -> str:
+    """``text`` as given once ``parse(text)`` accepts it; its ``ValueError`` becomes the option's error."""
+    try:
+        parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def kv_clip(text: str) -> str:
+    """A ``--kv-clip`` spec, returned as given once it parses."""
+    from kvexport.kv.quant import parse_clip
+
+    return _parses(text, parse_clip)
+
+
 def policy(text: str) -> str:
     """A ``--kv-policy`` spec, returned as given once it parses."""
     from kvexport.kv.policy import parse_policy
 
-    try:
-        parse_policy(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+    return _parses(text, parse_policy)

@@ -92,13 +92,28 @@ def test_quantized_policies_change_logits_in_order_of_bits(tiny_model):
 
 
 def test_rotation_keeps_fp_results_and_changes_quantized_ones(tiny_model):
-    base = CacheOptions(policy="fp32", max_context=64, window=0, sinks=0)
+    base = CacheOptions(policy="fp32", max_context=64, window=0, sinks=0, rotate_keys=False)
     rot = CacheOptions(policy="fp32", max_context=64, window=0, sinks=0, rotate_keys=True)
     a, b = run(Session(tiny_model, base), IDS[:20], 4), run(Session(tiny_model, rot), IDS[:20], 4)
     assert (a - b).abs().max() < 1e-4
-    q = CacheOptions(policy="static-2", max_context=64, window=0, sinks=0)
+    q = CacheOptions(policy="static-2", max_context=64, window=0, sinks=0, rotate_keys=False)
     qr = CacheOptions(policy="static-2", max_context=64, window=0, sinks=0, rotate_keys=True)
     assert (run(Session(tiny_model, q), IDS[:20], 4) - run(Session(tiny_model, qr), IDS[:20], 4)).abs().max() > 1e-3
+
+
+def test_clip_ratios_reach_the_pools_of_their_class_and_side(tiny_model):
+    def pools(clip):
+        s = Session(tiny_model, CacheOptions(policy="static-2", max_context=64, window=0, sinks=0, clip=clip))
+        s.prefill(IDS[:40])
+        return s.cache
+    plain, keys, values = pools("none"), pools("k2=0.6"), pools("v2=0.6,k4=0.5")
+    assert keys.layout.clip(2) == (0.6, 1.0) and values.layout.clip(4) == (0.5, 1.0)
+    # layer 0 (its K/V depend on the tokens only; later layers see the clipped cache through attention)
+    assert not torch.equal(plain.pool2_k[:, 0], keys.pool2_k[:, 0]) and torch.equal(plain.pool2_v[:, 0],
+                                                                                   keys.pool2_v[:, 0])
+    assert torch.equal(plain.pool2_k[:, 0], values.pool2_k[:, 0]) and not torch.equal(plain.pool2_v[:, 0],
+                                                                                       values.pool2_v[:, 0])
+    assert (keys.pool2_ks[:40, 0].float() < plain.pool2_ks[:40, 0].float()).all()  # a finer grid per group
 
 
 def test_context_overflow_is_a_clear_error(tiny_model):
@@ -114,6 +129,8 @@ def test_context_overflow_is_a_clear_error(tiny_model):
     (CacheOptions(policy="fp16", window=3000), "must fit in the context"),
     (CacheOptions(policy="fp16", group=5), "group size"),
     (CacheOptions(policy="learned:/nonexistent.safetensors"), "controller file not found"),
+    (CacheOptions(policy="static-2", clip="k3=0.5"), "bad --kv-clip entry"),
+    (CacheOptions(policy="static-2", clip="k2=1.5"), "outside"),
 ])
 def test_bad_options_are_one_line_errors(tiny_model, opts, msg):
     with pytest.raises(KvxError, match=msg) as err:

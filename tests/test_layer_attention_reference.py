@@ -2,10 +2,13 @@
 attention output (``MixedKVCache.attend``), attention features (``_attention_features``) and the
 tokens eviction reads (the old ring occupants), on caches filled by real decoding steps."""
 
+import re
+
 import pytest
 import torch
 
 from kvexport.kv import layer_attention as ref
+from kvexport.kv import quant
 from kvexport.session import CacheOptions, Session, build_cache
 
 IDS = list(range(1000, 1100))
@@ -66,7 +69,9 @@ def test_reference_equals_cache_step(tiny_model, opts, n_prefix, t):
 ])
 def test_layer_kernel_cache_decodes_like_the_reference_cache(tiny_model, hand_controller, opts):
     """A cache whose layers each run ``kvexport::layer_attention`` (eager: its reference) gives the
-    reference cache's logits, and the same pools, positions and fills, step after step."""
+    reference cache's logits, and the same positions and fills, step after step; the pools' codes agree
+    up to the odd +-1 where the two summation orders round a layer-1 key to neighbouring fp16 values
+    (seen: one 8-bit code of 15,360 with the learned case)."""
     if opts["policy"] == "learned":
         opts = {**opts, "policy": f"learned:{hand_controller}"}
     a = Session(tiny_model, CacheOptions(max_context=96, **opts))
@@ -82,5 +87,9 @@ def test_layer_kernel_cache_decodes_like_the_reference_cache(tiny_model, hand_co
             buf, got = buf[:-1], got[:-1]
         if buf.is_floating_point():  # features and float parts: attention-derived, float tolerance
             torch.testing.assert_close(got.float(), buf.float(), rtol=1e-3, atol=1e-3, msg=name)
-        else:  # positions, fills, packed codes: identical
+        elif m := re.fullmatch(r"pool(\d)_[kv]", name):  # packed codes
+            bits = int(m.group(1))
+            diff = quant.unpack(got, bits).int() - quant.unpack(buf, bits).int()
+            assert (diff.abs() <= 1).all() and (diff != 0).sum() <= 1e-3 * diff.numel(), name
+        else:  # positions, fills: identical
             assert torch.equal(got, buf), name

@@ -37,6 +37,25 @@ def test_dequantization_error_within_half_a_step(bits, group, seed, scale, shift
     assert (err <= half_step + 4e-7 * (x.abs().max() + abs(shift))).all()
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_clipping_spans_the_middle_of_the_range_and_saturates_outliers(bits):
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(256, 64, generator=g)
+    x[:, 5], x[:, 6] = 12.0, -12.0  # two outlier channels
+    codes, s, z = quant.quantize(x, bits, 64, clip=0.6)
+    full = quant.quantize(x, bits, 64)
+    assert torch.equal(quant.quantize(x, bits, 64, clip=1.0)[0], full[0])
+    assert (s.float() < full[1].float()).all()  # a finer grid ...
+    assert (codes[:, 5] == 2**bits - 1).all() and (codes[:, 6] == 0).all()  # ... that saturates the outliers
+    inner = torch.ones(64, dtype=torch.bool)
+    inner[5:7] = False
+    err = (quant.dequantize(codes, s, z, 64) - x)[:, inner].pow(2).mean()
+    err_full = (quant.dequantize(*full, 64) - x)[:, inner].pow(2).mean()
+    assert err < 0.7 * err_full
+    with pytest.raises(ValueError, match="clip ratio"):
+        quant.check_clip(0.0)
+
+
 def test_constant_group_is_exact():
     x = torch.full((1, 1, 64), 0.3)
     codes, s, z = quant.quantize(x, 4, 64)

@@ -33,14 +33,16 @@ QUANT_CLASSES = (2, 4, 8)
 
 
 def gated_forward(model: Transformer, tokens: torch.Tensor, gates: dict[int, torch.Tensor] | None, group: int,
-                  qvis: torch.Tensor, rotation: torch.Tensor | None = None) -> torch.Tensor:
+                  qvis: torch.Tensor, rotation: torch.Tensor | None = None, clip=quant.NO_CLIP) -> torch.Tensor:
     """Full-sequence forward (batch 1, positions from 0) with gated quantization of K/V.
 
-    tokens int64 ``[T]``; gates ``{bits: gate float [T]}`` (a gate may require grad; a token whose
+    tokens int64 ``[T]``; gates ``{class: gate float [T]}``, a class being ``bits`` or a ``(key bits, value bits)``
+    pair, 16 for a side kept at fp16 (a gate may require grad; a token whose
     gates are 0 stays fp16, one with gate 1 at ``bits`` is stored at that class) or None (pure fp16
     storage); returns log-probs ``[T, V]``. Keys are rounded to fp16 after RoPE, as the cache stores them;
     with ``rotation`` (``--kv-rotate``'s Hadamard ``[D, D]``) queries and keys are rotated first, as the
-    cache does, so keys are stored and quantized in the rotated basis.
+    cache does, so keys are stored and quantized in the rotated basis. ``clip``: (key, value) clip ratios per
+    class (:func:`kvexport.kv.quant.parse_clip`; the cache layout's ``key_clip`` / ``value_clip``).
     """
     args = model.args
     T = tokens.shape[0]
@@ -65,10 +67,10 @@ def gated_forward(model: Transformer, tokens: torch.Tensor, gates: dict[int, tor
         s = q[0] @ kh.transpose(-1, -2) * scale  # [Hq, T, T]
         if gates:
             gdk = gdv = 0.0
-            for bits, gate in gates.items():
+            for cls, gate in gates.items():
                 with torch.no_grad():  # quantization error, treated as a constant direction
-                    dk = quant.dequantize(*quant.quantize(k.detach(), bits, group), group) - k.detach()
-                    dv = quant.dequantize(*quant.quantize(v.detach(), bits, group), group) - v.detach()
+                    dk, dv = (_error(x.detach(), bits, group, clip[side])
+                              for side, (x, bits) in enumerate(zip((k, v), _sides(cls))))
                 gdk = gdk + (gate.view(1, 1, T, 1) * dk)[0].repeat_interleave(rep, 0)  # [Hq, T, D]
                 gdv = gdv + (gate.view(1, 1, T, 1) * dv)[0].repeat_interleave(rep, 0)
             s = s + qv * (q[0] @ gdk.transpose(-1, -2) * scale)
@@ -91,12 +93,26 @@ def gated_forward(model: Transformer, tokens: torch.Tensor, gates: dict[int, tor
     return torch.log_softmax(model.lm_head(model.norm(x))[0], dim=-1)
 
 
+def _sides(cls) -> tuple[int, int]:
+    """(key bits, value bits) of a gate's class: ``bits`` for both, or a ``(key, value)`` pair (16: kept)."""
+    return (cls, cls) if isinstance(cls, int) else tuple(cls)
+
+
+def _error(x: torch.Tensor, bits: int, group: int, clips: tuple[float, ...]) -> torch.Tensor:
+    """Quantization error ``Q(x) - x`` at ``bits`` (0 at 16) with that side's clip ratio."""
+    if bits >= 16:
+        return torch.zeros_like(x)
+    clip = clips[quant.SUPPORTED_BITS.index(bits)]
+    return quant.dequantize(*quant.quantize(x, bits, group, clip), group) - x
+
+
 def _kl_sum(ref: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
     return (ref.exp() * (ref - lp)).sum()
 
 
 def attribute(model: Transformer, tokens: torch.Tensor, *, sinks: int, window: int, chunk: int, group: int,
-              steps: dict[int, int], ref: torch.Tensor | None = None, rotation: torch.Tensor | None = None) -> dict:
+              steps: dict[int, int], ref: torch.Tensor | None = None, rotation: torch.Tensor | None = None,
+              clip=quant.NO_CLIP) -> dict:
     """Integrated-gradients attribution of the measured KL to each token, per quantized class.
 
     Returns ``{"ref": log-probs [T, V], "attr": float32 [T, 3] (classes 2, 4, 8; nats of summed KL)}``.
@@ -107,14 +123,14 @@ def attribute(model: Transformer, tokens: torch.Tensor, *, sinks: int, window: i
         p.requires_grad_(False)
     if ref is None:
         with torch.no_grad():
-            ref = gated_forward(model, tokens, None, group, qvis, rotation)
+            ref = gated_forward(model, tokens, None, group, qvis, rotation, clip)
     attr = torch.zeros(T, len(QUANT_CLASSES))
     for ci, bits in enumerate(QUANT_CLASSES):
         n = steps.get(bits, 1)
         for k in range(n):
             t = (k + 0.5) / n
             gate = torch.full((T,), t, requires_grad=True)
-            loss = _kl_sum(ref, gated_forward(model, tokens, {bits: gate}, group, qvis, rotation))
+            loss = _kl_sum(ref, gated_forward(model, tokens, {bits: gate}, group, qvis, rotation, clip))
             (g,) = torch.autograd.grad(loss, gate)
             attr[:, ci] += g / n
     return {"ref": ref, "attr": attr}
@@ -122,11 +138,12 @@ def attribute(model: Transformer, tokens: torch.Tensor, *, sinks: int, window: i
 
 @torch.no_grad()
 def measured_kl(model: Transformer, tokens: torch.Tensor, gates: dict[int, torch.Tensor], *, sinks: int,
-                window: int, chunk: int, group: int, ref: torch.Tensor, rotation: torch.Tensor | None = None) -> float:
+                window: int, chunk: int, group: int, ref: torch.Tensor, rotation: torch.Tensor | None = None,
+                clip=quant.NO_CLIP) -> float:
     """Directly measured summed KL with ``gates`` (``{bits: 0/1 per token}``, at most one 1 per token)."""
     qvis = quantized_visibility(tokens.shape[0], sinks, window, chunk)
     gates = {b: g.float() for b, g in gates.items()}
-    return float(_kl_sum(ref, gated_forward(model, tokens, gates, group, qvis, rotation)))
+    return float(_kl_sum(ref, gated_forward(model, tokens, gates, group, qvis, rotation, clip)))
 
 
 def labels_at(attr: torch.Tensor, tau: float) -> torch.Tensor:

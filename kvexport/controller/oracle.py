@@ -77,19 +77,20 @@ def gates_of(choice: torch.Tensor) -> dict[int, torch.Tensor]:
 
 def measure_window(model, ids: list[int], *, sinks: int, window: int, chunk: int, group: int,
                    budgets: list[float], seeds: list[int], steps: dict[int, int], rotate: bool = False,
-                   progress: bool = True) -> dict:
+                   clip=quant.NO_CLIP, progress: bool = True) -> dict:
     """Attribution, assignments and measured KL of one window (see the module docstring); ``rotate``:
-    keys quantized after ``--kv-rotate``'s Hadamard rotation, as the cache does."""
+    keys quantized after ``--kv-rotate``'s Hadamard rotation, as the cache does; ``clip``: the classes'
+    clip ratios (:func:`kvexport.kv.quant.parse_clip`)."""
     tokens = torch.tensor(ids)
     T = len(ids)
     rotation = quant.hadamard(model.args.head_dim) if rotate else None
     out = L.attribute(model, tokens, sinks=sinks, window=window, chunk=chunk, group=group, steps=steps,
-                      rotation=rotation)
+                      rotation=rotation, clip=clip)
     cost = L.class_costs(out["attr"])  # [T, 4]
     pooled = quantized_visibility(T, sinks, window, chunk).any(0)  # [T]
     bits = torch.tensor(class_bits(group), dtype=torch.float32)
     chosen = assignments(cost, pooled, budgets, bits, seeds)
-    kw = dict(sinks=sinks, window=window, chunk=chunk, group=group, ref=out["ref"], rotation=rotation)
+    kw = dict(sinks=sinks, window=window, chunk=chunk, group=group, ref=out["ref"], rotation=rotation, clip=clip)
     rows = {}
     for name, choice in tqdm(chosen.items(), desc="measure", disable=not progress, leave=False):
         kl = L.measured_kl(model, tokens, gates_of(choice), **kw) if (choice != FP_CLASS).any() else 0.0

@@ -63,13 +63,14 @@ class PackedCache:
         self.fp_dtype = cache.layout.torch_fp_dtype
         self.rotation = cache.rotation.to(device) if cache.layout.rotate_keys else None
 
-    def _stored_values(self, classes: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """x ``[B, H, T, D]`` (float-rounded) -> each key as its class's pool returns it."""
+    def _stored_values(self, classes: torch.Tensor, x: torch.Tensor, side: int) -> torch.Tensor:
+        """x ``[B, H, T, D]`` (float-rounded keys, ``side`` 0, or values, 1) -> each row as its class's pool
+        returns it."""
         out = x
         cls = classes[:, None, :, None]
         for i, bits in enumerate(CLASSES[:-1]):
             if bool((classes == i).any()):
-                codes, scale, zero = quant.quantize(x, bits, self.layout.group)
+                codes, scale, zero = quant.quantize(x, bits, self.layout.group, self.layout.clip(bits)[side])
                 out = torch.where(cls == i, quant.dequantize(codes, scale, zero, self.layout.group), out)
         return out
 
@@ -85,7 +86,7 @@ class PackedCache:
         scale = 1.0 / math.sqrt(d)
         s = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * scale  # [B, H, rep, T, T]
         if step.any_stored:
-            kq, vq = self._stored_values(step.classes, k), self._stored_values(step.classes, v)
+            kq, vq = self._stored_values(step.classes, k, 0), self._stored_values(step.classes, v, 1)
             s = torch.where(step.stored, torch.matmul(qg, kq.unsqueeze(2).transpose(-1, -2)) * scale, s)
         s = s.masked_fill(~(step.fp | step.stored), float("-inf"))
         p = torch.softmax(s, dim=-1)

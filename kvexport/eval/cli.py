@@ -223,6 +223,7 @@ def _settings(args, evaluation) -> dict:
         "sinks": opts.sinks,
         "group": opts.group or evaluation.loaded.args.head_dim,
         "rotate_keys": opts.rotate_keys,
+        "clip": opts.clip,
         "max_context": opts.max_context,
         "seed": opts.seed,
         "budget_bits": opts.budget_bits,
@@ -249,7 +250,7 @@ def program_setup(program: str, backend: str):
             f"{next(b for b, t in BACKEND_TARGETS.items() if manifest['target'] in t)}"
         )
     weights = manifest["weights"] if manifest["target"] == "executorch" else "fp32"
-    opts = CacheOptions(**manifest["cache_options"])
+    opts = CacheOptions.from_manifest(manifest["cache_options"])
     return loaded_for_manifest(manifest), opts, [opts.policy], weights
 
 
@@ -263,6 +264,7 @@ def _long_settings(args, ev) -> dict:
         "sinks": opts.sinks,
         "group": opts.group or ev.loaded.args.head_dim,
         "rotate_keys": opts.rotate_keys,
+        "clip": opts.clip,
         "seed": opts.seed,
         "budget_bits": opts.budget_bits,
         "prefill_chunk": first["prefill_chunk"],

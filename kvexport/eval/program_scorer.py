@@ -29,7 +29,7 @@ class ProgramScorer:
 
         self.runner = open_runner(Path(program_dir))
         self.backend = backend
-        self.opts = CacheOptions(**self.runner.manifest["cache_options"])
+        self.opts = CacheOptions.from_manifest(self.runner.manifest["cache_options"])
         self.prefill_chunk = min(prefill_chunk or default_prefill_chunk(self.opts), self.runner.max_chunk)
         self._stats = None
 

@@ -43,6 +43,8 @@ features into the window.
 Eviction happens at step granularity: within one chunk, tokens see each other at full precision.
 Keys are stored after RoPE, optionally multiplied by an orthonormal Hadamard matrix (queries get
 the same rotation, so scores are unchanged while outliers spread across channels before quantizing).
+Each quantized class may clip its grid to the middle of each group's range, keys and values apart
+(``key_clip`` / ``value_clip`` of the layout; the rule is :func:`kvexport.kv.quant.quantize`'s).
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ class CacheLayout:
     capacities: tuple[int, int, int, int]  # pooled tokens per class, in CLASSES order
     fp_dtype: str = "float16"  # storage of sinks, window and the 16-bit pool ("float32" for fp32)
     rotate_keys: bool = False
+    key_clip: tuple[float, float, float] = (1.0, 1.0, 1.0)  # clip ratio of keys at 2, 4, 8 bits (quant.quantize)
+    value_clip: tuple[float, float, float] = (1.0, 1.0, 1.0)  # the same for values
 
     @property
     def torch_fp_dtype(self) -> torch.dtype:
@@ -91,6 +95,11 @@ class CacheLayout:
                 per_head.append(self.head_dim * c // 8 + 2 * 2 * (self.head_dim // self.group))
         return [2 * self.n_layers * self.n_kv_heads * b for b in per_head]
 
+    def clip(self, bits: int) -> tuple[float, float]:
+        """(key, value) clip ratios of the ``bits`` class."""
+        i = QUANT_BITS.index(bits)
+        return self.key_clip[i], self.value_clip[i]
+
     def elements_per_token(self) -> int:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim
 
@@ -99,7 +108,8 @@ class CacheLayout:
 
     @classmethod
     def build(
-        cls, *, n_layers, n_kv_heads, head_dim, max_context, sinks, window, group, fractions, fp_dtype, rotate_keys
+        cls, *, n_layers, n_kv_heads, head_dim, max_context, sinks, window, group, fractions, fp_dtype, rotate_keys,
+        clip=((1.0,) * 3, (1.0,) * 3),
     ):
         """Size the pools: class ``c`` gets ``ceil(fraction_c * pooled tokens)`` slots."""
         if sinks < 0 or window < 0 or sinks + window > max_context:
@@ -111,7 +121,8 @@ class CacheLayout:
         if sum(caps) < n_pool:  # rounding guard: every pooled token must have a slot somewhere
             i = max(range(len(caps)), key=lambda j: fractions[j])
             caps = tuple(c + (n_pool - sum(caps) if j == i else 0) for j, c in enumerate(caps))
-        return cls(n_layers, n_kv_heads, head_dim, max_context, sinks, window, group, caps, fp_dtype, rotate_keys)
+        return cls(n_layers, n_kv_heads, head_dim, max_context, sinks, window, group, caps, fp_dtype, rotate_keys,
+                   *clip)
 
 
 class QuantPool(NamedTuple):
@@ -428,7 +439,9 @@ class MixedKVCache(nn.Module):
                 self._write(self.pool16_k, idx, cand_k.to(fp))
                 self._write(self.pool16_v, idx, cand_v.to(fp))
                 continue
-            packed = (*self.quantize_pack(cand_k, c, lay.group), *self.quantize_pack(cand_v, c, lay.group))
+            k_clip, v_clip = lay.clip(c)
+            packed = (*self.quantize_pack(cand_k, c, lay.group, k_clip),
+                      *self.quantize_pack(cand_v, c, lay.group, v_clip))
             for buf, x in zip(self.quant_pool(c), packed):  # QuantPool order: k, ks, kz, v, vs, vz
                 self._write(buf, idx, x)
         self.fill.copy_(new_fill)
@@ -452,13 +465,13 @@ class MixedKVCache(nn.Module):
         runs in place (ExecuTorch's portable kernels have no ``index_copy``)."""
         buf.index_put_((slots,), values)
 
-    def quantize_pack(self, x: torch.Tensor, bits: int, group: int):
+    def quantize_pack(self, x: torch.Tensor, bits: int, group: int, clip: float):
         """``kvexport::quantize_pack`` when fused, else its reference :func:`quant.quantize_packed`."""
         if self.fused_ops:
             from kvexport import ops
 
-            return ops.quantize_pack(x, bits, group)
-        return quant.quantize_packed(x, bits, group)
+            return ops.quantize_pack(x, bits, group, clip)
+        return quant.quantize_packed(x, bits, group, clip)
 
     @staticmethod
     def _pool_attention(*args):

@@ -13,6 +13,12 @@ Conventions (all functions):
     step. Both are found without ``nextafter`` (ExecuTorch's portable kernels lack it): nudging
     ``y`` by ``|y| * 2**-10 + 2**-24`` (at least one fp16 ulp) before rounding to fp16 guarantees the
     direction. Arithmetic is float32, in exactly the order written (kernels must match bit for bit).
+  * clipping (``clip`` in ``(0, 1]``, the fraction of each group's ``[min, max]`` range the grid
+    spans, centred on the range): ``a = (1 - clip) / 2`` in fp32, ``shrink = (max - min) * a``, then
+    ``min + shrink`` and ``max - shrink`` take the place of ``min`` and ``max`` (skipped when
+    ``clip == 1``); elements outside the clipped range get the end codes. At 2 bits most of a
+    key group's range is spent on one or two outliers: a clipped grid resolves the rest
+    (``calibration/README.md``, "2-bit keys").
   * packing: ``8 // bits`` codes per byte, code ``i`` of a byte in bits ``[bits*i, bits*(i+1))``
     (little-endian within the byte); packed shape ``[..., D * bits // 8]``.
 """
@@ -21,11 +27,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 SUPPORTED_BITS = (2, 4, 8)
 FP16_NUDGE = 2.0**-10  # relative nudge: >= one fp16 ulp of the value
 FP16_TINY = 2.0**-24  # absolute nudge: one fp16 subnormal step
+NO_CLIP = ((1.0,) * len(SUPPORTED_BITS),) * 2  # (key, value) clip ratios per class: none
 
 
 def check_layout(head_dim: int, bits: int, group: int) -> None:
@@ -45,13 +53,52 @@ def bits_per_element(bits: int, group: int) -> float:
     return bits + 2 * 16 / group
 
 
-def quantize(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def check_clip(clip: float) -> None:
+    """Raise ``ValueError`` unless ``0 < clip <= 1``."""
+    if not 0.0 < clip <= 1.0:
+        raise ValueError(f"clip ratio {clip} is outside (0, 1]")
+
+
+def parse_clip(spec: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A ``--kv-clip`` spec -> (key clip, value clip), one ratio per bit-width of :data:`SUPPORTED_BITS`.
+
+    ``none`` clips nothing; otherwise comma-separated ``k<bits>=<ratio>`` / ``v<bits>=<ratio>``
+    entries (e.g. ``k2=0.7,v2=0.9``); classes not named keep their whole range (ratio 1).
+    """
+    ratios = {side: [1.0] * len(SUPPORTED_BITS) for side in "kv"}
+    if spec.strip() != "none":
+        for entry in spec.split(","):
+            name, _, value = entry.strip().partition("=")
+            side, bits = name[:1], name[1:]
+            if side not in ratios or not bits.isdigit() or int(bits) not in SUPPORTED_BITS:
+                raise ValueError(f"bad --kv-clip entry '{entry}': use k<bits>=<ratio> or v<bits>=<ratio> with bits "
+                                 f"in {SUPPORTED_BITS}, e.g. k2=0.7, or 'none'")
+            try:
+                ratio = float(value)
+            except ValueError:
+                raise ValueError(f"bad --kv-clip ratio in '{entry}': expected a number in (0, 1]") from None
+            check_clip(ratio)
+            ratios[side][SUPPORTED_BITS.index(int(bits))] = ratio
+    return tuple(ratios["k"]), tuple(ratios["v"])
+
+
+def clip_shrink(clip: float) -> float:
+    """``a = (1 - fp32(clip)) / 2``, computed in fp32 as every backend does."""
+    return float((np.float32(1.0) - np.float32(clip)) / np.float32(2.0))
+
+
+def quantize(x: torch.Tensor, bits: int, group: int,
+             clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize float32 ``x [..., D]`` to (codes uint8 ``[..., D]``, scale fp16, zero fp16 ``[..., D/group]``)."""
     qmax = 2**bits - 1
     shape = x.shape
     xg = x.float().reshape(*shape[:-1], shape[-1] // group, group)
     lo = xg.amin(dim=-1)
     hi = xg.amax(dim=-1)
+    a = clip_shrink(clip)
+    if a != 0.0:
+        shrink = (hi - lo) * a
+        lo, hi = lo + shrink, hi - shrink
     zero = (lo - (lo.abs() * FP16_NUDGE + FP16_TINY)).to(torch.float16)
     span = (hi - zero.float()) / qmax
     scale = (span + (span * FP16_NUDGE + FP16_TINY)).to(torch.float16)
@@ -92,9 +139,10 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
 
 
-def quantize_packed(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_packed(x: torch.Tensor, bits: int, group: int,
+                    clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`quantize` then :func:`pack`: float32 ``[..., D]`` -> (packed uint8, scale fp16, zero fp16)."""
-    codes, scale, zero = quantize(x, bits, group)
+    codes, scale, zero = quantize(x, bits, group, clip)
     return pack(codes, bits), scale, zero
 
 

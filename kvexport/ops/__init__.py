@@ -203,11 +203,11 @@ def load_method(program: str | Path | bytes, method: str = "forward"):
 # ----------------------------------------------------------------------------- model-facing calls
 
 
-def quantize_pack(x: torch.Tensor, bits: int, group: int, *, portable: bool = False):
+def quantize_pack(x: torch.Tensor, bits: int, group: int, clip: float = 1.0, *, portable: bool = False):
     if portable:
-        return _quant.quantize_packed(x, bits, group)
+        return _quant.quantize_packed(x, bits, group, clip)
     load()
-    return torch.ops.kvexport.quantize_pack(x, bits, group)
+    return torch.ops.kvexport.quantize_pack(x, bits, group, clip)
 
 
 def pool_attention(

@@ -17,10 +17,12 @@ from kvexport.kv import allocate, attention, layer_attention, quant
 NAMESPACE = "kvexport"
 
 SCHEMAS = {
-    "quantize_pack": "quantize_pack(Tensor x, int bits, int group) -> (Tensor packed, Tensor scale, Tensor zero)",
+    "quantize_pack": (
+        "quantize_pack(Tensor x, int bits, int group, float clip=1.0) -> (Tensor packed, Tensor scale, Tensor zero)"
+    ),
     "quantize_pack.out": (
-        "quantize_pack.out(Tensor x, int bits, int group, *, Tensor(a!) packed, Tensor(b!) scale, Tensor(c!) zero)"
-        " -> (Tensor(a!), Tensor(b!), Tensor(c!))"
+        "quantize_pack.out(Tensor x, int bits, int group, float clip=1.0, *, Tensor(a!) packed, Tensor(b!) scale,"
+        " Tensor(c!) zero) -> (Tensor(a!), Tensor(b!), Tensor(c!))"
     ),
     "pool_attention": (
         "pool_attention(Tensor q, Tensor k_packed, Tensor k_scale, Tensor k_zero, Tensor v_packed, Tensor v_scale,"
@@ -60,9 +62,10 @@ def _check_layout(d: int, bits: int, group: int) -> None:
     quant.check_layout(d, bits, group)
 
 
-def _quantize_pack_shapes(x: torch.Tensor, bits: int, group: int):
+def _quantize_pack_shapes(x: torch.Tensor, bits: int, group: int, clip: float):
     d = x.shape[-1]
     _check_layout(d, bits, group)
+    quant.check_clip(clip)
     lead = tuple(x.shape[:-1])
     return lead + (d * bits // 8,), lead + (d // group,)
 
@@ -77,9 +80,9 @@ def _pool_attention_shapes(q: torch.Tensor, k_packed: torch.Tensor):
 # ----------------------------------------------------------------------------- eager (reference)
 
 
-def _quantize_pack_impl(x, bits, group):
-    _quantize_pack_shapes(x, bits, group)
-    return tuple(t.contiguous() for t in quant.quantize_packed(x, bits, group))
+def _quantize_pack_impl(x, bits, group, clip=1.0):
+    _quantize_pack_shapes(x, bits, group, clip)
+    return tuple(t.contiguous() for t in quant.quantize_packed(x, bits, group, clip))
 
 
 def _pool_attention_impl(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits, group, scale):
@@ -115,8 +118,8 @@ def _copy_out(results, outs):
     return outs
 
 
-def _quantize_pack_out_impl(x, bits, group, *, packed, scale, zero):
-    return tuple(_copy_out(_quantize_pack_impl(x, bits, group), (packed, scale, zero)))
+def _quantize_pack_out_impl(x, bits, group, clip=1.0, *, packed, scale, zero):
+    return tuple(_copy_out(_quantize_pack_impl(x, bits, group, clip), (packed, scale, zero)))
 
 
 def _pool_attention_out_impl(
@@ -142,8 +145,8 @@ def _allocate_out_impl(desired, valid, fill, caps, *, cls, slot, fill_out):
 # ----------------------------------------------------------------------------- fake / meta
 
 
-def _quantize_pack_fake(x, bits, group):
-    packed_shape, sz_shape = _quantize_pack_shapes(x, bits, group)
+def _quantize_pack_fake(x, bits, group, clip=1.0):
+    packed_shape, sz_shape = _quantize_pack_shapes(x, bits, group, clip)
     return (
         x.new_empty(packed_shape, dtype=torch.uint8),
         x.new_empty(sz_shape, dtype=torch.float16),
@@ -160,8 +163,8 @@ def _pool_attention_fake(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero
     )
 
 
-def _quantize_pack_out_meta(x, bits, group, *, packed, scale, zero):
-    packed_shape, sz_shape = _quantize_pack_shapes(x, bits, group)
+def _quantize_pack_out_meta(x, bits, group, clip=1.0, *, packed, scale, zero):
+    packed_shape, sz_shape = _quantize_pack_shapes(x, bits, group, clip)
     return packed.resize_(packed_shape), scale.resize_(sz_shape), zero.resize_(sz_shape)
 
 

@@ -31,7 +31,7 @@ FP16_TINY = 2.0**-24  # == kvexport.kv.quant.FP16_TINY
 
 
 @onnxscript.script(kvexport_opset, default_opset=op)
-def quantize_pack(x: FLOAT, bits: int, group: int) -> tuple[UINT8, FLOAT16, FLOAT16]:
+def quantize_pack(x: FLOAT, bits: int, group: int, clip: float = 1.0) -> tuple[UINT8, FLOAT16, FLOAT16]:
     """kvexport::quantize_pack == kvexport.kv.quant.quantize_packed."""
     b = op.Constant(value_int=bits)
     g1 = op.Reshape(op.Constant(value_int=group), op.Constant(value_ints=[1]))
@@ -43,6 +43,12 @@ def quantize_pack(x: FLOAT, bits: int, group: int) -> tuple[UINT8, FLOAT16, FLOA
     xg = op.Reshape(x, op.Concat(lead, ng, g1, axis=0))
     lo = op.ReduceMin(xg, op.Constant(value_ints=[-1]), keepdims=0)
     hi = op.ReduceMax(xg, op.Constant(value_ints=[-1]), keepdims=0)
+    # clipping (quant.clip_shrink): a = (1 - clip) / 2 in fp32
+    a = op.Div(op.Sub(op.Constant(value_float=1.0), op.Constant(value_float=clip)), op.Constant(value_float=2.0))
+    clipped = op.Not(op.Equal(a, op.Constant(value_float=0.0)))  # shrink 0: min and max untouched
+    cut = op.Mul(op.Sub(hi, lo), a)
+    lo = op.Where(clipped, op.Add(lo, cut), lo)
+    hi = op.Where(clipped, op.Sub(hi, cut), hi)
     axis_last = op.Constant(value_ints=[-1])
     nudge = op.Constant(value_float=FP16_NUDGE)
     tiny = op.Constant(value_float=FP16_TINY)
@@ -158,7 +164,9 @@ def translation_table() -> dict:
 # (it inlines functions, not nodes of other domains); :func:`function_protos` then become the
 # model's local functions, so the ops stay visible as calls and stock ONNX Runtime runs the bodies.
 _SCHEMAS = {
-    "quantize_pack": ([("x", "F")], [("packed", "U"), ("scale", "H"), ("zero", "H")], {"bits": "INT", "group": "INT"}),
+    "quantize_pack": (
+        [("x", "F")], [("packed", "U"), ("scale", "H"), ("zero", "H")], {"bits": "INT", "group": "INT", "clip": "FLOAT"}
+    ),
     "pool_attention": (
         [
             ("q", "F"),
@@ -213,8 +221,8 @@ def node_translation_table() -> dict:
     node = {name: Op(kvexport_opset, name, defs.get_schema(name, VERSION, DOMAIN)) for name in FUNCTIONS}
 
     # One typed translation per op: torch.onnx binds the ATen arguments to these signatures.
-    def quantize_pack_node(x, bits: int, group: int):
-        return node["quantize_pack"](x, bits=bits, group=group)
+    def quantize_pack_node(x, bits: int, group: int, clip: float = 1.0):
+        return node["quantize_pack"](x, bits=bits, group=group, clip=clip)
 
     def pool_attention_node(
         q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits: int, group: int, scale: float

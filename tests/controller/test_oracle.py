@@ -54,6 +54,22 @@ def test_mixed_gates_add_up(tiny_model):
     assert kl(mixed) > kl(only2) * 0.5 and kl(mixed) > 0
 
 
+def test_key_and_value_bits_apart(tiny_model):
+    """A gate's class may give key and value bits apart: (b, b) is class b, (16, 16) changes nothing, and
+    each side's error counts."""
+    model = tiny_model.build()
+    ids = tiny_model.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 12)[:48]
+    tokens, ones = torch.tensor(ids), torch.ones(len(ids))
+    qvis = L.quantized_visibility(len(ids), SINKS, WINDOW, WINDOW)
+    with torch.no_grad():
+        lp = {cls: L.gated_forward(model, tokens, {cls: ones}, GROUP, qvis) for cls in (2, (2, 2), (16, 16), (2, 16),
+                                                                                          (16, 2))}
+        ref = L.gated_forward(model, tokens, None, GROUP, qvis)
+    assert torch.equal(lp[2], lp[(2, 2)]) and torch.allclose(lp[(16, 16)], ref, atol=1e-6)
+    kl = {c: float((ref.exp() * (ref - x)).sum()) for c, x in lp.items()}
+    assert 0 < kl[(2, 16)] < kl[(2, 2)] and 0 < kl[(16, 2)] < kl[(2, 2)]
+
+
 def test_measure_window_and_report(tiny_model, tmp_path):
     model = tiny_model.build()
     ids = tiny_model.tokenizer.encode("In 1998, the committee met in Paris; nobody came. " * 10)[:64]
@@ -73,7 +89,8 @@ def test_measure_window_and_report(tiny_model, tmp_path):
 
 
 def test_rotated_gated_forward_matches_the_rotated_cache(tiny_model):
-    """With --kv-rotate the cache quantizes keys in the Hadamard basis; the gated forward must too."""
+    """With --kv-rotate the cache quantizes keys in the Hadamard basis, with the default --kv-clip; the gated
+    forward must too."""
     from kvexport.kv import quant
     from kvexport.session import CacheOptions, Session
 
@@ -86,7 +103,10 @@ def test_rotated_gated_forward_matches_the_rotated_cache(tiny_model):
     rotation = quant.hadamard(model.args.head_dim)
     with torch.no_grad():
         gates = {2: torch.ones(len(ids))}
-        rotated = L.gated_forward(model, torch.tensor(ids), gates, GROUP, qvis, rotation)
-        plain = L.gated_forward(model, torch.tensor(ids), gates, GROUP, qvis)
+        clip = (sess.cache.layout.key_clip, sess.cache.layout.value_clip)  # the default --kv-clip
+        rotated = L.gated_forward(model, torch.tensor(ids), gates, GROUP, qvis, rotation, clip)
+        plain = L.gated_forward(model, torch.tensor(ids), gates, GROUP, qvis, clip=clip)
+        unclipped = L.gated_forward(model, torch.tensor(ids), gates, GROUP, qvis, rotation)
     assert (rotated - lp_cache).abs().max() < 2e-2
     assert (plain - lp_cache).abs().max() > (rotated - lp_cache).abs().max()
+    assert (unclipped - lp_cache).abs().max() > (rotated - lp_cache).abs().max()

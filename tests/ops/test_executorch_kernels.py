@@ -74,32 +74,33 @@ def test_only_prefix_is_read(methods):
             assert torch.equal(a, b), name
 
 
-STRESS = [(b, g) for b in BITS for g in (8, 32, 64)]
+STRESS = [(b, g, c) for b in BITS for g in (8, 32, 64) for c in (1.0, 0.7)] + [(2, 64, 0.65), (4, 32, 0.9)]
 
 
 class _Quant(torch.nn.Module):
     def forward(self, x):
         outs = []
-        for bits, group in STRESS:
-            p, s, z = torch.ops.kvexport.quantize_pack(x, bits, group)
+        for bits, group, clip in STRESS:
+            p, s, z = torch.ops.kvexport.quantize_pack(x, bits, group, clip)
             outs += [p, s, z]
         return tuple(outs)
 
 
 def test_quantize_pack_bit_exact_stress(et_runtime):
-    """~2k rows x 4 heads of corner-case data, bits 2/4/8 x group 8/32/64: codes, scales and
-    zeros bit-identical to quant.quantize_packed."""
+    """~2k rows x 4 heads of corner-case data, bits 2/4/8 x group 8/32/64 x clip ratios: codes,
+    scales and zeros bit-identical to quant.quantize_packed."""
     from executorch.exir import to_edge_transform_and_lower
 
     ops.load()
     x = stress_rows(2048, seed=1)
+    x = torch.cat([x, x.clamp(-6e4, 6e4).half().float()])  # fp16-valued rows (as the cache evicts): ties are common
     ep = torch.export.export(_Quant(), (x[:16],), dynamic_shapes=({0: torch.export.Dim("n", max=8192)},))
     method = et_runtime.load_program(to_edge_transform_and_lower(ep).to_executorch().buffer).load_method("forward")
     out = method.execute([x])
-    for i, (bits, group) in enumerate(STRESS):
+    for i, (bits, group, clip) in enumerate(STRESS):
         p, s, z = out[3 * i:3 * i + 3]
-        ref = quant.quantize_packed(x, bits, group)
-        assert_quant_identical((p, s, z), ref, f"bits={bits} group={group}")
+        ref = quant.quantize_packed(x, bits, group, clip)
+        assert_quant_identical((p, s, z), ref, f"bits={bits} group={group} clip={clip}")
 
 
 def test_load_is_idempotent_and_single_copy(et_runtime, tmp_path):

@@ -82,7 +82,7 @@ def test_functions_kept_as_functions_bit_exact(bits):
     ORT output is bit-identical to the reference on corner-case data (groups 8/32/64)."""
     vi = helper.make_tensor_value_info
     x = stress_rows(600, seed=bits)
-    for group in (8, 32, 64):
+    for group, clip in ((8, 1.0), (32, 1.0), (64, 1.0), (32, 0.7), (64, 0.65)):
         qmodel = _function_model(
             "quantize_pack",
             [vi("x", TensorProto.FLOAT, ["n", 4, 64])],
@@ -91,10 +91,9 @@ def test_functions_kept_as_functions_bit_exact(bits):
                 vi("s", TensorProto.FLOAT16, ["n", 4, 64 // group]),
                 vi("z", TensorProto.FLOAT16, ["n", 4, 64 // group]),
             ],
-            {"bits": bits, "group": group},
+            {"bits": bits, "group": group, "clip": clip},
         )
         p, s, z = _session(qmodel).run(None, {"x": x.numpy()})
-        ref = quant.quantize_packed(x, bits, group)
-        assert_quant_identical(
-            (torch.from_numpy(p), torch.from_numpy(s), torch.from_numpy(z)), ref, f"onnx bits={bits} group={group}"
-        )
+        ref = quant.quantize_packed(x, bits, group, clip)
+        assert_quant_identical((torch.from_numpy(p), torch.from_numpy(s), torch.from_numpy(z)), ref,
+                               f"onnx bits={bits} group={group} clip={clip}")

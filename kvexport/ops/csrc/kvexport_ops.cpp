@@ -46,7 +46,8 @@ namespace {
 // One row of D floats -> packed bytes, fp16 scale/zero bits per group. Mirrors quant.quantize:
 // every float op below is the same fp32 op, in the same order, as the torch reference (the build
 // uses -ffp-contract=off, so `a * b + c` is a rounded multiply then a rounded add, as in torch).
-void quantize_row(const float* x, int64_t d, int bits, int64_t group, uint8_t* packed,
+// `shrink` is quant.clip_shrink(clip): 0 for no clipping.
+void quantize_row(const float* x, int64_t d, int bits, int64_t group, float shrink, uint8_t* packed,
                   uint16_t* scale_out, uint16_t* zero_out, uint8_t* codes) {
   const int qmax = (1 << bits) - 1;
   const float fqmax = static_cast<float>(qmax);
@@ -63,6 +64,11 @@ void quantize_row(const float* x, int64_t d, int bits, int64_t group, uint8_t* p
     }
     if (nan) {  // amin/amax propagate NaN
       lo = hi = NAN;
+    }
+    if (shrink != 0.0f) {  // clipping: the grid spans the middle of [lo, hi]
+      const float cut = (hi - lo) * shrink;
+      lo = lo + cut;
+      hi = hi - cut;
     }
     // zero = fp16(lo - (|lo| * 2**-10 + 2**-24)); scale = fp16(span + (span * 2**-10 + 2**-24))
     const float lo_nudge = std::fabs(lo) * kNudge + kTiny;
@@ -173,8 +179,11 @@ inline void dequant_row(int bits, const uint8_t* packed, const uint16_t* sc, con
 // ---------------------------------------------------------------- quantize_pack.out
 
 Tensor3 quantize_pack_out(KernelRuntimeContext& ctx, const Tensor& x, int64_t bits, int64_t group,
-                          Tensor& packed, Tensor& scale, Tensor& zero) {
+                          double clip, Tensor& packed, Tensor& scale, Tensor& zero) {
   Tensor3 ret(packed, scale, zero);
+  ET_KERNEL_CHECK_MSG(ctx, clip > 0.0 && clip <= 1.0, InvalidArgument, ret,
+                      "kvexport::quantize_pack: clip must lie in (0, 1]");
+  const float shrink = (1.0f - static_cast<float>(clip)) / 2.0f;  // quant.clip_shrink
   ET_KERNEL_CHECK_MSG(ctx, x.scalar_type() == ScalarType::Float, InvalidArgument, ret,
                       "kvexport::quantize_pack: x must be float32");
   ET_KERNEL_CHECK_MSG(ctx, packed.scalar_type() == ScalarType::Byte &&
@@ -202,7 +211,7 @@ Tensor3 quantize_pack_out(KernelRuntimeContext& ctx, const Tensor& x, int64_t bi
   std::vector<uint8_t> codes(static_cast<size_t>(d));
   const int64_t pb = d * bits / 8, ng = d / group;
   for (int64_t r = 0; r < rows; ++r) {
-    quantize_row(xp + r * d, d, static_cast<int>(bits), group, pp + r * pb, sp + r * ng,
+    quantize_row(xp + r * d, d, static_cast<int>(bits), group, shrink, pp + r * pb, sp + r * ng,
                  zp + r * ng, codes.data());
   }
   return ret;
@@ -436,11 +445,12 @@ using executorch::runtime::Kernel;
 using executorch::runtime::Span;
 
 void quantize_pack_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
-  ET_KERNEL_CHECK_MSG(ctx, stack.size() >= 6, InvalidProgram, ,
-                      "kvexport::quantize_pack.out: expected 6 arguments, got %zu", stack.size());
+  ET_KERNEL_CHECK_MSG(ctx, stack.size() >= 7, InvalidProgram, ,
+                      "kvexport::quantize_pack.out: expected 7 arguments, got %zu", stack.size());
   kvexport::native::quantize_pack_out(ctx, stack[0]->toTensor(), stack[1]->toInt(),
-                                      stack[2]->toInt(), stack[3]->toTensor(),
-                                      stack[4]->toTensor(), stack[5]->toTensor());
+                                      stack[2]->toInt(), stack[3]->toDouble(),
+                                      stack[4]->toTensor(), stack[5]->toTensor(),
+                                      stack[6]->toTensor());
 }
 
 void pool_attention_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {

@@ -109,9 +109,10 @@ class CacheLayout:
     @classmethod
     def build(
         cls, *, n_layers, n_kv_heads, head_dim, max_context, sinks, window, group, fractions, fp_dtype, rotate_keys,
-        clip=((1.0,) * 3, (1.0,) * 3),
+        clip=quant.NO_CLIP,
     ):
-        """Size the pools: class ``c`` gets ``ceil(fraction_c * pooled tokens)`` slots."""
+        """Size the pools: class ``c`` gets ``ceil(fraction_c * pooled tokens)`` slots; ``clip``: (key, value)
+        clip ratios per quantized class (:func:`kvexport.kv.quant.parse_clip`)."""
         if sinks < 0 or window < 0 or sinks + window > max_context:
             raise ValueError(f"sinks ({sinks}) + window ({window}) must fit in the context ({max_context})")
         for b in QUANT_BITS:

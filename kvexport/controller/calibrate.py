@@ -123,8 +123,6 @@ class Calibrator:
         max_context: int = 2048,
         group: int | None = None,
         steps: dict | None = None,
-        clip: str | None = None,
-        rotate: bool = False,
         progress: bool = True,
     ):
         from kvexport.controller.token_counts import wikitext_halves
@@ -136,8 +134,7 @@ class Calibrator:
         self.group = group or loaded.args.head_dim
         self.windows, self.window_tokens, self.horizon = windows, window_tokens, horizon
         self.steps = steps or {2: 2, 4: 1, 8: 1}
-        self.clip = quant.parse_clip(clip or DEFAULT_CLIP)  # labels measure the quantizer the cache runs
-        self.rotation = quant.hadamard(loaded.args.head_dim) if rotate else None
+        self.clip = quant.parse_clip(DEFAULT_CLIP)  # labels measure the quantizer the cache runs by default
         self.progress = progress
         if not corpus.is_file():
             raise KvxError(f"corpus not found: {corpus}; pass --corpus PATH to a WikiText raw file")
@@ -145,8 +142,7 @@ class Calibrator:
         self.cal_text, self.held_text = wikitext_halves(corpus)
         corpus_id = hashlib.sha256(corpus.read_bytes()).hexdigest()[:16]
         self.data_key = _key(
-            CACHE_VERSION, loaded.name, corpus_id, window_tokens, sinks, window, self.group, self.steps, self.clip,
-            rotate,
+            CACHE_VERSION, loaded.name, corpus_id, window_tokens, sinks, window, self.group, self.steps, self.clip
         )
         self.cache_dir = cache_dir / loaded.name / self.data_key
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -194,7 +190,6 @@ class Calibrator:
             chunk=sess.max_chunk,
             group=self.group,
             steps=self.steps,
-            rotation=self.rotation,
             clip=self.clip,
         )
         d = {"ids": ids, "pos": pos, "feats": feats, "attr": out["attr"], "chunk": sess.max_chunk}
@@ -208,8 +203,7 @@ class Calibrator:
         calls cheapest, a random half, the dearest half, and all tokens; vs the attribution's sums."""
         from kvexport.controller import labels as L
 
-        kw = dict(sinks=self.sinks, window=self.window, chunk=chunk, group=self.group, ref=out["ref"],
-                  rotation=self.rotation, clip=self.clip)
+        kw = dict(sinks=self.sinks, window=self.window, chunk=chunk, group=self.group, ref=out["ref"], clip=self.clip)
         T = tokens.shape[0]
         a2 = out["attr"][:, 0]
         cand = torch.arange(self.sinks, T)

@@ -71,7 +71,6 @@ def main() -> int:
     group, chunk = loaded.args.head_dim, a.window or 32
     _, held = wikitext_halves(data_file("wikitext", a.data_dir))
     ids = tokenize_blocks(loaded.tokenizer, held, a.windows * a.tokens)
-    rotation = quant.hadamard(loaded.args.head_dim)
     kl = {name: 0.0 for name in CONFIGS}
     for w in range(a.windows):
         tokens = torch.tensor(ids[w * a.tokens:(w + 1) * a.tokens])
@@ -80,7 +79,7 @@ def main() -> int:
             ref = L.gated_forward(model, tokens, None, group, qvis)
         for name, (cls, rot, clip) in tqdm(CONFIGS.items(), desc=f"window {w}"):
             kl[name] += L.measured_kl(model, tokens, {cls: torch.ones(a.tokens)}, sinks=a.sinks, window=a.window,
-                                      chunk=chunk, group=group, ref=ref, rotation=rotation if rot else None,
+                                      chunk=chunk, group=group, ref=ref, rotate=rot,
                                       clip=quant.parse_clip(clip)) / (a.tokens * a.windows)
     rows = [{"config": n, "key_bits": c[0], "value_bits": c[1], "rotate": r, "clip": s,
              "bits_per_element": bits_per_element(c, group), "kl_per_token": kl[n]} for n, (c, r, s) in CONFIGS.items()]

@@ -32,7 +32,9 @@ def add_cache_args(p: argparse.ArgumentParser, default_policy: str | None = "fp1
     p.add_argument("--kv-sinks", type=validate.non_negative_int, default=4, help="FP16 sink tokens at the start")
     p.add_argument("--kv-group", type=validate.positive_int, default=None,
                    help="quantization group size (default: head_dim)")
-    p.add_argument("--kv-rotate", action="store_true", help="Hadamard-rotate keys before quantizing")
+    p.add_argument("--kv-rotate", action=argparse.BooleanOptionalAction, default=True,
+                   help="Hadamard-rotate queries and keys so keys are quantized in the rotated basis (default: on; "
+                        "--no-kv-rotate for head_dims that are not a power of two)")
     p.add_argument("--kv-clip", type=validate.kv_clip, default=None,
                    help="clip ratios of the quantization range per class and side, e.g. 'k2=0.7,v2=0.9', or "
                         "'none' (default: k2=0.7)")

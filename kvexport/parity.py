@@ -90,14 +90,21 @@ def reference_model(loaded, manifest: dict):
     return model
 
 
+def reference_session(loaded, opts: CacheOptions, model, manifest: dict) -> Session:
+    """A reference :class:`Session` with the program's rotation arithmetic: an ExecuTorch ``--ops fused``
+    program rotates keys inside its layer kernel (the fast transform), every other program by a MatMul."""
+    kernel = manifest["target"] == "executorch" and manifest["ops_mode"] == "fused"
+    return Session(loaded, opts, model=model, fwht=kernel)
+
+
 def run_parity(program_dir: Path, prompt: str = DEFAULT_PROMPT, steps: int = 64, loaded=None) -> dict:
     """Compare ``program_dir`` with the reference built from its manifest (or from ``loaded``)."""
     manifest = read_manifest(program_dir)
     runner = open_runner(program_dir)
     loaded = loaded or loaded_for_manifest(manifest)
     model, opts = reference_model(loaded, manifest), CacheOptions.from_manifest(manifest["cache_options"])
-    session = Session(loaded, opts, model=model)
-    noisy = Session(loaded, opts, model=model) if dynamic_activations(manifest) else None  # same weights, own cache
+    session = reference_session(loaded, opts, model, manifest)
+    noisy = reference_session(loaded, opts, model, manifest) if dynamic_activations(manifest) else None  # own cache
     ids = loaded.tokenizer.encode(prompt)
     total = min(len(ids) + steps, manifest["cache"]["max_context"])
     rows = []

@@ -68,7 +68,7 @@ class CacheOptions:
     sinks: int = 4
     window: int = 32
     group: int | None = None  # default: head_dim
-    rotate_keys: bool = False
+    rotate_keys: bool = True  # --kv-rotate
     budget_bits: float | None = None  # picks the default learned controller
     seed: int = 0
     clip: str = DEFAULT_CLIP  # --kv-clip (quant.parse_clip)
@@ -83,10 +83,11 @@ class CacheOptions:
 
 
 def build_cache(
-    loaded: LoadedModel, opts: CacheOptions, trim: bool = True, fused_ops: bool = False, layer_kernel: bool = False
+    loaded: LoadedModel, opts: CacheOptions, trim: bool = True, fused_ops: bool = False, layer_kernel: bool = False,
+    fwht: bool = False,
 ) -> MixedKVCache:
     """Cache (with its policy) for ``loaded`` under ``opts``; :class:`KvxError` on bad options.
-    ``fused_ops`` / ``layer_kernel``: see :class:`MixedKVCache`."""
+    ``fused_ops`` / ``layer_kernel`` / ``fwht``: see :class:`MixedKVCache`."""
     args = loaded.args
     group = opts.group or args.head_dim
     if opts.max_context < 1:
@@ -95,6 +96,8 @@ def build_cache(
         raise KvxError(f"--max-context {opts.max_context} exceeds the model's {args.max_position} positions")
     try:
         spec = parse_policy(opts.policy, seed=opts.seed)
+        if opts.rotate_keys:
+            quant.check_rotation(args.head_dim)
         pool_share = max(opts.max_context - opts.sinks - opts.window, 0) / opts.max_context
         policy = build_policy(spec, group, pool_share, default_controller_path(loaded.name, opts.budget_bits))
         layout = CacheLayout.build(
@@ -119,7 +122,7 @@ def build_cache(
                 f"policy '{opts.policy}' needs a token-count table; run 'kvexport count-tokens --model {loaded.name}'"
             )
         rarity = torch.zeros(args.vocab_size)
-    return MixedKVCache(layout, policy, rarity, trim=trim, fused_ops=fused_ops, layer_kernel=layer_kernel)
+    return MixedKVCache(layout, policy, rarity, trim=trim, fused_ops=fused_ops, layer_kernel=layer_kernel, fwht=fwht)
 
 
 def kv_stats_dict(stats: torch.Tensor) -> dict:
@@ -137,11 +140,11 @@ def kv_stats_dict(stats: torch.Tensor) -> dict:
 class Session:
     """Reference runner: ``prefill`` a prompt in chunks, then ``decode`` one token at a time."""
 
-    def __init__(self, loaded: LoadedModel, opts: CacheOptions, model: Transformer | None = None):
+    def __init__(self, loaded: LoadedModel, opts: CacheOptions, model: Transformer | None = None, fwht: bool = False):
         self.loaded = loaded
         self.opts = opts
         self.model = model or loaded.build()
-        self.cache = build_cache(loaded, opts)
+        self.cache = build_cache(loaded, opts, fwht=fwht)  # fwht: see MixedKVCache
         self.tokenizer = loaded.tokenizer
         self.pos = 0
 

@@ -125,6 +125,8 @@ def test_quantized_weights_build_run_and_warn_about_old_runtimes(weights, tiny_m
     ops = m["onnx"]["op_counts"]
     warning = [msg for msg in messages if msg.startswith("warning")]
     assert len(warning) == 1 and f"ONNX Runtime {old} cannot run this program" in warning[0]
+    # 15 linears quantized; the key rotation's MatMuls (q and k of both layers) stay fp32
+    assert ops["MatMul"] >= 4 and m["cache_options"]["rotate_keys"]
     if weights == "int8":
         assert ops["MatMulInteger"] == 15 and m["onnx"]["min_ort_version"] == "1.14"
         assert "ops newer than opset 17" in warning[0] and "ScatterND" in warning[0]

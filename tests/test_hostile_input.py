@@ -186,7 +186,7 @@ def test_random_program_bytes_with_a_matching_hash(pte_program, tmp_path, comman
 
 def test_default_names_differ_in_every_program_option(tiny_model):
     variants = [OPTS, *(CacheOptions(**{**OPTS.to_dict(), k: v}) for k, v in [
-        ("window", 8), ("sinks", 0), ("group", 16), ("rotate_keys", True), ("seed", 1), ("max_context", 96),
+        ("window", 8), ("sinks", 0), ("group", 16), ("rotate_keys", False), ("seed", 1), ("max_context", 96),
         ("clip", "none"), ("clip", "k2=0.6,v2=0.9"),
         ("policy", "random:0.5,0.5,0,0"), ("policy", "random:0.5,0.5,0.0,0")])]
     learned = [CacheOptions(policy="learned", budget_bits=b) for b in (None, 3.0, 4.5)]

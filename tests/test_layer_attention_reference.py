@@ -21,7 +21,7 @@ IDS = list(range(1000, 1100))
     (dict(policy="fp32", window=8, sinks=4), 2, 4),  # chunk crossing from the sinks into the window
 ])
 def test_reference_equals_cache_step(tiny_model, opts, n_prefix, t):
-    s = Session(tiny_model, CacheOptions(max_context=128, **opts))
+    s = Session(tiny_model, CacheOptions(max_context=128, **opts), fwht=True)  # the kernel rotation arithmetic
     for i in range(0, n_prefix, t):
         s.step(IDS[i : min(i + t, n_prefix)])
     cache, lay = s.cache, s.cache.layout
@@ -38,7 +38,7 @@ def test_reference_equals_cache_step(tiny_model, opts, n_prefix, t):
         v = torch.randn(1, lay.n_kv_heads, t, lay.head_dim, generator=g)
         want = cache.attend(step, layer, q, k, v)
         got, recv = ref.layer_attention(q, k, v, state, *mutable.values(), *evict, pools, layer, lay.group,
-                                        lay.head_dim**-0.5, layer == lay.n_layers - 1)
+                                        lay.head_dim**-0.5, layer == lay.n_layers - 1, lay.rotate_keys)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     win_sums, chunk_sums = cache._attention_features(step.received, t)
     W = lay.window
@@ -74,7 +74,7 @@ def test_layer_kernel_cache_decodes_like_the_reference_cache(tiny_model, hand_co
     (seen: one 8-bit code of 15,360 with the learned case)."""
     if opts["policy"] == "learned":
         opts = {**opts, "policy": f"learned:{hand_controller}"}
-    a = Session(tiny_model, CacheOptions(max_context=96, **opts))
+    a = Session(tiny_model, CacheOptions(max_context=96, **opts), fwht=True)  # the kernel's rotation arithmetic
     b = Session(tiny_model, CacheOptions(max_context=96, **opts), model=a.model)
     b.cache = build_cache(tiny_model, b.opts, trim=False, fused_ops=True, layer_kernel=True)
     chunk = min(a.max_chunk, 4)

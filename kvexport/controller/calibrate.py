@@ -126,7 +126,7 @@ class Calibrator:
         progress: bool = True,
     ):
         from kvexport.controller.token_counts import wikitext_halves
-        from kvexport.session import DEFAULT_CLIP
+        from kvexport.session import CacheOptions
 
         self.loaded = loaded
         self.model = loaded.build()
@@ -134,7 +134,8 @@ class Calibrator:
         self.group = group or loaded.args.head_dim
         self.windows, self.window_tokens, self.horizon = windows, window_tokens, horizon
         self.steps = steps or {2: 2, 4: 1, 8: 1}
-        self.clip = quant.parse_clip(DEFAULT_CLIP)  # labels measure the quantizer the cache runs by default
+        default = CacheOptions()  # labels measure the quantizer the cache runs by default
+        self.clip, self.rotate = quant.parse_clip(default.clip), default.rotate_keys
         self.progress = progress
         if not corpus.is_file():
             raise KvxError(f"corpus not found: {corpus}; pass --corpus PATH to a WikiText raw file")
@@ -142,7 +143,8 @@ class Calibrator:
         self.cal_text, self.held_text = wikitext_halves(corpus)
         corpus_id = hashlib.sha256(corpus.read_bytes()).hexdigest()[:16]
         self.data_key = _key(
-            CACHE_VERSION, loaded.name, corpus_id, window_tokens, sinks, window, self.group, self.steps, self.clip
+            CACHE_VERSION, loaded.name, corpus_id, window_tokens, sinks, window, self.group, self.steps, self.clip,
+            self.rotate,
         )
         self.cache_dir = cache_dir / loaded.name / self.data_key
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -190,6 +192,7 @@ class Calibrator:
             chunk=sess.max_chunk,
             group=self.group,
             steps=self.steps,
+            rotate=self.rotate,
             clip=self.clip,
         )
         d = {"ids": ids, "pos": pos, "feats": feats, "attr": out["attr"], "chunk": sess.max_chunk}
@@ -203,7 +206,8 @@ class Calibrator:
         calls cheapest, a random half, the dearest half, and all tokens; vs the attribution's sums."""
         from kvexport.controller import labels as L
 
-        kw = dict(sinks=self.sinks, window=self.window, chunk=chunk, group=self.group, ref=out["ref"], clip=self.clip)
+        kw = dict(sinks=self.sinks, window=self.window, chunk=chunk, group=self.group, ref=out["ref"],
+                  rotate=self.rotate, clip=self.clip)
         T = tokens.shape[0]
         a2 = out["attr"][:, 0]
         cand = torch.arange(self.sinks, T)

@@ -33,14 +33,14 @@ QUANT_CLASSES = (2, 4, 8)
 
 
 def gated_forward(model: Transformer, tokens: torch.Tensor, gates: dict[int, torch.Tensor] | None, group: int,
-                  qvis: torch.Tensor, rotation: torch.Tensor | None = None, clip=quant.NO_CLIP) -> torch.Tensor:
+                  qvis: torch.Tensor, rotate: bool = False, clip=quant.NO_CLIP) -> torch.Tensor:
     """Full-sequence forward (batch 1, positions from 0) with gated quantization of K/V.
 
     tokens int64 ``[T]``; gates ``{class: gate float [T]}``, a class being ``bits`` or a ``(key bits, value bits)``
     pair, 16 for a side kept at fp16 (a gate may require grad; a token whose
     gates are 0 stays fp16, one with gate 1 at ``bits`` is stored at that class) or None (pure fp16
     storage); returns log-probs ``[T, V]``. Keys are rounded to fp16 after RoPE, as the cache stores them;
-    with ``rotation`` (``--kv-rotate``'s Hadamard ``[D, D]``) queries and keys are rotated first, as the
+    with ``rotate`` (``--kv-rotate``) queries and keys are multiplied by ``hadamard(D)`` first, as the
     cache does, so keys are stored and quantized in the rotated basis. ``clip``: (key, value) clip ratios per
     class (:func:`kvexport.kv.quant.parse_clip`; the cache layout's ``key_clip`` / ``value_clip``).
     """
@@ -52,6 +52,7 @@ def gated_forward(model: Transformer, tokens: torch.Tensor, gates: dict[int, tor
     scale = 1.0 / math.sqrt(args.head_dim)
     rep = args.n_heads // args.n_kv_heads
     qv = qvis.float()
+    rotation = quant.hadamard(args.head_dim) if rotate else None
     def block(layer, x, gates):
         att = layer.self_attn
         h = layer.input_layernorm(x)
@@ -111,7 +112,7 @@ def _kl_sum(ref: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
 
 
 def attribute(model: Transformer, tokens: torch.Tensor, *, sinks: int, window: int, chunk: int, group: int,
-              steps: dict[int, int], ref: torch.Tensor | None = None, rotation: torch.Tensor | None = None,
+              steps: dict[int, int], ref: torch.Tensor | None = None, rotate: bool = False,
               clip=quant.NO_CLIP) -> dict:
     """Integrated-gradients attribution of the measured KL to each token, per quantized class.
 
@@ -123,14 +124,14 @@ def attribute(model: Transformer, tokens: torch.Tensor, *, sinks: int, window: i
         p.requires_grad_(False)
     if ref is None:
         with torch.no_grad():
-            ref = gated_forward(model, tokens, None, group, qvis, rotation, clip)
+            ref = gated_forward(model, tokens, None, group, qvis, rotate, clip)
     attr = torch.zeros(T, len(QUANT_CLASSES))
     for ci, bits in enumerate(QUANT_CLASSES):
         n = steps.get(bits, 1)
         for k in range(n):
             t = (k + 0.5) / n
             gate = torch.full((T,), t, requires_grad=True)
-            loss = _kl_sum(ref, gated_forward(model, tokens, {bits: gate}, group, qvis, rotation, clip))
+            loss = _kl_sum(ref, gated_forward(model, tokens, {bits: gate}, group, qvis, rotate, clip))
             (g,) = torch.autograd.grad(loss, gate)
             attr[:, ci] += g / n
     return {"ref": ref, "attr": attr}
@@ -138,12 +139,12 @@ def attribute(model: Transformer, tokens: torch.Tensor, *, sinks: int, window: i
 
 @torch.no_grad()
 def measured_kl(model: Transformer, tokens: torch.Tensor, gates: dict[int, torch.Tensor], *, sinks: int,
-                window: int, chunk: int, group: int, ref: torch.Tensor, rotation: torch.Tensor | None = None,
+                window: int, chunk: int, group: int, ref: torch.Tensor, rotate: bool = False,
                 clip=quant.NO_CLIP) -> float:
     """Directly measured summed KL with ``gates`` (``{bits: 0/1 per token}``, at most one 1 per token)."""
     qvis = quantized_visibility(tokens.shape[0], sinks, window, chunk)
     gates = {b: g.float() for b, g in gates.items()}
-    return float(_kl_sum(ref, gated_forward(model, tokens, gates, group, qvis, rotation, clip)))
+    return float(_kl_sum(ref, gated_forward(model, tokens, gates, group, qvis, rotate, clip)))
 
 
 def labels_at(attr: torch.Tensor, tau: float) -> torch.Tensor:

@@ -83,14 +83,13 @@ def measure_window(model, ids: list[int], *, sinks: int, window: int, chunk: int
     clip ratios (:func:`kvexport.kv.quant.parse_clip`)."""
     tokens = torch.tensor(ids)
     T = len(ids)
-    rotation = quant.hadamard(model.args.head_dim) if rotate else None
     out = L.attribute(model, tokens, sinks=sinks, window=window, chunk=chunk, group=group, steps=steps,
-                      rotation=rotation, clip=clip)
+                      rotate=rotate, clip=clip)
     cost = L.class_costs(out["attr"])  # [T, 4]
     pooled = quantized_visibility(T, sinks, window, chunk).any(0)  # [T]
     bits = torch.tensor(class_bits(group), dtype=torch.float32)
     chosen = assignments(cost, pooled, budgets, bits, seeds)
-    kw = dict(sinks=sinks, window=window, chunk=chunk, group=group, ref=out["ref"], rotation=rotation, clip=clip)
+    kw = dict(sinks=sinks, window=window, chunk=chunk, group=group, ref=out["ref"], rotate=rotate, clip=clip)
     rows = {}
     for name, choice in tqdm(chosen.items(), desc="measure", disable=not progress, leave=False):
         kl = L.measured_kl(model, tokens, gates_of(choice), **kw) if (choice != FP_CLASS).any() else 0.0

@@ -61,7 +61,7 @@ class PackedCache:
     def __init__(self, cache: MixedKVCache, device: torch.device):
         self.layout = cache.layout
         self.fp_dtype = cache.layout.torch_fp_dtype
-        self.rotation = cache.rotation.to(device) if cache.layout.rotate_keys else None
+        self.rotation = quant.hadamard(cache.layout.head_dim).to(device) if cache.layout.rotate_keys else None
 
     def _stored_values(self, classes: torch.Tensor, x: torch.Tensor, side: int) -> torch.Tensor:
         """x ``[B, H, T, D]`` (float-rounded keys, ``side`` 0, or values, 1) -> each row as its class's pool
@@ -78,7 +78,7 @@ class PackedCache:
         """q ``[B, Hq, T, D]``, k/v ``[B, H, T, D]`` (after RoPE) -> ``[B, Hq, T, D]``."""
         b, hq, t, d = q.shape
         h = k.shape[1]
-        if self.rotation is not None:
+        if self.rotation is not None:  # the cache's MatMul
             q, k = q @ self.rotation, k @ self.rotation
         k = k.to(self.fp_dtype).float()
         v = v.to(self.fp_dtype).float()

@@ -59,14 +59,14 @@ def tokenizer_entry(tokenizer) -> dict:
 
 
 def default_name(loaded: LoadedModel, opts: CacheOptions, target: str, ops: str, weights: str) -> str:
-    """``<model>-<policy>[-b<budget>]-w<window>-s<sinks>-g<group>[-rot][-seed<seed>][-clip-<spec>]-ctx<N>-<weights>-<ops>-<target>``:
+    """``<model>-<policy>[-b<budget>]-w<window>-s<sinks>-g<group>[-norot][-seed<seed>][-clip-<spec>]-ctx<N>-<weights>-<ops>-<target>``:
     every option that changes the program (budget only where it picks the controller)."""
     policy = re.sub(r"[^A-Za-z0-9_+=-]", "_", opts.policy.replace(":", "-").replace(",", "_").replace(".", "p"))
     default = CacheOptions()
     budget = f"-b{opts.budget_bits:g}".replace(".", "p") if opts.policy == "learned" and opts.budget_bits else ""
     clip = "" if opts.clip == default.clip else "-clip-" + re.sub(r"[^A-Za-z0-9]", "", opts.clip.replace(".", "p"))
     return (f"{loaded.name}-{policy}{budget}-w{opts.window}-s{opts.sinks}-g{opts.group or loaded.args.head_dim}"
-            f"{'-rot' if opts.rotate_keys else ''}{f'-seed{opts.seed}' if opts.seed != default.seed else ''}{clip}"
+            f"{'' if opts.rotate_keys else '-norot'}{f'-seed{opts.seed}' if opts.seed != default.seed else ''}{clip}"
             f"-ctx{opts.max_context}-{weights}-{ops}-{target}")
 
 

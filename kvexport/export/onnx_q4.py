@@ -32,9 +32,9 @@ def _nbits_node(helper, a: str, out: str, name: str, k: int, n: int, bits: int, 
                             K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=0)
 
 
-def rewrite(model) -> dict:
-    """Rewrite ``model`` (``onnx.ModelProto``, initializers loaded) in place; returns counts for the
-    manifest: ``{"q4_1": n, "q8_0": n, "fp32": n, "embedding_shared": bool}``."""
+def rewrite(model, keep: list[str] = ()) -> dict:
+    """Rewrite ``model`` (``onnx.ModelProto``, initializers loaded) in place, all MatMuls but those named in
+    ``keep``; returns counts for the manifest: ``{"q4_1": n, "q8_0": n, "fp32": n, "embedding_shared": bool}``."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -46,7 +46,7 @@ def rewrite(model) -> dict:
     counts = {"q4_1": 0, "q8_0": 0, "fp32": 0, "embedding_shared": False}
     new_inits, drop, q8_tables = [], set(), {}
     for idx, node in enumerate(list(graph.node)):
-        if node.op_type != "MatMul" or node.domain or node.input[1] not in inits:
+        if node.op_type != "MatMul" or node.domain or node.input[1] not in inits or node.name in keep:
             continue
         w = torch.from_numpy(numpy_helper.to_array(inits[node.input[1]]).copy())  # [K, N]
         if w.dim() != 2 or w.shape[0] % BLOCK or w.dtype != torch.float32:

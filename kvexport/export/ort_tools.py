@@ -196,17 +196,40 @@ def describe_weights(weights: str) -> str:
     }[weights]
 
 
+def rotation_matmuls(model) -> list[str]:
+    """Names of the MatMuls by ``--kv-rotate``'s Hadamard matrix (a ``[D, D]`` initializer of entries
+    ``±1/sqrt(D)``, :func:`kvexport.kv.quant.hadamard`): weight quantizers must leave them alone (a
+    quantized rotation would add its own error to every key). Unnamed ones are named here."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    square = {t.name: t for t in model.graph.initializer if len(t.dims) == 2 and t.dims[0] == t.dims[1]}
+    hadamard = set()
+    for name, t in square.items():
+        w = numpy_helper.to_array(t)
+        if np.allclose(np.abs(w), 1.0 / np.sqrt(w.shape[0]), rtol=1e-6, atol=0):
+            hadamard.add(name)
+    names = []
+    for i, node in enumerate(model.graph.node):
+        if node.op_type == "MatMul" and not node.domain and len(node.input) == 2 and node.input[1] in hadamard:
+            node.name = node.name or f"kv_rotation_{i}"
+            names.append(node.name)
+    return names
+
+
 def quantize_weights(src: Path, weights: str):
-    """Quantize the constant-weight MatMuls of the ONNX file ``src``; returns the ModelProto."""
+    """Quantize the constant-weight MatMuls of the ONNX file ``src`` (all but :func:`rotation_matmuls`);
+    returns the ModelProto."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    model = onnx.load(str(src))
+    keep = rotation_matmuls(model)
     if weights == "q4":
         from kvexport.export import onnx_q4
 
-        model = onnx.load(str(src))
-        if not onnx_q4.rewrite(model)["q4_1"]:
+        if not onnx_q4.rewrite(model, keep)["q4_1"]:
             raise KvxError(
                 "--weights q4 for onnx/ort needs a model whose linears hold Q4_1 codes (a Q4_1 GGUF); "
                 "this one has none: use --weights int4 or fp32, or --target executorch (re-quantizes)"
@@ -219,9 +242,10 @@ def quantize_weights(src: Path, weights: str):
             # on an AVX2 machine: median KL(fp32 || program) 0.60 with int8 weights, 0.16 with reduce_range, 0.06.
             out = src.with_name("int8.onnx")
             quantize_dynamic(
-                src,
+                model,
                 out,
                 op_types_to_quantize=["MatMul"],
+                nodes_to_exclude=keep,
                 per_channel=True,
                 weight_type=QuantType.QUInt8,
                 use_external_data_format=True,
@@ -229,7 +253,8 @@ def quantize_weights(src: Path, weights: str):
             )
             return onnx.load(str(out))
         quantizer = MatMulNBitsQuantizer(
-            onnx.load(str(src)), bits=4, block_size=INT4_BLOCK, is_symmetric=True, op_types_to_quantize=("MatMul",)
+            model, bits=4, block_size=INT4_BLOCK, is_symmetric=True, op_types_to_quantize=("MatMul",),
+            nodes_to_exclude=keep,
         )
         quantizer.process()
         return quantizer.model.model

@@ -112,7 +112,8 @@ class CacheLayout:
         clip=quant.NO_CLIP,
     ):
         """Size the pools: class ``c`` gets ``ceil(fraction_c * pooled tokens)`` slots; ``clip``: (key, value)
-        clip ratios per quantized class (:func:`kvexport.kv.quant.parse_clip`)."""
+        clip ratios per quantized class (:func:`kvexport.kv.quant.parse_clip`). ``rotate_keys`` holds only
+        where a quantized pool has slots (the rotation changes nothing else)."""
         if sinks < 0 or window < 0 or sinks + window > max_context:
             raise ValueError(f"sinks ({sinks}) + window ({window}) must fit in the context ({max_context})")
         for b in QUANT_BITS:
@@ -122,6 +123,7 @@ class CacheLayout:
         if sum(caps) < n_pool:  # rounding guard: every pooled token must have a slot somewhere
             i = max(range(len(caps)), key=lambda j: fractions[j])
             caps = tuple(c + (n_pool - sum(caps) if j == i else 0) for j, c in enumerate(caps))
+        rotate_keys = rotate_keys and any(caps[: len(QUANT_BITS)])
         return cls(n_layers, n_kv_heads, head_dim, max_context, sinks, window, group, caps, fp_dtype, rotate_keys,
                    *clip)
 
@@ -154,7 +156,14 @@ class MixedKVCache(nn.Module):
 
     ``trim=True`` (eager use) slices pools to their filled prefix with Python ints, so cost follows
     the context; ``trim=False`` (export) attends over full capacity with masks. Both give the same
-    numbers.
+    numbers. Key rotation: ``x @ hadamard(D)``, one MatMul, eager and in export graphs (ORT's MatMul
+    rounds like torch's here: an ONNX program's parity KL is 20x lower than against the transform
+    below; in a portable ExecuTorch program 8 more calls outside XNNPACK per layer, ~2%: as a linear,
+    the XNNPACK partitioner finds dependency cycles, as with RoPE's); the layer kernel runs
+    :func:`kvexport.kv.quant.rotate` (the fast transform, equal up to fp32 rounding) inside the op, and
+    ``fwht=True`` makes the other paths do the same: the reference of a layer-kernel program, whose
+    2-bit codes would otherwise part from the program's where an fp32 ulp moves a key across a
+    rounding boundary (seen: logits 0.009 apart after 60 tiny-model steps).
     """
 
     def __init__(
@@ -165,6 +174,7 @@ class MixedKVCache(nn.Module):
         trim: bool = True,
         fused_ops: bool = False,
         layer_kernel: bool = False,
+        fwht: bool = False,
     ):
         super().__init__()
         self.layout = layout
@@ -172,10 +182,11 @@ class MixedKVCache(nn.Module):
         self.trim = trim
         self.fused_ops = fused_ops  # True: our kvexport:: custom ops; False: their core-ATen reference
         self.layer_kernel = layer_kernel  # True: one kvexport::layer_attention per layer (batch 1)
+        self.fwht = fwht  # rotate with the layer kernel's arithmetic (the reference of its programs)
         L, H, D, S, W = layout.n_layers, layout.n_kv_heads, layout.head_dim, layout.sinks, layout.window
         fp = layout.torch_fp_dtype
         self.register_buffer("rarity", rarity.float(), persistent=False)
-        if layout.rotate_keys:
+        if layout.rotate_keys and not (layer_kernel or fwht):
             self.register_buffer("rotation", quant.hadamard(D), persistent=False)
         self.register_buffer("sink_k", torch.zeros(S + 1, L, H, D, dtype=fp))
         self.register_buffer("sink_v", torch.zeros(S + 1, L, H, D, dtype=fp))
@@ -254,7 +265,9 @@ class MixedKVCache(nn.Module):
         return CacheStep(input_pos, n_fill, kernel_state=kernel_state)
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.rotation if self.layout.rotate_keys else x
+        if not self.layout.rotate_keys:
+            return x
+        return quant.rotate(x) if self.fwht else x @ self.rotation
 
     def attend(self, step: CacheStep, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q ``[B, Hq, T, D]``, new k/v ``[B, H, T, D]`` (after RoPE) -> attention output ``[B, Hq, T, D]``.
@@ -263,9 +276,9 @@ class MixedKVCache(nn.Module):
         fp = lay.torch_fp_dtype
         b, hq, t, d = q.shape
         scale = 1.0 / math.sqrt(d)
+        if self.layer_kernel:  # the kernel rotates q and k itself
+            return self._layer_attention(step, layer, q, k, v, scale)
         q = self._rotate(q)
-        if self.layer_kernel:
-            return self._layer_attention(step, layer, q, self._rotate(k), v, scale)
         k = self._rotate(k).to(fp).float()  # what the cache will hold, so later steps see the same
         v = v.to(fp).float()
         step.new_k.append(k)
@@ -319,8 +332,8 @@ class MixedKVCache(nn.Module):
         return out.reshape(hq, b, t, d).transpose(0, 1)
 
     def _layer_attention(self, step: CacheStep, layer: int, q, k, v, scale: float) -> torch.Tensor:
-        """``kvexport::layer_attention`` for batch 1: q ``[1, Hq, T, D]``, k/v ``[1, H, T, D]`` (rotated)
-        -> ``[1, Hq, T, D]``; keeps the last layer's features ``recv [W + T, 3]`` in ``step.received``."""
+        """``kvexport::layer_attention`` for batch 1: q ``[1, Hq, T, D]``, k/v ``[1, H, T, D]`` (not yet
+        rotated) -> ``[1, Hq, T, D]``; keeps the last layer's features ``recv [W + T, 3]`` in ``step.received``."""
         from kvexport import ops
         from kvexport.kv.layer_attention import POOL_NAMES
 
@@ -341,6 +354,7 @@ class MixedKVCache(nn.Module):
             self.layout.group,
             scale,
             features,
+            self.layout.rotate_keys,
         )
         if features:
             step.received = recv

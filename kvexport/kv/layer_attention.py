@@ -2,6 +2,9 @@
 
 For a chunk of ``T`` tokens at positions ``p0 + [0, T)`` of one layer, batch 1, the op
 
+0. with ``rotate`` (``--kv-rotate``) first rotates the chunk's queries and keys
+   (:func:`kvexport.kv.quant.rotate`: the cache holds rotated keys, scores are unchanged);
+
 1. attends the chunk's queries over sinks + FP16 ring window + the FP16 pool + every quantized
    pool + the chunk itself (causal), reading only filled slots;
 2. optionally (``features``) returns the attention each window slot and each chunk token
@@ -22,7 +25,7 @@ front to back from position ``S``, and softmax does not care about slot order), 
 ``[0, fill_c)`` (every count clamped to its part's capacity).
 
 Shapes (``S`` sinks, ``W`` window, ``L`` layers, ``H`` KV heads, ``Hq`` query heads, ``D`` head_dim):
-``q [1, Hq, T, D]`` f32 (rotated like the keys), new ``k, v [1, H, T, D]`` f32 (batch 1, the model's own
+``q [1, Hq, T, D]`` f32, new ``k, v [1, H, T, D]`` f32 (both before the rotation) (batch 1, the model's own
 layout: no select or unsqueeze op around the kernel); ``sink_k/v [S+1, L, H, D]``,
 ``win_k/v [W+1, L, H, D]``, ``evict_k/v [Tmax >= T, L, H, D]`` in the cache's float dtype (fp16 or
 fp32); ``pools`` in :data:`POOL_NAMES` order with the shapes of :mod:`kvexport.kv.cache`. Returns
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from kvexport.kv import attention
+from kvexport.kv import attention, quant
 
 POOL_NAMES = ("pool16_k", "pool16_v") + tuple(
     f"pool{b}_{name}" for b in (2, 4, 8) for name in ("k", "ks", "kz", "v", "vs", "vz")
@@ -52,10 +55,12 @@ def filled(state: torch.Tensor, sinks: int, window: int, caps: list[int]) -> tup
 
 
 def layer_attention(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer: int,
-                    group: int, scale: float, features: bool):
+                    group: int, scale: float, features: bool, rotate: bool):
     """See the module docstring; mutates ``sink_k/v``, ``win_k/v``, ``evict_k/v``."""
     S, W = sink_k.shape[0] - 1, win_k.shape[0] - 1
     q, k, v = q[0], k[0], v[0]  # [Hq, T, D], [H, T, D]
+    if rotate:
+        q, k = quant.rotate(q), quant.rotate(k)
     hq, t, _ = q.shape
     pool = dict(zip(POOL_NAMES, pools))
     caps = [pool[f"pool{c}_k"].shape[0] - 1 for c in (2, 4, 8, 16)]

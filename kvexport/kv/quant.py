@@ -21,6 +21,12 @@ Conventions (all functions):
     (``calibration/README.md``, "2-bit keys").
   * packing: ``8 // bits`` codes per byte, code ``i`` of a byte in bits ``[bits*i, bits*(i+1))``
     (little-endian within the byte); packed shape ``[..., D * bits // 8]``.
+  * rotation (``--kv-rotate``): ``x @ H`` with ``H = hadamard(D)`` the orthonormal Sylvester-Hadamard
+    matrix, a MatMul in the cache and in export graphs. The layer kernel computes it as the fast
+    Walsh-Hadamard transform (:func:`rotate`, its spec): for ``h = 1, 2, 4, ... < D``, every pair
+    ``(j, j + h)`` with ``j mod 2h < h`` becomes ``(x_j + x_{j+h}, x_j - x_{j+h})``; then each element is
+    multiplied by ``fp32(1 / sqrt(D))`` — additions in a fixed order, so kernel and reference agree bit
+    for bit; against the MatMul, up to fp32 rounding.
 """
 
 from __future__ import annotations
@@ -153,10 +159,35 @@ def dequantize_packed(
     return dequantize(unpack(packed, bits), scale, zero, group)
 
 
+def check_rotation(dim: int) -> None:
+    """Raise ``ValueError`` unless ``dim`` (the head_dim) is a power of two."""
+    if dim <= 0 or dim & (dim - 1):
+        raise ValueError(f"--kv-rotate needs a power-of-two head_dim, got {dim}; pass --no-kv-rotate")
+
+
+def rotation_scale(dim: int) -> float:
+    """``fp32(1 / sqrt(dim))``, the last multiply of :func:`rotate` (the kernels round the same double)."""
+    return float(np.float32(1.0 / math.sqrt(dim)))
+
+
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``[..., D]`` -> ``x @ hadamard(D)`` by the fast Walsh-Hadamard transform (the module
+    docstring's order, which ``kvexport::layer_attention`` reproduces bit for bit)."""
+    d = x.shape[-1]
+    check_rotation(d)
+    lead = x.shape[:-1]
+    h = 1
+    while h < d:
+        pairs = x.reshape(*lead, d // (2 * h), 2, h)  # [..., blocks, (j, j + h), h]
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        x = torch.stack([a + b, a - b], dim=-2).reshape(*lead, d)
+        h *= 2
+    return x * torch.tensor(rotation_scale(d), dtype=torch.float32)
+
+
 def hadamard(dim: int) -> torch.Tensor:
     """Orthonormal Sylvester-Hadamard matrix float32 ``[dim, dim]`` (``H @ H.T == I``); dim a power of 2."""
-    if dim <= 0 or dim & (dim - 1):
-        raise ValueError(f"Hadamard rotation needs a power-of-two head_dim, got {dim}")
+    check_rotation(dim)
     h = torch.ones(1, 1)
     while h.shape[0] < dim:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)

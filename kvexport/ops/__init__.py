@@ -251,6 +251,7 @@ def layer_attention(
     group: int,
     scale: float,
     features: bool,
+    rotate: bool,
 ):
     """``kvexport::layer_attention`` (spec: :mod:`kvexport.kv.layer_attention`); mutates the sinks,
     the window and the eviction staging rows, returns ``(out [1, Hq, T, D], recv [W + T, 3])``."""
@@ -271,6 +272,7 @@ def layer_attention(
         group,
         float(scale),
         bool(features),
+        bool(rotate),
     )
 
 

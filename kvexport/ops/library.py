@@ -36,12 +36,13 @@ SCHEMAS = {
     "layer_attention": (
         "layer_attention(Tensor q, Tensor k, Tensor v, Tensor state, Tensor(a!) sink_k, Tensor(b!) sink_v,"
         " Tensor(c!) win_k, Tensor(d!) win_v, Tensor(e!) evict_k, Tensor(f!) evict_v, Tensor[] pools, int layer,"
-        " int group, float scale, bool features) -> (Tensor out, Tensor recv)"
+        " int group, float scale, bool features, bool rotate) -> (Tensor out, Tensor recv)"
     ),
     "layer_attention.out": (
         "layer_attention.out(Tensor q, Tensor k, Tensor v, Tensor state, Tensor(a!) sink_k, Tensor(b!) sink_v,"
         " Tensor(c!) win_k, Tensor(d!) win_v, Tensor(e!) evict_k, Tensor(f!) evict_v, Tensor[] pools, int layer,"
-        " int group, float scale, bool features, *, Tensor(g!) out, Tensor(h!) recv) -> (Tensor(g!), Tensor(h!))"
+        " int group, float scale, bool features, bool rotate, *, Tensor(g!) out, Tensor(h!) recv)"
+        " -> (Tensor(g!), Tensor(h!))"
     ),
     "allocate": (
         "allocate(Tensor desired, Tensor valid, Tensor fill, Tensor caps) -> (Tensor cls, Tensor slot, Tensor fill_out)"
@@ -99,10 +100,10 @@ def _layer_attention_shapes(q, win_k):
 
 
 def _layer_attention_impl(
-    q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features
+    q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features, rotate
 ):
     out, recv = layer_attention.layer_attention(
-        q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features
+        q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features, rotate
     )
     return out.contiguous(), recv
 
@@ -130,10 +131,11 @@ def _pool_attention_out_impl(
 
 
 def _layer_attention_out_impl(
-    q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features, *, out, recv
+    q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features, rotate, *,
+    out, recv
 ):
     res = _layer_attention_impl(
-        q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features
+        q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features, rotate
     )
     return tuple(_copy_out(res, (out, recv)))
 
@@ -176,14 +178,15 @@ def _pool_attention_out_meta(
 
 
 def _layer_attention_fake(
-    q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features
+    q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features, rotate
 ):
     out_shape, recv_shape = _layer_attention_shapes(q, win_k)
     return q.new_empty(out_shape, dtype=torch.float32), q.new_empty(recv_shape, dtype=torch.float32)
 
 
 def _layer_attention_out_meta(
-    q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features, *, out, recv
+    q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features, rotate, *,
+    out, recv
 ):
     out_shape, recv_shape = _layer_attention_shapes(q, win_k)
     return out.resize_(out_shape), recv.resize_(recv_shape)

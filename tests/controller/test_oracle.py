@@ -91,7 +91,6 @@ def test_measure_window_and_report(tiny_model, tmp_path):
 def test_rotated_gated_forward_matches_the_rotated_cache(tiny_model):
     """With --kv-rotate the cache quantizes keys in the Hadamard basis, with the default --kv-clip; the gated
     forward must too."""
-    from kvexport.kv import quant
     from kvexport.session import CacheOptions, Session
 
     model = tiny_model.build()
@@ -100,13 +99,12 @@ def test_rotated_gated_forward_matches_the_rotated_cache(tiny_model):
     sess = Session(tiny_model, CacheOptions(policy="static-2", max_context=128, sinks=SINKS, window=WINDOW,
                                             group=GROUP, rotate_keys=True), model=model)
     lp_cache = torch.log_softmax(sess.prefill(ids), -1)
-    rotation = quant.hadamard(model.args.head_dim)
     with torch.no_grad():
         gates = {2: torch.ones(len(ids))}
         clip = (sess.cache.layout.key_clip, sess.cache.layout.value_clip)  # the default --kv-clip
-        rotated = L.gated_forward(model, torch.tensor(ids), gates, GROUP, qvis, rotation, clip)
+        rotated = L.gated_forward(model, torch.tensor(ids), gates, GROUP, qvis, True, clip)
         plain = L.gated_forward(model, torch.tensor(ids), gates, GROUP, qvis, clip=clip)
-        unclipped = L.gated_forward(model, torch.tensor(ids), gates, GROUP, qvis, rotation)
+        unclipped = L.gated_forward(model, torch.tensor(ids), gates, GROUP, qvis, True)
     assert (rotated - lp_cache).abs().max() < 2e-2
     assert (plain - lp_cache).abs().max() > (rotated - lp_cache).abs().max()
     assert (unclipped - lp_cache).abs().max() > (rotated - lp_cache).abs().max()

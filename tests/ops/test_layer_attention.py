@@ -4,7 +4,8 @@ runtime, against its Python reference (kvexport.kv.layer_attention) on random ca
 Every unfilled slot holds NaN (fp parts, and the scales/zeros of quantized pools), so any read
 beyond the fill counts shows up. Cases cover empty caches, sinks only, a chunk crossing from the
 sinks into the window, window only, a wrapped ring, full and over-full pools (fills are clamped),
-T > 1 chunks, fp16 and fp32 storage, a window of 0 (the chunk itself is staged for eviction)."""
+T > 1 chunks, fp16 and fp32 storage, a window of 0 (the chunk itself is staged for eviction), with and
+without the key rotation (its written keys must match the reference bit for bit)."""
 
 from __future__ import annotations
 
@@ -20,17 +21,17 @@ from kvexport.kv import layer_attention as ref
 L, H, HQ, D, GROUP = 2, 3, 9, 64, 32
 SCALE = 1.0 / math.sqrt(D)
 T_MAX = 4
-# name: (sinks, window, float dtype, pool capacities (2, 4, 8, 16 bit), layer, features)
+# name: (sinks, window, float dtype, pool capacities (2, 4, 8, 16 bit), layer, features, rotate)
 CONFIGS = {
-    "fp16-s4-w8": (4, 8, torch.float16, (5, 70, 7, 3), 1, True),
-    "fp32-s0-w4": (0, 4, torch.float32, (3, 0, 4, 2), 0, True),
-    "fp16-s2-w0": (2, 0, torch.float16, (0, 9, 0, 66), 1, False),
+    "fp16-s4-w8": (4, 8, torch.float16, (5, 70, 7, 3), 1, True, True),
+    "fp32-s0-w4": (0, 4, torch.float32, (3, 0, 4, 2), 0, True, False),
+    "fp16-s2-w0": (2, 0, torch.float16, (0, 9, 0, 66), 1, False, True),
 }
 MUTABLE = ("sink_k", "sink_v", "win_k", "win_v", "evict_k", "evict_v")
 
 
 def cache_shapes(cfg):
-    sinks, window, fp, caps, _, _ = cfg
+    sinks, window, fp, caps, *_ = cfg
     shapes = {"sink_k": (sinks + 1, L, H, D), "sink_v": (sinks + 1, L, H, D), "win_k": (window + 1, L, H, D),
               "win_v": (window + 1, L, H, D), "evict_k": (T_MAX, L, H, D), "evict_v": (T_MAX, L, H, D),
               "pool16_k": (caps[3] + 1, L, H, D), "pool16_v": (caps[3] + 1, L, H, D)}
@@ -48,7 +49,7 @@ class LayerStep(torch.nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.layer, self.features = cfg[4], cfg[5]
+        self.layer, self.features, self.rotate = cfg[4], cfg[5], cfg[6]
         self.proj = torch.nn.Linear(D, D)
         with torch.no_grad():
             self.proj.weight.copy_(torch.eye(D))
@@ -62,13 +63,14 @@ class LayerStep(torch.nn.Module):
         for buf, x in zip(bufs, (sink_k, sink_v, win_k, win_v, evict_k, evict_v)):
             buf.copy_(x)
         q = self.proj(q)
-        out, recv = ops.layer_attention(q, k, v, state, *bufs, pools, self.layer, GROUP, SCALE, self.features)
+        out, recv = ops.layer_attention(q, k, v, state, *bufs, pools, self.layer, GROUP, SCALE, self.features,
+                                        self.rotate)
         return (out, recv, *(b.clone() for b in bufs))
 
 
 def make_inputs(cfg, p0: int, t: int, fills, seed: int):
     """Random chunk and cache for ``state = (p0, *fills)``; unfilled slots are NaN."""
-    sinks, window, fp, caps, _, _ = cfg
+    sinks, window, fp, caps, *_ = cfg
     g = torch.Generator().manual_seed(seed)
     shapes = cache_shapes(cfg)
     n_s, n_w = min(p0, sinks), min(max(p0 - sinks, 0), window)
@@ -98,13 +100,13 @@ def make_inputs(cfg, p0: int, t: int, fills, seed: int):
 def reference(cfg, inputs):
     q, k, v, state, *rest = [x.clone() for x in inputs]
     bufs, pools = rest[:6], rest[6:]
-    out, recv = ref.layer_attention(q, k, v, state, *bufs, pools, cfg[4], GROUP, SCALE, cfg[5])
+    out, recv = ref.layer_attention(q, k, v, state, *bufs, pools, cfg[4], GROUP, SCALE, cfg[5], cfg[6])
     return [out, recv, *bufs]
 
 
 def cases(cfg):
     """(p0, T, fills) covering the boundaries of this layout."""
-    sinks, window, _, caps, _, _ = cfg
+    sinks, window, _, caps, *_ = cfg
     t2 = min(3, window) if window else 3
     full = list(caps)
     over = [c + 5 for c in caps]

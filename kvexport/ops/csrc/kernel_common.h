@@ -134,6 +134,25 @@ inline float exp_neg(float x_in) {
   return x_in < -87.0f ? 0.0f : y;  // exp(NEG - m) == 0 exactly, as in the reference
 }
 
+// x <- x @ H (orthonormal Sylvester-Hadamard, d a power of two): the fast Walsh-Hadamard transform in
+// kvexport.kv.quant.rotate's order (pairs (j, j + h) for h = 1, 2, 4, ...), then one multiply by
+// fp32(1 / sqrt(d)). Additions only, so the result is bit-identical to the reference.
+inline void rotate_row(float* x, int64_t d) {
+  for (int64_t h = 1; h < d; h *= 2) {
+    for (int64_t i = 0; i < d; i += 2 * h) {
+      for (int64_t j = i; j < i + h; ++j) {
+        const float a = x[j], b = x[j + h];
+        x[j] = a + b;
+        x[j + h] = a - b;
+      }
+    }
+  }
+  const float s = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
+  for (int64_t j = 0; j < d; ++j) {
+    x[j] *= s;
+  }
+}
+
 inline float dot(const float* a, const float* b, int64_t d) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;

@@ -308,7 +308,7 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
     KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
     const Tensor& state, Tensor& sink_k, Tensor& sink_v, Tensor& win_k, Tensor& win_v,
     Tensor& evict_k, Tensor& evict_v, ArrayRef<Tensor> pools, int64_t layer, int64_t group,
-    double scale, bool features, Tensor& out, Tensor& recv) {
+    double scale, bool features, bool rotate, Tensor& out, Tensor& recv) {
   std::tuple<Tensor&, Tensor&> ret(out, recv);
   const char* name = "kvexport::layer_attention";
   ET_KERNEL_CHECK_MSG(ctx, q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(0) == 1 && k.size(0) == 1 &&
@@ -337,6 +337,8 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
   ET_KERNEL_CHECK_MSG(ctx, layer >= 0 && layer < n_layers && group > 0 && d % group == 0 &&
                           d % 4 == 0,
                       InvalidArgument, ret, "%s: bad layer or group", name);
+  ET_KERNEL_CHECK_MSG(ctx, !rotate || (d & (d - 1)) == 0, InvalidArgument, ret,
+                      "%s: rotate needs a power-of-two head_dim", name);
   const int64_t sinks = sink_k.size(0) - 1, window = win_k.size(0) - 1, ng = d / group;
   ET_KERNEL_CHECK_MSG(ctx, evict_k.size(0) >= t && (window == 0 || t <= window), InvalidArgument, ret,
                       "%s: chunk longer than the window or the eviction staging rows", name);
@@ -374,10 +376,20 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
     fills[c] = std::min<int64_t>(std::max<int32_t>(st[1 + c], 0), cap);
   }
 
-  // ---- the chunk, rounded to the storage dtype (what the cache will hold)
+  // ---- the chunk (keys rotated with rotate), rounded to the storage dtype (what the cache will hold)
   const bool half = fp == ScalarType::Half;
   const int64_t nkv = hkv * t * d;
   std::vector<float> kr(k.const_data_ptr<float>(), k.const_data_ptr<float>() + nkv);
+  std::vector<float> qr(rotate ? hq * t * d : 0);
+  if (rotate) {
+    std::copy(q.const_data_ptr<float>(), q.const_data_ptr<float>() + hq * t * d, qr.begin());
+    for (int64_t r = 0; r < hq * t; ++r) {
+      rotate_row(qr.data() + r * d, d);
+    }
+    for (int64_t r = 0; r < hkv * t; ++r) {
+      rotate_row(kr.data() + r * d, d);
+    }
+  }
   std::vector<float> vr(v.const_data_ptr<float>(), v.const_data_ptr<float>() + nkv);
   std::vector<uint16_t> kh(half ? nkv : 0), vh(half ? nkv : 0);
   if (half) {
@@ -448,7 +460,7 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
   }
   const int64_t per_head = static_cast<int64_t>(tasks.size()) / hkv;
   const int64_t grp = hq / hkv, nq = grp * t;
-  const float* qp = q.const_data_ptr<float>();
+  const float* qp = rotate ? qr.data() : q.const_data_ptr<float>();
   std::vector<float> qsum(hq * t * ng);
   for (int64_t r = 0; r < hq * t; ++r) {
     for (int64_t g = 0; g < ng; ++g) {
@@ -564,16 +576,21 @@ using executorch::runtime::KernelRuntimeContext;
 using executorch::runtime::Span;
 
 // Stack: q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group,
-// scale, features, out, recv (then the returned values).
+// scale, features, rotate, out, recv (then the returned values). Programs built before rotate was an
+// argument (17 values before the returned ones) run unrotated.
 void layer_attention_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   ET_KERNEL_CHECK_MSG(ctx, stack.size() >= 17, InvalidProgram, ,
-                      "kvexport::layer_attention.out: expected 17 arguments, got %zu", stack.size());
+                      "kvexport::layer_attention.out: expected 18 arguments, got %zu", stack.size());
+  const bool has_rotate = stack[15]->isBool();
+  const size_t o = has_rotate ? 16 : 15;
+  ET_KERNEL_CHECK_MSG(ctx, stack.size() >= o + 2, InvalidProgram, ,
+                      "kvexport::layer_attention.out: expected 18 arguments, got %zu", stack.size());
   kvexport::native::layer_attention_out(
       ctx, stack[0]->toTensor(), stack[1]->toTensor(), stack[2]->toTensor(), stack[3]->toTensor(),
       stack[4]->toTensor(), stack[5]->toTensor(), stack[6]->toTensor(), stack[7]->toTensor(),
       stack[8]->toTensor(), stack[9]->toTensor(), stack[10]->toTensorList(), stack[11]->toInt(),
-      stack[12]->toInt(), stack[13]->toDouble(), stack[14]->toBool(), stack[15]->toTensor(),
-      stack[16]->toTensor());
+      stack[12]->toInt(), stack[13]->toDouble(), stack[14]->toBool(), has_rotate && stack[15]->toBool(),
+      stack[o]->toTensor(), stack[o + 1]->toTensor());
 }
 
 const Kernel kLayerKernels[] = {Kernel("kvexport::layer_attention.out", layer_attention_boxed)};

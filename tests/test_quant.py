@@ -82,6 +82,18 @@ def test_hadamard_is_orthonormal_and_rejects_odd_dims():
         quant.hadamard(48)
 
 
+def test_rotate_is_the_hadamard_matmul_and_independent_of_the_batch_shape():
+    g = torch.Generator().manual_seed(0)
+    for d in (4, 32, 64):
+        x = torch.randn(5, 3, 7, d, generator=g) * 3
+        r = quant.rotate(x)
+        torch.testing.assert_close(r, x @ quant.hadamard(d), rtol=1e-5, atol=1e-5)
+        assert torch.equal(quant.rotate(x[2:3, 1]), r[2:3, 1])  # additions only: no shape-dependent rounding
+        torch.testing.assert_close(quant.rotate(r), x, rtol=1e-5, atol=1e-5)  # H is symmetric and orthonormal
+    with pytest.raises(ValueError, match="--no-kv-rotate"):
+        quant.rotate(torch.zeros(2, 48))
+
+
 def test_layout_checks():
     with pytest.raises(ValueError, match="group size"):
         quant.check_layout(64, 4, 48)

@@ -125,7 +125,8 @@ def summarize(windows: list[dict]) -> dict:
 
 def markdown(result: dict) -> str:
     s, st = result["summary"], result["settings"]
-    rotated = ", keys rotated (--kv-rotate)" if st.get("rotate") else ""
+    rotated = (", keys rotated (--kv-rotate)" if st.get("rotate") else "") + (f", --kv-clip {st['clip']}"
+                                                                              if st.get("clip") else "")
     lines = [f"Oracle headroom: {result['model']}, {len(result['windows'])} held-out window(s) of {st['tokens']} "
              f"tokens, sinks {st['sinks']}, window {st['window']}, chunk {st['chunk']}, group {st['group']}{rotated}.",
              "", "| assignment | pooled bits | effective bits | KL / token | shares 2/4/8/16 |",

@@ -96,8 +96,6 @@ def build_cache(
         raise KvxError(f"--max-context {opts.max_context} exceeds the model's {args.max_position} positions")
     try:
         spec = parse_policy(opts.policy, seed=opts.seed)
-        if opts.rotate_keys:
-            quant.check_rotation(args.head_dim)
         pool_share = max(opts.max_context - opts.sinks - opts.window, 0) / opts.max_context
         policy = build_policy(spec, group, pool_share, default_controller_path(loaded.name, opts.budget_bits))
         layout = CacheLayout.build(

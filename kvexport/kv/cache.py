@@ -124,6 +124,8 @@ class CacheLayout:
             i = max(range(len(caps)), key=lambda j: fractions[j])
             caps = tuple(c + (n_pool - sum(caps) if j == i else 0) for j, c in enumerate(caps))
         rotate_keys = rotate_keys and any(caps[: len(QUANT_BITS)])
+        if rotate_keys:
+            quant.check_rotation(head_dim)
         return cls(n_layers, n_kv_heads, head_dim, max_context, sinks, window, group, caps, fp_dtype, rotate_keys,
                    *clip)
 

@@ -12,7 +12,8 @@ import argparse
 from kvexport import validate
 from kvexport.models.registry import DEFAULT_MODEL
 
-POLICY_GRAMMAR = "fp32, fp16, static-2|4|8, random:B, random:f2,f4,f8,f16, rule, learned[:FILE]"
+POLICY_GRAMMAR = ("fp32, fp16, static-2|4|8, static-k<b>v<c> (e.g. static-k4v2), random:B, random:f2,f4,f8,f16, rule, "
+                  "learned[:FILE]")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -27,7 +28,7 @@ def add_cache_args(p: argparse.ArgumentParser, default_policy: str | None = "fp1
     ``policy_type`` its parse-time check (``None`` where the command parses a list itself)."""
     p.add_argument("--kv-policy", default=default_policy, type=policy_type,
                    help=policy_help or POLICY_GRAMMAR
-                   + ("" if default_policy else " (default: learned when a controller is committed, else static-4)"))
+                   + ("" if default_policy else " (default: static-k4v2; learned when --kv-budget-bits is given)"))
     p.add_argument("--kv-window", type=validate.non_negative_int, default=32, help="FP16 recent-window tokens")
     p.add_argument("--kv-sinks", type=validate.non_negative_int, default=4, help="FP16 sink tokens at the start")
     p.add_argument("--kv-group", type=validate.positive_int, default=None,
@@ -38,6 +39,9 @@ def add_cache_args(p: argparse.ArgumentParser, default_policy: str | None = "fp1
     p.add_argument("--kv-clip", type=validate.kv_clip, default=None,
                    help="clip ratios of the quantization range per class and side, e.g. 'k2=0.7,v2=0.9', or "
                         "'none' (default: k2=0.7)")
+    p.add_argument("--kv-classes", type=validate.kv_classes, default=None,
+                   help="value bits per class, named by key bits: e.g. 'k4v2,k8v4' stores the values of the 4-bit "
+                        "(8-bit) class at 2 (4) bits; values no finer than keys (default: k2v2,k4v4,k8v8)")
     p.add_argument("--kv-budget-bits", type=validate.positive_float, default=None,
                    help="budget; picks the learned controller")
     p.add_argument("--max-context", type=validate.positive_int, default=2048)
@@ -55,7 +59,8 @@ def cache_options(a: argparse.Namespace):
 
     return CacheOptions(policy=a.kv_policy, max_context=a.max_context, sinks=a.kv_sinks, window=a.kv_window,
                         group=a.kv_group, rotate_keys=a.kv_rotate, budget_bits=a.kv_budget_bits, seed=a.seed,
-                        **({} if a.kv_clip is None else {"clip": a.kv_clip}))
+                        **({} if a.kv_clip is None else {"clip": a.kv_clip}),
+                        **({} if a.kv_classes is None else {"classes": a.kv_classes}))
 
 
 def load_model(a: argparse.Namespace):

@@ -23,6 +23,7 @@ from kvexport.models.loader import LoadedModel
 
 DEFAULT_BUDGET_BITS = 4.0
 DEFAULT_CLIP = "k2=0.7"  # --kv-clip: 2-bit keys on the middle 70% of each group's range (calibration/README.md)
+DEFAULT_CLASSES = quant.classes_spec(quant.EQUAL_VALUE_BITS)  # --kv-classes: keys and values at the same bits
 
 
 def calibration_dir() -> Path:
@@ -72,6 +73,7 @@ class CacheOptions:
     budget_bits: float | None = None  # picks the default learned controller
     seed: int = 0
     clip: str = DEFAULT_CLIP  # --kv-clip (quant.parse_clip)
+    classes: str = DEFAULT_CLASSES  # --kv-classes (quant.parse_classes)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,7 +99,9 @@ def build_cache(
     try:
         spec = parse_policy(opts.policy, seed=opts.seed)
         pool_share = max(opts.max_context - opts.sinks - opts.window, 0) / opts.max_context
-        policy = build_policy(spec, group, pool_share, default_controller_path(loaded.name, opts.budget_bits))
+        value_bits = quant.parse_classes(",".join(filter(None, (opts.classes, spec.classes))))  # the policy's last
+        policy = build_policy(spec, group, pool_share, default_controller_path(loaded.name, opts.budget_bits),
+                              value_bits)
         layout = CacheLayout.build(
             n_layers=args.n_layers,
             n_kv_heads=args.n_kv_heads,
@@ -110,6 +114,7 @@ def build_cache(
             fp_dtype="float32" if spec.kind == "fp32" else "float16",
             rotate_keys=opts.rotate_keys,
             clip=quant.parse_clip(opts.clip),
+            value_bits=value_bits,
         )
     except ValueError as err:
         raise KvxError(str(err)) from None

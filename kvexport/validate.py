@@ -131,6 +131,13 @@ def kv_clip(text: str) -> str:
     return _parses(text, parse_clip)
 
 
+def kv_classes(text: str) -> str:
+    """A ``--kv-classes`` spec, returned as given once it parses."""
+    from kvexport.kv.quant import parse_classes
+
+    return _parses(text, parse_classes)
+
+
 def policy(text: str) -> str:
     """A ``--kv-policy`` spec, returned as given once it parses."""
     from kvexport.kv.policy import parse_policy

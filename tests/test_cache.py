@@ -111,13 +111,40 @@ def test_clip_ratios_reach_the_pools_of_their_class_and_side(tiny_model):
         s.prefill(IDS[:40])
         return s.cache
     plain, keys, values = pools("none"), pools("k2=0.6"), pools("v2=0.6,k4=0.5")
-    assert keys.layout.clip(2) == (0.6, 1.0) and values.layout.clip(4) == (0.5, 1.0)
+    assert keys.layout.side(2, 0) == (2, 0.6) and keys.layout.side(2, 1) == (2, 1.0)
+    assert values.layout.side(4, 0) == (4, 0.5) and values.layout.side(2, 1) == (2, 0.6)
     # layer 0 (its K/V depend on the tokens only; later layers see the clipped cache through attention)
     assert not torch.equal(plain.pool2_k[:, 0], keys.pool2_k[:, 0]) and torch.equal(plain.pool2_v[:, 0],
                                                                                    keys.pool2_v[:, 0])
     assert torch.equal(plain.pool2_k[:, 0], values.pool2_k[:, 0]) and not torch.equal(plain.pool2_v[:, 0],
                                                                                        values.pool2_v[:, 0])
     assert (keys.pool2_ks[:40, 0].float() < plain.pool2_ks[:40, 0].float()).all()  # a finer grid per group
+
+
+def test_split_classes_store_keys_and_values_at_their_own_bits(tiny_model):
+    """k4v2: the 4-bit class's keys are static-4's, its values static-2's (bit for bit, layer 0), at the
+    bytes and average bits of 4-bit keys with 2-bit values."""
+    def cache(policy, classes="k2v2"):
+        s = Session(tiny_model, CacheOptions(policy=policy, max_context=64, window=0, sinks=0, clip="none",
+                                             classes=classes))
+        s.prefill(IDS[:30])
+        return s
+    four, two, split = cache("static-4"), cache("static-2"), cache("static-4", "k4v2,k8v4")
+    c = split.cache
+    d, g = tiny_model.args.head_dim, c.layout.group
+    assert c.layout.value_bits == (2, 2, 4) and c.layout.class_names() == ["k2v2", "k4v2", "k8v4", "16"]
+    assert c.pool4_k.shape[-1] == d // 2 and c.pool4_v.shape[-1] == d // 4 and c.pool8_v.shape[-1] == d // 2
+    assert torch.equal(c.pool4_k[:30, 0], four.cache.pool4_k[:30, 0])
+    for name in ("v", "vs", "vz"):
+        assert torch.equal(getattr(c, f"pool4_{name}")[:30, 0], getattr(two.cache, f"pool2_{name}")[:30, 0])
+    per_head = (d * 4 // 8 + d * 2 // 8 + 2 * 2 * 2 * d // g)
+    assert c.layout.class_bytes_per_token()[1] == c.layout.n_layers * c.layout.n_kv_heads * per_head
+    assert split.kv_stats()["avg_bits"] == pytest.approx(3 + 32 / g)  # (4 + 2) / 2 + fp16 scale and zero
+    alias = cache("static-k4v2")  # the policy names its class: the same pool as static-4 with --kv-classes k4v2
+    assert alias.cache.layout.value_bits == (2, 2, 8) and torch.equal(alias.cache.pool4_v, c.pool4_v)
+    logits = [run(s, IDS[30:40], 1) for s in (four, split, two)]
+    err = [(x - logits[0]).abs().max() for x in logits[1:]]
+    assert 0 < err[0] < err[1]  # coarser values cost something, less than 2-bit keys do
 
 
 def test_context_overflow_is_a_clear_error(tiny_model):
@@ -135,6 +162,9 @@ def test_context_overflow_is_a_clear_error(tiny_model):
     (CacheOptions(policy="learned:/nonexistent.safetensors"), "controller file not found"),
     (CacheOptions(policy="static-2", clip="k3=0.5"), "bad --kv-clip entry"),
     (CacheOptions(policy="static-2", clip="k2=1.5"), "outside"),
+    (CacheOptions(policy="static-4", classes="k4v8"), "bad --kv-classes entry"),
+    (CacheOptions(policy="static-4", classes="k4"), "bad --kv-classes entry"),
+    (CacheOptions(policy="static-k4v8"), "values at no more bits than keys"),
 ])
 def test_bad_options_are_one_line_errors(tiny_model, opts, msg):
     with pytest.raises(KvxError, match=msg) as err:

@@ -12,8 +12,10 @@ from kvexport.parity import run_parity
 from kvexport.session import CacheOptions
 
 # portable mode with a feature-driven policy (features, rarity table and rule inside the graph);
-# fused mode with random routing over all four pools (our kvexport:: kernels in the program).
+# fused mode with random routing over all four pools (our kvexport:: kernels in the program), two of
+# them with values coarser than keys (--kv-classes k4v2,k8v4).
 CASES = {"portable": "rule", "fused": "random:0.3,0.3,0.2,0.2"}
+CLASSES = {"portable": CacheOptions().classes, "fused": "k4v2,k8v4"}
 # The rule case clips 2-bit keys to 0.6, not the default 0.7: at 0.7 the program's float summation order
 # (XNNPACK linears) moves one key of this prompt across a rounding boundary (fp16 storage or a code), and
 # this random model (weights 0.3 x N(0, 1)) turns that into a KL of 0.1 at three steps; the fused and
@@ -24,7 +26,8 @@ CLIP = {"portable": "k2=0.6", "fused": CacheOptions().clip}
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def built(request, tiny_model, tmp_path_factory):
-    opts = CacheOptions(policy=CASES[request.param], max_context=96, window=4, sinks=2, clip=CLIP[request.param])
+    opts = CacheOptions(policy=CASES[request.param], max_context=96, window=4, sinks=2, clip=CLIP[request.param],
+                        classes=CLASSES[request.param])
     out = tmp_path_factory.mktemp("graphs") / f"tiny-{request.param}"
     return build(tiny_model, opts, "executorch", request.param, "fp32", out, log=lambda m: None)
 
@@ -42,6 +45,8 @@ def test_manifest_describes_program(built):
     assert m["methods"]["forward"]["outputs"][1]["name"] == "kv_stats"
     assert m["metadata"]["get_max_context_len"] == 96 and m["metadata"]["get_max_seq_len"] == 4
     assert m["cache"]["kv_bytes_allocated"] > 0 and (built / "tokenizer.json").is_file()
+    split = m["ops_mode"] == "fused"
+    assert m["cache"]["class_names"] == (["k2v2", "k4v2", "k8v4", "16"] if split else ["k2v2", "k4v4", "k8v8", "16"])
     ops = m["executorch"]  # what runs where: linears in XNNPACK, our kernels only in fused mode
     assert ops["xnnpack_partitions"] > 0 and any("linear" in k or "mm" in k for k in ops["xnnpack_ops"])
     custom = [k for k in ops["executorch_kernel_ops"] if k.startswith("kvexport")]

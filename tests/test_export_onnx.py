@@ -16,19 +16,21 @@ from kvexport.models.tokenizer import TOKENIZER_FILES
 from kvexport.parity import run_parity
 from kvexport.session import CacheOptions
 
-# onnx with random routing over all four pools; ort with the feature-driven rule (features, rarity
-# table and rule inside the graph).
+# onnx with random routing over all four pools, two of them with values coarser than keys (k4v2, k8v4);
+# ort with the feature-driven rule (features, rarity table and rule inside the graph).
 CASES = {"onnx": "random:0.3,0.3,0.2,0.2", "ort": "rule"}
+CLASSES = {"onnx": "k4v2,k8v4", "ort": CacheOptions().classes}
 
 
-def _opts(policy: str) -> CacheOptions:
-    return CacheOptions(policy=policy, max_context=96, window=4, sinks=2)
+def _opts(policy: str, classes: str = CacheOptions().classes) -> CacheOptions:
+    return CacheOptions(policy=policy, max_context=96, window=4, sinks=2, classes=classes)
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def built(request, tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("graphs") / f"tiny-{request.param}"
-    return build(tiny_model, _opts(CASES[request.param]), request.param, "fused", "fp32", out, log=lambda m: None)
+    opts = _opts(CASES[request.param], CLASSES[request.param])
+    return build(tiny_model, opts, request.param, "fused", "fp32", out, log=lambda m: None)
 
 
 def test_program_matches_reference(built, tiny_model):
@@ -188,6 +190,8 @@ def test_cli_build_ort_then_parity(tiny_model, tmp_path, capsys):
         str(model),
         "--kv-policy",
         "static-4",
+        "--kv-classes",
+        "k4v2",  # the .ort conversion inlines the nested dequantize function of K/V-split pools
         "--max-context",
         "40",
         "--kv-window",

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvexport.kv import quant
+from kvexport.kv.policy import class_bits
 
 
 @settings(max_examples=60, deadline=None)
@@ -99,3 +100,13 @@ def test_layout_checks():
         quant.check_layout(64, 4, 48)
     with pytest.raises(ValueError, match="bit-width"):
         quant.check_layout(64, 3, 64)
+
+
+def test_class_specs_name_value_bits_per_key_class():
+    assert quant.parse_classes("k2v2,k4v4,k8v8") == quant.EQUAL_VALUE_BITS
+    assert quant.parse_classes("k4v2, k8v4") == (2, 2, 4)
+    assert quant.classes_spec(quant.parse_classes("k8v2")) == "k2v2,k4v4,k8v2"
+    for bad in ("k4v8", "k3v2", "k4", "none", "k4v2,"):
+        with pytest.raises(ValueError, match="bad --kv-classes entry"):
+            quant.parse_classes(bad)
+    assert class_bits(64, (2, 2, 4)) == [2.5, 3.5, 6.5, 16.0]

@@ -68,9 +68,10 @@ class PackedCache:
         returns it."""
         out = x
         cls = classes[:, None, :, None]
-        for i, bits in enumerate(CLASSES[:-1]):
+        for i, c in enumerate(CLASSES[:-1]):
             if bool((classes == i).any()):
-                codes, scale, zero = quant.quantize(x, bits, self.layout.group, self.layout.clip(bits)[side])
+                bits, clip = self.layout.side(c, side)
+                codes, scale, zero = quant.quantize(x, bits, self.layout.group, clip)
                 out = torch.where(cls == i, quant.dequantize(codes, scale, zero, self.layout.group), out)
         return out
 

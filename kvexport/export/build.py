@@ -23,6 +23,7 @@ from pathlib import Path
 from kvexport.errors import KvxError
 from kvexport.export.program import LAYOUT_VERSION, StepProgram, metadata_methods
 from kvexport.fsutil import atomic_directory, check_replaceable, read_json, sha256_file
+from kvexport.kv import quant
 from kvexport.kv import stats as kv_stats
 from kvexport.kv.policy import CLASSES
 from kvexport.models.loader import LoadedModel
@@ -59,14 +60,18 @@ def tokenizer_entry(tokenizer) -> dict:
 
 
 def default_name(loaded: LoadedModel, opts: CacheOptions, target: str, ops: str, weights: str) -> str:
-    """``<model>-<policy>[-b<budget>]-w<window>-s<sinks>-g<group>[-norot][-seed<seed>][-clip-<spec>]-ctx<N>-<weights>-<ops>-<target>``:
+    """``<model>-<policy>[-b<budget>]-w<window>-s<sinks>-g<group>[-norot][-seed<seed>][-clip-<spec>][-<classes>]-ctx<N>-``
+    ``<weights>-<ops>-<target>`` (``<classes>``: the split ones of ``--kv-classes``, e.g. ``k4v2``):
     every option that changes the program (budget only where it picks the controller)."""
     policy = re.sub(r"[^A-Za-z0-9_+=-]", "_", opts.policy.replace(":", "-").replace(",", "_").replace(".", "p"))
     default = CacheOptions()
     budget = f"-b{opts.budget_bits:g}".replace(".", "p") if opts.policy == "learned" and opts.budget_bits else ""
     clip = "" if opts.clip == default.clip else "-clip-" + re.sub(r"[^A-Za-z0-9]", "", opts.clip.replace(".", "p"))
+    split = [c for c in quant.classes_spec(quant.parse_classes(opts.classes)).split(",") if c[1] != c[3]]
+    classes = "".join(f"-{c}" for c in split)
     return (f"{loaded.name}-{policy}{budget}-w{opts.window}-s{opts.sinks}-g{opts.group or loaded.args.head_dim}"
             f"{'' if opts.rotate_keys else '-norot'}{f'-seed{opts.seed}' if opts.seed != default.seed else ''}{clip}"
+            f"{classes}"
             f"-ctx{opts.max_context}-{weights}-{ops}-{target}")
 
 
@@ -151,6 +156,7 @@ def manifest_for(loaded: LoadedModel, opts: CacheOptions, step: StepProgram, tar
         "cache_options": opts.to_dict(),
         "cache": {**cache.layout.to_dict(), "max_chunk": cache.max_chunk, "kv_bytes_allocated": cache.nbytes(),
                   "class_bits_per_element": dict(zip(map(str, CLASSES), _class_bits(cache))),
+                  "class_names": cache.layout.class_names(),
                   "state": {n: {"shape": list(b.shape), "dtype": str(b.dtype).removeprefix("torch.")}
                             for n, b in cache.state_buffers().items()}},
         "policy": {"spec": opts.policy, **{k: v for k, v in policy.items() if k != "meta"},

@@ -87,11 +87,12 @@ def attach_kvexport_functions(model) -> None:
 
     from kvexport.ops.onnx import DOMAIN, function_protos
 
-    used = {n.op_type for n in model.graph if n.domain == DOMAIN}
-    for proto in function_protos():
-        if proto.name in used:
-            fn = ir.serde.deserialize_function(proto)
-            model.functions[fn.identifier()] = fn
+    protos = {p.name: p for p in function_protos()}
+    todo = {n.op_type for n in model.graph if n.domain == DOMAIN}
+    while todo:  # the ops the graph calls, then the helpers their bodies call
+        fn = ir.serde.deserialize_function(protos[todo.pop()])
+        model.functions[fn.identifier()] = fn
+        todo |= {n.op_type for n in fn if n.domain == DOMAIN} - {f.name for f in model.functions.values()}
 
 
 def fold_weight_transposes(model) -> int:

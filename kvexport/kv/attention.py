@@ -47,12 +47,13 @@ def pool_attention(
 ):
     """Partial attention over a quantized pool; only slots ``[0, n_valid)`` count.
 
-    ``k_packed``/``v_packed`` uint8 ``[N, Hkv, D*bits/8]``; scales/zeros fp16 ``[N, Hkv, D/group]``;
+    ``k_packed`` uint8 ``[N, Hkv, D*bits/8]``, ``v_packed`` ``[N, Hkv, D*vb/8]`` (values at ``vb`` bits, read
+    from the width: ``vb = bits`` except in K/V-split classes); scales/zeros fp16 ``[N, Hkv, D/group]``;
     ``n_valid`` int64 ``[1]``. Returns ``(o, m, l)`` as described in the module docstring. This is
     the reference (and portable) implementation of ``kvexport::pool_attention``.
     """
     k = quant.dequantize_packed(k_packed, k_scale, k_zero, bits, group)
-    v = quant.dequantize_packed(v_packed, v_scale, v_zero, bits, group)
+    v = quant.dequantize_packed(v_packed, v_scale, v_zero, quant.packed_bits(v_packed, q.shape[-1]), group)
     valid = torch.arange(k.shape[0]) < n_valid
     o, m, l, _ = partial_attention(q, k, v, valid, scale)
     return o, m, l

@@ -9,9 +9,11 @@ Buffers are slot-major (slot first, then layer), so every write is a 1-D ``index
   ``(p - S) % W`` (:mod:`kvexport.kv.schedule`); ``win_pos [W+1]`` (-1 = empty) and
   ``win_feat [W+1, 6]`` (features so far);
 * one **pool** per class, filled front to back (``fill [4]`` counts), never evicted:
-  ``pool16_k/v`` fp ``[C16+1, L, H, D]`` and for b in 2, 4, 8: ``pool{b}_k/v`` uint8
-  ``[Cb+1, L, H, D*b/8]`` (packed codes) with fp16 ``pool{b}_ks/kz/vs/vz [Cb+1, L, H, D/G]``
-  (scale and zero point per group; the six together: :class:`QuantPool`);
+  ``pool16_k/v`` fp ``[C16+1, L, H, D]`` and for b in 2, 4, 8: ``pool{b}_k`` uint8
+  ``[Cb+1, L, H, D*b/8]`` (packed key codes), ``pool{b}_v`` uint8 ``[Cb+1, L, H, D*vb/8]`` (value
+  codes at the class's value bits ``vb <= b``, ``--kv-classes``, e.g. ``k4v2``; ``vb = b`` by default)
+  with fp16 ``pool{b}_ks/kz/vs/vz [Cb+1, L, H, D/G]`` (scale and zero point per group; the six
+  together: :class:`QuantPool`). Every reader takes a side's bits from its packed width;
   ``pool_pos{c} [Cc+1]`` records which position sits in each slot.
 
 The last slot of every buffer is a *trash* slot: writes that must not land anywhere go there, so a
@@ -80,6 +82,7 @@ class CacheLayout:
     rotate_keys: bool = False
     key_clip: tuple[float, float, float] = (1.0, 1.0, 1.0)  # clip ratio of keys at 2, 4, 8 bits (quant.quantize)
     value_clip: tuple[float, float, float] = (1.0, 1.0, 1.0)  # the same for values
+    value_bits: tuple[int, int, int] = quant.EQUAL_VALUE_BITS  # values of the 2-, 4-, 8-bit-key classes (--kv-classes)
 
     @property
     def torch_fp_dtype(self) -> torch.dtype:
@@ -87,18 +90,24 @@ class CacheLayout:
 
     def class_bytes_per_token(self) -> list[int]:
         """Bytes one token occupies in each class, over all layers, keys and values."""
-        per_head = []
+        per_head = []  # keys + values of one (layer, KV head)
         for c in CLASSES:
             if c == 16:
-                per_head.append(self.head_dim * torch.finfo(self.torch_fp_dtype).bits // 8)
+                per_head.append(2 * self.head_dim * torch.finfo(self.torch_fp_dtype).bits // 8)
             else:
-                per_head.append(self.head_dim * c // 8 + 2 * 2 * (self.head_dim // self.group))
-        return [2 * self.n_layers * self.n_kv_heads * b for b in per_head]
+                per_head.append(sum(self.head_dim * self.side(c, s)[0] // 8 + 2 * 2 * (self.head_dim // self.group)
+                                    for s in (0, 1)))
+        return [self.n_layers * self.n_kv_heads * b for b in per_head]
 
-    def clip(self, bits: int) -> tuple[float, float]:
-        """(key, value) clip ratios of the ``bits`` class."""
-        i = QUANT_BITS.index(bits)
-        return self.key_clip[i], self.value_clip[i]
+    def side(self, bits: int, side: int) -> tuple[int, float]:
+        """(bits, clip ratio) at which the class whose keys take ``bits`` stores its keys (``side`` 0) or its
+        values (1): values at the class's ``value_bits``, each side clipped as ``--kv-clip`` says for its bits."""
+        b = bits if side == 0 else self.value_bits[QUANT_BITS.index(bits)]
+        return b, (self.key_clip, self.value_clip)[side][QUANT_BITS.index(b)]
+
+    def class_names(self) -> list[str]:
+        """``k<b>v<b>`` per quantized class, ``16`` for the float one."""
+        return [f"k{c}v{self.side(c, 1)[0]}" if c != 16 else "16" for c in CLASSES]
 
     def elements_per_token(self) -> int:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim
@@ -109,11 +118,12 @@ class CacheLayout:
     @classmethod
     def build(
         cls, *, n_layers, n_kv_heads, head_dim, max_context, sinks, window, group, fractions, fp_dtype, rotate_keys,
-        clip=quant.NO_CLIP,
+        clip=quant.NO_CLIP, value_bits=quant.EQUAL_VALUE_BITS,
     ):
         """Size the pools: class ``c`` gets ``ceil(fraction_c * pooled tokens)`` slots; ``clip``: (key, value)
-        clip ratios per quantized class (:func:`kvexport.kv.quant.parse_clip`). ``rotate_keys`` holds only
-        where a quantized pool has slots (the rotation changes nothing else)."""
+        clip ratios per bit-width (:func:`kvexport.kv.quant.parse_clip`); ``value_bits``: the classes' value
+        bits (:func:`kvexport.kv.quant.parse_classes`). ``rotate_keys`` holds only where a quantized pool has
+        slots (the rotation changes nothing else)."""
         if sinks < 0 or window < 0 or sinks + window > max_context:
             raise ValueError(f"sinks ({sinks}) + window ({window}) must fit in the context ({max_context})")
         for b in QUANT_BITS:
@@ -127,7 +137,7 @@ class CacheLayout:
         if rotate_keys:
             quant.check_rotation(head_dim)
         return cls(n_layers, n_kv_heads, head_dim, max_context, sinks, window, group, caps, fp_dtype, rotate_keys,
-                   *clip)
+                   *clip, tuple(value_bits))
 
 
 class QuantPool(NamedTuple):
@@ -136,7 +146,7 @@ class QuantPool(NamedTuple):
     k: torch.Tensor  # uint8 [..., D*b/8] packed key codes
     ks: torch.Tensor  # fp16 [..., D/G] key scale per group
     kz: torch.Tensor  # fp16 [..., D/G] key zero point per group
-    v: torch.Tensor  # uint8 [..., D*b/8] packed value codes
+    v: torch.Tensor  # uint8 [..., D*vb/8] packed value codes (vb: the class's value bits)
     vs: torch.Tensor  # fp16 [..., D/G]
     vz: torch.Tensor  # fp16 [..., D/G]
 
@@ -202,8 +212,9 @@ class MixedKVCache(nn.Module):
                 self.register_buffer("pool16_k", torch.zeros(cap + 1, L, H, D, dtype=fp))
                 self.register_buffer("pool16_v", torch.zeros(cap + 1, L, H, D, dtype=fp))
                 continue
-            for kv in "kv":
-                self.register_buffer(f"pool{c}_{kv}", torch.zeros(cap + 1, L, H, D * c // 8, dtype=torch.uint8))
+            for side, kv in enumerate("kv"):
+                width = D * layout.side(c, side)[0] // 8
+                self.register_buffer(f"pool{c}_{kv}", torch.zeros(cap + 1, L, H, width, dtype=torch.uint8))
                 self.register_buffer(
                     f"pool{c}_{kv}s", torch.zeros(cap + 1, L, H, D // layout.group, dtype=torch.float16)
                 )
@@ -312,7 +323,7 @@ class MixedKVCache(nn.Module):
                 parts.append(self._pool_attention(rows, *pool, self.fill[i : i + 1], bits, lay.group, scale))
                 continue
             keys.append(quant.dequantize_packed(pool.k, pool.ks, pool.kz, bits, lay.group))
-            values.append(quant.dequantize_packed(pool.v, pool.vs, pool.vz, bits, lay.group))
+            values.append(quant.dequantize_packed(pool.v, pool.vs, pool.vz, lay.side(bits, 1)[0], lay.group))
             masks.append(torch.arange(n) < self.fill[i])
         if keys:
             o, m, l, p = attention.partial_attention(rows, torch.cat(keys), torch.cat(values), torch.cat(masks), scale)
@@ -456,9 +467,9 @@ class MixedKVCache(nn.Module):
                 self._write(self.pool16_k, idx, cand_k.to(fp))
                 self._write(self.pool16_v, idx, cand_v.to(fp))
                 continue
-            k_clip, v_clip = lay.clip(c)
-            packed = (*self.quantize_pack(cand_k, c, lay.group, k_clip),
-                      *self.quantize_pack(cand_v, c, lay.group, v_clip))
+            (kb, k_clip), (vb, v_clip) = lay.side(c, 0), lay.side(c, 1)
+            packed = (*self.quantize_pack(cand_k, kb, lay.group, k_clip),
+                      *self.quantize_pack(cand_v, vb, lay.group, v_clip))
             for buf, x in zip(self.quant_pool(c), packed):  # QuantPool order: k, ks, kz, v, vs, vz
                 self._write(buf, idx, x)
         self.fill.copy_(new_fill)

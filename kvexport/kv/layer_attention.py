@@ -28,7 +28,8 @@ Shapes (``S`` sinks, ``W`` window, ``L`` layers, ``H`` KV heads, ``Hq`` query he
 ``q [1, Hq, T, D]`` f32, new ``k, v [1, H, T, D]`` f32 (both before the rotation) (batch 1, the model's own
 layout: no select or unsqueeze op around the kernel); ``sink_k/v [S+1, L, H, D]``,
 ``win_k/v [W+1, L, H, D]``, ``evict_k/v [Tmax >= T, L, H, D]`` in the cache's float dtype (fp16 or
-fp32); ``pools`` in :data:`POOL_NAMES` order with the shapes of :mod:`kvexport.kv.cache`. Returns
+fp32); ``pools`` in :data:`POOL_NAMES` order with the shapes of :mod:`kvexport.kv.cache` (each side's
+bits follow from its packed width, so a class may store values coarser than keys). Returns
 ``out [1, Hq, T, D]`` f32 and ``recv [W + T, 3]`` f32: window rows then chunk rows, columns (sum over
 query rows of the head-mean normalised weight, sum of the head variance, observing rows), zeros
 without ``features``. This Python function is the oracle the C++ kernel is tested against.

@@ -4,6 +4,8 @@ the recent window. One spec grammar everywhere (``--kv-policy``):
   ``fp32``                 every token full precision, stored as float32 (the parity baseline)
   ``fp16``                 every token float16
   ``static-2|4|8``         every token (outside sinks and window) at that bit-width
+  ``static-k<b>v<c>``      every token in the class with ``b``-bit keys, its values at ``c <= b`` bits (e.g.
+                           ``static-k4v2``; the class's value bits for the whole cache, as ``--kv-classes k4v2``)
   ``random:B``             seeded random classes whose shares give ``B`` average bits per element
                            over a full ``max_context`` cache (sinks and window counted at 16 bits)
   ``random:f2,f4,f8,f16``  seeded random classes with these shares
@@ -43,9 +45,11 @@ class PolicySpec:
     fractions: tuple[float, ...] | None = None
     path: str | None = None
     seed: int = 0
+    classes: str | None = None  # static-k<b>v<c>: that class's --kv-classes entry
 
 
-_SPEC_HELP = "use fp32, fp16, static-2|4|8, random:B, random:f2,f4,f8,f16, rule or learned[:FILE]"
+_SPEC_HELP = ("use fp32, fp16, static-2|4|8, static-k<b>v<c> (e.g. static-k4v2), random:B, random:f2,f4,f8,f16, rule "
+              "or learned[:FILE]")
 
 
 def parse_policy(text: str, seed: int = 0) -> PolicySpec:
@@ -58,6 +62,13 @@ def parse_policy(text: str, seed: int = 0) -> PolicySpec:
         if bits not in quant.SUPPORTED_BITS:
             raise ValueError(f"invalid policy '{t}': static bit-width must be 2, 4 or 8")
         return PolicySpec("static", t, bits=bits)
+    if m := re.fullmatch(r"static-(k\d+v\d+)", t):
+        try:
+            quant.parse_classes(m.group(1))
+        except ValueError:
+            raise ValueError(f"invalid policy '{t}': keys at 2, 4 or 8 bits and values at no more bits than keys, "
+                             "e.g. static-k4v2") from None
+        return PolicySpec("static", t, bits=int(m.group(1)[1:].split("v")[0]), classes=m.group(1))
     if t.startswith("random:"):
         body = t.split(":", 1)[1]
         nums = body.split(",")
@@ -80,19 +91,22 @@ def parse_policy(text: str, seed: int = 0) -> PolicySpec:
     raise ValueError(f"invalid policy '{t}': {_SPEC_HELP}")
 
 
-def class_bits(group: int) -> list[float]:
-    """Bits per element of each class, metadata included (e.g. 2.5, 4.5, 8.5, 16 for group 64)."""
-    return [quant.bits_per_element(b, group) for b in CLASSES]
+def class_bits(group: int, value_bits: tuple[int, ...] = quant.EQUAL_VALUE_BITS) -> list[float]:
+    """Bits per element of each class, metadata included, keys and values averaged (e.g. 2.5, 4.5, 8.5, 16
+    for group 64; the 4-bit-key class with 2-bit values, ``--kv-classes k4v2``: 3.5)."""
+    vb = [*value_bits, 16]  # CLASSES order
+    return [(quant.bits_per_element(b, group) + quant.bits_per_element(v, group)) / 2 for b, v in zip(CLASSES, vb)]
 
 
-def fractions_for_budget(budget_bits: float, group: int, pool_share: float) -> tuple[float, ...]:
+def fractions_for_budget(budget_bits: float, group: int, pool_share: float,
+                         value_bits: tuple[int, ...] = quant.EQUAL_VALUE_BITS) -> tuple[float, ...]:
     """Class shares of pooled tokens mixing the two classes that bracket the budget.
 
     ``budget_bits`` is the target average over a full cache, in which a share ``1 - pool_share`` of
     the tokens (sinks and window) is at 16 bits; the pooled tokens make up the rest.
     """
     target = 16.0 if pool_share <= 0 else (budget_bits - 16.0 * (1 - pool_share)) / pool_share
-    bits = class_bits(group)
+    bits = class_bits(group, value_bits)
     if target < bits[0] - 1e-9:
         floor = bits[0] * pool_share + 16.0 * (1 - pool_share)
         raise ValueError(f"budget {budget_bits} bits is below the minimum {floor:.2f} for this layout")
@@ -201,14 +215,16 @@ class LearnedPolicy(Policy):
         return {"fractions": list(self.fractions), "controller": self.source, "meta": self.controller.meta}
 
 
-def build_policy(spec: PolicySpec, group: int, pool_share: float, default_controller: Path | None) -> Policy:
-    """Instantiate the policy of ``spec``. ``pool_share`` = pooled tokens / max_context."""
+def build_policy(spec: PolicySpec, group: int, pool_share: float, default_controller: Path | None,
+                 value_bits: tuple[int, ...] = quant.EQUAL_VALUE_BITS) -> Policy:
+    """Instantiate the policy of ``spec``. ``pool_share`` = pooled tokens / max_context; ``value_bits``: the
+    classes' (``--kv-classes``), which set what ``random:B``'s budget buys."""
     if spec.kind in ("fp32", "fp16"):
         return FixedClass(16)
     if spec.kind == "static":
         return FixedClass(spec.bits)
     if spec.kind == "random":
-        fr = spec.fractions or fractions_for_budget(spec.budget_bits, group, pool_share)
+        fr = spec.fractions or fractions_for_budget(spec.budget_bits, group, pool_share, value_bits)
         return RandomPolicy(fr, spec.seed)
     if spec.kind == "rule":
         return RulePolicy()

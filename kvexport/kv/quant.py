@@ -32,6 +32,7 @@ Conventions (all functions):
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ SUPPORTED_BITS = (2, 4, 8)
 FP16_NUDGE = 2.0**-10  # relative nudge: >= one fp16 ulp of the value
 FP16_TINY = 2.0**-24  # absolute nudge: one fp16 subnormal step
 NO_CLIP = ((1.0,) * len(SUPPORTED_BITS),) * 2  # (key, value) clip ratios per class: none
+EQUAL_VALUE_BITS = SUPPORTED_BITS  # value bits of the 2-, 4-, 8-bit(-key) classes: keys and values alike
 
 
 def check_layout(head_dim: int, bits: int, group: int) -> None:
@@ -50,6 +52,12 @@ def check_layout(head_dim: int, bits: int, group: int) -> None:
         raise ValueError(f"group size {group} does not divide head_dim {head_dim}")
     if (head_dim * bits) % 8:
         raise ValueError(f"head_dim {head_dim} at {bits} bits does not fill whole bytes")
+
+
+def packed_bits(packed: torch.Tensor, head_dim: int) -> int:
+    """Bits per code of packed rows ``[..., head_dim*bits/8]``: what every reader of a pool takes its sides'
+    bits from (keys and values of a class may differ: ``--kv-classes``)."""
+    return packed.shape[-1] * 8 // head_dim
 
 
 def bits_per_element(bits: int, group: int) -> float:
@@ -86,6 +94,30 @@ def parse_clip(spec: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
             check_clip(ratio)
             ratios[side][SUPPORTED_BITS.index(int(bits))] = ratio
     return tuple(ratios["k"]), tuple(ratios["v"])
+
+
+def parse_classes(spec: str) -> tuple[int, ...]:
+    """A ``--kv-classes`` spec -> the value bits of the classes whose keys are stored at 2, 4 and 8 bits.
+
+    Comma-separated ``k<bits>v<bits>`` entries (e.g. ``k4v2,k8v4``: 4-bit keys with 2-bit values, 8-bit keys
+    with 4-bit values); a class not named keeps its values at its key bits (``k2v2,k4v4,k8v8``: the
+    default). Values may not be finer than their keys (the 2-bit loss is the keys': calibration/README.md),
+    which also keeps the classes ordered by cost.
+    """
+    vbits = list(EQUAL_VALUE_BITS)
+    for entry in spec.split(","):
+        m = re.fullmatch(r"k(\d+)v(\d+)", entry.strip())
+        kb, vb = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+        if kb not in SUPPORTED_BITS or vb not in SUPPORTED_BITS or vb > kb:
+            raise ValueError(f"bad --kv-classes entry '{entry}': use k<key bits>v<value bits> with bits in "
+                             f"{SUPPORTED_BITS} and values no finer than keys, e.g. k4v2,k8v4")
+        vbits[SUPPORTED_BITS.index(kb)] = vb
+    return tuple(vbits)
+
+
+def classes_spec(value_bits: tuple[int, ...]) -> str:
+    """The canonical ``--kv-classes`` spec of ``value_bits`` (every class named, e.g. ``k2v2,k4v2,k8v8``)."""
+    return ",".join(f"k{kb}v{vb}" for kb, vb in zip(SUPPORTED_BITS, value_bits))
 
 
 def clip_shrink(clip: float) -> float:

@@ -3,9 +3,8 @@ version 1) whose bodies are standard ONNX (opset 18) ops, so stock ONNX Runtime 
 extra library.
 
 Export (``kvexport.export.onnx``) uses :func:`node_translation_table`: each op becomes one
-``kvexport::<op>`` node (schemas registered with ``onnx.defs``) and :func:`function_protos` are
-attached as the model's local functions. (:func:`translation_table` traces the bodies instead;
-torch.onnx's version-conversion pass then inlines them, so the op boundaries are lost.)
+``kvexport::<op>`` node (schemas registered with ``onnx.defs``) and :func:`function_protos` (the ops'
+bodies and the helper functions they call) are attached as the model's local functions.
 
 Bit-exactness of ``quantize_pack`` with :mod:`kvexport.kv.quant`: the same fp32 ops in the same
 order (ONNX ``Round`` is round-half-to-even like ``torch.round``). Packing avoids bit shifts
@@ -76,6 +75,28 @@ def quantize_pack(x: FLOAT, bits: int, group: int, clip: float = 1.0) -> tuple[U
 
 
 @onnxscript.script(kvexport_opset, default_opset=op)
+def dequantize(packed: UINT8, scale: FLOAT16, zero: FLOAT16, d: INT64, group: int) -> FLOAT:
+    """kvexport.kv.quant.dequantize_packed of rows ``[..., d*bits/8]``; ``d`` int64 ``[1]`` (head_dim), the
+    bits follow from the packed width."""
+    g1 = op.Reshape(op.Constant(value_int=group), op.Constant(value_ints=[1]))
+    axis_last = op.Constant(value_ints=[-1])
+    per = op.Div(d, op.Shape(packed, start=-1))  # codes per byte = 8 / bits
+    b = op.Div(op.Constant(value_ints=[8]), per)
+    weights = op.Pow(
+        op.Constant(value_int=2),
+        op.Mul(b, op.Range(op.Constant(value_int=0), op.Squeeze(per), op.Constant(value_int=1))),
+    )
+    lanes = op.Mod(op.Div(op.Unsqueeze(op.Cast(packed, to=7), axis_last), weights), op.Pow(op.Constant(value_int=2), b))
+    lead = op.Shape(packed, end=-1)
+    ng = op.Div(d, g1)
+    cg = op.Reshape(op.Cast(lanes, to=1), op.Concat(lead, ng, g1, axis=0))
+    xg = op.Add(
+        op.Mul(cg, op.Unsqueeze(op.Cast(scale, to=1), axis_last)), op.Unsqueeze(op.Cast(zero, to=1), axis_last)
+    )
+    return op.Reshape(xg, op.Concat(lead, d, axis=0))
+
+
+@onnxscript.script(kvexport_opset, default_opset=op)
 def pool_attention(
     q: FLOAT,
     k_packed: UINT8,
@@ -90,43 +111,21 @@ def pool_attention(
     scale: float,
 ) -> tuple[FLOAT, FLOAT, FLOAT]:
     """kvexport::pool_attention == kvexport.kv.attention.pool_attention; reads only slots
-    [0, max(n_valid, 1)) of the pools (slot 0 is masked out when n_valid == 0)."""
-    b = op.Constant(value_int=bits)
-    g1 = op.Reshape(op.Constant(value_int=group), op.Constant(value_ints=[1]))
-    axis_last = op.Constant(value_ints=[-1])
+    [0, max(n_valid, 1)) of the pools (slot 0 is masked out when n_valid == 0). Each side's bits follow
+    from its packed width (values may be coarser than keys); ``bits`` (the keys') is kept for the schema."""
     zero1 = op.Constant(value_ints=[0])
     nv = op.Reshape(n_valid, op.Constant(value_ints=[1]))
     end = op.Max(nv, op.Constant(value_ints=[1]))
-    # K and V of the filled prefix, stacked: [2, n, Hkv, *]
-    pk = op.Concat(
-        op.Unsqueeze(op.Slice(k_packed, zero1, end, zero1), zero1),
-        op.Unsqueeze(op.Slice(v_packed, zero1, end, zero1), zero1),
-        axis=0,
+    d = op.Shape(q, start=-1)
+    # K and V of the filled prefix, dequantized: [n, Hkv, D]
+    k = dequantize(
+        op.Slice(k_packed, zero1, end, zero1), op.Slice(k_scale, zero1, end, zero1),
+        op.Slice(k_zero, zero1, end, zero1), d, group=group,
     )
-    ps = op.Concat(
-        op.Unsqueeze(op.Slice(k_scale, zero1, end, zero1), zero1),
-        op.Unsqueeze(op.Slice(v_scale, zero1, end, zero1), zero1),
-        axis=0,
+    v = dequantize(
+        op.Slice(v_packed, zero1, end, zero1), op.Slice(v_scale, zero1, end, zero1),
+        op.Slice(v_zero, zero1, end, zero1), d, group=group,
     )
-    pz = op.Concat(
-        op.Unsqueeze(op.Slice(k_zero, zero1, end, zero1), zero1),
-        op.Unsqueeze(op.Slice(v_zero, zero1, end, zero1), zero1),
-        axis=0,
-    )
-    # dequantize (quant.dequantize_packed)
-    per = op.Div(op.Constant(value_int=8), b)
-    weights = op.Pow(
-        op.Constant(value_int=2), op.Mul(b, op.Range(op.Constant(value_int=0), per, op.Constant(value_int=1)))
-    )
-    lanes = op.Mod(op.Div(op.Unsqueeze(op.Cast(pk, to=7), axis_last), weights), op.Pow(op.Constant(value_int=2), b))
-    lead = op.Shape(pk, end=-1)
-    d = op.Mul(op.Shape(pk, start=-1), op.Reshape(per, op.Constant(value_ints=[1])))
-    ng = op.Div(d, g1)
-    cg = op.Reshape(op.Cast(lanes, to=1), op.Concat(lead, ng, g1, axis=0))
-    xg = op.Add(op.Mul(cg, op.Unsqueeze(op.Cast(ps, to=1), axis_last)), op.Unsqueeze(op.Cast(pz, to=1), axis_last))
-    kv = op.Reshape(xg, op.Concat(lead, d, axis=0))
-    k = op.Gather(kv, op.Constant(value_int=0), axis=0)  # [n, Hkv, D]
-    v = op.Gather(kv, op.Constant(value_int=1), axis=0)
     # GQA: query head h reads KV head h // (Hq // Hkv)  ->  q as [Hkv, G*R, D]
     hkv = op.Shape(k_packed, start=1, end=2)
     q_shape = op.Shape(q)
@@ -135,6 +134,7 @@ def pool_attention(
     n = op.Squeeze(op.Shape(k, start=0, end=1), zero1)
     mask = op.Less(op.Range(op.Constant(value_int=0), n, op.Constant(value_int=1)), nv)  # [n]
     s = op.Where(mask, s, op.Constant(value_float=NEG))
+    axis_last = op.Constant(value_ints=[-1])
     m = op.ReduceMax(s, axis_last, keepdims=1)
     p = op.Mul(op.Exp(op.Sub(s, m)), op.Cast(mask, to=1))
     l = op.ReduceSum(p, axis_last, keepdims=0)
@@ -147,16 +147,7 @@ FUNCTIONS = {
     "quantize_pack": quantize_pack,
     "pool_attention": pool_attention,
 }
-
-
-def translation_table() -> dict:
-    """``custom_translation_table`` entries that trace each op's function body (standard ops, inlined)."""
-    import torch
-
-    from kvexport import ops
-
-    ops.load()
-    return {getattr(torch.ops.kvexport, name).default: fn for name, fn in FUNCTIONS.items()}
+HELPERS = (dequantize,)  # local functions the op bodies call
 
 
 # Signatures of the two ops as ONNX schemas (inputs, outputs, attributes). Registering them lets
@@ -238,5 +229,6 @@ def node_translation_table() -> dict:
 
 
 def function_protos() -> list:
-    """The two ``onnx.FunctionProto`` bodies (domain ``kvexport``, version 1)."""
-    return [fn.to_function_proto() for fn in FUNCTIONS.values()]
+    """The ``onnx.FunctionProto`` bodies of the ops and of the helpers they call (domain ``kvexport``,
+    version 1)."""
+    return [fn.to_function_proto() for fn in (*FUNCTIONS.values(), *HELPERS)]

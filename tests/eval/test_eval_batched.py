@@ -70,6 +70,12 @@ def test_batched_with_key_rotation(tiny_model):
     )
 
 
+def test_batched_with_split_classes(tiny_model):
+    """Values coarser than keys (k4v2, k8v4) in both engines, every class in use."""
+    _compare(tiny_model, CacheOptions(policy="random:0.2,0.4,0.3,0.1", max_context=256, window=8, sinks=4, group=16,
+                                      rotate_keys=False, classes="k4v2,k8v4"))
+
+
 def test_overflowing_items_fall_back_to_the_cache_path(tiny_model):
     # rule: random token ids are mostly "rare" -> 8-bit, whose pool (10% of 244 slots) overflows
     opts = CacheOptions(policy="rule", max_context=256, window=8, sinks=4, group=16)

@@ -25,17 +25,23 @@ OUTPUT_NAMES = ("kp", "ks", "kz", "vp", "vs", "vz", "q", "o", "m", "l")
 
 
 BITS = (2, 4, 8)
+CLASSES = (2, 4, 8, (4, 2), (8, 4))  # a bit-width for keys and values, or (key bits, value bits)
+
+
+def sides(cls) -> tuple[int, int]:
+    """(key bits, value bits) of a class of :data:`CLASSES`."""
+    return cls if isinstance(cls, tuple) else (cls, cls)
 
 
 class KvOps(torch.nn.Module):
-    """For each bit-width: quantize new K/V rows, attend over the resulting pool with projected
-    queries (10 outputs per bit-width, see OUTPUT_NAMES; one export covers all).
+    """For each class (bit-width, or key and value bit-widths): quantize new K/V rows, attend over the
+    resulting pool with projected queries (10 outputs per class, see OUTPUT_NAMES; one export covers all).
 
     The projection is a Linear (delegated to XNNPACK in the .pte); its output is returned so the
     attention reference can use exactly the queries the program saw.
     """
 
-    def __init__(self, bits=BITS, group: int = GROUP, portable: bool = False):
+    def __init__(self, bits=CLASSES, group: int = GROUP, portable: bool = False):
         super().__init__()
         self.bits, self.group, self.portable = tuple(bits), group, portable
         self.proj = torch.nn.Linear(D, D)
@@ -48,10 +54,11 @@ class KvOps(torch.nn.Module):
         g, p = self.group, self.portable
         q = self.proj(q)
         outs = []
-        for b in self.bits:
-            kp, ks, kz = ops.quantize_pack(xk, b, g, portable=p)
-            vp, vs, vz = ops.quantize_pack(xv, b, g, portable=p)
-            o, m, l = ops.pool_attention(q, kp, ks, kz, vp, vs, vz, n_valid, b, g, SCALE, portable=p)
+        for cls in self.bits:
+            kb, vb = sides(cls)
+            kp, ks, kz = ops.quantize_pack(xk, kb, g, portable=p)
+            vp, vs, vz = ops.quantize_pack(xv, vb, g, portable=p)
+            o, m, l = ops.pool_attention(q, kp, ks, kz, vp, vs, vz, n_valid, kb, g, SCALE, portable=p)
             outs += [kp, ks, kz, vp, vs, vz, q, o, m, l]
         return tuple(outs)
 
@@ -110,7 +117,8 @@ def assert_attention_close(got, ref, what: str, rtol: float = 1e-5):
 
 
 def check_outputs(out, inputs, bits, group: int, what: str):
-    """Compare a program's outputs (KvOps with ``bits``) with the reference applied to the same inputs."""
+    """Compare a program's outputs (KvOps with the classes ``bits``) with the reference applied to the same
+    inputs."""
     bits = (bits,) if isinstance(bits, int) else tuple(bits)
     k = len(OUTPUT_NAMES)
     assert len(out) == k * len(bits), (len(out), what)
@@ -118,14 +126,15 @@ def check_outputs(out, inputs, bits, group: int, what: str):
         _check_one(out[i * k : (i + 1) * k], inputs, b, group, f"{what} bits={b}")
 
 
-def _check_one(out, inputs, bits: int, group: int, what: str):
+def _check_one(out, inputs, cls, group: int, what: str):
     xk, xv, _, n_valid = inputs
+    kb, vb = sides(cls)
     got = dict(zip(OUTPUT_NAMES, out))
-    ref_k = quant.quantize_packed(xk, bits, group)
-    ref_v = quant.quantize_packed(xv, bits, group)
+    ref_k = quant.quantize_packed(xk, kb, group)
+    ref_v = quant.quantize_packed(xv, vb, group)
     assert_quant_identical((got["kp"], got["ks"], got["kz"]), ref_k, f"{what} K")
     assert_quant_identical((got["vp"], got["vs"], got["vz"]), ref_v, f"{what} V")
-    ref_att = attention.pool_attention(got["q"], *ref_k, *ref_v, n_valid, bits, group, SCALE)
+    ref_att = attention.pool_attention(got["q"], *ref_k, *ref_v, n_valid, kb, group, SCALE)
     assert_attention_close((got["o"], got["m"], got["l"]), ref_att, what)
     nv = int(n_valid)
     if nv <= 0:  # the NEG convention, exactly

@@ -7,6 +7,7 @@ import pytest
 import torch
 from kvops_testlib import (
     BITS,
+    CLASSES,
     GROUP,
     HEADS,
     OUTPUT_NAMES,
@@ -47,7 +48,7 @@ def test_program_matches_reference(methods, heads):
     for i, (n, nv) in enumerate(cases):
         inputs = make_inputs(n, hq, hkv, R, nv, seed=i)
         out = method.execute(list(inputs))
-        check_outputs(out, inputs, BITS, GROUP, f"{heads} N={n} n_valid={nv}")
+        check_outputs(out, inputs, CLASSES, GROUP, f"{heads} N={n} n_valid={nv}")
 
 
 def test_long_pool_accuracy(methods):
@@ -56,7 +57,7 @@ def test_long_pool_accuracy(methods):
     for nv in (4096, 3001):
         inputs = make_inputs(4096, 9, 3, R, nv, seed=7 + nv)
         out = method.execute(list(inputs))
-        check_outputs(out, inputs, BITS, GROUP, f"N=4096 n_valid={nv}")
+        check_outputs(out, inputs, CLASSES, GROUP, f"N=4096 n_valid={nv}")
 
 
 def test_only_prefix_is_read(methods):
@@ -69,7 +70,7 @@ def test_only_prefix_is_read(methods):
     xv2[20:] = float("inf")
     dirty = method.execute([xk2, xv2, q, nv])
     k = len(OUTPUT_NAMES)
-    for i in range(len(BITS)):
+    for i in range(len(CLASSES)):
         for name, a, b in zip("oml", clean[i * k + 7:(i + 1) * k], dirty[i * k + 7:(i + 1) * k]):
             assert torch.equal(a, b), name
 

@@ -5,7 +5,8 @@ Every unfilled slot holds NaN (fp parts, and the scales/zeros of quantized pools
 beyond the fill counts shows up. Cases cover empty caches, sinks only, a chunk crossing from the
 sinks into the window, window only, a wrapped ring, full and over-full pools (fills are clamped),
 T > 1 chunks, fp16 and fp32 storage, a window of 0 (the chunk itself is staged for eviction), with and
-without the key rotation (its written keys must match the reference bit for bit)."""
+without the key rotation (its written keys must match the reference bit for bit), classes with values
+coarser than keys (k4v2, k8v4) beside equal ones."""
 
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ from kvexport.kv import layer_attention as ref
 L, H, HQ, D, GROUP = 2, 3, 9, 64, 32
 SCALE = 1.0 / math.sqrt(D)
 T_MAX = 4
-# name: (sinks, window, float dtype, pool capacities (2, 4, 8, 16 bit), layer, features, rotate)
+# name: (sinks, window, float dtype, pool capacities (2, 4, 8, 16 bit), layer, features, rotate,
+#        value bits of the 2-, 4-, 8-bit-key classes)
 CONFIGS = {
-    "fp16-s4-w8": (4, 8, torch.float16, (5, 70, 7, 3), 1, True, True),
-    "fp32-s0-w4": (0, 4, torch.float32, (3, 0, 4, 2), 0, True, False),
-    "fp16-s2-w0": (2, 0, torch.float16, (0, 9, 0, 66), 1, False, True),
+    "fp16-s4-w8": (4, 8, torch.float16, (5, 70, 7, 3), 1, True, True, (2, 2, 8)),
+    "fp32-s0-w4": (0, 4, torch.float32, (3, 0, 4, 2), 0, True, False, (2, 4, 4)),
+    "fp16-s2-w0": (2, 0, torch.float16, (0, 9, 0, 66), 1, False, True, (2, 4, 8)),
 }
 MUTABLE = ("sink_k", "sink_v", "win_k", "win_v", "evict_k", "evict_v")
 
@@ -35,9 +37,9 @@ def cache_shapes(cfg):
     shapes = {"sink_k": (sinks + 1, L, H, D), "sink_v": (sinks + 1, L, H, D), "win_k": (window + 1, L, H, D),
               "win_v": (window + 1, L, H, D), "evict_k": (T_MAX, L, H, D), "evict_v": (T_MAX, L, H, D),
               "pool16_k": (caps[3] + 1, L, H, D), "pool16_v": (caps[3] + 1, L, H, D)}
-    for b, cap in zip((2, 4, 8), caps):
-        for name in ("k", "v"):
-            shapes[f"pool{b}_{name}"] = (cap + 1, L, H, D * b // 8)
+    for b, vb, cap in zip((2, 4, 8), cfg[7], caps):
+        for name, bits in (("k", b), ("v", vb)):
+            shapes[f"pool{b}_{name}"] = (cap + 1, L, H, D * bits // 8)
             shapes[f"pool{b}_{name}s"] = shapes[f"pool{b}_{name}z"] = (cap + 1, L, H, D // GROUP)
     return shapes
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from kvops_testlib import (
     BITS,
+    CLASSES,
     GROUP,
     HEADS,
     KvOps,
@@ -22,6 +23,7 @@ from kvops_testlib import (
 from onnx import TensorProto, helper
 
 import kvexport.ops as ops
+from kvexport.export.onnx import attach_kvexport_functions
 from kvexport.kv import quant
 from kvexport.ops import onnx as kv_onnx
 
@@ -39,10 +41,12 @@ def exported():
         KvOps().eval(),
         make_inputs(16, hq, hkv, R, 9),
         dynamo=True,
-        custom_translation_table=kv_onnx.translation_table(),
+        custom_translation_table=kv_onnx.node_translation_table(),
+        opset_version=kv_onnx.ONNX_OPSET,
         dynamic_shapes=dynamic_shapes(),
         verbose=False,
     )
+    attach_kvexport_functions(program.model)  # as the exporter does
     return program.model_proto
 
 
@@ -58,7 +62,7 @@ def test_torch_onnx_export_runs_on_ort(exported):
     for i, (n, nv) in enumerate([(1, 0), (7, 3), (64, 64), (257, 0), (257, 129), (2048, 1999)]):
         inputs = make_inputs(n, hq, hkv, R, nv, seed=50 + i)
         out = sess.run(None, {k: v.numpy() for k, v in zip(names, inputs)})
-        check_outputs([torch.from_numpy(o) for o in out], inputs, BITS, GROUP, f"onnx N={n} n_valid={nv}")
+        check_outputs([torch.from_numpy(o) for o in out], inputs, CLASSES, GROUP, f"onnx N={n} n_valid={nv}")
 
 
 def _function_model(name: str, inputs, outputs, attrs) -> onnx.ModelProto:

@@ -223,10 +223,12 @@ namespace {
 
 constexpr int64_t kBlock = 64;  // slots per softmax block
 
-// Partial attention of the `nq` query vectors of one KV head over slots [n0, n1).
+// Partial attention of the `nq` query vectors of one KV head over slots [n0, n1); keys packed at
+// `bits` (rows of p bytes), values at `vbits` (rows of vpw bytes).
 // o [nq, d], m [nq], l [nq] hold the running (flash-style) state.
 void attend_head(const float* const* qv, int64_t nq, int64_t n0, int64_t n1, int64_t hkv,
-                 int64_t h, int64_t d, int64_t p, int64_t ng, int bits, int64_t group, float sm,
+                 int64_t h, int64_t d, int64_t p, int64_t vpw, int64_t ng, int bits, int vbits,
+                 int64_t group, float sm,
                  const uint8_t* kp, const uint16_t* ks, const uint16_t* kz, const uint8_t* vp,
                  const uint16_t* vs, const uint16_t* vz, float* const* o, float* m, float* l,
                  float* scratch /* [kBlock * d + nq * kBlock] */) {
@@ -266,7 +268,7 @@ void attend_head(const float* const* qv, int64_t nq, int64_t n0, int64_t n1, int
     }
     for (int64_t j = 0; j < nb; ++j) {
       const int64_t slot = (b0 + j) * hkv + h;
-      dequant_row(bits, vp + slot * p, vs + slot * ng, vz + slot * ng, d, group, rows + j * d);
+      dequant_row(vbits, vp + slot * vpw, vs + slot * ng, vz + slot * ng, d, group, rows + j * d);
     }
     for (int64_t i = 0; i < nq; ++i) {
       const float* si = s + i * kBlock;
@@ -321,7 +323,11 @@ Tensor3 pool_attention_out(KernelRuntimeContext& ctx, const Tensor& q, const Ten
     ET_KERNEL_CHECK_MSG(ctx, t->size(0) == n && t->size(1) == hkv && t->size(2) == ng,
                         InvalidArgument, ret, "kvexport::pool_attention: scale/zero shape mismatch");
   }
-  ET_KERNEL_CHECK_MSG(ctx, v_packed.size(0) == n && v_packed.size(1) == hkv && v_packed.size(2) == p,
+  // values may be packed coarser than keys (K/V-split classes): their bits follow from the width
+  const int64_t vpw = v_packed.size(2), vbits = d > 0 ? vpw * 8 / d : 0;
+  ET_KERNEL_CHECK_MSG(ctx, v_packed.size(0) == n && v_packed.size(1) == hkv &&
+                          (vbits == 2 || vbits == 4 || vbits == 8) && layout_ok(d, vbits, group) &&
+                          vpw == d * vbits / 8,
                       InvalidArgument, ret, "kvexport::pool_attention: v_packed shape mismatch");
   {
     const SizesType os[3] = {static_cast<SizesType>(hq), static_cast<SizesType>(r),
@@ -374,7 +380,8 @@ Tensor3 pool_attention_out(KernelRuntimeContext& ctx, const Tensor& q, const Ten
         }
       }
       const int64_t row0 = h * grp * r;
-      attend_head(qv.data(), nq, 0, nv, hkv, h, d, p, ng, static_cast<int>(bits), group, sm, kp,
+      attend_head(qv.data(), nq, 0, nv, hkv, h, d, p, vpw, ng, static_cast<int>(bits), static_cast<int>(vbits),
+                  group, sm, kp,
                   ks, kz, vp, vs, vz, ov.data(), mp + row0, lp + row0, scratch.data());
     }
   });

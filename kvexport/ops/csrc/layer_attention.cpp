@@ -11,7 +11,8 @@
  * Float parts (fp16 or fp32 storage) are read in place: a block's rows are widened into an L1
  * scratch row by row. Quantized parts are never dequantized: with k = s*c + z per group,
  * q.k = sum_g s_g*(q_g.c_g) + z_g*sum(q_g), and the V side accumulates (p*s_g)*c and p*z_g
- * separately; codes are unpacked into a row of small integers (as floats) only.
+ * separately; codes are unpacked into a row of small integers (as floats) only. A class's values may
+ * be packed coarser than its keys (K/V-split classes, e.g. k4v2): each side's bits follow from its width.
  */
 
 #include <executorch/runtime/kernel/kernel_includes.h>
@@ -83,7 +84,8 @@ inline void unpack_row(int bits, const uint8_t* packed, int64_t d, float* codes)
 // One part of the cache, already offset to the layer: row (slot i, KV head h) of K starts at
 // k + i * slot_stride + h * head_stride elements (codes: bytes); scale/zero rows likewise.
 struct Part {
-  int bits = kFloatRows;  // 16: float rows; 2/4/8: packed codes
+  int bits = kFloatRows;  // 16: float rows; 2/4/8: packed key codes
+  int vbits = kFloatRows;  // the same for values (coarser than keys in K/V-split classes)
   bool half = false;      // float rows stored as fp16
   const void* k = nullptr;
   const void* v = nullptr;
@@ -92,7 +94,8 @@ struct Part {
   const uint16_t* vs = nullptr;
   const uint16_t* vz = nullptr;
   int64_t n = 0;
-  int64_t slot_stride = 0, head_stride = 0;
+  int64_t slot_stride = 0, head_stride = 0;  // of K rows
+  int64_t v_slot_stride = 0, v_head_stride = 0;  // of V rows
   int64_t sz_slot_stride = 0, sz_head_stride = 0;
   bool causal = false;  // the chunk: query row r sees slots <= r
 };
@@ -112,7 +115,7 @@ struct Step {
 // Float row of a float part: in place (fp32) or widened into buf (fp16).
 inline const float* float_row(const Part& p, const void* base, int64_t i, int64_t h, int64_t d,
                               float* buf) {
-  const int64_t off = i * p.slot_stride + h * p.head_stride;
+  const int64_t off = i * p.slot_stride + h * p.head_stride;  // float parts: V strides == K strides
   if (!p.half) {
     return static_cast<const float*>(base) + off;
   }
@@ -120,12 +123,17 @@ inline const float* float_row(const Part& p, const void* base, int64_t i, int64_
   return buf;
 }
 
-// Codes of row (slot i, head h) of a quantized part as floats into codes [d]; its scales and
-// zero points into sz [2, ng].
-inline void quant_row(const Part& p, const void* packed, const uint16_t* scale, const uint16_t* zero,
-                      int64_t i, int64_t h, int64_t d, int64_t ng, float* codes, float* sz) {
+// Codes of K (value = false) or V row (slot i, head h) of a quantized part as floats into codes [d]; its
+// scales and zero points into sz [2, ng].
+inline void quant_row(const Part& p, bool value, int64_t i, int64_t h, int64_t d, int64_t ng, float* codes,
+                      float* sz) {
   const int64_t zoff = i * p.sz_slot_stride + h * p.sz_head_stride;
-  unpack_row(p.bits, static_cast<const uint8_t*>(packed) + i * p.slot_stride + h * p.head_stride, d, codes);
+  const uint8_t* packed = static_cast<const uint8_t*>(value ? p.v : p.k);
+  const uint16_t* scale = value ? p.vs : p.ks;
+  const uint16_t* zero = value ? p.vz : p.kz;
+  unpack_row(value ? p.vbits : p.bits,
+             packed + (value ? i * p.v_slot_stride + h * p.v_head_stride : i * p.slot_stride + h * p.head_stride),
+             d, codes);
   widen_half(scale + zoff, sz, ng);
   widen_half(zero + zoff, sz + ng, ng);
 }
@@ -137,10 +145,13 @@ inline void quant_row(const Part& p, const void* packed, const uint16_t* scale, 
 // function that only prefetches free of side effects and deletes its calls (it did, until now).
 constexpr int64_t kAhead = 16;
 
-__attribute__((always_inline)) inline void prefetch_row(const Part& p, const void* data, const uint16_t* scale,
-                                                        const uint16_t* zero, int64_t i, int64_t h) {
+__attribute__((always_inline)) inline void prefetch_row(const Part& p, bool value, int64_t i, int64_t h) {
+  const void* data = value ? p.v : p.k;
+  const uint16_t* scale = value ? p.vs : p.ks;
+  const uint16_t* zero = value ? p.vz : p.kz;
   const int64_t bytes = p.bits == kFloatRows ? (p.half ? 2 : 4) : 1;  // per element / per code byte
-  __builtin_prefetch(static_cast<const char*>(data) + (i * p.slot_stride + h * p.head_stride) * bytes);
+  const int64_t off = value ? i * p.v_slot_stride + h * p.v_head_stride : i * p.slot_stride + h * p.head_stride;
+  __builtin_prefetch(static_cast<const char*>(data) + off * bytes);
   if (scale != nullptr) {
     const int64_t zoff = i * p.sz_slot_stride + h * p.sz_head_stride;
     __builtin_prefetch(scale + zoff);
@@ -165,17 +176,17 @@ void run_task(const Step& s, const Part& part, const Task& task, float* partial,
   float* sz = zacc + nq * s.ng;     // [2, ng] this row's scales and zero points
   const bool quant = part.bits != kFloatRows;
   for (int64_t j = 0; j < std::min(nb, kAhead); ++j) {
-    prefetch_row(part, part.k, part.ks, part.kz, task.b0 + j, h);
-    prefetch_row(part, part.v, part.vs, part.vz, task.b0 + j, h);
+    prefetch_row(part, false, task.b0 + j, h);
+    prefetch_row(part, true, task.b0 + j, h);
   }
   for (int64_t j = 0; j < nb; ++j) {
     const int64_t i = task.b0 + j;
     if (j + kAhead < nb) {
-      prefetch_row(part, part.k, part.ks, part.kz, i + kAhead, h);
-      prefetch_row(part, part.v, part.vs, part.vz, i + kAhead, h);
+      prefetch_row(part, false, i + kAhead, h);
+      prefetch_row(part, true, i + kAhead, h);
     }
     if (quant) {
-      quant_row(part, part.k, part.ks, part.kz, i, h, d, s.ng, row, sz);
+      quant_row(part, false, i, h, d, s.ng, row, sz);
       for (int64_t qi = 0; qi < nq; ++qi) {
         const float* qv = qv_of[qi];
         const float* qs = qs_of[qi];
@@ -215,7 +226,7 @@ void run_task(const Step& s, const Part& part, const Task& task, float* partial,
   for (int64_t j = 0; j < nb; ++j) {
     const int64_t i = task.b0 + j;
     if (quant) {
-      quant_row(part, part.v, part.vs, part.vz, i, h, d, s.ng, row, sz);
+      quant_row(part, true, i, h, d, s.ng, row, sz);
       for (int64_t qi = 0; qi < nq; ++qi) {
         const float w = sc[qi * kBlock + j];
         float* o = partial + qi * (d + 2);
@@ -342,13 +353,20 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
   const int64_t sinks = sink_k.size(0) - 1, window = win_k.size(0) - 1, ng = d / group;
   ET_KERNEL_CHECK_MSG(ctx, evict_k.size(0) >= t && (window == 0 || t <= window), InvalidArgument, ret,
                       "%s: chunk longer than the window or the eviction staging rows", name);
+  // class c stores keys at bit_of[c] bits and values at vbit_of[c] <= bit_of[c] (read from the width)
   const int bit_of[3] = {2, 4, 8};
+  int vbit_of[3];
   for (int c = 0; c < 3; ++c) {
-    const int64_t width = d * bit_of[c] / 8;
+    const Tensor& vcodes = pools[5 + 6 * c];
+    vbit_of[c] = vcodes.dim() == 4 ? static_cast<int>(vcodes.size(3) * 8 / d) : 0;
+    ET_KERNEL_CHECK_MSG(ctx, (vbit_of[c] == 2 || vbit_of[c] == 4 || vbit_of[c] == 8),
+                        InvalidArgument, ret, "%s: pool %d-bit values must be packed at 2, 4 or 8 bits", name,
+                        bit_of[c]);
     const Tensor& codes = pools[2 + 6 * c];
     for (int e = 0; e < 6; ++e) {
       const Tensor& x = pools[2 + 6 * c + e];
       const bool is_codes = e == 0 || e == 3;
+      const int64_t width = d * (e == 0 ? bit_of[c] : vbit_of[c]) / 8;
       ET_KERNEL_CHECK_MSG(ctx, x.dim() == 4 && x.size(0) == codes.size(0) && x.size(1) == n_layers &&
                               x.size(2) == hkv && x.size(3) == (is_codes ? width : ng) && dense(x) &&
                               x.scalar_type() == (is_codes ? ScalarType::Byte : ScalarType::Half),
@@ -410,8 +428,8 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
     p.k = static_cast<const char*>(kt.const_data_ptr()) + layer_off * esize;
     p.v = static_cast<const char*>(vt.const_data_ptr()) + layer_off * esize;
     p.n = n;
-    p.slot_stride = slot_stride;
-    p.head_stride = d;
+    p.slot_stride = p.v_slot_stride = slot_stride;
+    p.head_stride = p.v_head_stride = d;
     return p;
   };
   std::vector<Part> parts;
@@ -420,11 +438,12 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
   parts.push_back(float_part(pools[0], pools[1], fills[3]));
   for (int c = 0; c < 3; ++c) {
     const Tensor* x = &pools[2 + 6 * c];
-    const int64_t width = d * bit_of[c] / 8;
+    const int64_t width = d * bit_of[c] / 8, vwidth = d * vbit_of[c] / 8;
     Part p;
     p.bits = bit_of[c];
+    p.vbits = vbit_of[c];
     p.k = x[0].const_data_ptr<uint8_t>() + layer * hkv * width;
-    p.v = x[3].const_data_ptr<uint8_t>() + layer * hkv * width;
+    p.v = x[3].const_data_ptr<uint8_t>() + layer * hkv * vwidth;
     const int64_t zo = layer * hkv * ng;
     p.ks = static_cast<const uint16_t*>(x[1].const_data_ptr()) + zo;
     p.kz = static_cast<const uint16_t*>(x[2].const_data_ptr()) + zo;
@@ -433,6 +452,8 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
     p.n = fills[c];
     p.slot_stride = n_layers * hkv * width;
     p.head_stride = width;
+    p.v_slot_stride = n_layers * hkv * vwidth;
+    p.v_head_stride = vwidth;
     p.sz_slot_stride = n_layers * hkv * ng;
     p.sz_head_stride = ng;
     parts.push_back(p);
@@ -442,8 +463,8 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
     p.k = kr.data();
     p.v = vr.data();
     p.n = t;
-    p.slot_stride = d;
-    p.head_stride = t * d;
+    p.slot_stride = p.v_slot_stride = d;
+    p.head_stride = p.v_head_stride = t * d;
     p.causal = true;
     parts.push_back(p);
   }

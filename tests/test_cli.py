@@ -114,15 +114,15 @@ def test_build_defaults_pick_the_fast_program_and_say_so():
     from kvexport.cli import build_defaults
 
     a = argparse.Namespace(kv_policy=None, ops=None, weights=None, target="executorch")
-    line = build_defaults(a, has_controller=True, q4_codes=True)
-    assert (a.kv_policy, a.ops, a.weights) == ("learned", "fused", "q4-h8")
-    assert "--ops portable" in line and "fp16" in line and "--weights fp32" in line
+    line = build_defaults(a, wants_learned=False, q4_codes=True)
+    assert (a.kv_policy, a.ops, a.weights) == ("static-k4v2", "fused", "q4-h8")
+    assert "--ops portable" in line and "learned" in line and "fp16" in line and "--weights fp32" in line
     a = argparse.Namespace(kv_policy=None, ops=None, weights=None, target="onnx")
-    build_defaults(a, has_controller=False, q4_codes=False)
-    assert (a.kv_policy, a.ops, a.weights) == ("static-4", "fused", "fp32")
+    build_defaults(a, wants_learned=True, q4_codes=False)  # --kv-budget-bits asks for the controller
+    assert (a.kv_policy, a.ops, a.weights) == ("learned", "fused", "fp32")
     a = argparse.Namespace(kv_policy=None, ops=None, weights=None, target="ort")
-    build_defaults(a, has_controller=False, q4_codes=True)
+    build_defaults(a, wants_learned=False, q4_codes=True)
     assert a.weights == "q4"
     a = argparse.Namespace(kv_policy="fp16", ops="portable", weights="fp32", target="executorch")
-    assert build_defaults(a, has_controller=True, q4_codes=True) is None
+    assert build_defaults(a, wants_learned=True, q4_codes=True) is None
     assert (a.kv_policy, a.ops, a.weights) == ("fp16", "portable", "fp32")

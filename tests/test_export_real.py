@@ -1,6 +1,7 @@
-"""Integration: the real default model as ``kvexport build`` makes it by default: fused ops, learned
-policy, the GGUF's own 4-bit codes (``--target executorch``: ``q4-h8``; ``--target onnx``: ``q4``),
-each checked with the parity engine over 64 steps and against the reference's greedy text.
+"""Integration: the real default model as ``kvexport build`` makes it: fused ops, the GGUF's own 4-bit codes
+(``--target executorch``: ``q4-h8``; ``--target onnx``: ``q4``); the ExecuTorch program with build's default
+policy (``static-k4v2``), the ONNX one with the learned controller (B=4) inside the graph; each checked with
+the parity engine over 64 steps and against the reference's greedy text.
 
 The two builds are the longest tests of the suite (several minutes each on 2 cores); each program is
 built once.
@@ -15,14 +16,16 @@ from kvexport.session import CacheOptions, Session
 
 pytestmark = pytest.mark.real
 
-OPTS = CacheOptions(policy="learned", budget_bits=4, max_context=256)
+OPTS = {"executorch": CacheOptions(policy="static-k4v2", max_context=256),
+        "onnx": CacheOptions(policy="learned", budget_bits=4, max_context=256)}
 PROMPT = "The three largest cities in Germany are"
 
 
 @pytest.fixture(scope="module", params=["executorch", "onnx"])
 def real_program(request, real_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("graphs") / f"default-learned4-{request.param}"
-    return build(real_model, OPTS, request.param, "fused", DEFAULT_WEIGHTS[request.param], out, log=lambda m: None)
+    opts = OPTS[request.param]
+    out = tmp_path_factory.mktemp("graphs") / f"default-{opts.policy}-{request.param}"
+    return build(real_model, opts, request.param, "fused", DEFAULT_WEIGHTS[request.param], out, log=lambda m: None)
 
 
 def test_default_model_program_passes_parity_over_64_steps(real_program, real_model):
@@ -40,7 +43,8 @@ def test_greedy_text_matches_the_reference(real_program, real_model):
     as its own: mean NLL per token within 1 nat (garbage costs 5-10)."""
     manifest = read_manifest(real_program)
     ids = real_model.tokenizer.encode(PROMPT)
-    session = Session(real_model, OPTS, model=reference_model(real_model, manifest))  # the program's weights
+    opts = OPTS[manifest["target"]]
+    session = Session(real_model, opts, model=reference_model(real_model, manifest))  # the program's weights
     reference = session.generate(ids, max_new_tokens=24)["new_ids"]
     runner = open_runner(real_program)
     logits = runner.prefill(ids)

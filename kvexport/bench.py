@@ -123,6 +123,12 @@ def _child_rss(program: str, context: str, decode_steps: str, threads: str) -> N
     print(json.dumps({"peak_rss_mb": round(peak, 1), "import_rss_mb": round(imported, 1)}))
 
 
+def _policy_label(manifest: dict) -> str:
+    """The program's ``--kv-policy``, with its ``--kv-classes`` where they are not the default."""
+    classes = (manifest.get("cache_options") or {}).get("classes")
+    return manifest["policy"]["spec"] + (f" --kv-classes {classes}" if classes else "")
+
+
 def run_bench(programs: list[Path], contexts: list[int], decode_steps: int = 16, threads: int | None = None,
               repeats: int = 1, rss: bool = False, unavailable: list[tuple[str, str]] = ()) -> dict:
     """Bench ``programs`` (the first is the baseline) at every context; ``unavailable``: peers that
@@ -153,7 +159,7 @@ def run_bench(programs: list[Path], contexts: list[int], decode_steps: int = 16,
         base = None
         for r in runners:
             row = {"program": str(r.dir), "target": r.manifest["target"], "weights": r.manifest["weights"],
-                   "policy": r.manifest["policy"]["spec"], "ops_mode": r.manifest["ops_mode"],
+                   "policy": _policy_label(r.manifest), "ops_mode": r.manifest["ops_mode"],
                    "kernel_calls": calls[r.dir], "program_bytes": sizes[r.dir], **_row(r, c, *measured[r.dir])}
             base = base or row
             row["decode_ratio_vs_baseline"] = row["decode_ms_per_token"] / base["decode_ms_per_token"]

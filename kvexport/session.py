@@ -76,7 +76,12 @@ class CacheOptions:
     classes: str = DEFAULT_CLASSES  # --kv-classes (quant.parse_classes)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields; ``classes`` only where not the default, so eval records and program identities from
+        before ``--kv-classes`` keep their keys."""
+        d = asdict(self)
+        if d["classes"] == DEFAULT_CLASSES:
+            del d["classes"]
+        return d
 
     @classmethod
     def from_manifest(cls, options: dict) -> CacheOptions:

@@ -113,6 +113,8 @@ def test_bench_reports_ratios_against_the_first_program(built):
     assert rows[0]["decode_ratio_vs_baseline"] == 1.0
     assert all(r["decode_ms_per_token"] > 0 and r["prefill_tok_s"] > 0 and r["kernel_calls"] > 0 for r in rows)
     assert rows[2]["kv_bytes_used"] > rows[0]["kv_bytes_used"]  # more context, more cache
+    mode = json.loads((built / "manifest.json").read_text())["ops_mode"]
+    assert rows[0]["policy"] == CASES[mode] + (" --kv-classes k4v2,k8v4" if mode == "fused" else "")
     with pytest.raises(KvxError, match="exceed"):
         run_bench([built], contexts=[95], decode_steps=3)
 

@@ -106,7 +106,7 @@ class CacheLayout:
         return b, (self.key_clip, self.value_clip)[side][QUANT_BITS.index(b)]
 
     def class_names(self) -> list[str]:
-        """``k<b>v<b>`` per quantized class, ``16`` for the float one."""
+        """``k<b>v<c>`` (key and value bits) per quantized class, ``16`` for the float one."""
         return [f"k{c}v{self.side(c, 1)[0]}" if c != 16 else "16" for c in CLASSES]
 
     def elements_per_token(self) -> int:

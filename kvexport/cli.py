@@ -121,9 +121,9 @@ def build_defaults(a: argparse.Namespace, wants_learned: bool, q4_codes: bool) -
     """Fill ``--kv-policy`` / ``--ops`` / ``--weights`` left unset with the fastest, smallest program that
     passes parity (``static-k4v2``: fewer bits and a lower KL than the learned B=4 controller at 2,048 tokens,
     README "K/V-split classes"; ``learned`` when ``wants_learned``, i.e. ``--kv-budget-bits`` was given; fused
-    ops; the GGUF's own 4-bit codes when the model holds them, ``q4-h8`` / ``q4``, else fp32); returns the
-    one line that says what was chosen and how to get the other variants, or None."""
-    from kvexport.export.build import DEFAULT_WEIGHTS
+    ops; the GGUF's own codes when the model holds them, :func:`~kvexport.export.build.default_weights`, else
+    fp32); returns the one line that says what was chosen and how to get the other variants, or None."""
+    from kvexport.export.build import default_weights
 
     chosen = []
     if a.kv_policy is None:
@@ -133,7 +133,7 @@ def build_defaults(a: argparse.Namespace, wants_learned: bool, q4_codes: bool) -
         a.ops = "fused"
         chosen.append("--ops fused")
     if a.weights is None:
-        a.weights = DEFAULT_WEIGHTS[a.target] if q4_codes else "fp32"
+        a.weights = default_weights(a.target, a.ops) if q4_codes else "fp32"
         chosen.append(f"--weights {a.weights}")
     if not chosen:
         return None
@@ -337,8 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--weights",
         default=None,
-        help="executorch: fp32, 8da8w, 8da4w, q4, q4-h8, q4-h4 (the GGUF's Q4_1 codes; -h8/-h4: compact tied "
-        "table); onnx/ort: fp32, int8, int4, q4 (default: q4-h8 / q4 for a model holding Q4_1 codes, else fp32)",
+        help="executorch: fp32, 8da8w, 8da4w, q4, q4-h8, q4-h4, q4-q8 (the GGUF's Q4_1 codes; -h8/-h4: compact "
+        "tied table, int8/4-bit head; -q8: the Q8_0 table stored once, read by the head too, --ops fused only); "
+        "onnx/ort: fp32, int8, int4, q4 (default: q4-q8 (portable: q4-h8) / q4 for a model holding Q4_1 codes, "
+        "else fp32)",
     )
     s.add_argument(
         "--ort-version",

@@ -115,8 +115,11 @@ def test_build_defaults_pick_the_fast_program_and_say_so():
 
     a = argparse.Namespace(kv_policy=None, ops=None, weights=None, target="executorch")
     line = build_defaults(a, wants_learned=False, q4_codes=True)
-    assert (a.kv_policy, a.ops, a.weights) == ("static-k4v2", "fused", "q4-h8")
+    assert (a.kv_policy, a.ops, a.weights) == ("static-k4v2", "fused", "q4-q8")
     assert "--ops portable" in line and "learned" in line and "fp16" in line and "--weights fp32" in line
+    a = argparse.Namespace(kv_policy=None, ops="portable", weights=None, target="executorch")
+    build_defaults(a, wants_learned=False, q4_codes=True)  # a stock runtime has no kvexport::q8_linear
+    assert a.weights == "q4-h8"
     a = argparse.Namespace(kv_policy=None, ops=None, weights=None, target="onnx")
     build_defaults(a, wants_learned=True, q4_codes=False)  # --kv-budget-bits asks for the controller
     assert (a.kv_policy, a.ops, a.weights) == ("learned", "fused", "fp32")

@@ -1,5 +1,5 @@
 """Integration: the real default model as ``kvexport build`` makes it: fused ops, the GGUF's own 4-bit codes
-(``--target executorch``: ``q4-h8``; ``--target onnx``: ``q4``); the ExecuTorch program with build's default
+(``--target executorch``: ``q4-q8``; ``--target onnx``: ``q4``); the ExecuTorch program with build's default
 policy (``static-k4v2``), the ONNX one with the learned controller (B=4) inside the graph; each checked with
 the parity engine over 64 steps and against the reference's greedy text.
 
@@ -38,7 +38,7 @@ def test_default_model_program_passes_parity_over_64_steps(real_program, real_mo
 
 def test_greedy_text_matches_the_reference(real_program, real_model):
     """ONNX ``q4`` keeps fp32 activations: the program's greedy text is the reference's, token for token.
-    ExecuTorch ``q4-h8`` quantizes activations at run time, so float noise may flip a near-tie and the texts
+    ExecuTorch ``q4-q8`` quantizes activations at run time, so float noise may flip a near-tie and the texts
     part (kvexport.parity's noise floor); then the reference must find the program's text about as likely
     as its own: mean NLL per token within 1 nat (garbage costs 5-10)."""
     manifest = read_manifest(real_program)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kvexport.models.q4 import BLOCK, Q4Linear, dequantize_q4_1, q4_1_codes, quantize_q4
-from kvexport.models.tied import compact_embedding, q8_0_codes
+from kvexport.models.tied import compact_embedding, q8_0_codes, q8_0_linear, quantize_q8_0_rows
 from kvexport.models.weights import quantize_weights
 
 
@@ -107,6 +107,28 @@ def test_q8_0_codes_and_the_shared_embedding(tiny_model):
     assert model.embed_tokens.codes.dtype == torch.int8 and model.lm_head.weight.qdata.dtype == torch.int8
 
 
+def test_q8_0_activations_and_the_q8_0_head_reference():
+    """Activations per block of 32: codes in [-127, 127], within half a step of x, an all-zero block
+    gives scale 0; the head equals sum_b (d_b sx_b) (q_b . xq_b) computed in float64, and stays within
+    the activation rounding of the float head."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 96, generator=gen) * torch.tensor([1.0, 1e-3, 50.0]).repeat_interleave(32)
+    x[1, 32:64] = 0
+    xq, sx = quantize_q8_0_rows(x)
+    assert xq.dtype == torch.int8 and sx.shape == (3, 3) and xq.abs().max() <= 127
+    assert sx[1, 1] == 0 and not xq[1, 32:64].any()
+    assert ((xq.float().unflatten(-1, (3, 32)) * sx[..., None]).flatten(-2) - x).abs().le(
+        sx.repeat_interleave(32, -1) * 0.5001).all()
+    codes = torch.randint(-127, 128, (37, 96), generator=gen, dtype=torch.int8)
+    d = (torch.rand(37, 3, generator=gen) * 0.01 + 1e-4).half()
+    got = q8_0_linear(x, codes, d)  # [3, 37]
+    blocks = (xq.double().unflatten(-1, (3, 32))[:, None] * codes.double().unflatten(-1, (3, 32))[None]).sum(-1)
+    want = (blocks * d.double()[None] * sx.double()[:, None]).sum(-1)
+    assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+    w = (codes.float().unflatten(-1, (3, 32)) * d.float()[..., None]).flatten(-2)
+    assert (got - x @ w.T).abs().max() <= 0.02 * (x @ w.T).abs().max()
+
+
 @pytest.fixture(scope="module")
 def q4_program(tiny_model, tmp_path_factory):
     from kvexport.export.build import build
@@ -130,6 +152,30 @@ def test_q4_program_matches_its_reference(q4_program, tiny_model):
     xnn = manifest["executorch"]["xnnpack_ops"]  # 4-bit weights dequantized inside XNNPACK's GEMM, not outside
     assert xnn.get("torchao.dequantize_affine.default", 0) >= 15 and "linear.default" in xnn
     assert not any("dequantize" in k for k in manifest["executorch"]["executorch_kernel_ops"])
+
+
+def test_q4_q8_program_stores_the_table_once_and_matches_its_reference(q4_program, tiny_model, tmp_path):
+    """``q4-q8``: the lm_head reads the lookup's Q8_0 table through kvexport::q8_linear: one int8 copy
+    of the [vocab, dim] table instead of q4-h8's two, parity against the reference that runs the
+    same Q8_0 arithmetic; ``--ops portable`` (no kernel library) is refused before any work."""
+    from kvexport.errors import KvxError
+    from kvexport.export.build import build
+    from kvexport.parity import run_parity
+    from kvexport.session import CacheOptions
+
+    opts = CacheOptions(policy="fp16", max_context=64, window=4, sinks=2)
+    program = build(tiny_model, opts, "executorch", "fused", "q4-q8", tmp_path / "tiny-q4q8", log=lambda m: None)
+    result = run_parity(program, steps=20, loaded=tiny_model)
+    assert result["passed"], result
+    manifest = json.loads((program / "manifest.json").read_text())
+    assert manifest["q4"]["lm_head"] == "q8_0" and manifest["q4"]["embedding"] == "requantized-q8_0"
+    assert any("q8_linear" in op for op in manifest["executorch"]["executorch_kernel_ops"])
+    table = tiny_model.args.vocab_size * tiny_model.args.dim  # bytes of one int8 copy
+    saved = (q4_program / "model.pte").stat().st_size - (program / "model.pte").stat().st_size
+    assert 0.9 * table < saved < 1.2 * table, (saved, table)
+    with pytest.raises(KvxError, match="--ops fused"):
+        build(tiny_model, opts, "executorch", "portable", "q4-q8", tmp_path / "refused", log=lambda m: None)
+    assert not (tmp_path / "refused").exists()
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,22 @@ from kvexport.session import CacheOptions, build_cache
 TARGETS = ("executorch", "onnx", "ort")
 WEIGHT_FORMATS = {"executorch": TORCHAO_FORMATS, "onnx": ("fp32", "int8", "int4", "q4"),
                   "ort": ("fp32", "int8", "int4", "q4")}
-# The default for a model that holds the GGUF's Q4_1 codes (the embedded default model): its 4-bit linears
-# exactly, and the tied table compact where the target can (``q4-h8``: Q8_0 lookup + int8 lm_head; ONNX's
-# ``q4`` stores the table once in 8 bits). ``kvexport build`` falls back to fp32 for other models
-# (re-quantizing float weights to 4 bits costs quality: say ``--weights`` to ask for it). 8da8w is not the
-# default: q4-h8 is 2.5x smaller and keeps the GGUF's own codes.
-DEFAULT_WEIGHTS = {"executorch": "q4-h8", "onnx": "q4", "ort": "q4"}
+# The default for a model that holds the GGUF's codes (the embedded default model): its 4-bit linears exactly,
+# and the tied table stored once where the target can (ExecuTorch ``q4-q8``: the Q8_0 table read by the lookup
+# and, through kvexport::q8_linear, by the lm_head; ONNX's ``q4``: the lm_head's 8-bit codes read by the
+# lookup). A stock ExecuTorch runtime (``--ops portable``) has no q8_linear: ``q4-h8`` there (Q8_0 lookup + an
+# int8 per-channel lm_head on XNNPACK, the table twice). ``kvexport build`` falls back to fp32 for other models
+# (re-quantizing float weights to 4 bits costs quality: say ``--weights`` to ask for it).
+DEFAULT_WEIGHTS = {"executorch": "q4-q8", "onnx": "q4", "ort": "q4"}
+PORTABLE_WEIGHTS = {"q4-q8": "q4-h8"}  # a kernel format -> what a portable program of the same model uses
+
+
+def default_weights(target: str, ops: str) -> str:
+    """``build``'s weights for a model holding the GGUF's codes, by target and ops mode."""
+    weights = DEFAULT_WEIGHTS[target]
+    return PORTABLE_WEIGHTS.get(weights, weights) if ops == "portable" else weights
+
+
 OPS_MODES = ("fused", "portable")
 
 
@@ -184,6 +194,9 @@ def build(loaded: LoadedModel, opts: CacheOptions, target: str, ops: str, weight
     if weights not in WEIGHT_FORMATS[target]:
         raise KvxError(f"weights '{weights}' not supported for {target}; "
                        f"choose one of {', '.join(WEIGHT_FORMATS[target])}")
+    if ops == "portable" and weights in PORTABLE_WEIGHTS:
+        raise KvxError(f"weights '{weights}' read the table with a kvexport kernel, which --ops portable leaves out; "
+                       f"use --ops fused, or --weights {PORTABLE_WEIGHTS[weights]} for a stock runtime")
     writer = target_writer(target)
     out_dir = Path(out_dir)
     identity = {"model": [loaded.name, loaded.identity], "cache_options": opts.to_dict(),

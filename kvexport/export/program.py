@@ -3,6 +3,8 @@
 ``StepProgram.forward(tokens int64 [1, T], input_pos int64 [1]) -> (logits float32 [1, V],
 kv_stats float32 [8])`` runs the chunk through the model, commits it into the cache (eviction,
 controller, quantization, pool writes all inside the graph) and returns the last token's logits.
+Only a policy that reads features (the controller: every token's next-token distribution) sends the
+whole chunk through the LM head (the largest linear); every other policy sends the last row alone.
 T is dynamic in ``[1, max_chunk]``. The same module is what both exporters trace.
 """
 
@@ -24,9 +26,15 @@ class StepProgram(nn.Module):
         self.cache = cache
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor):
-        logits, step = self.model.forward_step(tokens, input_pos, self.cache)
-        self.cache.commit(step, tokens, logits)
-        return logits[:, -1, :], self.cache.stats()
+        hidden, step = self.model.hidden_step(tokens, input_pos, self.cache)  # [1, T, dim]
+        if self.cache.policy.needs_features:  # the controller reads every token's next-token distribution
+            logits = self.model.logits(hidden)  # [1, T, V]
+            self.cache.commit(step, tokens, logits)
+            return logits[:, -1, :], self.cache.stats()
+        self.cache.commit(step, tokens, None)
+        # only the last row meets the head; kept 3-d ([1, 1, dim]) so ONNX exports the head as a MatMul, the form
+        # the weight quantizers rewrite (a 2-d input exports as Gemm)
+        return self.model.logits(hidden[:, -1:, :])[:, 0, :], self.cache.stats()  # [1, V]
 
 
 

@@ -417,8 +417,9 @@ class MixedKVCache(nn.Module):
             return ops.allocate(desired, valid, self.fill, self.caps)
         return allocate(desired, valid, self.fill, self.caps)
 
-    def commit(self, step: CacheStep, tokens: torch.Tensor, logits: torch.Tensor) -> None:
-        """Write the chunk of ``step`` into the cache (batch 1). tokens ``[1, T]``, logits ``[1, T, V]``."""
+    def commit(self, step: CacheStep, tokens: torch.Tensor, logits: torch.Tensor | None) -> None:
+        """Write the chunk of ``step`` into the cache (batch 1). tokens ``[1, T]``, logits ``[1, T, V]``
+        (read only when the policy needs features; ``None`` otherwise)."""
         lay = self.layout
         S, W, fp = lay.sinks, lay.window, lay.torch_fp_dtype
         t = tokens.shape[1]

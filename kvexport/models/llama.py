@@ -167,9 +167,14 @@ class Transformer(nn.Module):
 
     def forward_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache):
         """As :meth:`forward`, returning ``(logits [B, T, V], step)`` for ``cache.commit(step, ...)``."""
+        hidden, step = self.hidden_step(tokens, input_pos, cache)
+        return self.logits(hidden), step
+
+    def hidden_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache):
+        """Start a step and run the chunk through all layers: ``(hidden [B, T, dim], step)``."""
         positions = input_pos + torch.arange(tokens.shape[1], device=tokens.device)
         step = cache.begin(input_pos)
-        return self.logits(self.hidden(tokens, positions, cache, step)), step
+        return self.hidden(tokens, positions, cache, step), step
 
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, cache, step) -> torch.Tensor:
         """Last layer's output (before the final norm) ``[B, T, dim]``; positions ``[T]`` or ``[B, T]``.

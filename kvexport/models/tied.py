@@ -11,9 +11,14 @@ every weight bit for bit, otherwise a re-quantization by the same rule.
   exact, 1.06 bytes per weight.
 * head (``lm_head``, the largest linear: 28M weights) — :data:`HEADS`: ``fp32`` (a second, float
   copy), ``8da8w`` (int8 per output channel with dynamic int8 activations, a re-quantization of the
-  8-bit values), ``q4`` (Q4_1 min/max re-quantization as a :class:`~kvexport.models.q4.Q4Linear`).
-  XNNPACK has no blockwise 8-bit GEMM, so no choice keeps Q8_0 exactly; measured on the default
+  8-bit values), ``q4`` (Q4_1 min/max re-quantization as a :class:`~kvexport.models.q4.Q4Linear`),
+  ``q8_0`` (:class:`Q8Head`: the lookup's own codes and scales through ``kvexport::q8_linear`` with
+  activations quantized per block of 32, llama.cpp's arithmetic for Q8_0 weights: the GGUF's weights
+  exactly, and the table stored once; needs our kernel library, so fused ExecuTorch programs only).
+  XNNPACK has no blockwise 8-bit GEMM, so only ``q8_0`` keeps Q8_0 exactly; measured on the default
   model in the module's README section.
+
+:func:`q8_0_linear` is the reference of ``kvexport::q8_linear``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from torch import nn
 
 from kvexport.models.q4 import BLOCK, Q4Linear
 
-HEADS = ("fp32", "8da8w", "q4")
+HEADS = ("fp32", "8da8w", "q4", "q8_0")
 
 
 def q8_0_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -36,6 +41,32 @@ def q8_0_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
     q = torch.round(blocks / safe[..., None]).clamp(-127, 127)
     exact = torch.equal(d[..., None] * q, blocks)
     return q.to(torch.int8).reshape(rows, cols), d, exact
+
+
+def quantize_q8_0_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations ``x`` float32 ``[..., K]`` -> int8 codes ``[..., K]`` and fp32 scales ``[..., K/32]``, per
+    block of 32: ``sx = amax/127``, ``xq = round_half_even(x/sx)`` (llama.cpp's Q8_0 activations, scale kept
+    in fp32); an all-zero block gets ``sx = 0`` and zero codes."""
+    xb = x.float().unflatten(-1, (x.shape[-1] // BLOCK, BLOCK))  # [..., nb, 32]
+    sx = xb.abs().amax(-1) / 127  # [..., nb]
+    safe = torch.where(sx > 0, sx, torch.ones_like(sx))
+    xq = torch.round(xb / safe[..., None]).clamp(-127, 127)
+    return xq.to(torch.int8).flatten(-2), sx
+
+
+def q8_0_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x`` float32 ``[..., K]``, codes int8 ``[N, K]``, fp16 scales ``[N, K/32]`` -> float32 ``[..., N]``: the
+    Q8_0 x Q8_0 product llama.cpp computes for these weights, ``sum_b (d_b·sx_b)·(q_b · xq_b)`` with the
+    activations quantized by :func:`quantize_q8_0_rows` and exact integer block sums."""
+    n, k = codes.shape
+    xq, sx = quantize_q8_0_rows(x)
+    xb = xq.float().unflatten(-1, (k // BLOCK, BLOCK))  # [..., nb, 32]
+    qb = codes.float().reshape(n, k // BLOCK, BLOCK)  # [N, nb, 32]
+    d = scales.float()  # [N, nb]
+    out = torch.zeros(*x.shape[:-1], n)
+    for b in range(k // BLOCK):  # integer block sums, exact in fp32 (|sum| <= 32 * 127 * 127 < 2**24)
+        out += (xb[..., b, :] @ qb[:, b, :].T) * (d[:, b] * sx[..., b, None])  # [..., N]
+    return out
 
 
 class Q8Embedding(nn.Module):
@@ -55,6 +86,22 @@ class Q8Embedding(nn.Module):
         return x.reshape(*tokens.shape, -1)  # [B, T, dim]
 
 
+class Q8Head(nn.Module):
+    """The ``lm_head`` on the lookup's Q8_0 table: the same ``codes`` / ``scales`` buffers as the
+    :class:`Q8Embedding` (one constant in the program), read by ``kvexport::q8_linear``."""
+
+    def __init__(self, embedding: Q8Embedding):
+        super().__init__()
+        import kvexport.ops as ops
+
+        ops.load()
+        self.register_buffer("codes", embedding.codes)  # [vocab, dim] int8, shared with the lookup
+        self.register_buffer("scales", embedding.scales)  # [vocab, dim/32] fp16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.kvexport.q8_linear(x, self.codes, self.scales)  # [..., vocab]
+
+
 def compact_embedding(model: nn.Module) -> bool:
     """Replace ``model.embed_tokens`` by a :class:`Q8Embedding` of its table (in place; an ``lm_head``
     that shared the table keeps it as a float copy). Returns whether the codes are exact."""
@@ -69,7 +116,9 @@ def compact_head(model: nn.Module, head: str) -> None:
     """Put ``model.lm_head`` (untied by :func:`compact_embedding`) into format ``head``, in place."""
     if head not in HEADS:
         raise ValueError(f"unknown lm_head format {head!r}")
-    if head == "q4":
+    if head == "q8_0":
+        model.lm_head = Q8Head(model.embed_tokens)
+    elif head == "q4":
         model.lm_head = Q4Linear.from_float(model.lm_head.weight.detach())
     elif head == "8da8w":
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_

@@ -12,6 +12,9 @@ codes, exactly, as an 8da4w linear plus a block-sum linear (:mod:`kvexport.model
 re-quantization with the same Q4_1 rule for weights that do not come from Q4_1), the tied table
 fp32. ``q4-h8`` / ``q4-h4``: the same, plus the tied table compact (:mod:`kvexport.models.tied`):
 the embedding lookup on its exact Q8_0 codes, the ``lm_head`` int8 per channel (8da8w) / 4-bit.
+``q4-q8``: the GGUF's codes everywhere — Q4_1 linears as in ``q4``, and the ``lm_head`` reading the
+lookup's Q8_0 table (stored once) through ``kvexport::q8_linear``: exact, but only for programs that
+carry our kernel library (``--ops fused``; a portable build of the same model uses ``q4-h8``).
 
 The quantized reference (eager torchao) is what ``kvexport parity`` compares a quantized program
 with and what ``kvexport eval --weights`` measures perplexity with.
@@ -22,8 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-TORCHAO_FORMATS = ("fp32", "8da8w", "8da4w", "q4", "q4-h8", "q4-h4")
-Q4_HEADS = {"q4-h8": "8da8w", "q4-h4": "q4"}  # q4 format -> lm_head format (kvexport.models.tied)
+TORCHAO_FORMATS = ("fp32", "8da8w", "8da4w", "q4", "q4-h8", "q4-h4", "q4-q8")
+Q4_HEADS = {"q4-h8": "8da8w", "q4-h4": "q4", "q4-q8": "q8_0"}  # q4 format -> lm_head format (kvexport.models.tied)
 INT4_GROUP = 32
 
 

@@ -1,6 +1,7 @@
 """kvexport custom ops: ``kvexport::quantize_pack``, ``kvexport::pool_attention``, ``kvexport::layer_attention``
-(one layer's attention over the whole cache plus the chunk's cache write) and ``kvexport::allocate`` (the
-overflow rule, :mod:`kvexport.kv.allocate`, in one call).
+(one layer's attention over the whole cache plus the chunk's cache write), ``kvexport::allocate`` (the
+overflow rule, :mod:`kvexport.kv.allocate`, in one call) and ``kvexport::q8_linear`` (a linear on Q8_0 codes
+read in place: the ``q4-q8`` lm_head, :mod:`kvexport.models.tied`).
 
 * :func:`load` registers the ops with ``torch.library`` (functional + ``.out`` overloads, eager CPU
   kernels that call the reference in :mod:`kvexport.kv`, fake kernels for ``torch.export``).

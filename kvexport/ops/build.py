@@ -27,7 +27,7 @@ from kvexport.fsutil import cache_root
 # between releases; the library must be rebuilt for each one).
 EXECUTORCH_VERSION = "1.4.1"
 LIB_NAME = "libkvexport_ops.so"
-SOURCES = ("kvexport_ops.cpp", "layer_attention.cpp")
+SOURCES = ("kvexport_ops.cpp", "layer_attention.cpp", "q8_linear.cpp")
 HEADERS = ("kernel_common.h",)
 CSRC = Path(__file__).resolve().parent / "csrc"
 

@@ -2,8 +2,8 @@
 
 Each op has a functional overload and an ``.out`` overload (ExecuTorch's ``to_executorch`` swaps
 the former for the latter). The eager CPU implementations call the reference functions in
-:mod:`kvexport.kv.quant` / :mod:`kvexport.kv.attention`, so there is exactly one reference; the
-fake (meta) implementations give shapes and dtypes for ``torch.export``.
+:mod:`kvexport.kv.quant` / :mod:`kvexport.kv.attention` (``q8_linear``: :mod:`kvexport.models.tied`), so there
+is exactly one reference; the fake (meta) implementations give shapes and dtypes for ``torch.export``.
 
 Importing this module does not register anything; :func:`kvexport.ops.load` does (once).
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from kvexport.kv import allocate, attention, layer_attention, quant
+from kvexport.models import tied
 
 NAMESPACE = "kvexport"
 
@@ -51,6 +52,8 @@ SCHEMAS = {
         "allocate.out(Tensor desired, Tensor valid, Tensor fill, Tensor caps, *, Tensor(a!) cls, Tensor(b!) slot,"
         " Tensor(c!) fill_out) -> (Tensor(a!), Tensor(b!), Tensor(c!))"
     ),
+    "q8_linear": "q8_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor",
+    "q8_linear.out": "q8_linear.out(Tensor x, Tensor codes, Tensor scales, *, Tensor(a!) out) -> Tensor(a!)",
 }
 
 _lib: torch.library.Library | None = None
@@ -110,6 +113,30 @@ def _layer_attention_impl(
 
 def _allocate_impl(desired, valid, fill, caps):
     return tuple(t.contiguous() for t in allocate.allocate(desired, valid, fill, caps))
+
+
+def _q8_linear_shape(x, codes, scales):
+    if x.shape[-1] != codes.shape[1] or codes.shape[1] % tied.BLOCK or tuple(scales.shape) != (
+            codes.shape[0], codes.shape[1] // tied.BLOCK):
+        raise ValueError(f"q8_linear: x {tuple(x.shape)}, codes {tuple(codes.shape)}, scales {tuple(scales.shape)}")
+    return (*x.shape[:-1], codes.shape[0])
+
+
+def _q8_linear_impl(x, codes, scales):
+    _q8_linear_shape(x, codes, scales)
+    return tied.q8_0_linear(x, codes, scales).contiguous()
+
+
+def _q8_linear_out_impl(x, codes, scales, *, out):
+    return _copy_out((_q8_linear_impl(x, codes, scales),), (out,))[0]
+
+
+def _q8_linear_fake(x, codes, scales):
+    return x.new_empty(_q8_linear_shape(x, codes, scales), dtype=torch.float32)
+
+
+def _q8_linear_out_meta(x, codes, scales, *, out):
+    return out.resize_(_q8_linear_shape(x, codes, scales))
 
 
 def _copy_out(results, outs):
@@ -229,12 +256,14 @@ def register() -> None:
         "pool_attention": (_pool_attention_impl, _pool_attention_fake),
         "layer_attention": (_layer_attention_impl, _layer_attention_fake),
         "allocate": (_allocate_impl, _allocate_fake),
+        "q8_linear": (_q8_linear_impl, _q8_linear_fake),
     }
     out = {
         "quantize_pack.out": (_quantize_pack_out_impl, _quantize_pack_out_meta),
         "pool_attention.out": (_pool_attention_out_impl, _pool_attention_out_meta),
         "layer_attention.out": (_layer_attention_out_impl, _layer_attention_out_meta),
         "allocate.out": (_allocate_out_impl, _allocate_out_meta),
+        "q8_linear.out": (_q8_linear_out_impl, _q8_linear_out_meta),
     }
     for name, (impl, fake) in functional.items():
         lib.impl(name, impl, "CPU")

@@ -114,3 +114,37 @@ def test_load_is_idempotent_and_single_copy(et_runtime, tmp_path):
         ops.load_executorch_kernels(other)
     names = set(et_runtime.operator_registry.operator_names)
     assert {"kvexport::quantize_pack.out", "kvexport::pool_attention.out", "kvexport::layer_attention.out"} <= names
+
+
+class _Q8Head(torch.nn.Module):
+    def __init__(self, codes, scales):
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+
+    def forward(self, x):
+        return torch.ops.kvexport.q8_linear(x, self.codes, self.scales)
+
+
+def test_q8_linear_matches_reference(et_runtime):
+    """kvexport::q8_linear.out against tied.q8_0_linear: 1 and 5 input rows (the decode and the chunk
+    path), an odd number of output rows (the thread split's tail), an all-zero block, large and tiny
+    magnitudes."""
+    from kvexport.models.tied import q8_0_linear
+
+    ops.load()
+    gen = torch.Generator().manual_seed(11)
+    codes = torch.randint(-127, 128, (1001, 96), generator=gen, dtype=torch.int8)
+    scales = (torch.rand(1001, 3, generator=gen) * 0.02 + 1e-5).half()
+    ep = torch.export.export(_Q8Head(codes, scales), (torch.randn(2, 96),),
+                             dynamic_shapes=({0: torch.export.Dim("m", max=64)},))
+    from executorch.exir import to_edge_transform_and_lower
+
+    method = et_runtime.load_program(to_edge_transform_and_lower(ep).to_executorch().buffer).load_method("forward")
+    for m in (1, 5):
+        x = torch.randn(m, 96, generator=gen) * torch.tensor([3.0, 1e-4, 40.0]).repeat_interleave(32)
+        x[0, 32:64] = 0
+        got = method.execute([x])[0]
+        want = q8_0_linear(x, codes, scales)
+        assert got.shape == (m, 1001)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), f"M={m}"

@@ -32,7 +32,7 @@ import torch
 from kvexport.export.build import loaded_for_manifest, read_manifest
 from kvexport.export.runners import open_runner
 from kvexport.kv import stats as kv_stats
-from kvexport.models.weights import quantize_weights
+from kvexport.models.weights import NBITS_FORMATS, quantize_weights
 from kvexport.session import CacheOptions, Session
 
 # Documented tolerances. XNNPACK reorders float sums, so logits differ by ~1e-5..1e-2; and when a
@@ -82,10 +82,12 @@ def _kl(ref: torch.Tensor, prog: torch.Tensor) -> float:
 
 
 def reference_model(loaded, manifest: dict):
-    """The reference model for a program: its torchao weight format for ExecuTorch programs (the
-    same quantized weights); fp32 otherwise."""
+    """The reference model for a program: the same weights. ExecuTorch programs: their torchao weight format;
+    onnx/ort ``int8`` / ``int4``: ONNX Runtime's block quantization, dequantized
+    (:func:`~kvexport.models.weights.nbits_weights`); fp32
+    otherwise (the onnx/ort ``q4`` codes are the fp32 weights exactly)."""
     model = loaded.build()
-    if manifest["target"] == "executorch":
+    if manifest["target"] == "executorch" or manifest["weights"] in NBITS_FORMATS:
         quantize_weights(model, manifest["weights"])
     return model
 

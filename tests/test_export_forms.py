@@ -1,7 +1,8 @@
 """The layer forms that keep a decode step inside XNNPACK: rotate_half as a linear (exact), the q4
-block sums as a linear, RMSNorm's mean as a linear — each against the reference form in float64 — and
-the census they buy: a layer adds only its ``kvexport::layer_attention`` call and four views to the
-operator calls a fused ExecuTorch program makes outside XNNPACK."""
+block sums as a linear, RMSNorm's mean as a linear, q/k/v and gate/up as one linear each — each against
+the reference form in float64 — and the census they buy: a layer adds only its
+``kvexport::layer_attention`` call, four views and two splits to the operator calls a fused ExecuTorch
+program makes outside XNNPACK."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ import torch.nn.functional as F
 
 from kvexport.export.build import build
 from kvexport.export.executorch import LinearRMSNorm, delegable_forms
-from kvexport.models.llama import RMSNorm, half_turn
+from kvexport.models.llama import Attention, FeedForward, FusedAttention, FusedFeedForward, RMSNorm, half_turn
 from kvexport.models.loader import LoadedModel
 from kvexport.models.q4 import BLOCK, Q4Linear, block_ones
 from kvexport.session import CacheOptions
 
-PER_LAYER_CALLS = 5  # layer_attention + the views of q, k, v and of the attention output
+# layer_attention + the views of q, k, v and of the attention output + the splits of qkv and gate_up (XNNPACK takes
+# no slice of a dynamic-length tensor)
+PER_LAYER_CALLS = 7
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -40,6 +43,22 @@ def test_block_sums_and_linear_norm_match_the_reference_forms_in_float64():
     linear = LinearRMSNorm(norm)
     assert linear.weight is norm.weight
     torch.testing.assert_close(linear(x), norm(x), rtol=1e-13, atol=1e-13)
+
+
+def test_stacked_projections_compute_the_separate_ones_in_float64(tiny_model):
+    model = tiny_model.build(fused=False).double()
+    assert "layers.0.self_attn.q_proj.weight" in model.state_dict()  # Hugging Face names, as loaded
+    x = torch.randn(2, 5, tiny_model.args.dim, dtype=torch.float64)
+    block = model.layers[1]
+    att, mlp = FusedAttention(block.self_attn), FusedFeedForward(block.mlp)
+    for got, want in zip(att.project(x), block.self_attn.project(x)):
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-13)
+    torch.testing.assert_close(mlp(x), block.mlp(x), rtol=1e-14, atol=1e-13)
+    fused = tiny_model.build()  # every program and reference runs this form: 4 linears a block
+    assert [type(b.self_attn) for b in fused.layers] == [FusedAttention] * tiny_model.args.n_layers
+    assert [type(b.mlp) for b in fused.layers] == [FusedFeedForward] * tiny_model.args.n_layers
+    assert not any(type(m) in (Attention, FeedForward) for m in fused.modules())
+    assert fused.fuse_projections() is fused and type(fused.layers[0].mlp) is FusedFeedForward  # idempotent
 
 
 def test_delegable_forms_replace_every_norm_and_rotate_half_in_place(tiny_model):

@@ -67,7 +67,7 @@ def write_hf_directory(loaded: LoadedModel, out: Path) -> Path:
                 bos_token_id=loaded.tokenizer.bos_id, eos_token_id=list(loaded.tokenizer.eos_ids),
                 architectures=["LlamaForCausalLM"]).to_json_file(str(out / "config.json"))
     state = {}
-    for key, value in loaded.build().state_dict().items():  # our reading of the weights (ties applied)
+    for key, value in loaded.build(fused=False).state_dict().items():  # our reading of the weights (ties applied)
         if key == "lm_head.weight" and a.tie_embeddings:
             continue
         name = key if key.startswith("lm_head.") else f"model.{key}"

@@ -56,9 +56,7 @@ def gated_forward(model: Transformer, tokens: torch.Tensor, gates: dict[int, tor
     def block(layer, x, gates):
         att = layer.self_attn
         h = layer.input_layernorm(x)
-        q = att.q_proj(h).view(1, T, att.n_heads, att.head_dim).transpose(1, 2)
-        k = att.k_proj(h).view(1, T, att.n_kv_heads, att.head_dim).transpose(1, 2)
-        v = att.v_proj(h).view(1, T, att.n_kv_heads, att.head_dim).transpose(1, 2)
+        q, k, v = att.project(h)  # [1, Hq, T, D], [1, H, T, D] x 2
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if rotation is not None:
             q, k = q @ rotation, k @ rotation

@@ -99,7 +99,7 @@ def depth_list(text: str) -> list[float]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from kvexport.eval.scoring import BACKENDS
-    from kvexport.models.weights import TORCHAO_FORMATS
+    from kvexport.models.weights import REFERENCE_FORMATS
 
     add_model_args(p)
     # a list: split_policies parses each spec before the model loads
@@ -130,8 +130,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weights",
         default="fp32",
-        choices=TORCHAO_FORMATS,
-        help="linear-layer format of the reference model (as kvexport build --target executorch)",
+        choices=REFERENCE_FORMATS,
+        help="linear-layer format of the reference model (as kvexport build: the executorch formats, and "
+        "int8 / int4 as the onnx/ort targets quantize them)",
     )
     p.add_argument(
         "--program",

@@ -215,8 +215,9 @@ def write_program(
         "op_counts": op_counts(onnx_path),
     }
     files = ["model.onnx", *(["model.onnx.data"] if external else []), INITIAL_STATE]
+    opsets, ir_version, file_ops = ort_tools.onnx_file_ops(onnx_path)
     if target == "onnx":
-        compat = ort_tools.compatibility(*ort_tools.onnx_file_ops(onnx_path))
+        compat = ort_tools.compatibility(opsets, ir_version, file_ops)
     else:
         log(f"[4/{n_steps}] convert to ORT format (+ required operators for a reduced build)")
         ort_path, config = ort_tools.convert_to_ort(onnx_path, out_dir)
@@ -226,7 +227,9 @@ def write_program(
         info["required_operators"] = ort_tools.read_required_operators(config)
         info["ort_format_version"], opsets, ir_version = ort_tools.ort_file_info(ort_path)
         opsets = {d: v for d, v in opsets.items() if d in info["required_operators"]}  # ORT lists all it registers
-        compat = ort_tools.compatibility(opsets, ir_version, info["required_operators"], info["ort_format_version"])
+        contrib = sorted({*info["required_operators"].get("com.microsoft", ()), *file_ops.get("com.microsoft", ())})
+        ops = {**info["required_operators"], **({"com.microsoft": contrib} if contrib else {})}  # + bit-width tags
+        compat = ort_tools.compatibility(opsets, ir_version, ops, info["ort_format_version"])
     info.update(compat.to_manifest())
     if ort_version:
         problem = compat.newer_than(ort_version)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvexport.errors import KvxError
+from kvexport.models.weights import NBITS_BLOCK, NBITS_FORMATS
 
 # ONNX Runtime release -> (newest ai.onnx opset, newest ONNX IR version) it implements.
 ORT_RELEASES = {
@@ -44,10 +45,12 @@ ORT_RELEASES = {
     "1.19": (21, 10),
     "1.20": (21, 10),
 }
-CONTRIB_OPS = {"MatMulNBits": "1.17"}  # com.microsoft op -> first release with its CPU kernel
+# com.microsoft op -> first release with its CPU kernel. 8-bit MatMulNBits (int8 weights, the q4 format's lm_head)
+# is its own entry (:func:`onnx_file_ops` lists it as ``MatMulNBits(bits=8)``): 1.17-1.21 refuse the node at load
+# ("Only 4b quantization is supported"), 1.22 loads it and fails at run, 1.23 runs it (checked with PyPI wheels).
+CONTRIB_OPS = {"MatMulNBits": "1.17", "MatMulNBits(bits=8)": "1.23"}
 ORT_FORMATS = {"5": "1.13", "6": "1.16"}  # ORT format version -> first release that reads it
 ORT_OPTIMIZATION = "basic"
-INT4_BLOCK = 32
 
 
 def _v(version: str) -> tuple[int, ...]:
@@ -131,13 +134,17 @@ def _v_str(version: str) -> str:
 
 
 def onnx_file_ops(path: Path) -> tuple[dict, int, dict]:
-    """(opsets ``{domain: version}``, IR version, op types ``{domain: [..]}``) of an ONNX file."""
+    """(opsets ``{domain: version}``, IR version, op types ``{domain: [..]}``) of an ONNX file; a MatMulNBits of
+    other than 4 bits adds ``MatMulNBits(bits=N)`` (its own minimum release)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     ops = {}
     for node in [*model.graph.node, *(n for f in model.functions for n in f.node)]:  # local functions' bodies too
         ops.setdefault(node.domain or "ai.onnx", set()).add(node.op_type)
+        bits = [a.i for a in node.attribute if a.name == "bits"]
+        if node.op_type == "MatMulNBits" and bits and bits[0] != 4:  # a later release than 4 bits (CONTRIB_OPS)
+            ops[node.domain].add(f"MatMulNBits(bits={bits[0]})")
     return (
         {o.domain or "ai.onnx": o.version for o in model.opset_import},
         model.ir_version,
@@ -189,8 +196,8 @@ def quiet():
 def describe_weights(weights: str) -> str:
     return {
         "fp32": "float32 weights",
-        "int8": "MatMul weights 8-bit per channel (uint8 codes), activations quantized at run time (quantize_dynamic)",
-        "int4": f"MatMul weights 4-bit, blocks of {INT4_BLOCK}, symmetric (MatMulNBits)",
+        "int8": f"MatMul weights 8-bit, blocks of {NBITS_BLOCK}, symmetric (MatMulNBits), fp32 activations",
+        "int4": f"MatMul weights 4-bit, blocks of {NBITS_BLOCK}, symmetric (MatMulNBits), fp32 activations",
         "q4": "the GGUF's Q4_1 / Q8_0 codes in MatMulNBits (4 / 8 bit, blocks of 32), exact, fp32 "
         "activations; the embedding reads the lm_head's 8-bit codes",
     }[weights]
@@ -221,7 +228,6 @@ def quantize_weights(src: Path, weights: str):
     """Quantize the constant-weight MatMuls of the ONNX file ``src`` (all but :func:`rotation_matmuls`);
     returns the ModelProto."""
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(src))
@@ -235,26 +241,14 @@ def quantize_weights(src: Path, weights: str):
                 "this one has none: use --weights int4 or fp32, or --target executorch (re-quantizes)"
             )
         return model
+    # int8: weight-only, 8-bit symmetric per block of 32 (MatMulNBits, fp32 activations). quantize_dynamic's
+    # int8 MatMuls quantize each activation tensor with ONE scale, which the default model's outlier activations
+    # (late down_proj inputs span -293..447) cannot take: its real-model program ran at median KL 0.15 per step.
+    # The reference applies the same quantization (kvexport.models.weights.nbits_weights).
     with quiet():
-        if weights == "int8":
-            # uint8 weights (U8U8), not int8: on x86 without VNNI, ORT's U8S8 GEMM sums pairs of u8*s8 products in
-            # 16 bits (vpmaddubsw) and saturates; U8U8 is exact on every CPU. Tiny test model, static-4, 24 steps,
-            # on an AVX2 machine: median KL(fp32 || program) 0.60 with int8 weights, 0.16 with reduce_range, 0.06.
-            out = src.with_name("int8.onnx")
-            quantize_dynamic(
-                model,
-                out,
-                op_types_to_quantize=["MatMul"],
-                nodes_to_exclude=keep,
-                per_channel=True,
-                weight_type=QuantType.QUInt8,
-                use_external_data_format=True,
-                extra_options={"MatMulConstBOnly": True},
-            )
-            return onnx.load(str(out))
         quantizer = MatMulNBitsQuantizer(
-            model, bits=4, block_size=INT4_BLOCK, is_symmetric=True, op_types_to_quantize=("MatMul",),
-            nodes_to_exclude=keep,
+            model, bits=NBITS_FORMATS[weights], block_size=NBITS_BLOCK, is_symmetric=True,
+            op_types_to_quantize=("MatMul",), nodes_to_exclude=keep,
         )
         quantizer.process()
         return quantizer.model.model

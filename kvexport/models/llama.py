@@ -113,14 +113,48 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x ``[B, T, dim]`` -> q ``[B, Hq, T, D]``, k, v ``[B, H, T, D]`` (before RoPE)."""
+        return (split_heads(self.q_proj(x), self.n_heads), split_heads(self.k_proj(x), self.n_kv_heads),
+                split_heads(self.v_proj(x), self.n_kv_heads))
+
     def forward(self, x, rope, cache, step, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         out = cache.attend(step, layer, q, k, v)  # [B, Hq, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, T, heads·D]`` -> ``[B, heads, T, D]``."""
+    b, t, _ = x.shape
+    return x.view(b, t, heads, -1).transpose(1, 2)
+
+
+def stacked_linear(*parts: nn.Linear) -> nn.Linear:
+    """One bias-free linear whose output rows are ``parts``' rows in order (their outputs, concatenated)."""
+    out = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=False)
+    out.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]), requires_grad=False)
+    return out
+
+
+class FusedAttention(Attention):
+    """:class:`Attention` with q, k and v in ONE linear (rows q, then k, then v): one GEMM, and with
+    quantized weights one activation quantization and one block-sum, instead of three. Every output
+    row is the same dot product as before, so weight formats that work per row (every one here) give
+    the same codes; only float summation order may differ."""
+
+    def __init__(self, att: Attention):
+        nn.Module.__init__(self)
+        self.n_heads, self.n_kv_heads, self.head_dim = att.n_heads, att.n_kv_heads, att.head_dim
+        self.qkv_proj = stacked_linear(att.q_proj, att.k_proj, att.v_proj)
+        self.o_proj = att.o_proj
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hq, h = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([hq, h, h], dim=-1)  # of [B, T, (Hq + 2H)·D]
+        return split_heads(q, self.n_heads), split_heads(k, self.n_kv_heads), split_heads(v, self.n_kv_heads)
 
 
 class FeedForward(nn.Module):
@@ -132,6 +166,19 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class FusedFeedForward(FeedForward):
+    """:class:`FeedForward` with gate and up in ONE linear (rows gate, then up); see :class:`FusedAttention`."""
+
+    def __init__(self, ff: FeedForward):
+        nn.Module.__init__(self)
+        self.gate_up_proj = stacked_linear(ff.gate_proj, ff.up_proj)
+        self.down_proj = ff.down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # of [B, T, 2·intermediate]
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -188,6 +235,17 @@ class Transformer(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: ``[..., dim]`` -> float32 ``[..., vocab]``."""
         return self.lm_head(self.norm(hidden))
+
+    def fuse_projections(self) -> "Transformer":
+        """Every block's q/k/v and gate/up linears stacked into one linear each (:class:`FusedAttention`,
+        :class:`FusedFeedForward`), in place: the form every program and reference runs (4 linears per
+        block instead of 7). Parameter names then differ from Hugging Face's; load weights before."""
+        for block in self.layers:
+            if type(block.self_attn) is Attention:
+                block.self_attn = FusedAttention(block.self_attn)
+            if type(block.mlp) is FeedForward:
+                block.mlp = FusedFeedForward(block.mlp)
+        return self
 
     def map_hf_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A Hugging Face Llama state dict (keys with or without the ``model.`` prefix) under this

@@ -35,10 +35,12 @@ class LoadedModel:
     source: str
     identity: dict = field(default_factory=dict)  # hashes of weights and tokenizer, "random_weights"
 
-    def build(self) -> Transformer:
+    def build(self, fused: bool = True) -> Transformer:
+        """The model, eval mode; ``fused`` (every use but writing Hugging Face names back out): with its
+        projections stacked (:meth:`Transformer.fuse_projections`)."""
         model = Transformer(self.args)
         model.load_hf_state_dict(self.state_dict)
-        return model.eval()
+        return (model.fuse_projections() if fused else model).eval()
 
 
 def embedded_gguf() -> Path | None:

@@ -28,13 +28,19 @@ from torch import nn
 TORCHAO_FORMATS = ("fp32", "8da8w", "8da4w", "q4", "q4-h8", "q4-h4", "q4-q8")
 Q4_HEADS = {"q4-h8": "8da8w", "q4-h4": "q4", "q4-q8": "q8_0"}  # q4 format -> lm_head format (kvexport.models.tied)
 INT4_GROUP = 32
+NBITS_FORMATS = {"int8": 8, "int4": 4}  # onnx/ort: MatMulNBits, weight-only, symmetric, blocks of NBITS_BLOCK
+NBITS_BLOCK = 32
+REFERENCE_FORMATS = TORCHAO_FORMATS + tuple(NBITS_FORMATS)  # what quantize_weights (the eager reference) applies
 
 
 def quantize_weights(model: nn.Module, weights: str) -> nn.Module:
     """Quantize every ``nn.Linear`` of ``model`` (a :class:`~kvexport.models.llama.Transformer`) in
-    place to ``weights``; returns the model. The KV controller is not part of ``model``."""
+    place to ``weights`` (:data:`REFERENCE_FORMATS`: the ExecuTorch formats, and the onnx/ort ``int8`` /
+    ``int4`` of :func:`nbits_weights`); returns the model. The KV controller is not part of ``model``."""
     if weights == "fp32":
         return model
+    if weights in NBITS_FORMATS:
+        return nbits_weights(model, weights)
     if weights not in TORCHAO_FORMATS:
         raise ValueError(f"unknown weight format {weights!r}")
     if weights.startswith("q4"):
@@ -62,6 +68,38 @@ def quantize_weights(model: nn.Module, weights: str) -> nn.Module:
                 and (not int4 or module.in_features % INT4_GROUP == 0))
 
     quantize_(model, config, filter_fn=in_blocks)
+    return model
+
+
+def nbits_weights(model: nn.Module, weights: str) -> nn.Module:
+    """The onnx/ort ``int8`` / ``int4`` weights in the reference, in place: every linear the ONNX weight quantizer
+    rewrites (the block linears and the ``lm_head``, untied from the embedding, which stays a float ``Gather``)
+    gets ONNX Runtime's own block quantization (``quantize_matmul_{8,4}bits``, the routine its
+    ``MatMulNBitsQuantizer`` calls: symmetric, blocks of :data:`NBITS_BLOCK` along the input) dequantized as
+    MatMulNBits does, ``(q − 2^(bits−1))·scale``. The program keeps fp32 activations, so it computes what this
+    model computes up to float summation order. Returns the model."""
+    import numpy as np
+    from onnxruntime.capi import _pybind_state as ort_c
+
+    bits = NBITS_FORMATS[weights]
+    quantize = ort_c.quantize_matmul_8bits if bits == 8 else ort_c.quantize_matmul_4bits
+    if model.lm_head.weight is model.embed_tokens.weight:
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+    for fqn, mod in model.named_modules():
+        if not (isinstance(mod, nn.Linear) and (fqn.startswith("layers.") or fqn == "lm_head")):
+            continue
+        n, k = mod.weight.shape  # the ONNX MatMul's B is the [k, n] transpose: blocks run along k per column n
+        nb = k // NBITS_BLOCK
+        packed = np.zeros((n, nb, NBITS_BLOCK * bits // 8), dtype=np.uint8)
+        scales = np.zeros((n, nb), dtype=np.float32)
+        zero = np.zeros((n, -(-nb // (8 // bits))), dtype=np.uint8)
+        quantize(packed, np.ascontiguousarray(mod.weight.detach().float().T.numpy()), scales, zero,
+                 NBITS_BLOCK, n, k, True)
+        codes = torch.from_numpy(packed).int()  # [n, nb, 32 * bits / 8]
+        if bits == 4:  # two codes a byte, the first in the low nibble
+            codes = torch.stack([codes & 15, codes >> 4], -1).flatten(-2)
+        w = (codes.float() - 2 ** (bits - 1)) * torch.from_numpy(scales)[..., None]  # [n, nb, 32]
+        mod.weight = nn.Parameter(w.reshape(n, k), requires_grad=False)
     return model
 
 

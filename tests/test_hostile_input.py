@@ -336,6 +336,9 @@ def _edit_manifest(prog: Path, edit) -> None:
     (lambda m: {**m, "program": "../model.pte"}, "not among its hashed files"),
     (lambda m: {**m, "program_files": {"../../etc/passwd": "0"}}, "plain file names"),
     (lambda m: {**m, "tokenizer": {"files": []}}, "'tokenizer.sha256' is missing"),
+    (lambda m: {**m, "cache": {**m["cache"], "state": {**m["cache"]["state"],  # as builds before layer-major pools
+                                                       "pool4_k": {"shape": [9, 2, 2, 16], "dtype": "uint8"}}}},
+     "slot-major KV pools"),
 ])
 def test_malformed_manifests(pte_program, tmp_path, capsys, edit, needle):
     prog = copy(pte_program, tmp_path / "p")

@@ -261,6 +261,11 @@ def _check_manifest_shape(manifest, path: Path) -> None:
     if manifest["cache"]["max_context"] != manifest["metadata"]["get_max_context_len"]:
         fail(f"cache.max_context {manifest['cache']['max_context']} != get_max_context_len "
              f"{manifest['metadata']['get_max_context_len']}")
+    state = manifest["cache"].get("state")
+    if isinstance(state, dict) and any(n.startswith("pool") and len(v.get("shape", ())) == 4 for n, v in state.items()
+                                       if isinstance(v, dict) and not n.startswith("pool_pos")):
+        raise KvxError(f"{path.parent} was built by an older kvexport (slot-major KV pools, which this kvexport's "
+                       "kernels no longer read); rebuild it with 'kvexport build'")
     if "cache_options" in manifest:
         opts = manifest["cache_options"]
         known = set(CacheOptions.__dataclass_fields__)

@@ -2,22 +2,26 @@
 
 Layout (all buffers have static shapes; ``L`` layers, ``H`` KV heads, ``D`` head_dim, ``G`` group):
 
-Buffers are slot-major (slot first, then layer), so every write is a 1-D ``index_put_``:
+Every write is a 1-D ``index_put_`` (the one scatter every backend runs in place): the float parts are
+slot-major (slot first, then layer); the pools are **layer-major**, layer ``l``'s ``C+1`` slots being the
+rows ``[l·(C+1), (l+1)·(C+1))`` (:func:`pool_rows`, :func:`pool_index`), so one layer's rows are one
+contiguous run that attention streams (slot-major rows sat ``L·H`` rows apart: a cache miss and often a
+TLB miss each, the layer kernel's main cost at long context):
 
 * ``sink_k/v``   fp ``[S+1, L, H, D]``   the first ``S`` positions, kept at full precision;
 * ``win_k/v``    fp ``[W+1, L, H, D]``   recent window, a ring: position ``p >= S`` lives in slot
   ``(p - S) % W`` (:mod:`kvexport.kv.schedule`); ``win_pos [W+1]`` (-1 = empty) and
   ``win_feat [W+1, 6]`` (features so far);
 * one **pool** per class, filled front to back (``fill [4]`` counts), never evicted:
-  ``pool16_k/v`` fp ``[C16+1, L, H, D]`` and for b in 2, 4, 8: ``pool{b}_k`` uint8
-  ``[Cb+1, L, H, D*b/8]`` (packed key codes), ``pool{b}_v`` uint8 ``[Cb+1, L, H, D*vb/8]`` (value
+  ``pool16_k/v`` fp ``[L·(C16+1), H, D]`` and for b in 2, 4, 8: ``pool{b}_k`` uint8
+  ``[L·(Cb+1), H, D*b/8]`` (packed key codes), ``pool{b}_v`` uint8 ``[L·(Cb+1), H, D*vb/8]`` (value
   codes at the class's value bits ``vb <= b``, ``--kv-classes``, e.g. ``k4v2``; ``vb = b`` by default)
-  with fp16 ``pool{b}_ks/kz/vs/vz [Cb+1, L, H, D/G]`` (scale and zero point per group; the six
+  with fp16 ``pool{b}_ks/kz/vs/vz [L·(Cb+1), H, D/G]`` (scale and zero point per group; the six
   together: :class:`QuantPool`). Every reader takes a side's bits from its packed width;
   ``pool_pos{c} [Cc+1]`` records which position sits in each slot.
 
-The last slot of every buffer is a *trash* slot: writes that must not land anywhere go there, so a
-step is branch-free and exports with static shapes. It is never attended to.
+The last slot of every buffer (of every layer's run in a pool) is a *trash* slot: writes that must not
+land anywhere go there, so a step is branch-free and exports with static shapes. It is never attended to.
 
 Why pools: the memory is what the buffers hold (``nbytes``), sized at build time from the policy's
 class shares (``--kv-budget-bits``); nothing is allocated at 16 bits "just in case".
@@ -64,6 +68,19 @@ from kvexport.kv.policy import CLASSES, Policy
 
 N_FEAT_STATE = 6  # rarity, entropy, max_prob, attn_received_sum, attn_head_var_sum, n_observations
 QUANT_BITS = (2, 4, 8)
+
+
+def pool_rows(buf: torch.Tensor, n_layers: int, layer: int, n: int) -> torch.Tensor:
+    """Slots ``[0, n)`` of ``layer`` in a layer-major pool buffer ``[L·(C+1), ...]`` -> ``[n, ...]`` (contiguous)."""
+    start = layer * (buf.shape[0] // n_layers)
+    return buf[start : start + n]
+
+
+def pool_index(slots: torch.Tensor, layer_base: torch.Tensor) -> torch.Tensor:
+    """Slots int64 ``[T]`` and ``layer_base`` ``[L]`` (``l·(C+1)``) -> pool rows ``[T·L]`` in the order of
+    values ``[T, L, ...]`` flattened: ``buf.index_put_((pool_index(...),), values.flatten(0, 1))`` writes
+    token ``j`` of every layer into slot ``slots[j]``."""
+    return (slots.view(-1, 1) + layer_base.view(1, -1)).reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -141,7 +158,7 @@ class CacheLayout:
 
 
 class QuantPool(NamedTuple):
-    """The six buffers of one quantized class ``b``, each ``[C+1, L, H, ...]`` (slot-major)."""
+    """The six buffers of one quantized class ``b``, each ``[L·(C+1), H, ...]`` (layer-major), or one layer's rows."""
 
     k: torch.Tensor  # uint8 [..., D*b/8] packed key codes
     ks: torch.Tensor  # fp16 [..., D/G] key scale per group
@@ -208,19 +225,17 @@ class MixedKVCache(nn.Module):
         self.register_buffer("win_feat", torch.zeros(W + 1, N_FEAT_STATE))
         for c, cap in zip(CLASSES, layout.capacities):
             self.register_buffer(f"pool_pos{c}", torch.full((cap + 1,), -1, dtype=torch.int64))
+            rows = L * (cap + 1)  # layer-major: layer l's slots are rows [l(cap+1), (l+1)(cap+1))
+            self.register_buffer(f"layer_base{c}", torch.arange(L) * (cap + 1), persistent=False)
             if c == 16:
-                self.register_buffer("pool16_k", torch.zeros(cap + 1, L, H, D, dtype=fp))
-                self.register_buffer("pool16_v", torch.zeros(cap + 1, L, H, D, dtype=fp))
+                self.register_buffer("pool16_k", torch.zeros(rows, H, D, dtype=fp))
+                self.register_buffer("pool16_v", torch.zeros(rows, H, D, dtype=fp))
                 continue
             for side, kv in enumerate("kv"):
                 width = D * layout.side(c, side)[0] // 8
-                self.register_buffer(f"pool{c}_{kv}", torch.zeros(cap + 1, L, H, width, dtype=torch.uint8))
-                self.register_buffer(
-                    f"pool{c}_{kv}s", torch.zeros(cap + 1, L, H, D // layout.group, dtype=torch.float16)
-                )
-                self.register_buffer(
-                    f"pool{c}_{kv}z", torch.zeros(cap + 1, L, H, D // layout.group, dtype=torch.float16)
-                )
+                self.register_buffer(f"pool{c}_{kv}", torch.zeros(rows, H, width, dtype=torch.uint8))
+                self.register_buffer(f"pool{c}_{kv}s", torch.zeros(rows, H, D // layout.group, dtype=torch.float16))
+                self.register_buffer(f"pool{c}_{kv}z", torch.zeros(rows, H, D // layout.group, dtype=torch.float16))
         if layer_kernel:  # rows leaving the window this step, staged by the kernel for commit
             self.register_buffer("evict_k", torch.zeros(self.max_chunk, L, H, D, dtype=fp))
             self.register_buffer("evict_v", torch.zeros(self.max_chunk, L, H, D, dtype=fp))
@@ -311,14 +326,14 @@ class MixedKVCache(nn.Module):
             masks.append(self.win_pos[: lay.window] >= 0)
         n16 = step.n_fill[3]
         if n16:
-            keys.append(self.pool16_k[:n16, layer].float())
-            values.append(self.pool16_v[:n16, layer].float())
+            keys.append(pool_rows(self.pool16_k, lay.n_layers, layer, n16).float())
+            values.append(pool_rows(self.pool16_v, lay.n_layers, layer, n16).float())
             masks.append(torch.arange(n16) < self.fill[3])
         for i, bits in enumerate(QUANT_BITS):
             n = step.n_fill[i]
             if not n:
                 continue
-            pool = QuantPool(*(buf[:n, layer] for buf in self.quant_pool(bits)))  # each [n, H, ...]
+            pool = QuantPool(*(pool_rows(buf, lay.n_layers, layer, n) for buf in self.quant_pool(bits)))  # [n, H, ..]
             if self.fused_ops:
                 parts.append(self._pool_attention(rows, *pool, self.fill[i : i + 1], bits, lay.group, scale))
                 continue
@@ -464,15 +479,16 @@ class MixedKVCache(nn.Module):
                 continue
             idx = torch.where(cls == i, slot, cap)
             self._write(getattr(self, f"pool_pos{c}"), idx, cand_pos)
+            rows = pool_index(idx, getattr(self, f"layer_base{c}"))  # [T·L]: slot idx[j] of every layer
             if c == 16:
-                self._write(self.pool16_k, idx, cand_k.to(fp))
-                self._write(self.pool16_v, idx, cand_v.to(fp))
+                self._write(self.pool16_k, rows, cand_k.to(fp).flatten(0, 1))
+                self._write(self.pool16_v, rows, cand_v.to(fp).flatten(0, 1))
                 continue
             (kb, k_clip), (vb, v_clip) = lay.side(c, 0), lay.side(c, 1)
             packed = (*self.quantize_pack(cand_k, kb, lay.group, k_clip),
                       *self.quantize_pack(cand_v, vb, lay.group, v_clip))
-            for buf, x in zip(self.quant_pool(c), packed):  # QuantPool order: k, ks, kz, v, vs, vz
-                self._write(buf, idx, x)
+            for buf, x in zip(self.quant_pool(c), packed):  # QuantPool order: k, ks, kz, v, vs, vz; x [T, L, H, ..]
+                self._write(buf, rows, x.flatten(0, 1))
         self.fill.copy_(new_fill)
 
         # 2. the chunk enters the window ring (or the sinks)

@@ -28,7 +28,7 @@ Shapes (``S`` sinks, ``W`` window, ``L`` layers, ``H`` KV heads, ``Hq`` query he
 ``q [1, Hq, T, D]`` f32, new ``k, v [1, H, T, D]`` f32 (both before the rotation) (batch 1, the model's own
 layout: no select or unsqueeze op around the kernel); ``sink_k/v [S+1, L, H, D]``,
 ``win_k/v [W+1, L, H, D]``, ``evict_k/v [Tmax >= T, L, H, D]`` in the cache's float dtype (fp16 or
-fp32); ``pools`` in :data:`POOL_NAMES` order with the shapes of :mod:`kvexport.kv.cache` (each side's
+fp32); ``pools`` in :data:`POOL_NAMES` order with the (layer-major) shapes of :mod:`kvexport.kv.cache` (each side's
 bits follow from its packed width, so a class may store values coarser than keys). Returns
 ``out [1, Hq, T, D]`` f32 and ``recv [W + T, 3]`` f32: window rows then chunk rows, columns (sum over
 query rows of the head-mean normalised weight, sum of the head variance, observing rows), zeros
@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 
 from kvexport.kv import attention, quant
+from kvexport.kv.cache import pool_rows
 
 POOL_NAMES = ("pool16_k", "pool16_v") + tuple(
     f"pool{b}_{name}" for b in (2, 4, 8) for name in ("k", "ks", "kz", "v", "vs", "vz")
@@ -64,12 +65,13 @@ def layer_attention(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict
         q, k = quant.rotate(q), quant.rotate(k)
     hq, t, _ = q.shape
     pool = dict(zip(POOL_NAMES, pools))
-    caps = [pool[f"pool{c}_k"].shape[0] - 1 for c in (2, 4, 8, 16)]
+    n_layers = sink_k.shape[1]
+    caps = [pool[f"pool{c}_k"].shape[0] // n_layers - 1 for c in (2, 4, 8, 16)]
     p0, n_s, n_w, fills = filled(state, S, W, caps)
     fp = sink_k.dtype
     k, v = k.to(fp).float(), v.to(fp).float()  # what the cache holds: later steps see the same
-    keys = [sink_k[:n_s, layer], win_k[:n_w, layer], pool["pool16_k"][: fills[3], layer]]
-    values = [sink_v[:n_s, layer], win_v[:n_w, layer], pool["pool16_v"][: fills[3], layer]]
+    keys = [sink_k[:n_s, layer], win_k[:n_w, layer], pool_rows(pool["pool16_k"], n_layers, layer, fills[3])]
+    values = [sink_v[:n_s, layer], win_v[:n_w, layer], pool_rows(pool["pool16_v"], n_layers, layer, fills[3])]
     kf, vf = torch.cat(keys).float(), torch.cat(values).float()  # [N, H, D]
     parts = []
     if kf.shape[0]:
@@ -77,7 +79,8 @@ def layer_attention(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict
         parts.append((o, m, l))
     for i, bits in enumerate((2, 4, 8)):
         if fills[i]:
-            kv = [pool[f"pool{bits}_{n}"][: fills[i], layer] for n in ("k", "ks", "kz", "v", "vs", "vz")]
+            kv = [pool_rows(pool[f"pool{bits}_{n}"], n_layers, layer, fills[i])
+                  for n in ("k", "ks", "kz", "v", "vs", "vz")]
             parts.append(attention.pool_attention(q, *kv, torch.tensor([fills[i]]), bits, group, scale))
     causal = torch.ones(t, t, dtype=torch.bool).tril()  # [query row, chunk key]
     kc, vc = k.transpose(0, 1), v.transpose(0, 1)  # [T, H, D]

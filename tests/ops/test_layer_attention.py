@@ -36,11 +36,11 @@ def cache_shapes(cfg):
     sinks, window, fp, caps, *_ = cfg
     shapes = {"sink_k": (sinks + 1, L, H, D), "sink_v": (sinks + 1, L, H, D), "win_k": (window + 1, L, H, D),
               "win_v": (window + 1, L, H, D), "evict_k": (T_MAX, L, H, D), "evict_v": (T_MAX, L, H, D),
-              "pool16_k": (caps[3] + 1, L, H, D), "pool16_v": (caps[3] + 1, L, H, D)}
+              "pool16_k": (L * (caps[3] + 1), H, D), "pool16_v": (L * (caps[3] + 1), H, D)}  # pools: layer-major
     for b, vb, cap in zip((2, 4, 8), cfg[7], caps):
         for name, bits in (("k", b), ("v", vb)):
-            shapes[f"pool{b}_{name}"] = (cap + 1, L, H, D * bits // 8)
-            shapes[f"pool{b}_{name}s"] = shapes[f"pool{b}_{name}z"] = (cap + 1, L, H, D // GROUP)
+            shapes[f"pool{b}_{name}"] = (L * (cap + 1), H, D * bits // 8)
+            shapes[f"pool{b}_{name}s"] = shapes[f"pool{b}_{name}z"] = (L * (cap + 1), H, D // GROUP)
     return shapes
 
 
@@ -82,15 +82,17 @@ def make_inputs(cfg, p0: int, t: int, fills, seed: int):
     cache = {}
     for name, shape in shapes.items():
         part = name.rsplit("_", 1)[0]
+        per_layer = shape[0] // L if name.startswith("pool") else None  # pools: layer l's slots are rows l(C+1)..
         if name in MUTABLE or name.startswith("pool16"):
             x = (torch.randn(shape, generator=g) * 1.5).to(fp)
-            x[filled[part]:] = float("nan")
         elif name.endswith(("_k", "_v")):  # packed codes: any byte is valid
             x = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
         else:  # fp16 scale / zero
             x = (torch.rand(shape, generator=g) * 0.1 + 0.01) if name.endswith("s") else torch.randn(shape, generator=g)
             x = x.half()
-            x[filled[part]:] = float("nan")
+        if x.is_floating_point():  # unfilled slots are NaN (in a pool, of every layer)
+            slots = x if per_layer is None else x.view(L, per_layer, *shape[1:]).transpose(0, 1)
+            slots[filled[part]:] = float("nan")
         cache[name] = x
     q = torch.randn(1, HQ, t, D, generator=g) * 2.0
     k = torch.randn(1, H, t, D, generator=g) * 1.5

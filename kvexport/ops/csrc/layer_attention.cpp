@@ -138,10 +138,11 @@ inline void quant_row(const Part& p, bool value, int64_t i, int64_t h, int64_t d
   widen_half(zero + zoff, sz + ng, ng);
 }
 
-// Rows of a part are a whole layer-and-head stride apart (slot-major buffers: [slots, L, H, ...]), so
-// every K/V row, scale and zero point is a cache miss of its own that the hardware prefetcher does not
-// see coming: a task asks for its first kAhead K and V rows up front, then for the rows kAhead slots on
-// during the K pass (the V pass finds its rows in L1). always_inline: GCC 12 at -O1 and up judges a
+// Rows of the slot-major parts (sinks, window: [slots, L, H, D]) are a whole layer-and-head stride apart, so
+// every K/V row is a cache miss of its own that the hardware prefetcher does not see coming; the layer-major
+// pools are contiguous per layer, yet their K rows, V rows, scales and zero points are six streams. A task
+// asks for its first kAhead K and V rows up front, then for the rows kAhead slots on during the K pass (the
+// V pass finds its rows in L1). always_inline: GCC 12 at -O1 and up judges a
 // function that only prefetches free of side effects and deletes its calls (it did, until now).
 constexpr int64_t kAhead = 16;
 
@@ -335,7 +336,7 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
                       InvalidArgument, ret, "%s: state must be int32 [5]", name);
   ET_KERNEL_CHECK_MSG(ctx, pools.size() == kPools, InvalidArgument, ret, "%s: expected 20 pool tensors",
                       name);
-  const Tensor* fp_bufs[] = {&sink_k, &sink_v, &win_k, &win_v, &evict_k, &evict_v, &pools[0], &pools[1]};
+  const Tensor* fp_bufs[] = {&sink_k, &sink_v, &win_k, &win_v, &evict_k, &evict_v};
   const ScalarType fp = sink_k.scalar_type();
   ET_KERNEL_CHECK_MSG(ctx, fp == ScalarType::Half || fp == ScalarType::Float, InvalidArgument, ret,
                       "%s: the float cache parts must be float16 or float32", name);
@@ -344,6 +345,12 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
     ET_KERNEL_CHECK_MSG(ctx, b->scalar_type() == fp && b->dim() == 4 && b->size(1) == n_layers &&
                             b->size(2) == hkv && b->size(3) == d && dense(*b),
                         InvalidArgument, ret, "%s: float cache parts must be dense [N+1, L, H, D]", name);
+  }
+  for (int e = 0; e < 2; ++e) {  // the 16-bit pool: layer-major [L * (C+1), H, D]
+    const Tensor& b = pools[e];
+    ET_KERNEL_CHECK_MSG(ctx, b.scalar_type() == fp && b.dim() == 3 && n_layers > 0 && b.size(0) % n_layers == 0 &&
+                            b.size(0) == pools[0].size(0) && b.size(1) == hkv && b.size(2) == d && dense(b),
+                        InvalidArgument, ret, "%s: the 16-bit pool must be dense [L*(C+1), H, D]", name);
   }
   ET_KERNEL_CHECK_MSG(ctx, layer >= 0 && layer < n_layers && group > 0 && d % group == 0 &&
                           d % 4 == 0,
@@ -358,7 +365,7 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
   int vbit_of[3];
   for (int c = 0; c < 3; ++c) {
     const Tensor& vcodes = pools[5 + 6 * c];
-    vbit_of[c] = vcodes.dim() == 4 ? static_cast<int>(vcodes.size(3) * 8 / d) : 0;
+    vbit_of[c] = vcodes.dim() == 3 ? static_cast<int>(vcodes.size(2) * 8 / d) : 0;
     ET_KERNEL_CHECK_MSG(ctx, (vbit_of[c] == 2 || vbit_of[c] == 4 || vbit_of[c] == 8),
                         InvalidArgument, ret, "%s: pool %d-bit values must be packed at 2, 4 or 8 bits", name,
                         bit_of[c]);
@@ -367,8 +374,8 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
       const Tensor& x = pools[2 + 6 * c + e];
       const bool is_codes = e == 0 || e == 3;
       const int64_t width = d * (e == 0 ? bit_of[c] : vbit_of[c]) / 8;
-      ET_KERNEL_CHECK_MSG(ctx, x.dim() == 4 && x.size(0) == codes.size(0) && x.size(1) == n_layers &&
-                              x.size(2) == hkv && x.size(3) == (is_codes ? width : ng) && dense(x) &&
+      ET_KERNEL_CHECK_MSG(ctx, x.dim() == 3 && x.size(0) == codes.size(0) && x.size(0) % n_layers == 0 &&
+                              x.size(1) == hkv && x.size(2) == (is_codes ? width : ng) && dense(x) &&
                               x.scalar_type() == (is_codes ? ScalarType::Byte : ScalarType::Half),
                           InvalidArgument, ret, "%s: pool %d-bit tensor %d has a bad shape or dtype", name,
                           bit_of[c], e);
@@ -388,10 +395,10 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
   const int32_t* st = state.const_data_ptr<int32_t>();
   const int64_t p0 = st[0] < 0 ? 0 : st[0];
   const int64_t n_s = std::min(p0, sinks), n_w = std::min(std::max<int64_t>(p0 - sinks, 0), window);
-  int64_t fills[4];
+  int64_t fills[4], rows_of[4];  // rows_of: slots per layer (capacity + the trash slot) of the layer-major pools
   for (int c = 0; c < 4; ++c) {
-    const int64_t cap = (c < 3 ? pools[2 + 6 * c].size(0) : pools[0].size(0)) - 1;
-    fills[c] = std::min<int64_t>(std::max<int32_t>(st[1 + c], 0), cap);
+    rows_of[c] = (c < 3 ? pools[2 + 6 * c].size(0) : pools[0].size(0)) / n_layers;
+    fills[c] = std::min<int64_t>(std::max<int32_t>(st[1 + c], 0), rows_of[c] - 1);
   }
 
   // ---- the chunk (keys rotated with rotate), rounded to the storage dtype (what the cache will hold)
@@ -422,39 +429,42 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
   // ---- parts (offset to the layer)
   const int64_t esize = half ? 2 : 4;
   const int64_t slot_stride = n_layers * hkv * d, layer_off = layer * hkv * d;
-  auto float_part = [&](const Tensor& kt, const Tensor& vt, int64_t n) {
+  // slot-major parts (sinks, window): a slot's rows of all layers are adjacent; layer-major (pools): a layer's
+  // slots are one contiguous run
+  auto float_part = [&](const Tensor& kt, const Tensor& vt, int64_t n, int64_t offset, int64_t stride) {
     Part p;
     p.half = half;
-    p.k = static_cast<const char*>(kt.const_data_ptr()) + layer_off * esize;
-    p.v = static_cast<const char*>(vt.const_data_ptr()) + layer_off * esize;
+    p.k = static_cast<const char*>(kt.const_data_ptr()) + offset * esize;
+    p.v = static_cast<const char*>(vt.const_data_ptr()) + offset * esize;
     p.n = n;
-    p.slot_stride = p.v_slot_stride = slot_stride;
+    p.slot_stride = p.v_slot_stride = stride;
     p.head_stride = p.v_head_stride = d;
     return p;
   };
   std::vector<Part> parts;
-  parts.push_back(float_part(sink_k, sink_v, n_s));
-  parts.push_back(float_part(win_k, win_v, n_w));
-  parts.push_back(float_part(pools[0], pools[1], fills[3]));
+  parts.push_back(float_part(sink_k, sink_v, n_s, layer_off, slot_stride));
+  parts.push_back(float_part(win_k, win_v, n_w, layer_off, slot_stride));
+  parts.push_back(float_part(pools[0], pools[1], fills[3], layer * rows_of[3] * hkv * d, hkv * d));
   for (int c = 0; c < 3; ++c) {
     const Tensor* x = &pools[2 + 6 * c];
     const int64_t width = d * bit_of[c] / 8, vwidth = d * vbit_of[c] / 8;
     Part p;
     p.bits = bit_of[c];
     p.vbits = vbit_of[c];
-    p.k = x[0].const_data_ptr<uint8_t>() + layer * hkv * width;
-    p.v = x[3].const_data_ptr<uint8_t>() + layer * hkv * vwidth;
-    const int64_t zo = layer * hkv * ng;
+    const int64_t first = layer * rows_of[c];  // the layer's first row
+    p.k = x[0].const_data_ptr<uint8_t>() + first * hkv * width;
+    p.v = x[3].const_data_ptr<uint8_t>() + first * hkv * vwidth;
+    const int64_t zo = first * hkv * ng;
     p.ks = static_cast<const uint16_t*>(x[1].const_data_ptr()) + zo;
     p.kz = static_cast<const uint16_t*>(x[2].const_data_ptr()) + zo;
     p.vs = static_cast<const uint16_t*>(x[4].const_data_ptr()) + zo;
     p.vz = static_cast<const uint16_t*>(x[5].const_data_ptr()) + zo;
     p.n = fills[c];
-    p.slot_stride = n_layers * hkv * width;
+    p.slot_stride = hkv * width;
     p.head_stride = width;
-    p.v_slot_stride = n_layers * hkv * vwidth;
+    p.v_slot_stride = hkv * vwidth;
     p.v_head_stride = vwidth;
-    p.sz_slot_stride = n_layers * hkv * ng;
+    p.sz_slot_stride = hkv * ng;
     p.sz_head_stride = ng;
     parts.push_back(p);
   }

@@ -7,6 +7,11 @@ each attention layer hands its rotated queries and fresh keys/values to
 ``cache.commit(step, tokens, logits)`` the chunk into the cache (decode/prefill) or not (scoring
 continuations over a fixed context; :meth:`Transformer.forward` returns the logits only).
 
+Every program and reference runs the **stacked** form (:meth:`Transformer.fuse_projections`, which
+:meth:`~kvexport.models.loader.LoadedModel.build` applies): q/k/v one linear, gate/up one linear, so a block
+has 4 linears instead of 7 (3 fewer GEMMs and, with quantized weights, 3 fewer activation quantizations per
+block; each output row is the same dot product). Hugging Face's names are what weights load under.
+
 Shapes: ``tokens`` int64 ``[B, T]``; ``input_pos`` int64 ``[1]`` (position of ``tokens[:, 0]``);
 logits float32 ``[B, T, vocab]``. All compute is float32. :meth:`Transformer.hidden` takes explicit
 positions (``[T]``, or ``[B, T]`` when every row has its own, as in the batched evaluation).

@@ -16,6 +16,9 @@ the embedding lookup on its exact Q8_0 codes, the ``lm_head`` int8 per channel (
 lookup's Q8_0 table (stored once) through ``kvexport::q8_linear``: exact, but only for programs that
 carry our kernel library (``--ops fused``; a portable build of the same model uses ``q4-h8``).
 
+The onnx/ort targets' ``int8`` / ``int4`` (weight-only ``MatMulNBits``, symmetric, blocks of 32, fp32
+activations) have their reference here too (:func:`nbits_weights`: ONNX Runtime's own codes, dequantized).
+
 The quantized reference (eager torchao) is what ``kvexport parity`` compares a quantized program
 with and what ``kvexport eval --weights`` measures perplexity with.
 """

@@ -19,15 +19,16 @@ from kvops_testlib import export_et
 import kvexport.ops as ops
 from kvexport.kv import layer_attention as ref
 
-L, H, HQ, D, GROUP = 2, 3, 9, 64, 32
+L, H, HQ, D = 2, 3, 9, 64
 SCALE = 1.0 / math.sqrt(D)
 T_MAX = 4
 # name: (sinks, window, float dtype, pool capacities (2, 4, 8, 16 bit), layer, features, rotate,
-#        value bits of the 2-, 4-, 8-bit-key classes)
+#        value bits of the 2-, 4-, 8-bit-key classes, quantization group); the groups take the kernel's
+#        three ways of summing V rows (32, 8 or 1 columns at a time)
 CONFIGS = {
-    "fp16-s4-w8": (4, 8, torch.float16, (5, 70, 7, 3), 1, True, True, (2, 2, 8)),
-    "fp32-s0-w4": (0, 4, torch.float32, (3, 0, 4, 2), 0, True, False, (2, 4, 4)),
-    "fp16-s2-w0": (2, 0, torch.float16, (0, 9, 0, 66), 1, False, True, (2, 4, 8)),
+    "fp16-s4-w8": (4, 8, torch.float16, (5, 70, 7, 3), 1, True, True, (2, 2, 8), 32),
+    "fp32-s0-w4": (0, 4, torch.float32, (3, 0, 4, 2), 0, True, False, (2, 4, 4), 16),
+    "fp16-s2-w0": (2, 0, torch.float16, (0, 9, 0, 66), 1, False, True, (2, 4, 8), 4),
 }
 MUTABLE = ("sink_k", "sink_v", "win_k", "win_v", "evict_k", "evict_v")
 
@@ -40,7 +41,7 @@ def cache_shapes(cfg):
     for b, vb, cap in zip((2, 4, 8), cfg[7], caps):
         for name, bits in (("k", b), ("v", vb)):
             shapes[f"pool{b}_{name}"] = (L * (cap + 1), H, D * bits // 8)
-            shapes[f"pool{b}_{name}s"] = shapes[f"pool{b}_{name}z"] = (L * (cap + 1), H, D // GROUP)
+            shapes[f"pool{b}_{name}s"] = shapes[f"pool{b}_{name}z"] = (L * (cap + 1), H, D // cfg[8])
     return shapes
 
 
@@ -51,7 +52,7 @@ class LayerStep(torch.nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.layer, self.features, self.rotate = cfg[4], cfg[5], cfg[6]
+        self.layer, self.features, self.rotate, self.group = cfg[4], cfg[5], cfg[6], cfg[8]
         self.proj = torch.nn.Linear(D, D)
         with torch.no_grad():
             self.proj.weight.copy_(torch.eye(D))
@@ -65,7 +66,7 @@ class LayerStep(torch.nn.Module):
         for buf, x in zip(bufs, (sink_k, sink_v, win_k, win_v, evict_k, evict_v)):
             buf.copy_(x)
         q = self.proj(q)
-        out, recv = ops.layer_attention(q, k, v, state, *bufs, pools, self.layer, GROUP, SCALE, self.features,
+        out, recv = ops.layer_attention(q, k, v, state, *bufs, pools, self.layer, self.group, SCALE, self.features,
                                         self.rotate)
         return (out, recv, *(b.clone() for b in bufs))
 
@@ -104,7 +105,7 @@ def make_inputs(cfg, p0: int, t: int, fills, seed: int):
 def reference(cfg, inputs):
     q, k, v, state, *rest = [x.clone() for x in inputs]
     bufs, pools = rest[:6], rest[6:]
-    out, recv = ref.layer_attention(q, k, v, state, *bufs, pools, cfg[4], GROUP, SCALE, cfg[5], cfg[6])
+    out, recv = ref.layer_attention(q, k, v, state, *bufs, pools, cfg[4], cfg[8], SCALE, cfg[5], cfg[6])
     return [out, recv, *bufs]
 
 

@@ -10,6 +10,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace kvexport {
 namespace native {
 namespace common {
@@ -132,6 +136,37 @@ inline float exp_neg(float x_in) {
   const int32_t e = static_cast<int32_t>(n) + 127;  // >= 1 since n >= -126
   const float y = p * bits_f32(static_cast<uint32_t>(e) << 23);
   return x_in < -87.0f ? 0.0f : y;  // exp(NEG - m) == 0 exactly, as in the reference
+}
+
+// x[j] <- exp_neg(x[j] - m) for j < n; with AVX2 eight at a time, the same operations in the same order
+// (no FMA), so bit-identical to the scalar form.
+inline void exp_neg_shifted(float* x, int64_t n, float m) {
+  int64_t j = 0;
+#if defined(__AVX2__)
+  const __m256 mv = _mm256_set1_ps(m), lo = _mm256_set1_ps(-87.0f), magic = _mm256_set1_ps(12582912.0f);
+  const float poly[6] = {1.9875691500E-4f, 1.3981999507E-3f, 8.3334519073E-3f,
+                         4.1665795894E-2f, 1.6666665459E-1f, 5.0000001201E-1f};
+  for (; j + 8 <= n; j += 8) {
+    const __m256 xin = _mm256_sub_ps(_mm256_loadu_ps(x + j), mv);
+    const __m256 under = _mm256_cmp_ps(xin, lo, _CMP_LT_OQ);
+    const __m256 xv = _mm256_blendv_ps(xin, lo, under);
+    const __m256 nv = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(xv, _mm256_set1_ps(1.44269504088896341f)), magic),
+                                    magic);
+    __m256 r = _mm256_sub_ps(xv, _mm256_mul_ps(nv, _mm256_set1_ps(0.693359375f)));
+    r = _mm256_sub_ps(r, _mm256_mul_ps(nv, _mm256_set1_ps(-2.12194440e-4f)));
+    __m256 p = _mm256_set1_ps(poly[0]);
+    for (int k = 1; k < 6; ++k) {
+      p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(poly[k]));
+    }
+    p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(nv), _mm256_set1_epi32(127)), 23);
+    const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    _mm256_storeu_ps(x + j, _mm256_blendv_ps(y, _mm256_setzero_ps(), under));
+  }
+#endif
+  for (; j < n; ++j) {
+    x[j] = exp_neg(x[j] - m);
+  }
 }
 
 // x <- x @ H (orthonormal Sylvester-Hadamard, d a power of two): the fast Walsh-Hadamard transform in

@@ -8,24 +8,27 @@
  * leaves a partial (o, m, l) per query vector; one log-sum-exp merge per query vector follows.
  * Tasks run on ExecuTorch's thread pool (parallel_for, shared with XNNPACK).
  *
- * Float parts (fp16 or fp32 storage) are read in place: a block's rows are widened into an L1
- * scratch row by row. Quantized parts are never dequantized: with k = s*c + z per group,
- * q.k = sum_g s_g*(q_g.c_g) + z_g*sum(q_g), and the V side accumulates (p*s_g)*c and p*z_g
- * separately; codes are unpacked into a row of small integers (as floats) only. A class's values may
- * be packed coarser than its keys (K/V-split classes, e.g. k4v2): each side's bits follow from its width.
+ * A task works on its block side by side: the block's K rows (then its V rows) become float rows in an
+ * L1 scratch [block, D] (fp32 rows in place, fp16 rows widened, codes unpacked 16 at a time), then
+ * every query vector takes its scores over the block, its softmax weights, and its weighted sum of V
+ * rows with the sums held in registers across the block. Quantized parts are never dequantized: with
+ * k = s*c + z per group, q.k = sum_g s_g*(q_g.c_g) + z_g*sum(q_g), and the V side sums (p*s_g)*c and
+ * p*z_g separately; codes become small integers (as floats) only. A class's values may be packed
+ * coarser than its keys (K/V-split classes, e.g. k4v2): each side's bits follow from its width.
  */
 
 #include <executorch/runtime/kernel/kernel_includes.h>
 #include <executorch/runtime/kernel/operator_registry.h>
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -55,15 +58,47 @@ inline void widen_half(const uint16_t* src, float* dst, int64_t n) {
   }
 #endif
   for (; i < n; ++i) {
+#if defined(__F16C__)
+    dst[i] = _cvtsh_ss(src[i]);
+#else
     dst[i] = f16_to_f32(src[i]);
+#endif
   }
 }
 
+// Codes of one packed row as floats (code i of a byte sits at bits [BITS*i, BITS*(i+1))).
 template <int BITS>
 inline void unpack_codes(const uint8_t* packed, int64_t d, float* codes) {
   constexpr int per = 8 / BITS;
   constexpr uint32_t mask = (1u << BITS) - 1u;
-  for (int64_t b = 0; b < d / per; ++b) {
+  int64_t b = 0;
+#if defined(__AVX2__)
+  // 16 codes a round: split the bytes into per-code byte vectors, interleave them back into code order,
+  // widen to int32 and convert
+  constexpr int64_t bytes = 16 / per;  // input bytes a round
+  const __m128i m = _mm_set1_epi8(static_cast<char>(mask));
+  for (; (b + bytes) * per <= d; b += bytes) {
+    __m128i x;
+    if (BITS == 8) {
+      x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + b));
+    } else if (BITS == 4) {
+      const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + b));
+      x = _mm_unpacklo_epi8(_mm_and_si128(raw, m), _mm_and_si128(_mm_srli_epi16(raw, 4), m));
+    } else {
+      int32_t word;
+      std::memcpy(&word, packed + b, 4);
+      const __m128i raw = _mm_cvtsi32_si128(word);
+      const __m128i c01 = _mm_unpacklo_epi8(_mm_and_si128(raw, m), _mm_and_si128(_mm_srli_epi16(raw, 2), m));
+      const __m128i c23 = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), m),
+                                            _mm_and_si128(_mm_srli_epi16(raw, 6), m));
+      x = _mm_unpacklo_epi16(c01, c23);
+    }
+    float* dst = codes + b * per;
+    _mm256_storeu_ps(dst, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x)));
+    _mm256_storeu_ps(dst + 8, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(x, 8))));
+  }
+#endif
+  for (; b < d / per; ++b) {
     const uint32_t byte = packed[b];
     for (int i = 0; i < per; ++i) {
       codes[b * per + i] = static_cast<float>((byte >> (BITS * i)) & mask);
@@ -109,6 +144,7 @@ struct Step {
   const float* q;     // [Hq, T, D]
   const float* qsum;  // [Hq * T, ng] sum of q over each group
   int64_t hq, hkv, grp, t, d, group, ng, nq;
+  int64_t tb;         // rows of a task's scratch blocks: max(kBlock, T)
   float scale;
 };
 
@@ -123,27 +159,11 @@ inline const float* float_row(const Part& p, const void* base, int64_t i, int64_
   return buf;
 }
 
-// Codes of K (value = false) or V row (slot i, head h) of a quantized part as floats into codes [d]; its
-// scales and zero points into sz [2, ng].
-inline void quant_row(const Part& p, bool value, int64_t i, int64_t h, int64_t d, int64_t ng, float* codes,
-                      float* sz) {
-  const int64_t zoff = i * p.sz_slot_stride + h * p.sz_head_stride;
-  const uint8_t* packed = static_cast<const uint8_t*>(value ? p.v : p.k);
-  const uint16_t* scale = value ? p.vs : p.ks;
-  const uint16_t* zero = value ? p.vz : p.kz;
-  unpack_row(value ? p.vbits : p.bits,
-             packed + (value ? i * p.v_slot_stride + h * p.v_head_stride : i * p.slot_stride + h * p.head_stride),
-             d, codes);
-  widen_half(scale + zoff, sz, ng);
-  widen_half(zero + zoff, sz + ng, ng);
-}
-
 // Rows of the slot-major parts (sinks, window: [slots, L, H, D]) are a whole layer-and-head stride apart, so
 // every K/V row is a cache miss of its own that the hardware prefetcher does not see coming; the layer-major
-// pools are contiguous per layer, yet their K rows, V rows, scales and zero points are six streams. A task
-// asks for its first kAhead K and V rows up front, then for the rows kAhead slots on during the K pass (the
-// V pass finds its rows in L1). always_inline: GCC 12 at -O1 and up judges a
-// function that only prefetches free of side effects and deletes its calls (it did, until now).
+// pools are contiguous per layer, yet their rows, scales and zero points are three streams. While loading
+// row j a task asks for row j + kAhead. always_inline: GCC 12 at -O1 and up judges a function that only
+// prefetches free of side effects and deletes its calls (it did, until then).
 constexpr int64_t kAhead = 16;
 
 __attribute__((always_inline)) inline void prefetch_row(const Part& p, bool value, int64_t i, int64_t h) {
@@ -160,106 +180,194 @@ __attribute__((always_inline)) inline void prefetch_row(const Part& p, bool valu
   }
 }
 
-// Partial attention of the nq query vectors of KV head `task.h` over slots [b0, b1) of `part`.
-// partial: [nq, d + 2] = (o, m, l); scratch: kBlock * nq scores + d + nq * ng + 2 * ng floats.
-void run_task(const Step& s, const Part& part, const Task& task, float* partial, float* scratch,
-              const float** qv_of /* [2 * nq] query and group-sum rows, filled here */) {
-  const int64_t nb = task.b1 - task.b0, d = s.d, nq = s.nq, h = task.h;
-  const float** qs_of = qv_of + nq;
-  for (int64_t qi = 0; qi < nq; ++qi) {
-    const int64_t qrow = (h * s.grp + qi / s.t) * s.t + qi % s.t;
-    qv_of[qi] = s.q + qrow * d;
-    qs_of[qi] = s.qsum + qrow * s.ng;
-  }
-  float* sc = scratch;              // [nq, kBlock] scores, then weights
-  float* row = sc + nq * kBlock;    // [d] a widened K/V row or unpacked codes
-  float* zacc = row + d;            // [nq, ng] sum of p * zero per group (quantized V)
-  float* sz = zacc + nq * s.ng;     // [2, ng] this row's scales and zero points
-  const bool quant = part.bits != kFloatRows;
-  for (int64_t j = 0; j < std::min(nb, kAhead); ++j) {
-    prefetch_row(part, false, task.b0 + j, h);
-    prefetch_row(part, true, task.b0 + j, h);
-  }
+// K (value = false) or V rows of slots [b0, b0 + nb), KV head h, as float rows: rows[j] points into the
+// part (fp32), or into buf [nb, d] (fp16 widened, codes unpacked); a quantized part's scales and zero
+// points of row j go to sz[j * 2ng ...] (scales, then zero points).
+void load_rows(const Part& p, bool value, int64_t h, int64_t b0, int64_t nb, int64_t d, int64_t ng, float* buf,
+               float* sz, const float** rows) {
+  const void* base = value ? p.v : p.k;
   for (int64_t j = 0; j < nb; ++j) {
-    const int64_t i = task.b0 + j;
+    const int64_t i = b0 + j;
     if (j + kAhead < nb) {
-      prefetch_row(part, false, i + kAhead, h);
-      prefetch_row(part, true, i + kAhead, h);
+      prefetch_row(p, value, i + kAhead, h);
     }
-    if (quant) {
-      quant_row(part, false, i, h, d, s.ng, row, sz);
-      for (int64_t qi = 0; qi < nq; ++qi) {
-        const float* qv = qv_of[qi];
-        const float* qs = qs_of[qi];
-        float acc = 0.0f;
-        for (int64_t g = 0; g < s.ng; ++g) {
-          acc += sz[g] * dot(qv + g * s.group, row + g * s.group, s.group) + sz[s.ng + g] * qs[g];
-        }
-        sc[qi * kBlock + j] = acc * s.scale;
+    float* dst = buf + j * d;
+    rows[j] = dst;
+    if (p.bits == kFloatRows) {
+      rows[j] = float_row(p, base, i, h, d, dst);
+      continue;
+    }
+    const int64_t off = value ? i * p.v_slot_stride + h * p.v_head_stride : i * p.slot_stride + h * p.head_stride;
+    unpack_row(value ? p.vbits : p.bits, static_cast<const uint8_t*>(base) + off, d, dst);
+    const int64_t zoff = i * p.sz_slot_stride + h * p.sz_head_stride;
+    widen_half((value ? p.vs : p.ks) + zoff, sz + j * 2 * ng, ng);
+    widen_half((value ? p.vz : p.kz) + zoff, sz + j * 2 * ng + ng, ng);
+  }
+}
+
+// o[e] = sum_j ws[j * ng + e / group] * rows[j][e] for e < d, W columns at a time (W divides group): the W
+// sums stay in registers over all rows (a row-by-row update of o would load and store o for every row).
+// Explicit vectors: GCC 12 keeps a float acc[W] on the stack and runs it scalar.
+template <int W>
+void weighted_rows(const float* const* rows, const float* ws, int64_t nb, int64_t d, int64_t group, int64_t ng,
+                   float* o) {
+  for (int64_t e0 = 0; e0 < d; e0 += W) {
+    const int64_t g = e0 / group;
+#if defined(__AVX2__)
+    if constexpr (W % 8 == 0) {
+      __m256 acc[W / 8];
+      for (int k = 0; k < W / 8; ++k) {
+        acc[k] = _mm256_setzero_ps();
       }
-    } else {
-      const float* kr = float_row(part, part.k, i, h, d, row);
-      for (int64_t qi = 0; qi < nq; ++qi) {
-        sc[qi * kBlock + j] = dot(qv_of[qi], kr, d) * s.scale;
+      for (int64_t j = 0; j < nb; ++j) {
+        const __m256 w = _mm256_set1_ps(ws[j * ng + g]);
+        const float* r = rows[j] + e0;
+        for (int k = 0; k < W / 8; ++k) {
+          acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(w, _mm256_loadu_ps(r + 8 * k)));
+        }
+      }
+      for (int k = 0; k < W / 8; ++k) {
+        _mm256_storeu_ps(o + e0 + 8 * k, acc[k]);
+      }
+      continue;
+    }
+#endif
+    float acc[W] = {};
+    for (int64_t j = 0; j < nb; ++j) {
+      const float w = ws[j * ng + g];
+      const float* r = rows[j] + e0;
+      for (int k = 0; k < W; ++k) {
+        acc[k] += w * r[k];
+      }
+    }
+    std::copy(acc, acc + W, o + e0);
+  }
+}
+
+void weighted_rows_any(const float* const* rows, const float* ws, int64_t nb, int64_t d, int64_t group,
+                       int64_t ng, float* o) {
+  if (group % 32 == 0) {
+    weighted_rows<32>(rows, ws, nb, d, group, ng, o);
+  } else if (group % 8 == 0) {
+    weighted_rows<8>(rows, ws, nb, d, group, ng, o);
+  } else {
+    weighted_rows<1>(rows, ws, nb, d, group, ng, o);
+  }
+}
+
+#if defined(__AVX2__)
+// The 8 dot products of q[e0:e1] with rows[r][e0:e1], r < 8 (e1 - e0 a multiple of 8): one accumulator a
+// row, then a transposing reduction.
+inline __m256 dot8(const float* q, const float* const* rows, int64_t e0, int64_t e1) {
+  __m256 a[8];
+  for (int r = 0; r < 8; ++r) {
+    a[r] = _mm256_setzero_ps();
+  }
+  for (int64_t e = e0; e < e1; e += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + e);
+    for (int r = 0; r < 8; ++r) {
+      a[r] = _mm256_add_ps(a[r], _mm256_mul_ps(qv, _mm256_loadu_ps(rows[r] + e)));
+    }
+  }
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#endif
+
+// Scratch floats of one task (run_task's layout).
+inline int64_t scratch_floats(const Step& s) {
+  return s.nq * s.tb + s.tb * s.d + 2 * s.tb * s.ng + s.tb * s.ng + s.ng;
+}
+
+// Partial attention of the nq query vectors of KV head `task.h` over slots [b0, b1) of `part`.
+// partial: [nq, d + 2] = (o, m, l); scratch: scratch_floats(s); rows: [tb] row pointers.
+void run_task(const Step& s, const Part& part, const Task& task, float* partial, float* scratch,
+              const float** rows) {
+  const int64_t nb = task.b1 - task.b0, d = s.d, nq = s.nq, ng = s.ng, h = task.h;
+  float* sc = scratch;              // [nq, tb] scores, then weights
+  float* buf = sc + nq * s.tb;      // [tb, d] widened K/V rows or unpacked codes
+  float* sz = buf + s.tb * d;       // [tb, 2, ng] scales and zero points of each row
+  float* ws = sz + 2 * s.tb * ng;   // [tb, ng] weight x scale of each row and group
+  float* za = ws + s.tb * ng;       // [ng] sum of weight x zero point per group
+  const bool quant = part.bits != kFloatRows;
+  auto query = [&](int64_t qi) { return (h * s.grp + qi / s.t) * s.t + qi % s.t; };
+  // scores: q.k = sum_g s_g * (q_g . c_g) + z_g * sum(q_g) on codes, q.k on float rows
+  load_rows(part, false, h, task.b0, nb, d, ng, buf, sz, rows);
+  for (int64_t qi = 0; qi < nq; ++qi) {
+    const float* qv = s.q + query(qi) * d;
+    const float* qs = s.qsum + query(qi) * ng;
+    float* si = sc + qi * s.tb;
+    int64_t j = 0;
+#if defined(__AVX2__)
+    if (s.group % 8 == 0) {
+      for (; j + 8 <= nb; j += 8) {  // 8 rows at a time
+        __m256 acc = quant ? _mm256_setzero_ps() : dot8(qv, rows + j, 0, d);
+        for (int64_t g = 0; quant && g < ng; ++g) {
+          const __m256 dots = dot8(qv, rows + j, g * s.group, (g + 1) * s.group);
+          float sv[8], zv[8];
+          for (int r = 0; r < 8; ++r) {
+            sv[r] = sz[(j + r) * 2 * ng + g];
+            zv[r] = sz[(j + r) * 2 * ng + ng + g];
+          }
+          acc = _mm256_add_ps(acc, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(sv), dots),
+                                                 _mm256_mul_ps(_mm256_loadu_ps(zv), _mm256_set1_ps(qs[g]))));
+        }
+        _mm256_storeu_ps(si + j, _mm256_mul_ps(acc, _mm256_set1_ps(s.scale)));
+      }
+    }
+#endif
+    for (; j < nb; ++j) {
+      if (quant) {
+        const float* szj = sz + j * 2 * ng;
+        float acc = 0.0f;
+        for (int64_t g = 0; g < ng; ++g) {
+          acc += szj[g] * dot(qv + g * s.group, rows[j] + g * s.group, s.group) + szj[ng + g] * qs[g];
+        }
+        si[j] = acc * s.scale;
+      } else {
+        si[j] = dot(qv, rows[j], d) * s.scale;
       }
     }
   }
   // softmax weights of the block; masked (causal) slots get weight 0
   for (int64_t qi = 0; qi < nq; ++qi) {
-    float* si = sc + qi * kBlock;
+    float* si = sc + qi * s.tb;
     const int64_t visible = part.causal ? std::min(nb, qi % s.t + 1 - task.b0) : nb;
     float m = kNeg, l = 0.0f;
     for (int64_t j = 0; j < visible; ++j) {
       m = si[j] > m ? si[j] : m;
     }
+    exp_neg_shifted(si, visible, m);
+    std::fill(si + std::max<int64_t>(visible, 0), si + nb, 0.0f);
     for (int64_t j = 0; j < nb; ++j) {
-      si[j] = j < visible ? exp_neg(si[j] - m) : 0.0f;
       l += si[j];
     }
     float* pi = partial + qi * (d + 2);
-    std::fill(pi, pi + d, 0.0f);
     pi[d] = m;
     pi[d + 1] = l;
   }
-  if (quant) {
-    std::fill(zacc, zacc + nq * s.ng, 0.0f);
-  }
-  for (int64_t j = 0; j < nb; ++j) {
-    const int64_t i = task.b0 + j;
-    if (quant) {
-      quant_row(part, true, i, h, d, s.ng, row, sz);
-      for (int64_t qi = 0; qi < nq; ++qi) {
-        const float w = sc[qi * kBlock + j];
-        float* o = partial + qi * (d + 2);
-        float* za = zacc + qi * s.ng;
-        for (int64_t g = 0; g < s.ng; ++g) {
-          const float ws = w * sz[g];
-          za[g] += w * sz[s.ng + g];
-          const float* c = row + g * s.group;
-          float* og = o + g * s.group;
-          for (int64_t e = 0; e < s.group; ++e) {
-            og[e] += ws * c[e];
-          }
-        }
-      }
-    } else {
-      const float* vr = float_row(part, part.v, i, h, d, row);
-      for (int64_t qi = 0; qi < nq; ++qi) {
-        const float w = sc[qi * kBlock + j];
-        float* o = partial + qi * (d + 2);
-        for (int64_t e = 0; e < d; ++e) {
-          o[e] += w * vr[e];
-        }
-      }
+  // values: o = sum_j (p_j * s_jg) * c_j + sum_j p_j * z_jg on codes, sum_j p_j * v_j on float rows
+  load_rows(part, true, h, task.b0, nb, d, ng, buf, sz, rows);
+  for (int64_t qi = 0; qi < nq; ++qi) {
+    const float* w = sc + qi * s.tb;
+    float* o = partial + qi * (d + 2);
+    if (!quant) {
+      weighted_rows_any(rows, w, nb, d, d, 1, o);
+      continue;
     }
-  }
-  if (quant) {
-    for (int64_t qi = 0; qi < nq; ++qi) {
-      float* o = partial + qi * (d + 2);
-      for (int64_t g = 0; g < s.ng; ++g) {
-        for (int64_t e = 0; e < s.group; ++e) {
-          o[g * s.group + e] += zacc[qi * s.ng + g];
-        }
+    for (int64_t g = 0; g < ng; ++g) {
+      float z = 0.0f;  // a local: za would alias ws, and a sum kept in memory waits on its own store
+      for (int64_t j = 0; j < nb; ++j) {
+        ws[j * ng + g] = w[j] * sz[j * 2 * ng + g];
+        z += w[j] * sz[j * 2 * ng + ng + g];
+      }
+      za[g] = z;
+    }
+    weighted_rows_any(rows, ws, nb, d, s.group, ng, o);
+    for (int64_t g = 0; g < ng; ++g) {
+      for (int64_t e = g * s.group; e < (g + 1) * s.group; ++e) {
+        o[e] += za[g];
       }
     }
   }
@@ -502,14 +610,13 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
       qsum[r * ng + g] = acc;
     }
   }
-  const Step s{qp, qsum.data(), hq, hkv, grp, t, d, group, ng, nq, static_cast<float>(scale)};
+  const Step s{qp, qsum.data(), hq, hkv, grp, t, d, group, ng, nq, std::max(kBlock, t), static_cast<float>(scale)};
   const int64_t stride = nq * (d + 2);
-  const int64_t tb = std::max(kBlock, t);
   std::vector<float> partial(tasks.size() * stride);
   bool ok = executorch::extension::parallel_for(0, static_cast<int64_t>(tasks.size()), 1,
                                                 [&](int64_t a, int64_t b) {
-    std::vector<float> scratch(nq * tb + d + nq * ng + 2 * ng);
-    std::vector<const float*> rows(2 * nq);
+    std::vector<float> scratch(scratch_floats(s));
+    std::vector<const float*> rows(s.tb);
     for (int64_t i = a; i < b; ++i) {
       run_task(s, parts[tasks[i].part], tasks[i], partial.data() + i * stride, scratch.data(), rows.data());
     }

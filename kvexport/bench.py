@@ -8,9 +8,10 @@ the program's size on disk (every hashed program file) and, at the largest conte
 child process that loads the program alone and runs the same prompt (``peak_rss_mb``; ``import_rss_mb``
 is that child's RSS after importing the runtime, before loading the program). The first program is the
 baseline: every row carries ``decode_ratio_vs_baseline`` at the same context, measured in the same run.
-Rounds interleave the programs, so a slow spell of the machine hits all of them alike. Token ids come
-from a fixed seeded stream, so all programs see the same input. ExecuTorch rows also count the operator
-calls one step makes outside XNNPACK (``kernel_calls``, read from the ``.pte``; ``export_llama``'s too).
+Rounds interleave the programs, so a slow spell of the machine hits all of them alike; Python's garbage
+collector is off while a round is timed. Token ids come from a fixed seeded stream, so all programs see
+the same input. ExecuTorch rows also count the operator calls one step makes outside XNNPACK
+(``kernel_calls``, read from the ``.pte``; ``export_llama``'s too).
 
 Peers that could not be built (``kvexport bench --peers``; :mod:`kvexport.baselines.peers`) come as
 ``unavailable`` entries with their one-line reason: the table and the markdown say so instead of
@@ -20,6 +21,7 @@ against context, one line per program).
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import subprocess
@@ -40,16 +42,23 @@ from kvexport.plots import png_bytes, pyplot
 
 
 def _round(runner: StepRunner, context: int, decode_steps: int, ids: list[int]) -> tuple[float, list[float]]:
-    """One reset + prefill of ``context`` tokens + ``decode_steps`` steps: (prefill seconds, step seconds)."""
+    """One reset + prefill of ``context`` tokens + ``decode_steps`` steps: (prefill seconds, step seconds).
+    Python's cyclic garbage collector is off while timing (and run before): its pauses belong to this
+    harness, not to the program (perf of a 2,048-token decode loop: 8% of the samples in ``gc_collect_main``)."""
     runner.reset()
-    t0 = time.perf_counter()
-    runner.prefill(ids[:context])
-    prefill_s = time.perf_counter() - t0
-    times = []
-    for i in range(decode_steps):
-        t = time.perf_counter()
-        runner.step([ids[context + i]])
-        times.append(time.perf_counter() - t)
+    gc.collect()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        runner.prefill(ids[:context])
+        prefill_s = time.perf_counter() - t0
+        times = []
+        for i in range(decode_steps):
+            t = time.perf_counter()
+            runner.step([ids[context + i]])
+            times.append(time.perf_counter() - t)
+    finally:
+        gc.enable()
     return prefill_s, times
 
 

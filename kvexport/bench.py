@@ -44,7 +44,8 @@ from kvexport.plots import png_bytes, pyplot
 def _round(runner: StepRunner, context: int, decode_steps: int, ids: list[int]) -> tuple[float, list[float]]:
     """One reset + prefill of ``context`` tokens + ``decode_steps`` steps: (prefill seconds, step seconds).
     Python's cyclic garbage collector is off while timing (and run before): its pauses belong to this
-    harness, not to the program (perf of a 2,048-token decode loop: 8% of the samples in ``gc_collect_main``)."""
+    harness, not to the program (perf of decode steps at 128 tokens: ~0.7 ms of CPU a step in
+    ``gc_collect_main``, for our programs and ``export_llama``'s alike)."""
     runner.reset()
     gc.collect()
     gc.disable()

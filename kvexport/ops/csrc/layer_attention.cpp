@@ -205,6 +205,18 @@ void load_rows(const Part& p, bool value, int64_t h, int64_t b0, int64_t nb, int
   }
 }
 
+#if defined(__AVX2__)
+// a * b + c, fused where the CPU has FMA: the attention sums only (the quantizer and the exp stay
+// unfused, and -ffp-contract=off keeps the compiler from fusing anything itself).
+inline __m256 madd(__m256 a, __m256 b, __m256 c) {
+#if defined(__FMA__)
+  return _mm256_fmadd_ps(a, b, c);
+#else
+  return _mm256_add_ps(_mm256_mul_ps(a, b), c);
+#endif
+}
+#endif
+
 // o[e] = sum_j ws[j * ng + e / group] * rows[j][e] for e < d, W columns at a time (W divides group): the W
 // sums stay in registers over all rows (a row-by-row update of o would load and store o for every row).
 // Explicit vectors: GCC 12 keeps a float acc[W] on the stack and runs it scalar.
@@ -223,7 +235,7 @@ void weighted_rows(const float* const* rows, const float* ws, int64_t nb, int64_
         const __m256 w = _mm256_set1_ps(ws[j * ng + g]);
         const float* r = rows[j] + e0;
         for (int k = 0; k < W / 8; ++k) {
-          acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(w, _mm256_loadu_ps(r + 8 * k)));
+          acc[k] = madd(w, _mm256_loadu_ps(r + 8 * k), acc[k]);
         }
       }
       for (int k = 0; k < W / 8; ++k) {
@@ -266,7 +278,7 @@ inline __m256 dot8(const float* q, const float* const* rows, int64_t e0, int64_t
   for (int64_t e = e0; e < e1; e += 8) {
     const __m256 qv = _mm256_loadu_ps(q + e);
     for (int r = 0; r < 8; ++r) {
-      a[r] = _mm256_add_ps(a[r], _mm256_mul_ps(qv, _mm256_loadu_ps(rows[r] + e)));
+      a[r] = madd(qv, _mm256_loadu_ps(rows[r] + e), a[r]);
     }
   }
   const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));

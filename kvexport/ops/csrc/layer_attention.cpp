@@ -161,8 +161,9 @@ inline const float* float_row(const Part& p, const void* base, int64_t i, int64_
 
 // Rows of the slot-major parts (sinks, window: [slots, L, H, D]) are a whole layer-and-head stride apart, so
 // every K/V row is a cache miss of its own that the hardware prefetcher does not see coming; the layer-major
-// pools are contiguous per layer, yet their rows, scales and zero points are three streams. While loading
-// row j a task asks for row j + kAhead. always_inline: GCC 12 at -O1 and up judges a function that only
+// pools are contiguous per layer, yet their rows, scales and zero points are three streams. A task asks for
+// its first kAhead K and V rows up front, then, while loading K row j, for K and V rows j + kAhead (the V
+// pass finds its rows in cache). always_inline: GCC 12 at -O1 and up judges a function that only
 // prefetches free of side effects and deletes its calls (it did, until then).
 constexpr int64_t kAhead = 16;
 
@@ -188,8 +189,9 @@ void load_rows(const Part& p, bool value, int64_t h, int64_t b0, int64_t nb, int
   const void* base = value ? p.v : p.k;
   for (int64_t j = 0; j < nb; ++j) {
     const int64_t i = b0 + j;
-    if (j + kAhead < nb) {
-      prefetch_row(p, value, i + kAhead, h);
+    if (!value && j + kAhead < nb) {
+      prefetch_row(p, false, i + kAhead, h);
+      prefetch_row(p, true, i + kAhead, h);
     }
     float* dst = buf + j * d;
     rows[j] = dst;
@@ -304,6 +306,10 @@ void run_task(const Step& s, const Part& part, const Task& task, float* partial,
   float* za = ws + s.tb * ng;       // [ng] sum of weight x zero point per group
   const bool quant = part.bits != kFloatRows;
   auto query = [&](int64_t qi) { return (h * s.grp + qi / s.t) * s.t + qi % s.t; };
+  for (int64_t j = 0; j < std::min(nb, kAhead); ++j) {
+    prefetch_row(part, false, task.b0 + j, h);
+    prefetch_row(part, true, task.b0 + j, h);
+  }
   // scores: q.k = sum_g s_g * (q_g . c_g) + z_g * sum(q_g) on codes, q.k on float rows
   load_rows(part, false, h, task.b0, nb, d, ng, buf, sz, rows);
   for (int64_t qi = 0; qi < nq; ++qi) {

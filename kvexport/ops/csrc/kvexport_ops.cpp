@@ -259,9 +259,9 @@ void attend_head(const float* const* qv, int64_t nq, int64_t n0, int64_t n1, int
         m[i] = bm;
       }
       const float mi = m[i];
+      exp_neg_shifted(si, nb, mi);
       float ls = 0.0f;
       for (int64_t j = 0; j < nb; ++j) {
-        si[j] = exp_neg(si[j] - mi);
         ls += si[j];
       }
       l[i] += ls;

@@ -49,23 +49,6 @@ constexpr int kPools = 20;        // POOL_NAMES: pool16 k/v, then k, ks, kz, v, 
 constexpr int kStateSize = 5;     // p0, fill2, fill4, fill8, fill16
 constexpr int kFloatRows = 16;    // Part::bits of float parts
 
-inline void widen_half(const uint16_t* src, float* dst, int64_t n) {
-  int64_t i = 0;
-#if defined(__F16C__)
-  for (; i + 8 <= n; i += 8) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
-  }
-#endif
-  for (; i < n; ++i) {
-#if defined(__F16C__)
-    dst[i] = _cvtsh_ss(src[i]);
-#else
-    dst[i] = f16_to_f32(src[i]);
-#endif
-  }
-}
-
 // Codes of one packed row as floats (code i of a byte sits at bits [BITS*i, BITS*(i+1))).
 template <int BITS>
 inline void unpack_codes(const uint8_t* packed, int64_t d, float* codes) {
@@ -79,9 +62,9 @@ inline void unpack_codes(const uint8_t* packed, int64_t d, float* codes) {
   const __m128i m = _mm_set1_epi8(static_cast<char>(mask));
   for (; (b + bytes) * per <= d; b += bytes) {
     __m128i x;
-    if (BITS == 8) {
+    if constexpr (BITS == 8) {
       x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + b));
-    } else if (BITS == 4) {
+    } else if constexpr (BITS == 4) {
       const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + b));
       x = _mm_unpacklo_epi8(_mm_and_si128(raw, m), _mm_and_si128(_mm_srli_epi16(raw, 4), m));
     } else {

@@ -63,19 +63,6 @@ void quantize_q8_0_row(const float* x, int64_t nb, int8_t* xq, float* sx) {
   }
 }
 
-// fp16 scale bits -> fp32 (exact; F16C eight at a time where built with it).
-inline void widen_scales(const uint16_t* h, int64_t nb, float* d) {
-  int64_t b = 0;
-#if defined(__F16C__)
-  for (; b + 8 <= nb; b += 8) {
-    _mm256_storeu_ps(d + b, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + b))));
-  }
-#endif
-  for (; b < nb; ++b) {
-    d[b] = f16_to_f32(h[b]);
-  }
-}
-
 // sum_b (d[b] * sx[b]) * (q_b . xq_b) in eight lanes: lane l holds the exact integer sum over elements
 // 4l..4l+3 of a block, scaled (one fp32 multiply) and added to the lane's total; the lanes are
 // reduced once per row. The AVX2 path and the scalar path round identically.
@@ -150,7 +137,7 @@ Tensor& q8_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
   bool ok = executorch::extension::parallel_for(0, n, kRowsPerTask, [&](int64_t r0, int64_t r1) {
     std::vector<float> d(static_cast<size_t>(nb));
     for (int64_t r = r0; r < r1; ++r) {
-      widen_scales(sp + r * nb, nb, d.data());
+      widen_half(sp + r * nb, d.data(), nb);
       for (int64_t i = 0; i < m; ++i) {
         op[i * n + r] = q8_row_dot(cp + r * k, d.data(), xq.data() + i * k, sx.data() + i * nb, nb);
       }

@@ -123,23 +123,24 @@ def build_defaults(a: argparse.Namespace, wants_learned: bool, q4_codes: bool) -
     README "K/V-split classes"; ``learned`` when ``wants_learned``, i.e. ``--kv-budget-bits`` was given; fused
     ops; the GGUF's own codes when the model holds them, :func:`~kvexport.export.build.default_weights`, else
     fp32); returns the one line that says what was chosen and how to get the other variants, or None."""
-    from kvexport.export.build import default_weights
+    from kvexport.export.build import default_ops, default_weights
 
     chosen = []
     if a.kv_policy is None:
         a.kv_policy = "learned" if wants_learned else DEFAULT_POLICY
         chosen.append(f"--kv-policy {a.kv_policy}")
     if a.ops is None:
-        a.ops = "fused"
-        chosen.append("--ops fused")
+        a.ops = default_ops(a.target)
+        chosen.append(f"--ops {a.ops}")
     if a.weights is None:
         a.weights = default_weights(a.target, a.ops) if q4_codes else "fp32"
         chosen.append(f"--weights {a.weights}")
     if not chosen:
         return None
     return (
-        f"defaults: {' '.join(chosen)} (our fastest, smallest program); --ops portable runs on a stock "
-        "ExecuTorch runtime, --kv-policy learned routes tokens with the trained controller, --kv-policy fp16 "
+        f"defaults: {' '.join(chosen)} (our fastest, smallest program"
+        f"{'' if a.ops == 'fused' else ' for a stock runtime'}); --ops portable runs on a stock runtime, --ops fused "
+        "on our kernels, --kv-policy learned routes tokens with the trained controller, --kv-policy fp16 "
         "keeps every token at 16 bits, --weights fp32 keeps float weights"
     )
 
@@ -331,8 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--ops",
         default=None,
-        help="fused (our kernels; default) or portable (core ATen, stock ExecuTorch runtime); "
-        "onnx/ort: fused only (our ops as standard-ONNX functions)",
+        help="fused (our kernels: one kvexport::layer_attention a layer; default for executorch and onnx) or "
+        "portable (a stock runtime: core ATen for ExecuTorch; standard-ONNX functions for onnx/ort, default for ort); "
+        "onnx/ort fused programs need our ONNX Runtime library libkvexport_ort.so (built on first use)",
     )
     s.add_argument(
         "--weights",

@@ -91,10 +91,10 @@ class CacheOptions:
 
 def build_cache(
     loaded: LoadedModel, opts: CacheOptions, trim: bool = True, fused_ops: bool = False, layer_kernel: bool = False,
-    fwht: bool = False,
+    fwht: bool = False, onnx_kernel: bool = False,
 ) -> MixedKVCache:
     """Cache (with its policy) for ``loaded`` under ``opts``; :class:`KvxError` on bad options.
-    ``fused_ops`` / ``layer_kernel`` / ``fwht``: see :class:`MixedKVCache`."""
+    ``fused_ops`` / ``layer_kernel`` / ``fwht`` / ``onnx_kernel``: see :class:`MixedKVCache`."""
     args = loaded.args
     group = opts.group or args.head_dim
     if opts.max_context < 1:
@@ -130,7 +130,8 @@ def build_cache(
                 f"policy '{opts.policy}' needs a token-count table; run 'kvexport count-tokens --model {loaded.name}'"
             )
         rarity = torch.zeros(args.vocab_size)
-    return MixedKVCache(layout, policy, rarity, trim=trim, fused_ops=fused_ops, layer_kernel=layer_kernel, fwht=fwht)
+    return MixedKVCache(layout, policy, rarity, trim=trim, fused_ops=fused_ops, layer_kernel=layer_kernel, fwht=fwht,
+                        onnx_kernel=onnx_kernel)
 
 
 def kv_stats_dict(stats: torch.Tensor) -> dict:

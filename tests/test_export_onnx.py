@@ -15,21 +15,22 @@ from kvexport.models.tokenizer import TOKENIZER_FILES
 from kvexport.parity import run_parity
 from kvexport.session import CacheOptions
 
-# onnx with random routing over all four pools, two of them with values coarser than keys (k4v2, k8v4);
-# ort with the feature-driven rule (features, rarity table and rule inside the graph).
-CASES = {"onnx": "random:0.3,0.3,0.2,0.2", "ort": "rule"}
-CLASSES = {"onnx": "k4v2,k8v4", "ort": CacheOptions().classes}
+# Per (target, ops): fused programs run kvexport::layer_attention from our ONNX Runtime library, portable ones
+# our ops as standard-ONNX functions on a stock runtime. Random routing over all four pools, two of them with values
+# coarser than keys (k4v2, k8v4); the feature-driven rule (features, rarity table and rule inside the graph).
+CASES = {("onnx", "fused"): ("random:0.3,0.3,0.2,0.2", "k4v2,k8v4"), ("onnx", "portable"): ("rule", "k4v2"),
+         ("ort", "fused"): ("rule", CacheOptions().classes), ("ort", "portable"): ("rule", CacheOptions().classes)}
 
 
 def _opts(policy: str, classes: str = CacheOptions().classes) -> CacheOptions:
     return CacheOptions(policy=policy, max_context=96, window=4, sinks=2, classes=classes)
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
+@pytest.fixture(scope="module", params=sorted(CASES), ids="-".join)
 def built(request, tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("graphs") / f"tiny-{request.param}"
-    opts = _opts(CASES[request.param], CLASSES[request.param])
-    return build(tiny_model, opts, request.param, "fused", "fp32", out, log=lambda m: None)
+    target, ops = request.param
+    out = tmp_path_factory.mktemp("graphs") / f"tiny-{target}-{ops}"
+    return build(tiny_model, _opts(*CASES[request.param]), target, ops, "fp32", out, log=lambda m: None)
 
 
 def test_program_matches_reference(built, tiny_model):
@@ -41,34 +42,62 @@ def test_program_matches_reference(built, tiny_model):
 
 def test_manifest_describes_graph_state_and_runtime(built):
     m = json.loads((built / "manifest.json").read_text())
-    info, state = m["onnx"], m["cache"]["state"]
+    info, state, fused = m["onnx"], m["cache"]["state"], m["ops_mode"] == "fused"
+    in_place = ["sink_k", "sink_v", "win_k", "win_v", "evict_k", "evict_v"] if fused else []
     assert info["inputs"][:2] == ["tokens", "input_pos"] and info["outputs"][:2] == ["logits", "kv_stats"]
     assert info["inputs"][2:] == [f"state.{n}" for n in state] and info["outputs"][2:] == [
-        f"new_state.{n}" for n in state
+        f"new_state.{n}" for n in state if n not in in_place
     ]
-    assert info["opsets"]["ai.onnx"] == 18 and info["op_counts"]["ScatterND"] >= len(state) - 3
+    assert info["state_in_place"] == in_place and set(in_place) <= set(state)
+    assert info["opsets"]["ai.onnx"] == 18 and info["op_counts"]["ScatterND"] >= len(state) - 3 - len(in_place)
     assert not any(op in info["op_counts"] for op in ("BitShift", "BitwiseOr", "BitwiseAnd"))
-    assert m["ops_mode"] == "fused" and (built / info["initial_state"]).is_file()
+    assert (built / info["initial_state"]).is_file()
+    # fused: one library node a layer, needing ONNX Runtime 1.18 (API 18) and our library
+    assert info["op_counts"].get("kvexport::layer_attention", 0) == (2 if fused else 0)
+    assert info.get("custom_ops_library") == ("libkvexport_ort.so" if fused else None)
     if m["target"] == "ort":
         assert m["program"] == "model.ort" and set(m["program_files"]) == {
             "model.ort",
             "required_operators.config",
             "initial_state.safetensors",
         }
-        assert info["min_ort_version"] == "1.16" and "ScatterND" in info["required_operators"]["ai.onnx"]
+        assert info["min_ort_version"] == ("1.18" if fused else "1.16")
+        assert "ScatterND" in info["required_operators"]["ai.onnx"]
+        assert info["required_operators"].get("kvexport") == (["layer_attention"] if fused else None)
     else:
-        assert m["program"] == "model.onnx" and info["min_ort_version"] == "1.14"
+        assert m["program"] == "model.onnx" and info["min_ort_version"] == ("1.18" if fused else "1.14")
         model = onnx.load(str(built / "model.onnx"))
         onnx.checker.check_model(model, full_check=True)
-        # our ops are kvexport:: nodes whose standard-ONNX bodies are the model's local functions
+        # our ops are kvexport:: nodes whose standard-ONNX bodies are the model's local functions, except the
+        # library's layer_attention
         assert {o.domain for o in model.opset_import} == {"", "kvexport"}
-        assert {(f.domain, f.name) for f in model.functions} >= {
-            ("kvexport", "pool_attention"),
-            ("kvexport", "quantize_pack"),
-        }
+        functions = {(f.domain, f.name) for f in model.functions}
+        assert ("kvexport", "quantize_pack") in functions and ("kvexport", "layer_attention") not in functions
+        assert (("kvexport", "pool_attention") in functions) != fused
         assert any(n.domain == "kvexport" for n in model.graph.node)
         assert all(n.domain in ("", "kvexport") for f in model.functions for n in f.node)
         assert json.loads(model.metadata_props[0].value)["get_max_context_len"] == 96
+
+
+def test_fused_program_names_its_library(built, monkeypatch):
+    """A stock ONNX Runtime session cannot load a fused program (the error names the kvexport domain's op), and
+    when our library cannot be built the runner says which library it needed, in one line."""
+    import onnxruntime as ort
+
+    from kvexport.ops.build import BuildError
+
+    m = json.loads((built / "manifest.json").read_text())
+    if m["ops_mode"] != "fused":
+        pytest.skip("portable programs need no library")
+    with pytest.raises(Exception, match="layer_attention"):
+        ort.InferenceSession(str(built / m["program"]), providers=["CPUExecutionProvider"])
+
+    def no_npm(force=False):
+        raise BuildError("npm not installed")
+
+    monkeypatch.setattr(ort_tools, "build_ort_library", no_npm)
+    with pytest.raises(KvxError, match=r"kvexport::layer_attention from libkvexport_ort.so: npm not installed"):
+        open_runner(built)
 
 
 def test_state_is_reset_between_runs(built):
@@ -112,9 +141,9 @@ def test_quantized_weights_build_run_and_warn_about_old_runtimes(weights, tiny_m
     old = {"int8": "1.13", "int4": "1.16"}[weights]
     out = build(
         tiny_model,
-        _opts(CASES["onnx"]),
+        _opts("random:0.3,0.3,0.2,0.2"),
         "onnx",
-        "fused",
+        "portable",
         weights,
         tmp_path / weights,
         log=messages.append,
@@ -136,11 +165,6 @@ def test_quantized_weights_build_run_and_warn_about_old_runtimes(weights, tiny_m
     result = run_parity(out, steps=24, loaded=tiny_model)
     assert result["cache_state_equal"]
     assert result["passed"] and result["max_kl"] < 1e-3, result
-
-
-def test_portable_ops_are_refused(tiny_model, tmp_path):
-    with pytest.raises(KvxError, match="use --ops fused"):
-        build(tiny_model, _opts("fp16"), "onnx", "portable", "fp32", tmp_path / "p", log=lambda m: None)
 
 
 def _hf_directory(loaded, path):

@@ -53,6 +53,12 @@ def default_weights(target: str, ops: str) -> str:
 OPS_MODES = ("fused", "portable")
 
 
+def default_ops(target: str) -> str:
+    """``build``'s ops mode by target: our kernels (``fused``), except for ``.ort`` programs, whose ORT Mobile
+    runtime is usually a stock (reduced) build without our custom-op library: ``portable`` there."""
+    return "portable" if target == "ort" else "fused"
+
+
 def tokenizer_files(tokenizer) -> list[Path]:
     return [tokenizer.directory / f for f in TOKENIZER_FILES if (tokenizer.directory / f).is_file()]
 
@@ -206,8 +212,11 @@ def build(loaded: LoadedModel, opts: CacheOptions, target: str, ops: str, weight
 
     t0 = time.perf_counter()
     model = loaded.build()
-    fused = ops == "fused"  # ExecuTorch: one kvexport::layer_attention per layer; ONNX: per-part ops
-    cache = build_cache(loaded, opts, trim=False, fused_ops=fused, layer_kernel=fused and target == "executorch")
+    # fused: one kvexport::layer_attention per layer (ONNX: its ONNX form, run by our ONNX Runtime library);
+    # portable ONNX: the per-part ops as standard-ONNX functions (stock ONNX Runtime)
+    fused = ops == "fused"
+    cache = build_cache(loaded, opts, trim=False, fused_ops=fused or target != "executorch", layer_kernel=fused,
+                        onnx_kernel=fused and target != "executorch")
     step = StepProgram(model, cache).eval()
     meta = metadata_methods(step, loaded.tokenizer.bos_id, loaded.tokenizer.eos_ids)
     with atomic_directory(out_dir, replaceable) as tmp:

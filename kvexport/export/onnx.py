@@ -33,6 +33,8 @@ from torch import nn
 from kvexport.errors import KvxError
 from kvexport.export import ort_tools
 from kvexport.export.program import StepProgram
+from kvexport.ops.build import ORT_LIB_NAME as LIBRARY_NAME
+from kvexport.ops.onnx import LIBRARY_OP
 
 OPSET = 18  # torch.onnx's own (TORCHLIB) opset: no conversion of op versions, oldest runtime needed
 STATE_IN, STATE_OUT = "state.", "new_state."
@@ -43,17 +45,29 @@ EXTERNAL_DATA_BYTES = 100 * 2**20
 class ExplicitStateStep(nn.Module):
     """``forward(tokens int64 [1, T], input_pos int64 [1], *state) -> (logits float32 [1, V],
     kv_stats float32 [8], *new_state)``: one :class:`StepProgram` step with the cache state passed
-    in and returned (``state`` in ``cache.state_buffers()`` order, shapes and dtypes unchanged)."""
+    in and returned (``state`` in ``cache.state_buffers()`` order, shapes and dtypes unchanged), except the
+    parts our ONNX Runtime kernel writes in place (:func:`in_place_state`): inputs only, read by no other node."""
 
     def __init__(self, step: StepProgram):
         super().__init__()
         self.step = step
         self.names = list(step.cache.state_buffers())
+        self.in_place = in_place_state(step)
+        self.outputs = [n for n in self.names if n not in self.in_place]
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, *state: torch.Tensor):
-        bufs = {f"cache.{n}": s.clone() for n, s in zip(self.names, state)}
+        bufs = {f"cache.{n}": s if n in self.in_place else s.clone() for n, s in zip(self.names, state)}
         logits, stats = torch.func.functional_call(self.step, bufs, (tokens, input_pos), strict=False)
-        return (logits, stats, *(bufs[f"cache.{n}"] for n in self.names))
+        return (logits, stats, *(bufs[f"cache.{n}"] for n in self.outputs))
+
+
+def in_place_state(step: StepProgram) -> list[str]:
+    """State our ONNX Runtime kernel writes in place (``--ops fused``): the sinks, the window and the eviction
+    staging rows. Each layer's kernel touches only its own layer's rows, and eviction reads the rows each kernel
+    returns, so no other node reads them and no order between nodes matters."""
+    from kvexport.kv.layer_attention import WRITTEN_PARTS
+
+    return list(WRITTEN_PARTS) if step.cache.onnx_kernel else []
 
 
 def export_onnx(step: StepProgram):
@@ -77,22 +91,40 @@ def export_onnx(step: StepProgram):
             optimize=True,
             verbose=False,
             input_names=["tokens", "input_pos", *(STATE_IN + n for n in wrapped.names)],
-            output_names=["logits", "kv_stats", *(STATE_OUT + n for n in wrapped.names)],
+            output_names=["logits", "kv_stats", *(STATE_OUT + n for n in wrapped.outputs)],
         )
 
 
 def attach_kvexport_functions(model) -> None:
-    """Add the bodies of the ``kvexport`` ops the graph calls as local functions (``onnx_ir.Model``)."""
+    """Add the bodies of the ``kvexport`` ops the graph calls as local functions (``onnx_ir.Model``); the library
+    op (``kvexport::layer_attention``) has none."""
     import onnx_ir as ir
 
     from kvexport.ops.onnx import DOMAIN, function_protos
 
     protos = {p.name: p for p in function_protos()}
-    todo = {n.op_type for n in model.graph if n.domain == DOMAIN}
+    todo = {n.op_type for n in model.graph if n.domain == DOMAIN} - {LIBRARY_OP}
     while todo:  # the ops the graph calls, then the helpers their bodies call
         fn = ir.serde.deserialize_function(protos[todo.pop()])
         model.functions[fn.identifier()] = fn
         todo |= {n.op_type for n in fn if n.domain == DOMAIN} - {f.name for f in model.functions.values()}
+
+
+def type_library_outputs(model) -> int:
+    """Give the outputs of library nodes (``kvexport::layer_attention``: no body, so no type inference) their types:
+    ``out`` / ``recv`` float32, the staged rows the cache's float type. Returns how many nodes."""
+    import onnx_ir as ir
+
+    from kvexport.ops.onnx import DOMAIN
+
+    nodes = [n for n in model.graph if n.domain == DOMAIN and n.op_type == LIBRARY_OP]
+    for node in nodes:
+        q, outs = node.inputs[0], node.outputs
+        outs[0].type, outs[0].shape = ir.TensorType(ir.DataType.FLOAT), q.shape
+        outs[1].type = ir.TensorType(ir.DataType.FLOAT)
+        for rows in outs[2:]:
+            rows.type = node.inputs[4].type
+    return len(nodes)
 
 
 def fold_weight_transposes(model) -> int:
@@ -168,17 +200,17 @@ def write_program(
     """The build's writer for ``onnx`` and ``ort``: see the module docstring for the steps."""
     import onnx
 
-    if ops != "fused":
-        raise KvxError(
-            f"--ops {ops} is not available for {target}: ONNX programs always carry the kvexport "
-            "ops as standard-ONNX functions (stock ONNX Runtime runs them); use --ops fused"
-        )
-    step.cache.fused_ops = True  # trace our ops (their ONNX functions), not the bit-shift reference
+    # fused: kvexport::layer_attention nodes, which our ONNX Runtime library runs (built now: the ORT format
+    # conversion loads the graph)
+    library = ort_tools.custom_ops_library(LIBRARY_NAME) if ops == "fused" else None
     n_steps = 4 if target == "ort" else 3
-    names = list(step.cache.state_buffers())
-    log(f"[1/{n_steps}] export: torch.onnx (dynamo), ai.onnx opset {OPSET}, cache state as {len(names)} inputs/outputs")
+    names, in_place = list(step.cache.state_buffers()), in_place_state(step)
+    log(f"[1/{n_steps}] export: torch.onnx (dynamo), ai.onnx opset {OPSET}, cache state as {len(names)} inputs"
+        + (f" ({len(in_place)} written in place by kvexport::{LIBRARY_OP})" if in_place else "/outputs"))
     program = export_onnx(step)
     attach_kvexport_functions(program.model)
+    functions = sorted({n.op_type for n in program.model.graph if n.domain == "kvexport"} - {LIBRARY_OP})
+    type_library_outputs(program.model)
     folded = fold_weight_transposes(program.model)
     program.model.metadata_props["kvexport.metadata"] = json.dumps(metadata)
     onnx_path = out_dir / "model.onnx"
@@ -207,11 +239,15 @@ def write_program(
     info = {
         "graph": f"one graph for both steps: T=1 is the decode step, 1<T<={step.cache.max_chunk} the prefill step",
         "inputs": ["tokens", "input_pos", *(STATE_IN + n for n in names)],
-        "outputs": ["logits", "kv_stats", *(STATE_OUT + n for n in names)],
+        "outputs": ["logits", "kv_stats", *(STATE_OUT + n for n in names if n not in in_place)],
         "initial_state": INITIAL_STATE,
-        "state_note": "feed new_state.<name> of one step as state.<name> of the next; start from initial_state",
-        "kvexport_functions": "kvexport::quantize_pack/pool_attention nodes; their "
-        "standard-ONNX bodies are the model's local functions (runtimes inline them)",
+        "state_note": "feed new_state.<name> of one step as state.<name> of the next; start from initial_state"
+        + ("; the state_in_place buffers have no new_state: the kernel updates the state.<name> buffer itself, "
+           "so keep feeding the same buffer" if in_place else ""),
+        "state_in_place": in_place,
+        "kvexport_functions": f"kvexport::{'/'.join(functions)} nodes; their standard-ONNX bodies are the model's "
+        "local functions (runtimes inline them)",
+        **({"custom_ops_library": LIBRARY_NAME, "custom_ops": [f"kvexport::{LIBRARY_OP}"]} if library else {}),
         "op_counts": op_counts(onnx_path),
     }
     files = ["model.onnx", *(["model.onnx.data"] if external else []), INITIAL_STATE]
@@ -220,7 +256,7 @@ def write_program(
         compat = ort_tools.compatibility(opsets, ir_version, file_ops)
     else:
         log(f"[4/{n_steps}] convert to ORT format (+ required operators for a reduced build)")
-        ort_path, config = ort_tools.convert_to_ort(onnx_path, out_dir)
+        ort_path, config = ort_tools.convert_to_ort(onnx_path, out_dir, library)
         for f in files[:-1]:
             (out_dir / f).unlink()
         files = [ort_path.name, config.name, INITIAL_STATE]

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from kvexport.errors import KvxError
 from kvexport.models.weights import NBITS_BLOCK, NBITS_FORMATS
+from kvexport.ops.build import ORT_API_VERSION, ORT_LIB_NAME, BuildError, build_ort_library
 
 # ONNX Runtime release -> (newest ai.onnx opset, newest ONNX IR version) it implements.
 ORT_RELEASES = {
@@ -50,6 +51,7 @@ ORT_RELEASES = {
 # ("Only 4b quantization is supported"), 1.22 loads it and fails at run, 1.23 runs it (checked with PyPI wheels).
 CONTRIB_OPS = {"MatMulNBits": "1.17", "MatMulNBits(bits=8)": "1.23"}
 ORT_FORMATS = {"5": "1.13", "6": "1.16"}  # ORT format version -> first release that reads it
+ORT_LIBRARY_RELEASE = "1.18"  # our custom-op library asks the runtime for API ORT_API_VERSION (libkvexport_ort.so)
 ORT_OPTIMIZATION = "basic"
 
 
@@ -84,6 +86,7 @@ class Compatibility:
     onnx_ops: dict = field(default_factory=dict)  # op type -> since_version at the model's opset
     contrib_ops: list = field(default_factory=list)
     ort_format: str | None = None  # ORT format version of an .ort program
+    library_ops: list = field(default_factory=list)  # kvexport ops our custom-op library runs
 
     def requirements(self) -> list[tuple[str, str]]:
         """``(release, reason)`` for every requirement."""
@@ -98,6 +101,8 @@ class Compatibility:
         out += [
             (_v_str(installed_version()), f"com.microsoft {op}") for op in self.contrib_ops if op not in CONTRIB_OPS
         ]
+        out += [(ORT_LIBRARY_RELEASE, f"kvexport::{op} ({ORT_LIB_NAME}, ONNX Runtime API {ORT_API_VERSION})")
+                for op in self.library_ops]
         if self.ort_format:
             out.append(
                 (ORT_FORMATS.get(self.ort_format, _v_str(installed_version())), f"ORT format v{self.ort_format}")
@@ -157,10 +162,13 @@ def compatibility(opsets: dict, ir_version: int, ops: dict, ort_format: str | No
     format version of an ``.ort`` program (None for ``.onnx``)."""
     from onnx import defs
 
+    from kvexport.ops.onnx import LIBRARY_OP
+
     opset = opsets.get("ai.onnx", 1)
     onnx_ops = {op: defs.get_schema(op, opset).since_version for op in ops.get("ai.onnx", ())}
+    library = [op for op in ops.get("kvexport", ()) if op == LIBRARY_OP]
     return Compatibility(
-        dict(sorted(opsets.items())), ir_version, onnx_ops, sorted(ops.get("com.microsoft", ())), ort_format
+        dict(sorted(opsets.items())), ir_version, onnx_ops, sorted(ops.get("com.microsoft", ())), ort_format, library
     )
 
 
@@ -254,8 +262,10 @@ def quantize_weights(src: Path, weights: str):
         return quantizer.model.model
 
 
-def convert_to_ort(onnx_path: Path, out_dir: Path) -> tuple[Path, Path]:
-    """``model.onnx`` -> ``model.ort`` and ``required_operators.config`` (for a reduced build) in ``out_dir``."""
+def convert_to_ort(onnx_path: Path, out_dir: Path, custom_op_library: Path | None = None) -> tuple[Path, Path]:
+    """``model.onnx`` -> ``model.ort`` and ``required_operators.config`` (for a reduced build) in ``out_dir``;
+    ``custom_op_library``: the library a program's ``kvexport::layer_attention`` needs (ORT loads the graph to
+    convert it)."""
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
     level = os.environ.get("ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL")
@@ -263,7 +273,8 @@ def convert_to_ort(onnx_path: Path, out_dir: Path) -> tuple[Path, Path]:
     try:
         with quiet():
             convert_onnx_models_to_ort(
-                onnx_path, output_dir=out_dir, optimization_styles=[OptimizationStyle.Fixed], target_platform="arm"
+                onnx_path, output_dir=out_dir, optimization_styles=[OptimizationStyle.Fixed], target_platform="arm",
+                custom_op_library_path=custom_op_library,
             )
     except Exception as err:  # the converter raises whatever ORT raised while loading the graph
         raise KvxError(
@@ -301,6 +312,18 @@ def ort_file_info(path: Path) -> tuple[str, dict, int]:
         o = model.OpsetImport(i)
         opsets[(o.Domain() or b"").decode() or "ai.onnx"] = o.Version()
     return session.OrtVersion().decode(), opsets, model.IrVersion()
+
+
+def custom_ops_library(name: str) -> Path:
+    """The kvexport ONNX Runtime library a program's manifest names, built on first use; one-line
+    :class:`KvxError` if it cannot be had."""
+    if name != ORT_LIB_NAME:
+        raise KvxError(f"this program needs the custom-op library {name}, which this kvexport does not provide; "
+                       f"rebuild it with this kvexport")
+    try:
+        return build_ort_library()
+    except BuildError as err:
+        raise KvxError(f"this program runs kvexport::layer_attention from {name}: {err}") from None
 
 
 def check_installed(manifest: dict) -> None:

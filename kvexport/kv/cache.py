@@ -39,12 +39,14 @@ writes them. Attention covers sinks + window + all pools + the chunk itself (cau
    in one step are served in position order; :mod:`kvexport.kv.allocate`). The same rule runs in every backend;
 3. writes the chunk into the window ring (and sinks).
 
-With ``layer_kernel`` (ExecuTorch ``--ops fused``) each layer's ``attend`` is ONE
+With ``layer_kernel`` (``--ops fused``) each layer's ``attend`` is ONE
 ``kvexport::layer_attention`` call (:mod:`kvexport.kv.layer_attention`): it attends every part,
 returns the last layer's attention features, and already writes the chunk into the sinks / ring,
 staging the ring's old occupants in ``evict_k/v [max_chunk, L, H, D]``; ``commit`` then evicts from
 those staged rows (placing them with one ``kvexport::allocate`` call) and writes only positions and
-features into the window.
+features into the window. With ``onnx_kernel`` too (ONNX programs, whose graph must stay functional) the
+op also returns each layer's staged rows, which ``commit`` reads instead of ``evict_k/v``, and the
+overflow rule runs in standard ops.
 
 Eviction happens at step granularity: within one chunk, tokens see each other at full precision.
 Keys are stored after RoPE, optionally multiplied by an orthonormal Hadamard matrix (queries get
@@ -178,6 +180,8 @@ class CacheStep:
     new_v: list[torch.Tensor] = field(default_factory=list)  # per layer [B, H, T, D]
     received: tuple | torch.Tensor | None = None  # last layer's attention (batch 1) for the attention features
     kernel_state: torch.Tensor | None = None  # int32 [5] (p0, fills) for kvexport::layer_attention
+    staged_k: list[torch.Tensor] = field(default_factory=list)  # per layer [T, H, D]: rows the ONNX kernel staged
+    staged_v: list[torch.Tensor] = field(default_factory=list)  # for eviction (onnx_kernel)
 
 
 class MixedKVCache(nn.Module):
@@ -204,6 +208,7 @@ class MixedKVCache(nn.Module):
         fused_ops: bool = False,
         layer_kernel: bool = False,
         fwht: bool = False,
+        onnx_kernel: bool = False,
     ):
         super().__init__()
         self.layout = layout
@@ -211,6 +216,9 @@ class MixedKVCache(nn.Module):
         self.trim = trim
         self.fused_ops = fused_ops  # True: our kvexport:: custom ops; False: their core-ATen reference
         self.layer_kernel = layer_kernel  # True: one kvexport::layer_attention per layer (batch 1)
+        # the layer kernel's ONNX form: it returns the rows it staged for eviction (an exported graph cannot read
+        # evict_k/v after the kernel wrote them in place); the overflow rule in standard ops
+        self.onnx_kernel = onnx_kernel
         self.fwht = fwht  # rotate with the layer kernel's arithmetic (the reference of its programs)
         L, H, D, S, W = layout.n_layers, layout.n_kv_heads, layout.head_dim, layout.sinks, layout.window
         fp = layout.torch_fp_dtype
@@ -363,27 +371,16 @@ class MixedKVCache(nn.Module):
         """``kvexport::layer_attention`` for batch 1: q ``[1, Hq, T, D]``, k/v ``[1, H, T, D]`` (not yet
         rotated) -> ``[1, Hq, T, D]``; keeps the last layer's features ``recv [W + T, 3]`` in ``step.received``."""
         from kvexport import ops
-        from kvexport.kv.layer_attention import POOL_NAMES
+        from kvexport.kv.layer_attention import POOL_NAMES, WRITTEN_PARTS
 
         features = layer == self.layout.n_layers - 1 and self.policy.needs_features
-        out, recv = ops.layer_attention(
-            q,
-            k,
-            v,
-            step.kernel_state,
-            self.sink_k,
-            self.sink_v,
-            self.win_k,
-            self.win_v,
-            self.evict_k,
-            self.evict_v,
-            [getattr(self, n) for n in POOL_NAMES],
-            layer,
-            self.layout.group,
-            scale,
-            features,
-            self.layout.rotate_keys,
-        )
+        res = ops.layer_attention(q, k, v, step.kernel_state, [getattr(self, n) for n in WRITTEN_PARTS],
+                                  [getattr(self, n) for n in POOL_NAMES], layer, self.layout.group, scale, features,
+                                  self.layout.rotate_keys, onnx=self.onnx_kernel)
+        out, recv = res[:2]
+        if self.onnx_kernel:
+            step.staged_k.append(res[2])
+            step.staged_v.append(res[3])
         if features:
             step.received = recv
         return out
@@ -426,7 +423,7 @@ class MixedKVCache(nn.Module):
     def _allocate(self, desired: torch.Tensor, valid: torch.Tensor):
         """The overflow rule (:mod:`kvexport.kv.allocate`): ``kvexport::allocate`` with the layer kernel,
         else its reference. desired/valid ``[N]`` -> (class ``[N]``, slot ``[N]``, new fill ``[4]``)."""
-        if self.layer_kernel:
+        if self.layer_kernel and not self.onnx_kernel:
             from kvexport import ops
 
             return ops.allocate(desired, valid, self.fill, self.caps)
@@ -468,7 +465,9 @@ class MixedKVCache(nn.Module):
             cand_pos, cand_feat = torch.where(in_win, pos, -1), new_feat
             if not self.layer_kernel:
                 cand_k, cand_v = new_k, new_v
-        if self.layer_kernel:  # the kernel staged the rows leaving the window (W == 0: the chunk itself)
+        if self.onnx_kernel:  # the kernel staged the rows leaving the window (W == 0: the chunk itself)
+            cand_k, cand_v = torch.stack(step.staged_k, 1).float(), torch.stack(step.staged_v, 1).float()
+        elif self.layer_kernel:
             cand_k, cand_v = self.evict_k[:t].float(), self.evict_v[:t].float()
         valid = cand_pos >= S
         desired = self.policy(self.policy_inputs(cand_feat), cand_pos)

@@ -45,6 +45,7 @@ from kvexport.kv.cache import pool_rows
 POOL_NAMES = ("pool16_k", "pool16_v") + tuple(
     f"pool{b}_{name}" for b in (2, 4, 8) for name in ("k", "ks", "kz", "v", "vs", "vz")
 )
+WRITTEN_PARTS = ("sink_k", "sink_v", "win_k", "win_v", "evict_k", "evict_v")  # the cache parts the op writes
 STATE_SIZE = 5  # p0, fill2, fill4, fill8, fill16
 N_RECV = 3
 

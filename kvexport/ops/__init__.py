@@ -7,6 +7,10 @@ read in place: the ``q4-q8`` lm_head, :mod:`kvexport.models.tied`).
   kernels that call the reference in :mod:`kvexport.kv`, fake kernels for ``torch.export``).
 * :func:`load_executorch_kernels` loads the compiled ExecuTorch kernels (building them on first
   use) into the ExecuTorch Python runtime, exactly once per process, from one path.
+* ONNX Runtime runs ``kvexport::layer_attention`` from ``libkvexport_ort.so``
+  (:func:`kvexport.ops.build.build_ort_library`): the same C++ core (``csrc/layer_attention.cpp``) behind a
+  second thin wrapper (``csrc/ort_ops.cpp``); an ONNX graph holds the op's ONNX form
+  (``layer_attention(..., onnx=True)``).
 * :func:`quantize_pack` / :func:`pool_attention` are what model code
   calls: the custom op, or with ``portable=True`` the core-ATen reference inlined (a program that
   runs on a stock ExecuTorch runtime with no kernel library). :func:`layer_attention` has no
@@ -236,45 +240,16 @@ def pool_attention(
     )
 
 
-def layer_attention(
-    q,
-    k,
-    v,
-    state,
-    sink_k,
-    sink_v,
-    win_k,
-    win_v,
-    evict_k,
-    evict_v,
-    pools,
-    layer: int,
-    group: int,
-    scale: float,
-    features: bool,
-    rotate: bool,
-):
-    """``kvexport::layer_attention`` (spec: :mod:`kvexport.kv.layer_attention`); mutates the sinks,
-    the window and the eviction staging rows, returns ``(out [1, Hq, T, D], recv [W + T, 3])``."""
+def layer_attention(q, k, v, state, parts, pools, layer: int, group: int, scale: float, features: bool,
+                    rotate: bool, *, onnx: bool = False):
+    """``kvexport::layer_attention`` (spec: :mod:`kvexport.kv.layer_attention`); ``parts``: the cache parts it
+    writes (sink_k, sink_v, win_k, win_v, evict_k, evict_v), in place. Returns ``(out [1, Hq, T, D], recv
+    [W + T, 3])``; ``onnx=True`` (``kvexport::layer_attention_onnx``, the form an ONNX graph holds: declared
+    functional, run in place by our ONNX Runtime kernel) also returns this layer's staged rows
+    ``evict_k[:T, layer]``, ``evict_v[:T, layer]``, which eviction reads."""
     load()
-    return torch.ops.kvexport.layer_attention(
-        q,
-        k,
-        v,
-        state,
-        sink_k,
-        sink_v,
-        win_k,
-        win_v,
-        evict_k,
-        evict_v,
-        list(pools),
-        layer,
-        group,
-        float(scale),
-        bool(features),
-        bool(rotate),
-    )
+    fn = torch.ops.kvexport.layer_attention_onnx if onnx else torch.ops.kvexport.layer_attention
+    return fn(q, k, v, state, *parts, list(pools), layer, group, float(scale), bool(features), bool(rotate))
 
 
 def allocate(desired, valid, fill, caps):

@@ -1,10 +1,18 @@
-"""Build the ExecuTorch kernel library ``libkvexport_ops.so`` against the installed executorch wheel.
+"""Build the kernel libraries: ``libkvexport_ops.so`` for the installed executorch wheel, and
+``libkvexport_ort.so``, the ONNX Runtime custom-op library (:func:`build_ort_library`).
 
 The library is cached under ``$KVEXPORT_CACHE`` (default ``~/.cache/kvexport``)
 ``/ops/<key>/libkvexport_ops.so`` where ``key`` hashes the kernel sources, the compiler flags, the
 executorch version and the location of executorch's ``_portable_lib`` (the library is linked to
 that exact file, with an rpath to it). ``python -m kvexport.ops.build [--force]`` builds it ahead of
 time (the install step); :func:`kvexport.ops.load_executorch_kernels` builds it on first use.
+
+The ONNX Runtime library compiles ``ort_ops.cpp`` and the runtime-free core ``layer_attention.cpp`` against
+the ONNX Runtime C/C++ API headers, which the pip wheel does not ship: they come from the npm package
+``com.github.asus4.onnxruntime`` (API version 29; the library asks the runtime for API 18, so any ONNX
+Runtime from 1.18 on loads it), fetched once with ``npm pack`` into ``$KVEXPORT_CACHE/ort-headers/``. The
+library itself lives in ``$KVEXPORT_CACHE/ops-ort/<key>/`` (key: sources, flags, header package). It links
+to nothing: ONNX Runtime hands it its API when a session registers it.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -27,9 +36,17 @@ from kvexport.fsutil import cache_root
 # between releases; the library must be rebuilt for each one).
 EXECUTORCH_VERSION = "1.4.1"
 LIB_NAME = "libkvexport_ops.so"
-SOURCES = ("kvexport_ops.cpp", "layer_attention.cpp", "q8_linear.cpp")
-HEADERS = ("kernel_common.h",)
+SOURCES = ("kvexport_ops.cpp", "layer_attention.cpp", "layer_attention_executorch.cpp", "q8_linear.cpp")
+HEADERS = ("kernel_common.h", "kernel_math.h", "layer_attention.h")
 CSRC = Path(__file__).resolve().parent / "csrc"
+ORT_LIB_NAME = "libkvexport_ort.so"
+ORT_API_VERSION = 18  # what the library asks ONNX Runtime for (ort_ops.cpp kApiVersion): releases from 1.18 on
+ORT_SOURCES = ("ort_ops.cpp", "layer_attention.cpp")
+ORT_HEADERS = ("kernel_math.h", "layer_attention.h")
+ORT_HEADERS_NPM = ("com.github.asus4.onnxruntime", "0.4.9")
+# the C/C++ API headers inside the npm tarball (any one framework's copy)
+ORT_HEADERS_IN_TARBALL = ("package/Plugins/iOS~/onnxruntime.xcframework/ios-arm64_x86_64-simulator/"
+                          "onnxruntime.framework/Headers/")
 
 def _simd_flags() -> tuple[str, ...]:
     """x86-64: F16C widens fp16 rows in place; AVX2 (where this CPU has it: the library is built on the
@@ -57,9 +74,8 @@ CXXFLAGS = (
     "-fno-fast-math",
     "-fvisibility=hidden",
     "-DNDEBUG",
-    "-DC10_USING_CUSTOM_GENERATED_MACROS",
-    "-DET_USE_THREADPOOL",
 ) + _simd_flags()
+ET_DEFINES = ("-DC10_USING_CUSTOM_GENERATED_MACROS", "-DET_USE_THREADPOOL")
 
 
 class BuildError(RuntimeError):
@@ -113,7 +129,7 @@ def _build_key(version: str, portable_lib: Path) -> str:
     for name in SOURCES + HEADERS:
         h.update(name.encode())
         h.update((CSRC / name).read_bytes())
-    h.update(" ".join(CXXFLAGS).encode())
+    h.update(" ".join(CXXFLAGS + ET_DEFINES).encode())
     h.update(version.encode())
     h.update(str(portable_lib).encode())
     return h.hexdigest()[:16]
@@ -133,6 +149,7 @@ def compile_command(cxx: str, output: Path) -> list[str]:
     return [
         cxx,
         *CXXFLAGS,
+        *ET_DEFINES,
         f"-I{include}",
         f"-I{include / 'executorch' / 'runtime' / 'core' / 'portable_type' / 'c10'}",
         *(str(CSRC / s) for s in SOURCES),
@@ -144,17 +161,10 @@ def compile_command(cxx: str, output: Path) -> list[str]:
     ]
 
 
-def build_kernels(force: bool = False) -> Path:
-    """Compile the kernel library into the cache (if missing or ``force``) and return its path."""
-    out = library_path()
-    if out.is_file() and not force:
-        return out
-    cxx = find_compiler()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # build into a temp file and rename: concurrent builders never see a half-written library
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out.parent)
-    os.close(fd)
-    cmd = compile_command(cxx, Path(tmp))
+def _compile(cmd: list[str], out: Path, what: str) -> Path:
+    """Run ``cmd`` (which writes ``cmd``'s ``-o`` target, a temp file beside ``out``) and rename it to ``out``:
+    concurrent builders never see a half-written library."""
+    tmp = Path(cmd[cmd.index("-o") + 1])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -162,12 +172,83 @@ def build_kernels(force: bool = False) -> Path:
             first = next((line for line in err if "error" in line), err[0] if err else "")
             log = out.parent / "build.log"
             log.write_text(" ".join(cmd) + "\n\n" + proc.stderr)
-            raise BuildError(f"compiling kvexport kernels failed: {first.strip()} (full log: {log})")
+            raise BuildError(f"compiling {what} failed: {first.strip()} (full log: {log})")
         os.replace(tmp, out)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
     return out
+
+
+def _temp_beside(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def build_kernels(force: bool = False) -> Path:
+    """Compile the ExecuTorch kernel library into the cache (if missing or ``force``) and return its path."""
+    out = library_path()
+    if out.is_file() and not force:
+        return out
+    cxx = find_compiler()
+    return _compile(compile_command(cxx, _temp_beside(out)), out, "kvexport kernels")
+
+
+def ort_headers() -> Path:
+    """The ONNX Runtime C/C++ API headers, fetched once from npm into the cache."""
+    name, version = ORT_HEADERS_NPM
+    dest = cache_root() / "ort-headers" / f"{name}-{version}"
+    if (dest / "onnxruntime_cxx_api.h").is_file():
+        return dest
+    if shutil.which("npm") is None:
+        raise BuildError(f"the ONNX Runtime kernel library needs the C/C++ API headers from npm {name}@{version} "
+                         "and npm is not installed; install npm (apt-get install npm) or build with --ops portable")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as work:
+        proc = subprocess.run(["npm", "pack", "--silent", f"{name}@{version}"], cwd=work, capture_output=True,
+                              text=True)
+        tarballs = list(Path(work).glob("*.tgz"))
+        if proc.returncode != 0 or not tarballs:
+            detail = (proc.stderr.strip().splitlines() or ["no tarball"])[-1]
+            raise BuildError(f"npm pack {name}@{version} failed ({detail}); check the npm registry is reachable "
+                             "or build with --ops portable")
+        headers = Path(work) / "headers"
+        headers.mkdir()
+        with tarfile.open(tarballs[0]) as tar:
+            for member in tar.getmembers():
+                if member.isfile() and member.name.startswith(ORT_HEADERS_IN_TARBALL) and member.name.endswith(".h"):
+                    member.name = member.name[len(ORT_HEADERS_IN_TARBALL):]
+                    tar.extract(member, headers, filter="data")
+        if not (headers / "onnxruntime_cxx_api.h").is_file():
+            raise BuildError(f"npm {name}@{version} has no onnxruntime_cxx_api.h under {ORT_HEADERS_IN_TARBALL}")
+        if dest.exists():  # another builder won the race
+            return dest
+        os.replace(headers, dest)
+    return dest
+
+
+def ort_library_path() -> Path:
+    """Where the ONNX Runtime library lives (whether or not it is built yet)."""
+    h = hashlib.sha256()
+    for name in ORT_SOURCES + ORT_HEADERS:
+        h.update(name.encode())
+        h.update((CSRC / name).read_bytes())
+    h.update(" ".join(CXXFLAGS).encode())
+    h.update("@".join(ORT_HEADERS_NPM).encode())
+    return cache_root() / "ops-ort" / h.hexdigest()[:16] / ORT_LIB_NAME
+
+
+def build_ort_library(force: bool = False) -> Path:
+    """Compile ``libkvexport_ort.so`` into the cache (if missing or ``force``; fetches the headers on first use)."""
+    out = ort_library_path()
+    if out.is_file() and not force:
+        return out
+    cxx = find_compiler()
+    include = ort_headers()
+    cmd = [cxx, *CXXFLAGS, f"-I{include}", *(str(CSRC / s) for s in ORT_SOURCES), "-o", str(_temp_beside(out))]
+    return _compile(cmd, out, "the kvexport ONNX Runtime library")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.print_path:
             print(library_path())
+            print(ort_library_path())
             return 0
         t0 = time.perf_counter()
         path = build_kernels(force=args.force)
@@ -185,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    try:  # only ONNX --ops fused programs need it: a machine without npm still gets everything else
+        t0 = time.perf_counter()
+        path = build_ort_library(force=args.force)
+        print(f"{path} ({time.perf_counter() - t0:.1f}s)")
+    except BuildError as e:
+        print(f"warning: {e}", file=sys.stderr)
     return 0
 
 

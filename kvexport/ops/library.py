@@ -45,6 +45,15 @@ SCHEMAS = {
         " int group, float scale, bool features, bool rotate, *, Tensor(g!) out, Tensor(h!) recv)"
         " -> (Tensor(g!), Tensor(h!))"
     ),
+    # The ONNX form of layer_attention (kvexport.ops.layer_attention, onnx=True): declared without mutation, so
+    # an exported graph stays functional; the ONNX Runtime kernel writes the six cache parts in place (they are
+    # in-place inputs of the program) and also returns the layer's staged rows ([T, H, D] each) that eviction reads.
+    "layer_attention_onnx": (
+        "layer_attention_onnx(Tensor q, Tensor k, Tensor v, Tensor state, Tensor sink_k, Tensor sink_v,"
+        " Tensor win_k, Tensor win_v, Tensor evict_k, Tensor evict_v, Tensor[] pools, int layer, int group,"
+        " float scale, bool features, bool rotate) -> (Tensor out, Tensor recv, Tensor evict_k_rows,"
+        " Tensor evict_v_rows)"
+    ),
     "allocate": (
         "allocate(Tensor desired, Tensor valid, Tensor fill, Tensor caps) -> (Tensor cls, Tensor slot, Tensor fill_out)"
     ),
@@ -109,6 +118,16 @@ def _layer_attention_impl(
         q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features, rotate
     )
     return out.contiguous(), recv
+
+
+def _staged_rows(evict: torch.Tensor, layer: int, t: int) -> torch.Tensor:
+    return evict[:t, layer].clone()  # [T, H, D]
+
+
+def _layer_attention_onnx_impl(q, k, v, state, *args):
+    layer, t = args[7], q.shape[2]
+    out, recv = _layer_attention_impl(q, k, v, state, *args)
+    return out, recv, _staged_rows(args[4], layer, t), _staged_rows(args[5], layer, t)
 
 
 def _allocate_impl(desired, valid, fill, caps):
@@ -211,6 +230,12 @@ def _layer_attention_fake(
     return q.new_empty(out_shape, dtype=torch.float32), q.new_empty(recv_shape, dtype=torch.float32)
 
 
+def _layer_attention_onnx_fake(q, k, v, state, *args):
+    rows = (q.shape[2], k.shape[1], k.shape[3])
+    evict_k = args[4]
+    return (*_layer_attention_fake(q, k, v, state, *args), evict_k.new_empty(rows), evict_k.new_empty(rows))
+
+
 def _layer_attention_out_meta(
     q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features, rotate, *,
     out, recv
@@ -255,6 +280,7 @@ def register() -> None:
         "quantize_pack": (_quantize_pack_impl, _quantize_pack_fake),
         "pool_attention": (_pool_attention_impl, _pool_attention_fake),
         "layer_attention": (_layer_attention_impl, _layer_attention_fake),
+        "layer_attention_onnx": (_layer_attention_onnx_impl, _layer_attention_onnx_fake),
         "allocate": (_allocate_impl, _allocate_fake),
         "q8_linear": (_q8_linear_impl, _q8_linear_fake),
     }

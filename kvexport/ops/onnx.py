@@ -1,6 +1,8 @@
 """ONNX translation of the kvexport ops: ONNX functions in the custom domain ``kvexport`` (opset
 version 1) whose bodies are standard ONNX (opset 18) ops, so stock ONNX Runtime runs them with no
-extra library.
+extra library; and ``kvexport::layer_attention`` (``torch.ops.kvexport.layer_attention_onnx``), which has
+no body: our ONNX Runtime library (``libkvexport_ort.so``, :func:`kvexport.ops.build.build_ort_library`)
+runs it, writing the cache parts it is given in place.
 
 Export (``kvexport.export.onnx``) uses :func:`node_translation_table`: each op becomes one
 ``kvexport::<op>`` node (schemas registered with ``onnx.defs``) and :func:`function_protos` (the ops'
@@ -77,7 +79,10 @@ def quantize_pack(x: FLOAT, bits: int, group: int, clip: float = 1.0) -> tuple[U
 @onnxscript.script(kvexport_opset, default_opset=op)
 def dequantize(packed: UINT8, scale: FLOAT16, zero: FLOAT16, d: INT64, group: int) -> FLOAT:
     """kvexport.kv.quant.dequantize_packed of rows ``[..., d*bits/8]``; ``d`` int64 ``[1]`` (head_dim), the
-    bits follow from the packed width."""
+    bits follow from the packed width. Unpacking is one lookup: a table of the codes (as floats) of each of the
+    256 byte values ``[256, 8/bits]`` (256 rows, computed once a call), gathered by byte, costs two passes over
+    the codes where integer Div/Mod per code cost four (the pools' dequantization is the portable program's
+    largest cost at long context)."""
     g1 = op.Reshape(op.Constant(value_int=group), op.Constant(value_ints=[1]))
     axis_last = op.Constant(value_ints=[-1])
     per = op.Div(d, op.Shape(packed, start=-1))  # codes per byte = 8 / bits
@@ -86,10 +91,13 @@ def dequantize(packed: UINT8, scale: FLOAT16, zero: FLOAT16, d: INT64, group: in
         op.Constant(value_int=2),
         op.Mul(b, op.Range(op.Constant(value_int=0), op.Squeeze(per), op.Constant(value_int=1))),
     )
-    lanes = op.Mod(op.Div(op.Unsqueeze(op.Cast(packed, to=7), axis_last), weights), op.Pow(op.Constant(value_int=2), b))
+    byte_values = op.Unsqueeze(op.Range(op.Constant(value_int=0), op.Constant(value_int=256), op.Constant(value_int=1)),
+                               axis_last)
+    table = op.Cast(op.Mod(op.Div(byte_values, weights), op.Pow(op.Constant(value_int=2), b)), to=1)  # [256, per]
+    lanes = op.Gather(table, op.Cast(packed, to=6), axis=0)  # [..., bytes, per] codes as floats
     lead = op.Shape(packed, end=-1)
     ng = op.Div(d, g1)
-    cg = op.Reshape(op.Cast(lanes, to=1), op.Concat(lead, ng, g1, axis=0))
+    cg = op.Reshape(lanes, op.Concat(lead, ng, g1, axis=0))
     xg = op.Add(
         op.Mul(cg, op.Unsqueeze(op.Cast(scale, to=1), axis_last)), op.Unsqueeze(op.Cast(zero, to=1), axis_last)
     )
@@ -175,6 +183,32 @@ _SCHEMAS = {
 }
 _TYPES = {"F": "tensor(float)", "H": "tensor(float16)", "U": "tensor(uint8)", "I": "tensor(int64)"}
 
+# kvexport::layer_attention (library op, no body): inputs q, k, v, state, the parts it writes in place, the pools;
+# outputs out, recv and the layer's staged K and V rows. Each input and output has its own type variable (float
+# parts may be fp16 or fp32; pools mix codes and scales), checked by the kernel.
+LIBRARY_OP = "layer_attention"
+
+
+def _layer_attention_schema():
+    from onnx.defs import OpSchema
+
+    from kvexport.kv.layer_attention import POOL_NAMES, WRITTEN_PARTS
+
+    ins = ["q", "k", "v", "state", *WRITTEN_PARTS, *POOL_NAMES]
+    outs = ["out", "recv", "evict_k_rows", "evict_v_rows"]
+    any_type = ["tensor(float)", "tensor(float16)", "tensor(uint8)", "tensor(int32)"]
+    params = [(f"I{i}", n) for i, n in enumerate(ins)] + [(f"O{i}", n) for i, n in enumerate(outs)]
+    return OpSchema(
+        LIBRARY_OP,
+        DOMAIN,
+        VERSION,
+        inputs=[OpSchema.FormalParameter(n, t) for t, n in params[: len(ins)]],
+        outputs=[OpSchema.FormalParameter(n, t) for t, n in params[len(ins):]],
+        type_constraints=[(t, any_type, "") for t, _ in params],
+        attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "") for a in ("layer", "group", "features", "rotate")]
+        + [OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "")],
+    )
+
 
 def register_schemas() -> None:
     """Register the ``kvexport`` domain's op schemas with ``onnx.defs`` (once per process)."""
@@ -196,6 +230,8 @@ def register_schemas() -> None:
                 attributes=[OpSchema.Attribute(a, getattr(OpSchema.AttrType, k), "") for a, k in attrs.items()],
             )
         )
+    if not defs.has(LIBRARY_OP, DOMAIN):
+        defs.register_schema(_layer_attention_schema())
 
 
 def node_translation_table() -> dict:
@@ -209,7 +245,7 @@ def node_translation_table() -> dict:
 
     ops.load()
     register_schemas()
-    node = {name: Op(kvexport_opset, name, defs.get_schema(name, VERSION, DOMAIN)) for name in FUNCTIONS}
+    node = {name: Op(kvexport_opset, name, defs.get_schema(name, VERSION, DOMAIN)) for name in (*FUNCTIONS, LIBRARY_OP)}
 
     # One typed translation per op: torch.onnx binds the ATen arguments to these signatures.
     def quantize_pack_node(x, bits: int, group: int, clip: float = 1.0):
@@ -222,7 +258,13 @@ def node_translation_table() -> dict:
             q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits=bits, group=group, scale=scale
         )
 
+    def layer_attention_node(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer: int,
+                             group: int, scale: float, features: bool, rotate: bool):
+        return node[LIBRARY_OP](q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, *pools, layer=layer,
+                                group=group, scale=scale, features=int(features), rotate=int(rotate))
+
     return {
+        torch.ops.kvexport.layer_attention_onnx.default: layer_attention_node,
         torch.ops.kvexport.quantize_pack.default: quantize_pack_node,
         torch.ops.kvexport.pool_attention.default: pool_attention_node,
     }

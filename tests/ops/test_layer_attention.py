@@ -1,5 +1,6 @@
 """``kvexport::layer_attention``: the C++ kernel, run through real .pte programs in the ExecuTorch
-runtime, against its Python reference (kvexport.kv.layer_attention) on random caches.
+runtime and through ONNX models in ONNX Runtime with our custom-op library (the same core behind two
+wrappers), against its Python reference (kvexport.kv.layer_attention) on random caches.
 
 Every unfilled slot holds NaN (fp parts, and the scales/zeros of quantized pools), so any read
 beyond the fill counts shows up. Cases cover empty caches, sinks only, a chunk crossing from the
@@ -66,7 +67,7 @@ class LayerStep(torch.nn.Module):
         for buf, x in zip(bufs, (sink_k, sink_v, win_k, win_v, evict_k, evict_v)):
             buf.copy_(x)
         q = self.proj(q)
-        out, recv = ops.layer_attention(q, k, v, state, *bufs, pools, self.layer, self.group, SCALE, self.features,
+        out, recv = ops.layer_attention(q, k, v, state, bufs, pools, self.layer, self.group, SCALE, self.features,
                                         self.rotate)
         return (out, recv, *(b.clone() for b in bufs))
 
@@ -147,24 +148,104 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view({2: torch.int16, 4: torch.int32}[x.element_size()])
 
 
+def check_case(what, cfg, got, want):
+    out, recv = got[0], got[1]
+    assert torch.isfinite(out).all(), f"{what}: non-finite output (an unfilled slot was read)"
+    # fp32 on both sides, summed in other orders (8-wide AVX2 lanes vs torch): measured <= 2.3e-5
+    torch.testing.assert_close(out, want[0], rtol=5e-5, atol=5e-5, msg=lambda m: f"{what}: out: {m}")
+    torch.testing.assert_close(recv, want[1], rtol=1e-4, atol=1e-4, msg=lambda m: f"{what}: recv: {m}")
+    if not cfg[5]:
+        assert not recv.any(), what
+    for n, a, b in zip(MUTABLE, got[2:], want[2:]):
+        assert torch.equal(_bits(a), _bits(b)), f"{what}: {n} differs at {(_bits(a) != _bits(b)).nonzero()[:4]}"
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_kernel_matches_reference(programs, name):
     cfg = CONFIGS[name]
     method = programs(name)
     for i, (p0, t, fills) in enumerate(cases(cfg)):
-        what = f"{name} p0={p0} T={t} fills={fills}"
         inputs = make_inputs(cfg, p0, t, fills, seed=10 + i)
-        got = method.execute(inputs)
-        want = reference(cfg, inputs)
-        out, recv = got[0], got[1]
-        assert torch.isfinite(out).all(), f"{what}: non-finite output (an unfilled slot was read)"
-        # fp32 on both sides, summed in other orders (8-wide AVX2 lanes vs torch): measured <= 2.3e-5
-        torch.testing.assert_close(out, want[0], rtol=5e-5, atol=5e-5, msg=lambda m: f"{what}: out: {m}")
-        torch.testing.assert_close(recv, want[1], rtol=1e-4, atol=1e-4, msg=lambda m: f"{what}: recv: {m}")
-        if not cfg[5]:
-            assert not recv.any(), what
-        for n, a, b in zip(MUTABLE, got[2:], want[2:]):
-            assert torch.equal(_bits(a), _bits(b)), f"{what}: {n} differs at {(_bits(a) != _bits(b)).nonzero()[:4]}"
+        check_case(f"{name} p0={p0} T={t} fills={fills}", cfg, method.execute(inputs), reference(cfg, inputs))
+
+
+INPUT_NAMES = ("q", "k", "v", "state", *MUTABLE, *ref.POOL_NAMES)
+
+
+def ort_session(cfg, layers):
+    """An ONNX model of ``kvexport::layer_attention`` nodes, one per layer in ``layers`` (all reading and writing
+    the same cache parts), in an ONNX Runtime session with our library. The returned function runs it on inputs
+    bound in place (as the program runner binds them) and returns the last node's out, recv and staged rows, then
+    the six parts as the kernels left them."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from kvexport.ops.build import build_ort_library
+
+    example = make_inputs(cfg, 0, 2, [0, 0, 0, 0], seed=0)
+    types = {n: onnx.helper.np_dtype_to_tensor_dtype(x.numpy().dtype) for n, x in zip(INPUT_NAMES, example)}
+    shape = {n: (["T" if i == 2 else s for i, s in enumerate(x.shape)] if n in "qkv" else list(x.shape))
+             for n, x in zip(INPUT_NAMES, example)}
+    nodes, outs = [], []
+    for i, layer in enumerate(layers):
+        outs = [f"out{i}", f"recv{i}", f"evict_k_rows{i}", f"evict_v_rows{i}"]
+        nodes.append(helper.make_node("layer_attention", list(INPUT_NAMES), outs, domain="kvexport", layer=layer,
+                                      group=cfg[8], scale=SCALE, features=int(cfg[5]), rotate=int(cfg[6])))
+    outputs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT if i < 2 else types["sink_k"], None)
+               for i, n in enumerate(outs)]
+    graph = helper.make_graph(nodes, "layer_attention", [helper.make_tensor_value_info(n, types[n], shape[n])
+                                                         for n in INPUT_NAMES], outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("kvexport", 1)],
+                              ir_version=8)
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(build_ort_library()))
+    opts.intra_op_num_threads = 2
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+    def run(inputs):
+        arrays = [np.ascontiguousarray(x.numpy().copy()) for x in inputs]
+        binding = session.io_binding()
+        for name, a in zip(INPUT_NAMES, arrays):
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(a))
+        for name in outs:
+            binding.bind_output(name, "cpu")
+        session.run_with_iobinding(binding)
+        got = [torch.from_numpy(x) for x in binding.copy_outputs_to_cpu()]
+        return got, [torch.from_numpy(a) for a in arrays[4:10]]
+
+    return run
+
+
+def check_staged_rows(what, got_rows, parts, layer, t):
+    for side, rows in enumerate(got_rows):
+        assert torch.equal(_bits(rows), _bits(parts[4 + side][:t, layer])), f"{what}: staged rows {side}"
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_ort_kernel_matches_reference(name):
+    """The same cases through ONNX Runtime: out and recv returned, the six parts written in the input buffers."""
+    cfg = CONFIGS[name]
+    run = ort_session(cfg, [cfg[4]])
+    for i, (p0, t, fills) in enumerate(cases(cfg)):
+        what = f"ort {name} p0={p0} T={t} fills={fills}"
+        inputs = make_inputs(cfg, p0, t, fills, seed=10 + i)
+        got, parts = run(inputs)
+        check_case(what, cfg, [*got[:2], *parts], reference(cfg, inputs))
+        check_staged_rows(what, got[2:], parts, cfg[4], t)
+
+
+def test_ort_layers_share_the_parts():
+    """Two layers' kernels on the same buffers, in place: each touches only its own layer's rows, so in any order
+    the buffers end as the reference applied for layer 0 then layer 1."""
+    cfg = CONFIGS["fp16-s4-w8"]
+    inputs = make_inputs(cfg, 4 + 8 + 3, 2, [3, 20, 2, 1], seed=5)
+    first = reference((*cfg[:4], 0, *cfg[5:]), inputs)  # layer 0
+    second = reference(cfg, [*inputs[:4], *first[2:], *inputs[10:]])  # then layer 1
+    got, parts = ort_session(cfg, [0, 1])(inputs)
+    check_case("ort two layers", cfg, [*got[:2], *parts], second)
+    check_staged_rows("ort two layers", got[2:], parts, 1, 2)
 
 
 def test_features_are_attention_weights(programs):

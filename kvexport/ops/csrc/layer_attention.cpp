@@ -6,7 +6,8 @@
  * pool8, the chunk); a task is (KV head h, block of <= kBlock filled slots of one part) and serves
  * every query vector of h (Hq/Hkv heads x T rows), so each K/V row is read once per step. A task
  * leaves a partial (o, m, l) per query vector; one log-sum-exp merge per query vector follows.
- * Tasks run on ExecuTorch's thread pool (parallel_for, shared with XNNPACK).
+ * Tasks run on the runtime's thread pool (the wrapper's ParallelFor: ExecuTorch's, shared with XNNPACK,
+ * or ONNX Runtime's intra-op pool).
  *
  * A task works on its block side by side: the block's K rows (then its V rows) become float rows in an
  * L1 scratch [block, D] (fp32 rows in place, fp16 rows widened, codes unpacked 16 at a time), then
@@ -17,10 +18,6 @@
  * coarser than its keys (K/V-split classes, e.g. k4v2): each side's bits follow from its width.
  */
 
-#include <executorch/runtime/kernel/kernel_includes.h>
-#include <executorch/runtime/kernel/operator_registry.h>
-#include <executorch/runtime/kernel/thread_parallel_interface.h>
-
 #if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -28,24 +25,23 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
-#include <tuple>
+#include <string>
+#include <type_traits>
 #include <vector>
 
-#include "kernel_common.h"
+#include "kernel_math.h"
+#include "layer_attention.h"
 
 namespace kvexport {
-namespace native {
+namespace core {
 
-using namespace common;  // NOLINT: the shared helpers of kernel_common.h
-using executorch::aten::ArrayRef;
-using executorch::aten::ScalarType;
-using executorch::runtime::KernelRuntimeContext;
+using namespace native::common;  // NOLINT: the shared helpers of kernel_math.h
 
 namespace {
 
 constexpr int64_t kBlock = 64;    // filled slots per task
-constexpr int kPools = 20;        // POOL_NAMES: pool16 k/v, then k, ks, kz, v, vs, vz for 2, 4, 8
 constexpr int kStateSize = 5;     // p0, fill2, fill4, fill8, fill16
 constexpr int kFloatRows = 16;    // Part::bits of float parts
 
@@ -425,98 +421,126 @@ void write_chunk(int64_t p0, int64_t t, int64_t sinks, int64_t window, int64_t h
 
 }  // namespace
 
-std::tuple<Tensor&, Tensor&> layer_attention_out(
-    KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
-    const Tensor& state, Tensor& sink_k, Tensor& sink_v, Tensor& win_k, Tensor& win_v,
-    Tensor& evict_k, Tensor& evict_v, ArrayRef<Tensor> pools, int64_t layer, int64_t group,
-    double scale, bool features, bool rotate, Tensor& out, Tensor& recv) {
-  std::tuple<Tensor&, Tensor&> ret(out, recv);
-  const char* name = "kvexport::layer_attention";
-  ET_KERNEL_CHECK_MSG(ctx, q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(0) == 1 && k.size(0) == 1 &&
-                          v.size(0) == 1 && q.scalar_type() == ScalarType::Float &&
-                          k.scalar_type() == ScalarType::Float && v.scalar_type() == ScalarType::Float &&
-                          out.scalar_type() == ScalarType::Float && recv.scalar_type() == ScalarType::Float,
-                      InvalidArgument, ret, "%s: q [1,Hq,T,D], k/v [1,H,T,D], out, recv must be float32", name);
-  const int64_t hq = q.size(1), t = q.size(2), d = q.size(3), hkv = k.size(1);
-  ET_KERNEL_CHECK_MSG(ctx, hkv > 0 && hq % hkv == 0 && k.size(2) == t && k.size(3) == d &&
-                          v.size(1) == hkv && v.size(2) == t && v.size(3) == d,
-                      InvalidArgument, ret, "%s: q/k/v shapes do not match", name);
-  ET_KERNEL_CHECK_MSG(ctx, state.scalar_type() == ScalarType::Int && state.numel() == kStateSize,
-                      InvalidArgument, ret, "%s: state must be int32 [5]", name);
-  ET_KERNEL_CHECK_MSG(ctx, pools.size() == kPools, InvalidArgument, ret, "%s: expected 20 pool tensors",
-                      name);
-  const Tensor* fp_bufs[] = {&sink_k, &sink_v, &win_k, &win_v, &evict_k, &evict_v};
-  const ScalarType fp = sink_k.scalar_type();
-  ET_KERNEL_CHECK_MSG(ctx, fp == ScalarType::Half || fp == ScalarType::Float, InvalidArgument, ret,
-                      "%s: the float cache parts must be float16 or float32", name);
-  const int64_t n_layers = sink_k.dim() == 4 ? sink_k.size(1) : 0;
-  for (const Tensor* b : fp_bufs) {
-    ET_KERNEL_CHECK_MSG(ctx, b->scalar_type() == fp && b->dim() == 4 && b->size(1) == n_layers &&
-                            b->size(2) == hkv && b->size(3) == d && dense(*b),
-                        InvalidArgument, ret, "%s: float cache parts must be dense [N+1, L, H, D]", name);
+namespace {
+
+std::string format(const char* fmt, long long a, long long b = 0) {
+  char buf[200];
+  std::snprintf(buf, sizeof(buf), fmt, a, b);
+  return buf;
+}
+
+bool is(const View& x, DType t, int dim) { return x.dtype == t && x.dim == dim; }
+
+// class c stores keys at kBitOf[c] bits and values at value_bits(c) <= kBitOf[c] bits (read from the width)
+constexpr int kBitOf[3] = {2, 4, 8};
+
+int value_bits(const LayerCall& c, int cls) {
+  const View& vcodes = c.pools[5 + 6 * cls];
+  return vcodes.dim == 3 ? static_cast<int>(vcodes.size(2) * 8 / c.q.size(3)) : 0;
+}
+
+}  // namespace
+
+std::string check(const LayerCall& c) {
+  if (!(is(c.q, DType::kFloat, 4) && is(c.k, DType::kFloat, 4) && is(c.v, DType::kFloat, 4) && c.q.size(0) == 1 &&
+        c.k.size(0) == 1 && c.v.size(0) == 1)) {
+    return "q [1,Hq,T,D], k/v [1,H,T,D] must be float32";
   }
-  for (int e = 0; e < 2; ++e) {  // the 16-bit pool: layer-major [L * (C+1), H, D]
-    const Tensor& b = pools[e];
-    ET_KERNEL_CHECK_MSG(ctx, b.scalar_type() == fp && b.dim() == 3 && n_layers > 0 && b.size(0) % n_layers == 0 &&
-                            b.size(0) == pools[0].size(0) && b.size(1) == hkv && b.size(2) == d && dense(b),
-                        InvalidArgument, ret, "%s: the 16-bit pool must be dense [L*(C+1), H, D]", name);
+  const int64_t hq = c.q.size(1), t = c.q.size(2), d = c.q.size(3), hkv = c.k.size(1);
+  if (!(hkv > 0 && hq % hkv == 0 && c.k.size(2) == t && c.k.size(3) == d && c.v.size(1) == hkv &&
+        c.v.size(2) == t && c.v.size(3) == d)) {
+    return "q/k/v shapes do not match";
   }
-  ET_KERNEL_CHECK_MSG(ctx, layer >= 0 && layer < n_layers && group > 0 && d % group == 0 &&
-                          d % 4 == 0,
-                      InvalidArgument, ret, "%s: bad layer or group", name);
-  ET_KERNEL_CHECK_MSG(ctx, !rotate || (d & (d - 1)) == 0, InvalidArgument, ret,
-                      "%s: rotate needs a power-of-two head_dim", name);
-  const int64_t sinks = sink_k.size(0) - 1, window = win_k.size(0) - 1, ng = d / group;
-  ET_KERNEL_CHECK_MSG(ctx, evict_k.size(0) >= t && (window == 0 || t <= window), InvalidArgument, ret,
-                      "%s: chunk longer than the window or the eviction staging rows", name);
-  // class c stores keys at bit_of[c] bits and values at vbit_of[c] <= bit_of[c] (read from the width)
-  const int bit_of[3] = {2, 4, 8};
-  int vbit_of[3];
-  for (int c = 0; c < 3; ++c) {
-    const Tensor& vcodes = pools[5 + 6 * c];
-    vbit_of[c] = vcodes.dim() == 3 ? static_cast<int>(vcodes.size(2) * 8 / d) : 0;
-    ET_KERNEL_CHECK_MSG(ctx, (vbit_of[c] == 2 || vbit_of[c] == 4 || vbit_of[c] == 8),
-                        InvalidArgument, ret, "%s: pool %d-bit values must be packed at 2, 4 or 8 bits", name,
-                        bit_of[c]);
-    const Tensor& codes = pools[2 + 6 * c];
-    for (int e = 0; e < 6; ++e) {
-      const Tensor& x = pools[2 + 6 * c + e];
-      const bool is_codes = e == 0 || e == 3;
-      const int64_t width = d * (e == 0 ? bit_of[c] : vbit_of[c]) / 8;
-      ET_KERNEL_CHECK_MSG(ctx, x.dim() == 3 && x.size(0) == codes.size(0) && x.size(0) % n_layers == 0 &&
-                              x.size(1) == hkv && x.size(2) == (is_codes ? width : ng) && dense(x) &&
-                              x.scalar_type() == (is_codes ? ScalarType::Byte : ScalarType::Half),
-                          InvalidArgument, ret, "%s: pool %d-bit tensor %d has a bad shape or dtype", name,
-                          bit_of[c], e);
+  if (!(c.state.dtype == DType::kInt && c.state.dim == 1 && c.state.size(0) == kStateSize)) {
+    return "state must be int32 [5]";
+  }
+  const View* fp_bufs[] = {&c.sink_k, &c.sink_v, &c.win_k, &c.win_v, &c.evict_k, &c.evict_v};
+  const DType fp = c.sink_k.dtype;
+  if (fp != DType::kHalf && fp != DType::kFloat) {
+    return "the float cache parts must be float16 or float32";
+  }
+  const int64_t n_layers = c.sink_k.dim == 4 ? c.sink_k.size(1) : 0;
+  for (const View* b : fp_bufs) {
+    if (!(is(*b, fp, 4) && b->size(1) == n_layers && b->size(2) == hkv && b->size(3) == d)) {
+      return "float cache parts must be dense [N+1, L, H, D]";
     }
   }
-  {
-    const SizesType os[4] = {1, static_cast<SizesType>(hq), static_cast<SizesType>(t),
-                             static_cast<SizesType>(d)};
-    const SizesType rs[2] = {static_cast<SizesType>(window + t), 3};
-    ET_KERNEL_CHECK(ctx, resize_tensor(out, {os, 4}) == Error::Ok, InvalidArgument, ret);
-    ET_KERNEL_CHECK(ctx, resize_tensor(recv, {rs, 2}) == Error::Ok, InvalidArgument, ret);
+  for (int e = 0; e < 2; ++e) {  // the 16-bit pool: layer-major [L * (C+1), H, D]
+    const View& b = c.pools[e];
+    if (!(is(b, fp, 3) && n_layers > 0 && b.size(0) % n_layers == 0 && b.size(0) == c.pools[0].size(0) &&
+          b.size(1) == hkv && b.size(2) == d)) {
+      return "the 16-bit pool must be dense [L*(C+1), H, D]";
+    }
   }
-  ET_KERNEL_CHECK_MSG(ctx, dense(q) && dense(k) && dense(v) && dense(out) && dense(recv), InvalidArgument,
-                      ret, "%s: tensors must be contiguous, default dim order", name);
+  if (!(c.layer >= 0 && c.layer < n_layers && c.group > 0 && d % c.group == 0 && d % 4 == 0)) {
+    return "bad layer or group";
+  }
+  if (c.rotate && (d & (d - 1)) != 0) {
+    return "rotate needs a power-of-two head_dim";
+  }
+  if (!(c.evict_k.size(0) >= t && (c.win_k.size(0) == 1 || t <= c.win_k.size(0) - 1))) {
+    return "chunk longer than the window or the eviction staging rows";
+  }
+  const int64_t ng = d / c.group;
+  for (int cls = 0; cls < 3; ++cls) {
+    const int vbits = value_bits(c, cls);
+    if (vbits != 2 && vbits != 4 && vbits != 8) {
+      return format("pool %lld-bit values must be packed at 2, 4 or 8 bits", kBitOf[cls]);
+    }
+    const View& codes = c.pools[2 + 6 * cls];
+    for (int e = 0; e < 6; ++e) {
+      const View& x = c.pools[2 + 6 * cls + e];
+      const bool is_codes = e == 0 || e == 3;
+      const int64_t width = d * (e == 0 ? kBitOf[cls] : vbits) / 8;
+      if (!(is(x, is_codes ? DType::kByte : DType::kHalf, 3) && x.size(0) == codes.size(0) &&
+            x.size(0) % n_layers == 0 && x.size(1) == hkv && x.size(2) == (is_codes ? width : ng))) {
+        return format("pool %lld-bit tensor %lld has a bad shape or dtype", kBitOf[cls], e);
+      }
+    }
+  }
+  return "";
+}
+
+void out_sizes(const LayerCall& c, int64_t out[4], int64_t recv[2]) {
+  out[0] = 1;
+  out[1] = c.q.size(1);
+  out[2] = c.q.size(2);
+  out[3] = c.q.size(3);
+  recv[0] = c.win_k.size(0) - 1 + c.q.size(2);
+  recv[1] = 3;
+}
+
+bool run(const LayerCall& c, float* op, float* rp, const ParallelFor& parallel_for) {
+  const int64_t hq = c.q.size(1), t = c.q.size(2), d = c.q.size(3), hkv = c.k.size(1);
+  const int64_t n_layers = c.sink_k.size(1), layer = c.layer, group = c.group;
+  const int64_t sinks = c.sink_k.size(0) - 1, window = c.win_k.size(0) - 1, ng = d / group;
+  const View* pools = c.pools;
+  int vbit_of[3];
+  for (int cls = 0; cls < 3; ++cls) {
+    vbit_of[cls] = value_bits(c, cls);
+  }
+  const int* bit_of = kBitOf;
 
   // ---- state: filled slots of every part
-  const int32_t* st = state.const_data_ptr<int32_t>();
+  const int32_t* st = static_cast<const int32_t*>(c.state.data);
   const int64_t p0 = st[0] < 0 ? 0 : st[0];
   const int64_t n_s = std::min(p0, sinks), n_w = std::min(std::max<int64_t>(p0 - sinks, 0), window);
   int64_t fills[4], rows_of[4];  // rows_of: slots per layer (capacity + the trash slot) of the layer-major pools
-  for (int c = 0; c < 4; ++c) {
-    rows_of[c] = (c < 3 ? pools[2 + 6 * c].size(0) : pools[0].size(0)) / n_layers;
-    fills[c] = std::min<int64_t>(std::max<int32_t>(st[1 + c], 0), rows_of[c] - 1);
+  for (int cls = 0; cls < 4; ++cls) {
+    rows_of[cls] = (cls < 3 ? pools[2 + 6 * cls].size(0) : pools[0].size(0)) / n_layers;
+    fills[cls] = std::min<int64_t>(std::max<int32_t>(st[1 + cls], 0), rows_of[cls] - 1);
   }
 
   // ---- the chunk (keys rotated with rotate), rounded to the storage dtype (what the cache will hold)
-  const bool half = fp == ScalarType::Half;
+  const bool half = c.sink_k.dtype == DType::kHalf;
   const int64_t nkv = hkv * t * d;
-  std::vector<float> kr(k.const_data_ptr<float>(), k.const_data_ptr<float>() + nkv);
-  std::vector<float> qr(rotate ? hq * t * d : 0);
-  if (rotate) {
-    std::copy(q.const_data_ptr<float>(), q.const_data_ptr<float>() + hq * t * d, qr.begin());
+  const float* q_in = static_cast<const float*>(c.q.data);
+  const float* k_in = static_cast<const float*>(c.k.data);
+  const float* v_in = static_cast<const float*>(c.v.data);
+  std::vector<float> kr(k_in, k_in + nkv);
+  std::vector<float> qr(c.rotate ? hq * t * d : 0);
+  if (c.rotate) {
+    std::copy(q_in, q_in + hq * t * d, qr.begin());
     for (int64_t r = 0; r < hq * t; ++r) {
       rotate_row(qr.data() + r * d, d);
     }
@@ -524,7 +548,7 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
       rotate_row(kr.data() + r * d, d);
     }
   }
-  std::vector<float> vr(v.const_data_ptr<float>(), v.const_data_ptr<float>() + nkv);
+  std::vector<float> vr(v_in, v_in + nkv);
   std::vector<uint16_t> kh(half ? nkv : 0), vh(half ? nkv : 0);
   if (half) {
     for (int64_t i = 0; i < nkv; ++i) {
@@ -540,35 +564,35 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
   const int64_t slot_stride = n_layers * hkv * d, layer_off = layer * hkv * d;
   // slot-major parts (sinks, window): a slot's rows of all layers are adjacent; layer-major (pools): a layer's
   // slots are one contiguous run
-  auto float_part = [&](const Tensor& kt, const Tensor& vt, int64_t n, int64_t offset, int64_t stride) {
+  auto float_part = [&](const View& kt, const View& vt, int64_t n, int64_t offset, int64_t stride) {
     Part p;
     p.half = half;
-    p.k = static_cast<const char*>(kt.const_data_ptr()) + offset * esize;
-    p.v = static_cast<const char*>(vt.const_data_ptr()) + offset * esize;
+    p.k = static_cast<const char*>(kt.data) + offset * esize;
+    p.v = static_cast<const char*>(vt.data) + offset * esize;
     p.n = n;
     p.slot_stride = p.v_slot_stride = stride;
     p.head_stride = p.v_head_stride = d;
     return p;
   };
   std::vector<Part> parts;
-  parts.push_back(float_part(sink_k, sink_v, n_s, layer_off, slot_stride));
-  parts.push_back(float_part(win_k, win_v, n_w, layer_off, slot_stride));
+  parts.push_back(float_part(c.sink_k, c.sink_v, n_s, layer_off, slot_stride));
+  parts.push_back(float_part(c.win_k, c.win_v, n_w, layer_off, slot_stride));
   parts.push_back(float_part(pools[0], pools[1], fills[3], layer * rows_of[3] * hkv * d, hkv * d));
-  for (int c = 0; c < 3; ++c) {
-    const Tensor* x = &pools[2 + 6 * c];
-    const int64_t width = d * bit_of[c] / 8, vwidth = d * vbit_of[c] / 8;
+  for (int cls = 0; cls < 3; ++cls) {
+    const View* x = &pools[2 + 6 * cls];
+    const int64_t width = d * bit_of[cls] / 8, vwidth = d * vbit_of[cls] / 8;
     Part p;
-    p.bits = bit_of[c];
-    p.vbits = vbit_of[c];
-    const int64_t first = layer * rows_of[c];  // the layer's first row
-    p.k = x[0].const_data_ptr<uint8_t>() + first * hkv * width;
-    p.v = x[3].const_data_ptr<uint8_t>() + first * hkv * vwidth;
+    p.bits = bit_of[cls];
+    p.vbits = vbit_of[cls];
+    const int64_t first = layer * rows_of[cls];  // the layer's first row
+    p.k = static_cast<const uint8_t*>(x[0].data) + first * hkv * width;
+    p.v = static_cast<const uint8_t*>(x[3].data) + first * hkv * vwidth;
     const int64_t zo = first * hkv * ng;
-    p.ks = static_cast<const uint16_t*>(x[1].const_data_ptr()) + zo;
-    p.kz = static_cast<const uint16_t*>(x[2].const_data_ptr()) + zo;
-    p.vs = static_cast<const uint16_t*>(x[4].const_data_ptr()) + zo;
-    p.vz = static_cast<const uint16_t*>(x[5].const_data_ptr()) + zo;
-    p.n = fills[c];
+    p.ks = static_cast<const uint16_t*>(x[1].data) + zo;
+    p.kz = static_cast<const uint16_t*>(x[2].data) + zo;
+    p.vs = static_cast<const uint16_t*>(x[4].data) + zo;
+    p.vz = static_cast<const uint16_t*>(x[5].data) + zo;
+    p.n = fills[cls];
     p.slot_stride = hkv * width;
     p.head_stride = width;
     p.v_slot_stride = hkv * vwidth;
@@ -600,7 +624,7 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
   }
   const int64_t per_head = static_cast<int64_t>(tasks.size()) / hkv;
   const int64_t grp = hq / hkv, nq = grp * t;
-  const float* qp = rotate ? qr.data() : q.const_data_ptr<float>();
+  const float* qp = c.rotate ? qr.data() : q_in;
   std::vector<float> qsum(hq * t * ng);
   for (int64_t r = 0; r < hq * t; ++r) {
     for (int64_t g = 0; g < ng; ++g) {
@@ -611,21 +635,24 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
       qsum[r * ng + g] = acc;
     }
   }
-  const Step s{qp, qsum.data(), hq, hkv, grp, t, d, group, ng, nq, std::max(kBlock, t), static_cast<float>(scale)};
+  const Step s{qp, qsum.data(), hq, hkv, grp, t, d, group, ng, nq, std::max(kBlock, t), static_cast<float>(c.scale)};
   const int64_t stride = nq * (d + 2);
   std::vector<float> partial(tasks.size() * stride);
-  bool ok = executorch::extension::parallel_for(0, static_cast<int64_t>(tasks.size()), 1,
-                                                [&](int64_t a, int64_t b) {
-    std::vector<float> scratch(scratch_floats(s));
-    std::vector<const float*> rows(s.tb);
+  // a task's scratch lives with its thread: ONNX Runtime calls the function once a task
+  const bool ok = parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t a, int64_t b) {
+    thread_local std::vector<float> scratch;
+    thread_local std::vector<const float*> rows;
+    scratch.resize(scratch_floats(s));
+    rows.resize(s.tb);
     for (int64_t i = a; i < b; ++i) {
       run_task(s, parts[tasks[i].part], tasks[i], partial.data() + i * stride, scratch.data(), rows.data());
     }
   });
-  ET_KERNEL_CHECK_MSG(ctx, ok, Internal, ret, "%s: parallel_for failed", name);
+  if (!ok) {
+    return false;
+  }
 
   // ---- log-sum-exp merge per query vector
-  float* op = out.mutable_data_ptr<float>();
   std::vector<float> lse(hq * t);
   for (int64_t h = 0; h < hkv; ++h) {
     for (int64_t qi = 0; qi < nq; ++qi) {
@@ -653,9 +680,8 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
   }
 
   // ---- features: attention received by window slots and chunk tokens (normalised weights)
-  float* rp = recv.mutable_data_ptr<float>();
   std::fill(rp, rp + (window + t) * 3, 0.0f);
-  if (features) {
+  if (c.features) {
     const int64_t n_cache = n_s + n_w + fills[0] + fills[1] + fills[2] + fills[3];
     std::vector<float> w(hq), buf(d);
     auto received = [&](const Part& part, int64_t j, int64_t r0, float* dst) {
@@ -686,53 +712,20 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
   }
 
   // ---- write the chunk (after attention and features read the old ring)
+  auto write = [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    write_chunk<T>(p0, t, sinks, window, hkv, d, slot_stride, layer_off, kr.data(), vr.data(), kh.data(), vh.data(),
+                   static_cast<T*>(c.sink_k.data), static_cast<T*>(c.sink_v.data), static_cast<T*>(c.win_k.data),
+                   static_cast<T*>(c.win_v.data), static_cast<T*>(c.evict_k.data), static_cast<T*>(c.evict_v.data));
+  };
   if (half) {
-    write_chunk<uint16_t>(p0, t, sinks, window, hkv, d, slot_stride, layer_off, kr.data(), vr.data(),
-                          kh.data(), vh.data(), static_cast<uint16_t*>(sink_k.mutable_data_ptr()),
-                          static_cast<uint16_t*>(sink_v.mutable_data_ptr()),
-                          static_cast<uint16_t*>(win_k.mutable_data_ptr()),
-                          static_cast<uint16_t*>(win_v.mutable_data_ptr()),
-                          static_cast<uint16_t*>(evict_k.mutable_data_ptr()),
-                          static_cast<uint16_t*>(evict_v.mutable_data_ptr()));
+    write(static_cast<uint16_t*>(nullptr));
   } else {
-    write_chunk<float>(p0, t, sinks, window, hkv, d, slot_stride, layer_off, kr.data(), vr.data(),
-                       kh.data(), vh.data(), sink_k.mutable_data_ptr<float>(),
-                       sink_v.mutable_data_ptr<float>(), win_k.mutable_data_ptr<float>(),
-                       win_v.mutable_data_ptr<float>(), evict_k.mutable_data_ptr<float>(),
-                       evict_v.mutable_data_ptr<float>());
+    write(static_cast<float*>(nullptr));
   }
-  return ret;
+  return true;
 }
 
-}  // namespace native
+
+}  // namespace core
 }  // namespace kvexport
-
-namespace {
-
-using executorch::runtime::EValue;
-using executorch::runtime::Kernel;
-using executorch::runtime::KernelRuntimeContext;
-using executorch::runtime::Span;
-
-// Stack: q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group,
-// scale, features, rotate, out, recv (then the returned values). Programs built before rotate was an
-// argument (17 values before the returned ones) run unrotated.
-void layer_attention_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
-  ET_KERNEL_CHECK_MSG(ctx, stack.size() >= 17, InvalidProgram, ,
-                      "kvexport::layer_attention.out: expected 18 arguments, got %zu", stack.size());
-  const bool has_rotate = stack[15]->isBool();
-  const size_t o = has_rotate ? 16 : 15;
-  ET_KERNEL_CHECK_MSG(ctx, stack.size() >= o + 2, InvalidProgram, ,
-                      "kvexport::layer_attention.out: expected 18 arguments, got %zu", stack.size());
-  kvexport::native::layer_attention_out(
-      ctx, stack[0]->toTensor(), stack[1]->toTensor(), stack[2]->toTensor(), stack[3]->toTensor(),
-      stack[4]->toTensor(), stack[5]->toTensor(), stack[6]->toTensor(), stack[7]->toTensor(),
-      stack[8]->toTensor(), stack[9]->toTensor(), stack[10]->toTensorList(), stack[11]->toInt(),
-      stack[12]->toInt(), stack[13]->toDouble(), stack[14]->toBool(), has_rotate && stack[15]->toBool(),
-      stack[o]->toTensor(), stack[o + 1]->toTensor());
-}
-
-const Kernel kLayerKernels[] = {Kernel("kvexport::layer_attention.out", layer_attention_boxed)};
-const auto kLayerRegistered = executorch::runtime::register_kernels({kLayerKernels, 1});
-
-}  // namespace

@@ -4,6 +4,7 @@ parity engine (state as explicit graph inputs/outputs, double-buffered between s
 import json
 import shutil
 
+import numpy as np
 import onnx
 import pytest
 
@@ -49,6 +50,13 @@ def test_manifest_describes_graph_state_and_runtime(built):
         f"new_state.{n}" for n in state if n not in in_place
     ]
     assert info["state_in_place"] == in_place and set(in_place) <= set(state)
+    # the pools are written by a ScatterND after every reader: one buffer for state and new_state
+    assert {"pool2_k", "pool4_vs", "pool_pos8"} <= set(info["state_aliased"]) <= set(state) - set(in_place)
+    # the glue folded (kvexport.export.onnx_fuse): 2 layers x 2 rotary; the 3 norms after a residual add in the blocks
+    # (the final norm too where it reads the whole chunk, not the last row alone), not the embedding's
+    ops = info["op_counts"]
+    assert ops.get("com.microsoft::RotaryEmbedding") == 4, ops
+    assert ops.get("com.microsoft::SkipSimplifiedLayerNormalization") in (3, 4) and ops.get("Pow", 0) <= 2, ops
     assert info["opsets"]["ai.onnx"] == 18 and info["op_counts"]["ScatterND"] >= len(state) - 3 - len(in_place)
     assert not any(op in info["op_counts"] for op in ("BitShift", "BitwiseOr", "BitwiseAnd"))
     assert (built / info["initial_state"]).is_file()
@@ -61,16 +69,16 @@ def test_manifest_describes_graph_state_and_runtime(built):
             "required_operators.config",
             "initial_state.safetensors",
         }
-        assert info["min_ort_version"] == ("1.18" if fused else "1.16")
+        assert info["min_ort_version"] == ("1.18" if fused else "1.17")  # library API 18; the glue's contrib ops
         assert "ScatterND" in info["required_operators"]["ai.onnx"]
         assert info["required_operators"].get("kvexport") == (["layer_attention"] if fused else None)
     else:
-        assert m["program"] == "model.onnx" and info["min_ort_version"] == ("1.18" if fused else "1.14")
+        assert m["program"] == "model.onnx" and info["min_ort_version"] == ("1.18" if fused else "1.17")
         model = onnx.load(str(built / "model.onnx"))
         onnx.checker.check_model(model, full_check=True)
         # our ops are kvexport:: nodes whose standard-ONNX bodies are the model's local functions, except the
         # library's layer_attention
-        assert {o.domain for o in model.opset_import} == {"", "kvexport"}
+        assert {o.domain for o in model.opset_import} == {"", "kvexport", "com.microsoft"}
         functions = {(f.domain, f.name) for f in model.functions}
         assert ("kvexport", "quantize_pack") in functions and ("kvexport", "layer_attention") not in functions
         assert (("kvexport", "pool_attention") in functions) != fused
@@ -229,3 +237,32 @@ def test_cli_build_ort_then_parity(tiny_model, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert main(["parity", str(tmp_path / "graphs" / "t"), "--steps", "4"]) == 0
     assert "PASS" in capsys.readouterr().out
+
+
+def test_state_is_aliased_only_when_every_reader_runs_before_the_write():
+    """``aliased_state``: ``new_state.a = ScatterND(state.a, .., f(state.a))`` may share one buffer (the reader
+    feeds the write), and so may an unchanged ``new_state.d = Identity(state.d)`` whatever reads it;
+    ``new_state.b = ScatterND(state.b, .., x)`` with a reader of ``state.b`` the write does not wait for may not,
+    nor may a ScatterND that accumulates (``reduction``)."""
+    from onnx import TensorProto, helper
+
+    from kvexport.export.onnx import aliased_state
+
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [4, 2])  # noqa: E731
+    idx = helper.make_tensor_value_info("idx", TensorProto.INT64, [1, 1])
+    nodes = [
+        helper.make_node("Neg", ["state.a"], ["a_read"]),
+        helper.make_node("Slice", ["a_read", "zero", "one"], ["row"]),
+        helper.make_node("ScatterND", ["state.a", "idx", "row"], ["new_state.a"]),
+        helper.make_node("Neg", ["state.b"], ["b_read"]),
+        helper.make_node("ScatterND", ["state.b", "idx", "x"], ["new_state.b"]),
+        helper.make_node("ScatterND", ["state.c", "idx", "x"], ["new_state.c"], reduction="add"),
+        helper.make_node("Identity", ["state.d"], ["new_state.d"]),
+        helper.make_node("Neg", ["state.d"], ["d_read"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [*map(vi, ("state.a", "state.b", "state.c", "state.d")), idx, helper.make_tensor_value_info(
+            "x", TensorProto.FLOAT, [1, 2])], list(map(vi, ("new_state.a", "new_state.b", "new_state.c", "new_state.d",
+                                                             "b_read", "d_read"))),
+        [onnx.numpy_helper.from_array(np.array([v], dtype=np.int64), n) for v, n in ((0, "zero"), (1, "one"))])
+    assert aliased_state(helper.make_model(graph), ["a", "b", "c", "d"]) == ["a", "d"]

@@ -42,10 +42,10 @@ def test_default_model_program_passes_parity_over_64_steps(real_program, real_mo
 
 
 def test_greedy_text_matches_the_reference(real_program, real_model):
-    """ONNX ``q4`` keeps fp32 activations: the program's greedy text is the reference's, token for token.
-    ExecuTorch ``q4-q8`` quantizes activations at run time, so float noise may flip a near-tie and the texts
-    part (kvexport.parity's noise floor); then the reference must find the program's text about as likely
-    as its own: mean NLL per token within 1 nat (garbage costs 5-10)."""
+    """A program with fp32 activations gives the reference's greedy text, token for token. The default weights of
+    both targets quantize activations at run time (ExecuTorch ``q4-q8`` per token, ONNX ``q4`` per block of 32),
+    so float noise may flip a near-tie and the texts part (kvexport.parity's noise floor); then the reference must
+    find the program's text about as likely as its own: mean NLL per token within 1 nat (garbage costs 5-10)."""
     manifest = read_manifest(real_program)
     ids = real_model.tokenizer.encode(PROMPT)
     opts = OPTS[manifest["target"], manifest["ops_mode"]]

@@ -8,8 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvexport.models.q4 import BLOCK, Q4Linear, dequantize_q4_1, q4_1_codes, quantize_q4
-from kvexport.models.tied import compact_embedding, q8_0_codes, q8_0_linear, quantize_q8_0_rows
+from kvexport.models.q4 import (
+    BLOCK,
+    Q4Int8Linear,
+    Q4Linear,
+    dequantize_q4_1,
+    q4_1_codes,
+    quantize_q4,
+    quantize_q8_0_rows,
+)
+from kvexport.models.tied import compact_embedding, q8_0_codes, q8_0_linear
 from kvexport.models.weights import quantize_weights
 
 
@@ -205,23 +213,55 @@ def test_build_defaults_to_q4_only_for_models_that_hold_the_codes(gguf_like, tin
     assert holds_q4_1_codes(hf_names)
 
 
-def test_onnx_q4_program_is_exact(gguf_like, tmp_path):
-    """MatMulNBits on the codes: 4-bit linears, the 8-bit lm_head, the embedding reading its codes;
-    fp32 activations, so the plain fp32 reference is the reference."""
+@pytest.mark.parametrize("out_f,in_f", [(96, 64), (64, 192)])
+def test_onnx_runtime_block_int8_linear_is_the_reference(out_f, in_f):
+    """One MatMul rewritten by onnx_q4 and run by ONNX Runtime (MatMulNBits at accuracy level 4 + the block-offset
+    product) equals Q4Int8Linear to float rounding, while quantizing the input moves it ~1e-2 from x @ wᵀ; an
+    input column with an outlier (late down_proj inputs reach 447) included."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kvexport.export import onnx_q4
+
+    w = dequantize_q4_1(*random_q4_1(out_f, in_f, seed=5))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, in_f])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None, out_f])],
+        [numpy_helper.from_array(w.T.contiguous().numpy(), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert onnx_q4.rewrite(model)["q4_1"] == 1
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(1, 5, in_f, generator=torch.Generator().manual_seed(6)) * 3
+    x[..., 7] = 300.0
+    got = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+    want, exact = Q4Int8Linear(w)(x), x @ w.T
+    scale = exact.abs().max()
+    assert (got - want).abs().max() / scale < 2e-6
+    assert 1e-4 < (want - exact).abs().max() / scale < 5e-2  # the input's int8 rounding, not wrong codes
+
+
+def test_onnx_q4_program_matches_its_reference(gguf_like, tmp_path):
+    """MatMulNBits on the codes: 4-bit linears (uint8 zero points plus the block-offset product), the 8-bit
+    lm_head, the embedding reading its codes, inputs quantized per block of 32 (``Q4Int8Linear`` in the
+    reference). The cache stays at 16 bits: a quantized one turns fp32-level differences into code flips (static-4
+    here: one step at KL 2e-3, every other step at the fp32 level), which is not what this test is about."""
     from kvexport.export.build import build
     from kvexport.parity import run_parity
     from kvexport.session import CacheOptions
 
-    opts = CacheOptions(policy="static-4", max_context=64, window=4, sinks=2)
+    opts = CacheOptions(policy="fp16", max_context=64, window=4, sinks=2)
     out = build(gguf_like, opts, "onnx", "fused", "q4", tmp_path / "tiny-onnx-q4", log=lambda m: None)
     manifest = json.loads((out / "manifest.json").read_text())
     ops = manifest["onnx"]["op_counts"]
     assert ops.get("com.microsoft::MatMulNBits") == 9, ops  # 8 block linears (4 a block) + the lm_head
+    assert ops.get("MatMul", 0) >= 16  # each block linear's block sums and their offset product
     assert manifest["onnx"]["min_ort_version"] == "1.23"  # the lm_head's 8-bit MatMulNBits
     table = gguf_like.args.vocab_size * gguf_like.args.dim
     size = sum((out / f).stat().st_size for f in manifest["program_files"])
     assert table < size < 1.5 * table  # the tied table once, in 8 bits (fp32: 8 bytes a weight, two copies)
     result = run_parity(out, steps=16, loaded=gguf_like)
-    # AMD AVX2: max KL < 1e-6; Intel AVX-512 (ORT's MLAS picks other 4-bit kernels): 1.6e-5, mean 8.5e-7.
-    # Wrong codes, scales or zero points cost KL >= 0.1.
-    assert result["passed"] and result["max_kl"] < 1e-4, result
+    # Most steps agree to float precision (median KL 9e-10 here); where a rounding-order difference moves an input
+    # code, one step reaches KL ~4e-3 (the 1e-6-perturbed reference: 7e-4), within the noise rule. Wrong codes,
+    # scales or zero points cost KL >= 0.1 at every step.
+    assert result["passed"] and result["median_kl"] < 1e-6 and result["top1_agreement"] == 1.0, result

@@ -13,7 +13,9 @@
   runs onnxscript's version-conversion pass, which inlines every function first.) The tied LM head's
   ``Transpose(embedding)`` is folded into its own initializer so it is not recomputed every step and
   weight quantizers see it.
-* **weights**: fp32, or int8 / int4 MatMul weights (:mod:`kvexport.export.ort_tools`).
+* **weights**: fp32, or int8 / int4 MatMul weights (:mod:`kvexport.export.ort_tools`), or the GGUF's codes
+  (:mod:`kvexport.export.onnx_q4`); then the per-layer glue folds into ONNX Runtime's fused ops
+  (:mod:`kvexport.export.onnx_fuse`).
 * **check**: ``onnx.checker.check_model(path, full_check=True)``; weights above 100 MB go to
   ``model.onnx.data`` (external data).
 * **ort**: ``convert_onnx_models_to_ort`` -> ``model.ort`` + ``required_operators.config``.
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 
 from kvexport.errors import KvxError
-from kvexport.export import ort_tools
+from kvexport.export import onnx_fuse, ort_tools
 from kvexport.export.program import StepProgram
 from kvexport.ops.build import ORT_LIB_NAME as LIBRARY_NAME
 from kvexport.ops.onnx import LIBRARY_OP
@@ -152,6 +154,44 @@ def fold_weight_transposes(model) -> int:
     return folded
 
 
+def aliased_state(model, names: list[str]) -> list[str]:
+    """State the runner may bind to ONE buffer as both ``state.<name>`` and ``new_state.<name>``: those whose new
+    value is ``Identity(state.<name>)`` (unchanged), or ``ScatterND(state.<name>, ..)`` written straight to the
+    output where every other node reading ``state.<name>`` is an ancestor of that writer (so it has read before
+    the write, in any order the runtime picks). ONNX Runtime's ``ScatterND`` and ``Identity`` skip their copy when
+    input and output share a buffer: without this, every step copied each pool whole (``model``:
+    ``onnx.ModelProto``). A pool whose readers the write does not wait for (the fp32-KV program's: the rows it
+    evicts come from the window, not from the attention) keeps its copy."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for i in set(node.input):
+            readers.setdefault(i, []).append(node)
+
+    def ancestors(node) -> set[int]:
+        seen, todo = set(), [node]
+        while todo:
+            for i in todo.pop().input:
+                up = producer.get(i)
+                if up is not None and id(up) not in seen:
+                    seen.add(id(up))
+                    todo.append(up)
+        return seen
+
+    out = []
+    for name in names:
+        writer = producer.get(STATE_OUT + name)
+        if writer is None or writer.op_type not in ("ScatterND", "Identity") or writer.domain:
+            continue
+        if writer.input[0] != STATE_IN + name or any(a.name == "reduction" for a in writer.attribute):
+            continue
+        others = [n for n in readers.get(STATE_IN + name, []) if n is not writer]
+        if writer.op_type == "Identity" or {id(n) for n in others} <= ancestors(writer):
+            out.append(name)
+    return out
+
+
 def save_initial_state(step: StepProgram, path: Path) -> None:
     """The state the first step starts from (``cache.state_buffers()`` right after construction)."""
     from safetensors.torch import save_file
@@ -223,6 +263,10 @@ def write_program(
         program.save(exported, external_data=True)
         del program
         model = onnx.load(str(exported)) if weights == "fp32" else ort_tools.quantize_weights(exported, weights)
+    fused = onnx_fuse.fuse(model, step.cache.layout.max_context)
+    log(f"        glue: {fused['skip_rms_norm']} residual + RMSNorm chains -> SkipSimplifiedLayerNormalization, "
+        f"{fused['rotary']} rotary chains -> RotaryEmbedding")
+    aliased = aliased_state(model, [n for n in names if n not in in_place])
     external = save_onnx(model, onnx_path)
     del model
     log(
@@ -243,8 +287,10 @@ def write_program(
         "initial_state": INITIAL_STATE,
         "state_note": "feed new_state.<name> of one step as state.<name> of the next; start from initial_state"
         + ("; the state_in_place buffers have no new_state: the kernel updates the state.<name> buffer itself, "
-           "so keep feeding the same buffer" if in_place else ""),
+           "so keep feeding the same buffer" if in_place else "")
+        + "; each state_aliased name may be bound to one buffer as both state.<name> and new_state.<name>",
         "state_in_place": in_place,
+        "state_aliased": aliased,
         "kvexport_functions": f"kvexport::{'/'.join(functions)} nodes; their standard-ONNX bodies are the model's "
         "local functions (runtimes inline them)",
         **({"custom_ops_library": LIBRARY_NAME, "custom_ops": [f"kvexport::{LIBRARY_OP}"]} if library else {}),

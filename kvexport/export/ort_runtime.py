@@ -3,7 +3,9 @@
 The cache state lives in two preallocated sets of CPU buffers (``OrtValue``\\ s over numpy arrays):
 each step binds one set as the ``state.*`` inputs and the other as the ``new_state.*`` outputs,
 then swaps them, so state never round-trips through Python. The parts a ``--ops fused`` program's kernel
-writes in place (manifest ``state_in_place``) have one buffer, bound as the input of every step. Such a
+writes in place (manifest ``state_in_place``) have one buffer, bound as the input of every step; those the graph
+updates with a ``ScatterND`` after every reader (manifest ``state_aliased``: the pools) have one buffer, bound as
+both input and output, so ONNX Runtime writes the new rows without copying the pool first. Such a
 program needs our custom-op library (manifest ``custom_ops_library``), registered with the session.
 ``logits`` and ``kv_stats`` are written into preallocated torch tensors and returned as copies.
 """
@@ -63,6 +65,7 @@ class OrtRunner(StepRunner):
         # only binds its tokens and position.
         self.bindings = []
         in_place = set(self.manifest["onnx"].get("state_in_place", ()))
+        aliased = set(self.manifest["onnx"].get("state_aliased", ()))
         for src, dst in ((0, 1), (1, 0)):
             b = self.session.io_binding()
             b.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.data_ptr())
@@ -70,6 +73,10 @@ class OrtRunner(StepRunner):
             for name in self.names:
                 if name in in_place:
                     b.bind_ortvalue_input(STATE_IN + name, self.values[0][name])
+                    continue
+                if name in aliased:
+                    b.bind_ortvalue_input(STATE_IN + name, self.values[0][name])
+                    b.bind_ortvalue_output(STATE_OUT + name, self.values[0][name])
                     continue
                 b.bind_ortvalue_input(STATE_IN + name, self.values[src][name])
                 b.bind_ortvalue_output(STATE_OUT + name, self.values[dst][name])

@@ -6,7 +6,7 @@ Minimum version: the newest requirement among
 * the ai.onnx opset and IR version, from ONNX Runtime's compatibility table
   (``docs/reference/compatibility.md`` in microsoft/onnxruntime, ``ORT_RELEASES`` below); newer
   opsets than the table knows need the installed ONNX Runtime's release;
-* the com.microsoft contrib ops that weight quantization introduces (``CONTRIB_OPS``);
+* the com.microsoft contrib ops that weight quantization and the glue fusions introduce (``CONTRIB_OPS``);
 * the ORT format version of ``.ort`` files (``ORT_FORMATS``): v5 from 1.13 (ORT's "ORT model
   format" page), v6 from 1.16, which older releases cannot read (microsoft/onnxruntime#20670).
   A reduced (required-operators) build must still come from an ONNX Runtime source tree that
@@ -14,7 +14,8 @@ Minimum version: the newest requirement among
 
 The ``.ort`` conversion uses ORT's "basic" optimization level (constant folding, redundant-node
 elimination): higher levels fuse into contrib ops whose first release this table cannot know, and a
-reduced build would then have to carry them.
+reduced build would then have to carry them. The fusions that pay on a decode step are done by the export
+itself, into contrib ops this table lists (:mod:`kvexport.export.onnx_fuse`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ ORT_RELEASES = {
 # com.microsoft op -> first release with its CPU kernel. 8-bit MatMulNBits (int8 weights, the q4 format's lm_head)
 # is its own entry (:func:`onnx_file_ops` lists it as ``MatMulNBits(bits=8)``): 1.17-1.21 refuse the node at load
 # ("Only 4b quantization is supported"), 1.22 loads it and fails at run, 1.23 runs it (checked with PyPI wheels).
-CONTRIB_OPS = {"MatMulNBits": "1.17", "MatMulNBits(bits=8)": "1.23"}
+# The glue ops of kvexport.export.onnx_fuse: 1.17.3's wheel runs both, RotaryEmbedding on the 4-D input the rewrite
+# gives it, equal to 1.32 within 6e-8 (older wheels not checked).
+CONTRIB_OPS = {"MatMulNBits": "1.17", "MatMulNBits(bits=8)": "1.23", "SkipSimplifiedLayerNormalization": "1.17",
+               "RotaryEmbedding": "1.17"}
 ORT_FORMATS = {"5": "1.13", "6": "1.16"}  # ORT format version -> first release that reads it
 ORT_LIBRARY_RELEASE = "1.18"  # our custom-op library asks the runtime for API ORT_API_VERSION (libkvexport_ort.so)
 ORT_OPTIMIZATION = "basic"
@@ -206,8 +210,8 @@ def describe_weights(weights: str) -> str:
         "fp32": "float32 weights",
         "int8": f"MatMul weights 8-bit, blocks of {NBITS_BLOCK}, symmetric (MatMulNBits), fp32 activations",
         "int4": f"MatMul weights 4-bit, blocks of {NBITS_BLOCK}, symmetric (MatMulNBits), fp32 activations",
-        "q4": "the GGUF's Q4_1 / Q8_0 codes in MatMulNBits (4 / 8 bit, blocks of 32), exact, fp32 "
-        "activations; the embedding reads the lm_head's 8-bit codes",
+        "q4": "the GGUF's Q4_1 / Q8_0 codes in MatMulNBits (4 / 8 bit, blocks of 32), exact, inputs int8 per "
+        "block of 32 (accuracy level 4); the embedding reads the lm_head's 8-bit codes",
     }[weights]
 
 

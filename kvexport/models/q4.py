@@ -53,6 +53,60 @@ def block_ones(in_features: int) -> torch.Tensor:
     return torch.eye(in_features // BLOCK).repeat_interleave(BLOCK, dim=1)
 
 
+def quantize_q8_0_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations ``x`` float32 ``[..., K]`` -> int8 codes ``[..., K]`` and fp32 scales ``[..., K/32]``, per
+    block of 32: ``sx = amax/127``, ``xq = round_half_even(x/sx)`` (llama.cpp's Q8_0 activations, scale kept
+    in fp32; ONNX Runtime's ``MatMulNBits`` at accuracy level 4 quantizes its input the same way); an all-zero
+    block gets ``sx = 0`` and zero codes."""
+    xb = x.float().unflatten(-1, (x.shape[-1] // BLOCK, BLOCK))  # [..., nb, 32]
+    sx = xb.abs().amax(-1) / 127  # [..., nb]
+    safe = torch.where(sx > 0, sx, torch.ones_like(sx))
+    xq = torch.round(xb / safe[..., None]).clamp(-127, 127)
+    return xq.to(torch.int8).flatten(-2), sx
+
+
+def block_int8_linear(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``x`` float32 ``[..., K]``, integer ``codes`` held in float32 ``[N, K/32, 32]``, scales ``d`` ``[N, K/32]``
+    -> float32 ``[..., N]``: ``sum_b (d_b·sx_b)·(codes_b · xq_b)`` with the activations quantized by
+    :func:`quantize_q8_0_rows` and exact integer block sums (``|sum| <= 32·127·255 < 2**24``)."""
+    n, nb, _ = codes.shape
+    xq, sx = quantize_q8_0_rows(x)
+    xb = xq.float().unflatten(-1, (nb, BLOCK))  # [..., nb, 32]
+    out = torch.zeros(*x.shape[:-1], n)
+    for b in range(nb):
+        out += (xb[..., b, :] @ codes[:, b, :].T) * (d[:, b] * sx[..., b, None])  # [..., N]
+    return out
+
+
+def onnx_zero_points(d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer zero points ``z = clamp(round(−m/d), 0, 15)`` and block offsets ``m + z·d`` (float32, both
+    ``[out, in/32]``) of the ONNX form ``w = d·(q − z) + (m + z·d)`` (:mod:`kvexport.export.onnx_q4`): ``z``
+    nearest to ``−m/d`` keeps the offset within ``d/2``, so the two products do not cancel."""
+    z = torch.round(-m.double() / d.double()).clamp(0, 15)
+    return z.float(), (m.double() + z * d.double()).float()
+
+
+class Q4Int8Linear(nn.Module):
+    """ONNX Runtime's form of Q4_1 weights: ``MatMulNBits`` at accuracy level 4 on codes ``q − z`` with the input
+    quantized per block of 32 (:func:`block_int8_linear`: llama.cpp's Q4_1 x Q8 arithmetic), plus the fp32
+    block-offset product ``blocksum(x) @ (m + z·d)ᵀ`` (:func:`onnx_zero_points`). The reference of the
+    onnx / ort ``q4`` programs."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        codes, d, m, self.exact = q4_1_codes(w)
+        out_f, in_f = codes.shape
+        z, offsets = onnx_zero_points(d, m)
+        self.register_buffer("codes", codes.float().reshape(out_f, in_f // BLOCK, BLOCK) - z[..., None])
+        self.register_buffer("d", d)  # [out, in/32]
+        self.register_buffer("offsets", offsets)  # [out, in/32]
+        self.register_buffer("block_ones", block_ones(in_f), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sums = F.linear(x.float(), self.block_ones)  # [..., in/32]
+        return block_int8_linear(x, self.codes, self.d) + F.linear(sums, self.offsets)  # [..., out]
+
+
 def holds_q4_1_codes(state_dict: dict[str, torch.Tensor]) -> bool:
     """Whether every block linear (``[model.]layers.*_proj.weight``) reproduces Q4_1 codes bit for bit, as the
     weights of a Q4_1 GGUF do: then the ``q4`` formats lose nothing but bf16 scale rounding, and
@@ -105,15 +159,25 @@ def quantize_q4(model: nn.Module) -> dict:
     """Replace every block ``nn.Linear`` of ``model`` whose width is a multiple of 32 by a
     :class:`Q4Linear`, in place. Returns the manifest's summary: how many were exact, how many
     re-quantized."""
-    targets = [(fqn, mod) for fqn, mod in model.named_modules()
-               if isinstance(mod, nn.Linear) and fqn.startswith("layers.") and mod.bias is None
-               and mod.in_features % BLOCK == 0]
     ones = {}  # width -> its block_ones, one per width
-    for fqn, mod in targets:
+    for fqn, mod in _block_linears(model):
         parent, _, name = fqn.rpartition(".")
         shared = ones.setdefault(mod.in_features, block_ones(mod.in_features))
         setattr(model.get_submodule(parent), name, Q4Linear.from_float(mod.weight.detach(), shared))
     return q4_summary(model)
+
+
+def quantize_q4_int8(model: nn.Module) -> None:
+    """Replace the same linears as :func:`quantize_q4` by :class:`Q4Int8Linear` (ONNX Runtime's arithmetic)."""
+    for fqn, mod in _block_linears(model):
+        parent, _, name = fqn.rpartition(".")
+        setattr(model.get_submodule(parent), name, Q4Int8Linear(mod.weight.detach()))
+
+
+def _block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(fqn, mod) for fqn, mod in model.named_modules()
+            if isinstance(mod, nn.Linear) and fqn.startswith("layers.") and mod.bias is None
+            and mod.in_features % BLOCK == 0]
 
 
 def q4_summary(model: nn.Module) -> dict:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvexport.models.q4 import BLOCK, Q4Linear
+from kvexport.models.q4 import BLOCK, Q4Linear, block_int8_linear
 
 HEADS = ("fp32", "8da8w", "q4", "q8_0")
 
@@ -43,30 +43,11 @@ def q8_0_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
     return q.to(torch.int8).reshape(rows, cols), d, exact
 
 
-def quantize_q8_0_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations ``x`` float32 ``[..., K]`` -> int8 codes ``[..., K]`` and fp32 scales ``[..., K/32]``, per
-    block of 32: ``sx = amax/127``, ``xq = round_half_even(x/sx)`` (llama.cpp's Q8_0 activations, scale kept
-    in fp32); an all-zero block gets ``sx = 0`` and zero codes."""
-    xb = x.float().unflatten(-1, (x.shape[-1] // BLOCK, BLOCK))  # [..., nb, 32]
-    sx = xb.abs().amax(-1) / 127  # [..., nb]
-    safe = torch.where(sx > 0, sx, torch.ones_like(sx))
-    xq = torch.round(xb / safe[..., None]).clamp(-127, 127)
-    return xq.to(torch.int8).flatten(-2), sx
-
-
 def q8_0_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``x`` float32 ``[..., K]``, codes int8 ``[N, K]``, fp16 scales ``[N, K/32]`` -> float32 ``[..., N]``: the
-    Q8_0 x Q8_0 product llama.cpp computes for these weights, ``sum_b (d_b·sx_b)·(q_b · xq_b)`` with the
-    activations quantized by :func:`quantize_q8_0_rows` and exact integer block sums."""
+    Q8_0 x Q8_0 product llama.cpp computes for these weights (:func:`~kvexport.models.q4.block_int8_linear`)."""
     n, k = codes.shape
-    xq, sx = quantize_q8_0_rows(x)
-    xb = xq.float().unflatten(-1, (k // BLOCK, BLOCK))  # [..., nb, 32]
-    qb = codes.float().reshape(n, k // BLOCK, BLOCK)  # [N, nb, 32]
-    d = scales.float()  # [N, nb]
-    out = torch.zeros(*x.shape[:-1], n)
-    for b in range(k // BLOCK):  # integer block sums, exact in fp32 (|sum| <= 32 * 127 * 127 < 2**24)
-        out += (xb[..., b, :] @ qb[:, b, :].T) * (d[:, b] * sx[..., b, None])  # [..., N]
-    return out
+    return block_int8_linear(x, codes.float().reshape(n, k // BLOCK, BLOCK), scales.float())
 
 
 class Q8Embedding(nn.Module):

@@ -8,7 +8,7 @@
  * tied table once, with the GGUF's codes (XNNPACK has no blockwise 8-bit GEMM).
  *
  * llama.cpp's arithmetic for Q8_0 weights: each input row is quantized per block of 32 to int8
- * (sx = amax/127, xq = round_half_even(x / sx), as tied.quantize_q8_0_rows), the block dot products
+ * (sx = amax/127, xq = round_half_even(x / sx), as q4.quantize_q8_0_rows), the block dot products
  * are exact integers (AVX2: maddubs + madd, 32 products per step), and each output takes
  * sum_b (d_b * sx_b) * isum_b in eight fp32 lanes reduced once per row. Rows are split over
  * ExecuTorch's thread pool (parallel_for, shared with XNNPACK).
@@ -44,7 +44,7 @@ namespace {
 constexpr int64_t kQ8Block = 32;       // tied.BLOCK
 constexpr int64_t kRowsPerTask = 256;  // output rows per parallel_for grain
 
-// One input row -> int8 codes and fp32 scales per block of 32 (tied.quantize_q8_0_rows, bit for bit:
+// One input row -> int8 codes and fp32 scales per block of 32 (q4.quantize_q8_0_rows, bit for bit:
 // the same fp32 division and round-half-even).
 void quantize_q8_0_row(const float* x, int64_t nb, int8_t* xq, float* sx) {
   for (int64_t b = 0; b < nb; ++b) {

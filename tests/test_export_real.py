@@ -4,8 +4,9 @@ kernels: ONNX Runtime runs ours from ``libkvexport_ort.so``) with build's defaul
 portable ONNX program (stock runtime) with the learned controller (B=4) inside the graph; each checked with the
 parity engine over 64 steps and against the reference's greedy text.
 
-(The learned B=4 policy in a FUSED program, ExecuTorch or ONNX alike, sits at KL ~1.2e-3 from the reference at
-one or two of 65 steps — over the strict 1e-3 — where a quantized code flips: README "ONNX / ORT programs".)
+(The learned B=4 policy in a fused ExecuTorch program sits at KL ~1.2e-3 from the reference at one or two of 65
+steps — over the strict 1e-3 — where a quantized code flips; in a fused ONNX program with fp32 weights it did too
+until RMSNorm and RoPE became ONNX Runtime's fused ops: README "ONNX / ORT programs".)
 
 These builds are the longest tests of the suite (minutes each on 2 cores); each program is built once.
 """

@@ -5,8 +5,8 @@ portable ONNX program (stock runtime) with the learned controller (B=4) inside t
 parity engine over 64 steps and against the reference's greedy text.
 
 (The learned B=4 policy in a fused ExecuTorch program sits at KL ~1.2e-3 from the reference at one or two of 65
-steps — over the strict 1e-3 — where a quantized code flips; in a fused ONNX program with fp32 weights it did too
-until RMSNorm and RoPE became ONNX Runtime's fused ops: README "ONNX / ORT programs".)
+steps — over the strict 1e-3 — where a quantized code flips; a fused ONNX program with fp32 weights did too until
+the glue fusions changed its rounding order: README "ONNX / ORT programs".)
 
 These builds are the longest tests of the suite (minutes each on 2 cores); each program is built once.
 """

@@ -54,8 +54,7 @@ NOISE_RULE = {"factor": 3.0, "slack": 2e-3, "top1_slack": 0.1}
 
 def dynamic_activations(manifest: dict) -> bool:
     """Whether a program quantizes activations at run time: ExecuTorch's quantized formats, and onnx/ort ``q4``
-    (int8 per block of 32; with only its head so, the real-model learned B=4 program already parted from the
-    reference by KL 2.3e-3 at one step under the strict rule, where an upstream fp32 difference moved a code)."""
+    (every MatMulNBits quantizes its input to int8 per block of 32)."""
     return manifest["weights"] != "fp32" and (manifest["target"] == "executorch" or manifest["weights"] == "q4")
 
 

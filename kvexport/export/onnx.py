@@ -34,6 +34,7 @@ from torch import nn
 
 from kvexport.errors import KvxError
 from kvexport.export import onnx_fuse, ort_tools
+from kvexport.export.onnx_graph import GraphIndex
 from kvexport.export.program import StepProgram
 from kvexport.ops.build import ORT_LIB_NAME as LIBRARY_NAME
 from kvexport.ops.onnx import LIBRARY_OP
@@ -162,32 +163,16 @@ def aliased_state(model, names: list[str]) -> list[str]:
     input and output share a buffer: without this, every step copied each pool whole (``model``:
     ``onnx.ModelProto``). A pool whose readers the write does not wait for (the fp32-KV program's: the rows it
     evicts come from the window, not from the attention) keeps its copy."""
-    graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for i in set(node.input):
-            readers.setdefault(i, []).append(node)
-
-    def ancestors(node) -> set[int]:
-        seen, todo = set(), [node]
-        while todo:
-            for i in todo.pop().input:
-                up = producer.get(i)
-                if up is not None and id(up) not in seen:
-                    seen.add(id(up))
-                    todo.append(up)
-        return seen
-
+    g = GraphIndex(model.graph)
     out = []
     for name in names:
-        writer = producer.get(STATE_OUT + name)
+        writer = g.producer.get(STATE_OUT + name)
         if writer is None or writer.op_type not in ("ScatterND", "Identity") or writer.domain:
             continue
         if writer.input[0] != STATE_IN + name or any(a.name == "reduction" for a in writer.attribute):
             continue
-        others = [n for n in readers.get(STATE_IN + name, []) if n is not writer]
-        if writer.op_type == "Identity" or {id(n) for n in others} <= ancestors(writer):
+        others = [n for n in g.consumers.get(STATE_IN + name, []) if n is not writer]
+        if writer.op_type == "Identity" or {id(n) for n in others} <= g.ancestors(writer):
             out.append(name)
     return out
 

@@ -20,34 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from kvexport.export.onnx_graph import GraphIndex, replace_nodes
+
 CONTRIB = "com.microsoft"
-
-
-class _Graph:
-    """Producer / consumer maps over an ``onnx.GraphProto`` and the constant value of an initializer."""
-
-    def __init__(self, graph):
-        from onnx import numpy_helper
-
-        self.inits = {t.name: t for t in graph.initializer}
-        self.to_array = numpy_helper.to_array
-        self.producer = {o: n for n in graph.node for o in n.output}
-        self.consumers: dict[str, list] = {}
-        for n in graph.node:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
-        self.outputs = {o.name for o in graph.output}
-
-    def op(self, value: str, op_type: str):
-        node = self.producer.get(value)
-        return node if node is not None and node.op_type == op_type and node.domain == "" else None
-
-    def const(self, value: str):
-        return self.to_array(self.inits[value]) if value in self.inits else None
-
-    def private(self, value: str) -> bool:
-        """Whether ``value`` has exactly one consumer and is no graph output."""
-        return len(self.consumers.get(value, ())) == 1 and value not in self.outputs
 
 
 def fuse(model, max_positions: int) -> dict:
@@ -61,31 +36,17 @@ def fuse(model, max_positions: int) -> dict:
     return counts
 
 
-def _replace(graph, old: list, new: list, extra_inits=()) -> None:
-    """Put ``new`` where the first of ``old`` stood (inputs of ``new`` are produced before it), drop ``old``."""
-    first = min(list(graph.node).index(n) for n in old)
-    for n in old:
-        graph.node.remove(n)
-    for j, n in enumerate(new):
-        graph.node.insert(first + j, n)
-    graph.initializer.extend(extra_inits)
-
-
 def _fuse_norms(model, helper) -> int:
-    done = 0
-    while True:
-        g = _Graph(model.graph)
-        match = next((m for m in map(lambda n: _match_norm(g, n), model.graph.node) if m), None)
-        if match is None:
-            return done
-        nodes, (a, b, gamma, eps, out, s) = match
-        fused = helper.make_node("SkipSimplifiedLayerNormalization", [a, b, gamma], [out, "", "", s],
-                                 name=f"{out}.skip_rms_norm", domain=CONTRIB, epsilon=eps)
-        _replace(model.graph, nodes, [fused])
-        done += 1
+    g = GraphIndex(model.graph)
+    matches = [m for m in map(lambda n: _match_norm(g, n), model.graph.node) if m]  # disjoint: private chains
+    replace_nodes(model.graph, [
+        (nodes, [helper.make_node("SkipSimplifiedLayerNormalization", [a, b, gamma], [out, "", "", s],
+                                  name=f"{out}.skip_rms_norm", domain=CONTRIB, epsilon=eps)])
+        for nodes, (a, b, gamma, eps, out, s) in matches])
+    return len(matches)
 
 
-def _match_norm(g: _Graph, scale):
+def _match_norm(g: GraphIndex, scale):
     """``scale`` = ``Mul(Mul(s, rsqrt), gamma)`` with ``s = Add(a, b)``: (nodes, (a, b, gamma, eps, out, s))."""
     if scale.op_type != "Mul" or scale.domain or g.const(scale.input[1]) is None:
         return None
@@ -120,7 +81,7 @@ def _match_norm(g: _Graph, scale):
 def _fuse_rotary(model, helper, max_positions: int) -> int:
     from onnx import numpy_helper
 
-    g = _Graph(model.graph)
+    g = GraphIndex(model.graph)
     matches = [m for m in map(lambda n: _match_rotary(g, n), model.graph.node) if m]
     if not matches:
         return 0
@@ -129,20 +90,19 @@ def _fuse_rotary(model, helper, max_positions: int) -> int:
     if tables is None or any(m[1][1:] != (cos, sin) or m[3] != tables[1].shape[1] for m in matches):
         return 0
     positions, cos_cache, sin_cache = tables
-    inits = [numpy_helper.from_array(cos_cache, "rotary.cos_cache"),
-             numpy_helper.from_array(sin_cache, "rotary.sin_cache"),
-             numpy_helper.from_array(np.array([0], dtype=np.int64), "rotary.batch_axis")]
+    model.graph.initializer.extend([numpy_helper.from_array(cos_cache, "rotary.cos_cache"),
+                                    numpy_helper.from_array(sin_cache, "rotary.sin_cache"),
+                                    numpy_helper.from_array(np.array([0], dtype=np.int64), "rotary.batch_axis")])
     ids = helper.make_node("Unsqueeze", [positions, "rotary.batch_axis"], ["rotary.position_ids"])  # [1, T]
-    first = True
-    for nodes, (x, _, _), out, _ in matches:
-        fused = helper.make_node("RotaryEmbedding", [x, "rotary.position_ids", "rotary.cos_cache",
-                                 "rotary.sin_cache"], [out], name=f"{out}.rotary", domain=CONTRIB, interleaved=0)
-        _replace(model.graph, nodes, [ids, fused] if first else [fused], inits if first else ())
-        first = False
+    edits = [(nodes, [helper.make_node("RotaryEmbedding", [x, "rotary.position_ids", "rotary.cos_cache",
+                                       "rotary.sin_cache"], [out], name=f"{out}.rotary", domain=CONTRIB,
+                                       interleaved=0)]) for nodes, (x, _, _), out, _ in matches]
+    edits[0][1].insert(0, ids)  # before the first rotary in graph order
+    replace_nodes(model.graph, edits)
     return len(matches)
 
 
-def _match_rotary(g: _Graph, add):
+def _match_rotary(g: GraphIndex, add):
     """``add`` = ``Add(Mul(x, cos), Mul(Concat(Neg(Slice(x, h:)), Slice(x, :h)), sin))`` on the last axis:
     (nodes, (x, cos, sin), out, h)."""
     if add.op_type != "Add" or add.domain:
@@ -166,7 +126,7 @@ def _match_rotary(g: _Graph, add):
     return [*chain, add], (x, m1.input[1], m2.input[1]), add.output[0], hi_start
 
 
-def _slice_args(g: _Graph, node) -> tuple:
+def _slice_args(g: GraphIndex, node) -> tuple:
     """(start, end, axis) of a one-axis, step-1 ``Slice`` with constant arguments (axis -1 for the last of 4)."""
     args = [g.const(i) for i in node.input[1:]]
     if any(a is None or a.size != 1 for a in args):
@@ -177,7 +137,7 @@ def _slice_args(g: _Graph, node) -> tuple:
     return start, end, -1 if axis in (-1, 3) else axis
 
 
-def _rotary_tables(g: _Graph, cos: str, sin: str, max_positions: int):
+def _rotary_tables(g: GraphIndex, cos: str, sin: str, max_positions: int):
     """(position value ``[T]`` int64, cos cache, sin cache ``[max_positions, D/2]``) when ``cos`` / ``sin`` are
     ``Cos`` / ``Sin`` of ``Concat(f, f)``, ``f = Mul(Unsqueeze(Cast(positions)), inv_freq)``; else None."""
     c, s = g.op(cos, "Cos"), g.op(sin, "Sin")

@@ -30,7 +30,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kvexport.models.q4 import BLOCK, onnx_zero_points, q4_1_codes
+from kvexport.export.onnx_graph import GraphIndex, replace_nodes
+from kvexport.models.q4 import BLOCK, block_ones, onnx_zero_points, q4_1_codes
 from kvexport.models.tied import q8_0_codes
 
 Q4_CONTRIB = "com.microsoft"
@@ -47,16 +48,11 @@ def rewrite(model, keep: list[str] = ()) -> dict:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, int] = {}
-    for node in graph.node:
-        for i in node.input:
-            consumers[i] = consumers.get(i, 0) + 1
+    index = GraphIndex(graph)
+    inits = index.inits
     counts = {"q4_1": 0, "q8_0": 0, "fp32": 0, "embedding_shared": False}
-    new_inits, drop, q8_tables, indicators = [], set(), {}, set()
-    shift = 0  # nodes added before the current one (a Q4_1 linear becomes several)
+    new_inits, drop, q8_tables, indicators, edits = [], set(), {}, set(), []
     for idx, node in enumerate(list(graph.node)):
-        idx += shift
         if node.op_type != "MatMul" or node.domain or node.input[1] not in inits or node.name in keep:
             continue
         w = torch.from_numpy(numpy_helper.to_array(inits[node.input[1]]).copy())  # [K, N]
@@ -85,21 +81,19 @@ def rewrite(model, keep: list[str] = ()) -> dict:
             counts["q8_0"] += 1
         names = [f"{node.input[1]}.q{bits}.{s}" for s in ("codes", "scales", "zero_points")]
         new_inits += [numpy_helper.from_array(np.ascontiguousarray(t), name) for t, name in zip(tensors, names)]
-        graph.node.remove(node)
         name = node.name or f"q4_{idx}"
         if offset is None:
-            graph.node.insert(idx, _nbits_node(helper, node.input[0], node.output[0], name, k, n, bits, names))
+            edits.append(([node], [_nbits_node(helper, node.input[0], node.output[0], name, k, n, bits, names)]))
         else:
             nodes, offset_inits = _block_offset(
                 helper, numpy_helper, node.input[0], node.output[0], name, offset, indicators
             )
             nodes.insert(0, _nbits_node(helper, node.input[0], f"{name}.codes_part", name, k, n, bits, names))
-            for j, new in enumerate(nodes):
-                graph.node.insert(idx + j, new)
-            shift += len(nodes) - 1
+            edits.append(([node], nodes))
             new_inits += offset_inits
-        if consumers.get(node.input[1]) == 1:
+        if len(index.consumers.get(node.input[1], ())) == 1:
             drop.add(node.input[1])
+    replace_nodes(graph, edits)
     counts["embedding_shared"] = _share_embedding(graph, inits, q8_tables, drop, helper, numpy_helper)
     if (counts["q4_1"] or counts["q8_0"]) and all(o.domain != Q4_CONTRIB for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(Q4_CONTRIB, 1))
@@ -112,15 +106,13 @@ def rewrite(model, keep: list[str] = ()) -> dict:
 def _block_offset(helper, numpy_helper, x: str, out: str, p: str, offsets: np.ndarray, indicators: set):
     """Nodes (after the MatMulNBits ``p``, whose output is ``<p>.codes_part``) that add ``block sums of the
     input x [.., K/32] @ offsets [K/32, N]`` and write ``out``, and their initializers (``indicators``: names
-already added). The block sums are a
-    ``MatMul`` with a 0/1 indicator ``[K, K/32]`` (exact products; one node where ``Reshape`` + ``ReduceSum``
-    took four on a decode step)."""
+    already added). The block sums are a ``MatMul`` with the 0/1 indicator ``block_onesᵀ`` ``[K, K/32]`` (exact
+    products; one node where ``Reshape`` + ``ReduceSum`` took four on a decode step)."""
     n_blocks = offsets.shape[0]
     blocks = f"block_indicator.{n_blocks * BLOCK}"  # one per input width K
     inits = [numpy_helper.from_array(np.ascontiguousarray(offsets, dtype=np.float32), f"{p}.block_offsets")]
     if blocks not in indicators:
-        indicator = np.kron(np.eye(n_blocks, dtype=np.float32), np.ones((BLOCK, 1), dtype=np.float32))  # [K, K/32]
-        inits.append(numpy_helper.from_array(indicator, blocks))
+        inits.append(numpy_helper.from_array(block_ones(n_blocks * BLOCK).T.contiguous().numpy(), blocks))
         indicators.add(blocks)
     nodes = [
         helper.make_node("MatMul", [x, blocks], [f"{p}.block_sums"]),  # [..., K/32]
@@ -134,7 +126,7 @@ def _share_embedding(graph, inits, q8_tables, drop, helper, numpy_helper) -> boo
     """Point the embedding ``Gather(table [V, dim], ids)`` at the lm_head's Q8_0 codes when the
     head's weight is that table transposed; returns whether it did."""
     for src, (w, n, k) in q8_tables.items():
-        for idx, node in enumerate(list(graph.node)):
+        for node in list(graph.node):
             if node.op_type != "Gather" or node.domain or node.input[0] not in inits:
                 continue
             table = numpy_helper.to_array(inits[node.input[0]])
@@ -157,9 +149,7 @@ def _share_embedding(graph, inits, q8_tables, drop, helper, numpy_helper) -> boo
                 helper.make_node("Concat", [f"{p}.ids_shape", f"{p}.dim"], [f"{p}.out_shape"], axis=0),
                 helper.make_node("Reshape", [f"{p}.x", f"{p}.out_shape"], [out]),  # [..., K]
             ]
-            graph.node.remove(node)
-            for j, new in enumerate(nodes):
-                graph.node.insert(idx + j, new)
+            replace_nodes(graph, [([node], nodes)])
             if not any(node.input[0] in nd.input for nd in graph.node):
                 drop.add(node.input[0])
             return True

@@ -71,12 +71,10 @@ class OrtRunner(StepRunner):
             b.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.data_ptr())
             b.bind_output("kv_stats", "cpu", 0, np.float32, list(self.stats.shape), self.stats.data_ptr())
             for name in self.names:
-                if name in in_place:
+                if name in in_place or name in aliased:  # one buffer: written in place by the kernel / ScatterND
                     b.bind_ortvalue_input(STATE_IN + name, self.values[0][name])
-                    continue
-                if name in aliased:
-                    b.bind_ortvalue_input(STATE_IN + name, self.values[0][name])
-                    b.bind_ortvalue_output(STATE_OUT + name, self.values[0][name])
+                    if name in aliased:
+                        b.bind_ortvalue_output(STATE_OUT + name, self.values[0][name])
                     continue
                 b.bind_ortvalue_input(STATE_IN + name, self.values[src][name])
                 b.bind_ortvalue_output(STATE_OUT + name, self.values[dst][name])

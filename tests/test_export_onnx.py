@@ -60,9 +60,13 @@ def test_manifest_describes_graph_state_and_runtime(built):
     assert info["opsets"]["ai.onnx"] == 18 and info["op_counts"]["ScatterND"] >= len(state) - 3 - len(in_place)
     assert not any(op in info["op_counts"] for op in ("BitShift", "BitwiseOr", "BitwiseAnd"))
     assert (built / info["initial_state"]).is_file()
-    # fused: one library node a layer, needing ONNX Runtime 1.18 (API 18) and our library
+    # fused: one library node a layer and one for the overflow rule (whose exported reference is ~14 nodes a round
+    # and class: CumSum ranks), needing ONNX Runtime 1.18 (API 18) and our library
     assert info["op_counts"].get("kvexport::layer_attention", 0) == (2 if fused else 0)
+    assert info["op_counts"].get("kvexport::allocate", 0) == (1 if fused else 0)
+    assert ("CumSum" in info["op_counts"]) == (not fused), info["op_counts"]
     assert info.get("custom_ops_library") == ("libkvexport_ort.so" if fused else None)
+    assert info.get("custom_ops") == (["kvexport::layer_attention", "kvexport::allocate"] if fused else None)
     if m["target"] == "ort":
         assert m["program"] == "model.ort" and set(m["program_files"]) == {
             "model.ort",
@@ -71,16 +75,18 @@ def test_manifest_describes_graph_state_and_runtime(built):
         }
         assert info["min_ort_version"] == ("1.18" if fused else "1.17")  # library API 18; the glue's contrib ops
         assert "ScatterND" in info["required_operators"]["ai.onnx"]
-        assert info["required_operators"].get("kvexport") == (["layer_attention"] if fused else None)
+        library_ops = sorted(info["required_operators"].get("kvexport", ()))
+        assert library_ops == (["allocate", "layer_attention"] if fused else [])
     else:
         assert m["program"] == "model.onnx" and info["min_ort_version"] == ("1.18" if fused else "1.17")
         model = onnx.load(str(built / "model.onnx"))
         onnx.checker.check_model(model, full_check=True)
         # our ops are kvexport:: nodes whose standard-ONNX bodies are the model's local functions, except the
-        # library's layer_attention
+        # library's layer_attention and allocate
         assert {o.domain for o in model.opset_import} == {"", "kvexport", "com.microsoft"}
         functions = {(f.domain, f.name) for f in model.functions}
-        assert ("kvexport", "quantize_pack") in functions and ("kvexport", "layer_attention") not in functions
+        assert ("kvexport", "quantize_pack") in functions
+        assert not functions & {("kvexport", "layer_attention"), ("kvexport", "allocate")}
         assert (("kvexport", "pool_attention") in functions) != fused
         assert any(n.domain == "kvexport" for n in model.graph.node)
         assert all(n.domain in ("", "kvexport") for f in model.functions for n in f.node)
@@ -97,14 +103,14 @@ def test_fused_program_names_its_library(built, monkeypatch):
     m = json.loads((built / "manifest.json").read_text())
     if m["ops_mode"] != "fused":
         pytest.skip("portable programs need no library")
-    with pytest.raises(Exception, match="layer_attention"):
+    with pytest.raises(Exception, match=r"kvexport:(layer_attention|allocate)\b"):
         ort.InferenceSession(str(built / m["program"]), providers=["CPUExecutionProvider"])
 
     def no_npm(force=False):
         raise BuildError("npm not installed")
 
     monkeypatch.setattr(ort_tools, "build_ort_library", no_npm)
-    with pytest.raises(KvxError, match=r"kvexport::layer_attention from libkvexport_ort.so: npm not installed"):
+    with pytest.raises(KvxError, match=r"kvexport ops \(layer_attention, ...\) from libkvexport_ort.so: npm not"):
         open_runner(built)
 
 

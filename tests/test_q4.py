@@ -213,15 +213,19 @@ def test_build_defaults_to_q4_only_for_models_that_hold_the_codes(gguf_like, tin
     assert holds_q4_1_codes(hf_names)
 
 
-@pytest.mark.parametrize("out_f,in_f", [(96, 64), (64, 192)])
-def test_onnx_runtime_block_int8_linear_is_the_reference(out_f, in_f):
+@pytest.mark.parametrize("library", [False, True], ids=["stock", "library"])
+@pytest.mark.parametrize("out_f,in_f,rows", [(96, 64, 5), (64, 192, 1), (40, 2112, 3)])
+def test_onnx_runtime_block_int8_linear_is_the_reference(out_f, in_f, rows, library):
     """One MatMul rewritten by onnx_q4 and run by ONNX Runtime (MatMulNBits at accuracy level 4 + the block-offset
-    product) equals Q4Int8Linear to float rounding, while quantizing the input moves it ~1e-2 from x @ wᵀ; an
-    input column with an outlier (late down_proj inputs reach 447) included."""
+    product: two MatMuls and an Add on a stock runtime, one kvexport::block_offset node with our library) equals
+    Q4Int8Linear to float rounding, while quantizing the input moves it ~1e-2 from x @ wᵀ; an input column with an
+    outlier (late down_proj inputs reach 447) included. Shapes: prefill rows (the library op's parallel tasks) and
+    a decode row; 66 blocks (more than the op sums in one pass)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     from kvexport.export import onnx_q4
+    from kvexport.ops.build import build_ort_library
 
     w = dequantize_q4_1(*random_q4_1(out_f, in_f, seed=5))
     graph = helper.make_graph(
@@ -229,10 +233,15 @@ def test_onnx_runtime_block_int8_linear_is_the_reference(out_f, in_f):
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, in_f])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None, out_f])],
         [numpy_helper.from_array(w.T.contiguous().numpy(), "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    assert onnx_q4.rewrite(model)["q4_1"] == 1
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    x = torch.randn(1, 5, in_f, generator=torch.Generator().manual_seed(6)) * 3
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("kvexport", 1)])
+    assert onnx_q4.rewrite(model, library=library)["q4_1"] == 1
+    ops = [n.op_type for n in model.graph.node]
+    assert ops == (["MatMulNBits", "block_offset"] if library else ["MatMulNBits", "MatMul", "MatMul", "Add"]), ops
+    opts = ort.SessionOptions()
+    if library:
+        opts.register_custom_ops_library(str(build_ort_library()))
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    x = torch.randn(1, rows, in_f, generator=torch.Generator().manual_seed(6)) * 3
     x[..., 7] = 300.0
     got = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
     want, exact = Q4Int8Linear(w)(x), x @ w.T
@@ -255,7 +264,9 @@ def test_onnx_q4_program_matches_its_reference(gguf_like, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     ops = manifest["onnx"]["op_counts"]
     assert ops.get("com.microsoft::MatMulNBits") == 9, ops  # 8 block linears (4 a block) + the lm_head
-    assert ops.get("MatMul", 0) >= 16  # each block linear's block sums and their offset product
+    assert ops.get("kvexport::block_offset") == 8 and "MatMul" not in ops, ops  # each block linear's offset term
+    library_ops = ("layer_attention", "allocate", "block_offset")
+    assert manifest["onnx"]["custom_ops"] == [f"kvexport::{op}" for op in library_ops]
     assert manifest["onnx"]["min_ort_version"] == "1.23"  # the lm_head's 8-bit MatMulNBits
     table = gguf_like.args.vocab_size * gguf_like.args.dim
     size = sum((out / f).stat().st_size for f in manifest["program_files"])

@@ -14,8 +14,9 @@
   ``Transpose(embedding)`` is folded into its own initializer so it is not recomputed every step and
   weight quantizers see it.
 * **weights**: fp32, or int8 / int4 MatMul weights (:mod:`kvexport.export.ort_tools`), or the GGUF's codes
-  (:mod:`kvexport.export.onnx_q4`); then the per-layer glue folds into ONNX Runtime's fused ops
-  (:mod:`kvexport.export.onnx_fuse`).
+  (:mod:`kvexport.export.onnx_q4`; in ``--ops fused`` programs each Q4_1 linear's offset term is one
+  ``kvexport::block_offset`` node of our library); then the per-layer glue folds into ONNX Runtime's fused ops
+  (:mod:`kvexport.export.onnx_fuse`). The manifest's ``custom_ops`` lists the library ops a program calls.
 * **check**: ``onnx.checker.check_model(path, full_check=True)``; weights above 100 MB go to
   ``model.onnx.data`` (external data).
 * **ort**: ``convert_onnx_models_to_ort`` -> ``model.ort`` + ``required_operators.config``.
@@ -37,7 +38,7 @@ from kvexport.export import onnx_fuse, ort_tools
 from kvexport.export.onnx_graph import GraphIndex
 from kvexport.export.program import StepProgram
 from kvexport.ops.build import ORT_LIB_NAME as LIBRARY_NAME
-from kvexport.ops.onnx import LIBRARY_OP
+from kvexport.ops.onnx import LIBRARY_OP, LIBRARY_OPS
 
 OPSET = 18  # torch.onnx's own (TORCHLIB) opset: no conversion of op versions, oldest runtime needed
 STATE_IN, STATE_OUT = "state.", "new_state."
@@ -106,7 +107,7 @@ def attach_kvexport_functions(model) -> None:
     from kvexport.ops.onnx import DOMAIN, function_protos
 
     protos = {p.name: p for p in function_protos()}
-    todo = {n.op_type for n in model.graph if n.domain == DOMAIN} - {LIBRARY_OP}
+    todo = {n.op_type for n in model.graph if n.domain == DOMAIN} - set(LIBRARY_OPS)
     while todo:  # the ops the graph calls, then the helpers their bodies call
         fn = ir.serde.deserialize_function(protos[todo.pop()])
         model.functions[fn.identifier()] = fn
@@ -114,20 +115,27 @@ def attach_kvexport_functions(model) -> None:
 
 
 def type_library_outputs(model) -> int:
-    """Give the outputs of library nodes (``kvexport::layer_attention``: no body, so no type inference) their types:
-    ``out`` / ``recv`` float32, the staged rows the cache's float type. Returns how many nodes."""
+    """Give the outputs of library nodes (no body, so no type inference) their types: ``kvexport::layer_attention``'s
+    ``out`` / ``recv`` float32, the staged rows the cache's float type; ``kvexport::allocate``'s int64, shaped like
+    ``desired`` (class, slot) and ``fill``. Returns how many nodes."""
     import onnx_ir as ir
 
-    from kvexport.ops.onnx import DOMAIN
+    from kvexport.ops.onnx import ALLOCATE_OP, DOMAIN
 
-    nodes = [n for n in model.graph if n.domain == DOMAIN and n.op_type == LIBRARY_OP]
-    for node in nodes:
-        q, outs = node.inputs[0], node.outputs
-        outs[0].type, outs[0].shape = ir.TensorType(ir.DataType.FLOAT), q.shape
+    typed = 0
+    for node in model.graph:
+        if node.domain != DOMAIN or node.op_type not in (LIBRARY_OP, ALLOCATE_OP):
+            continue
+        outs, typed = node.outputs, typed + 1
+        if node.op_type == ALLOCATE_OP:
+            for out, like in zip(outs, (node.inputs[0], node.inputs[0], node.inputs[2])):
+                out.type, out.shape = ir.TensorType(ir.DataType.INT64), like.shape
+            continue
+        outs[0].type, outs[0].shape = ir.TensorType(ir.DataType.FLOAT), node.inputs[0].shape
         outs[1].type = ir.TensorType(ir.DataType.FLOAT)
         for rows in outs[2:]:
             rows.type = node.inputs[4].type
-    return len(nodes)
+    return typed
 
 
 def fold_weight_transposes(model) -> int:
@@ -234,7 +242,7 @@ def write_program(
         + (f" ({len(in_place)} written in place by kvexport::{LIBRARY_OP})" if in_place else "/outputs"))
     program = export_onnx(step)
     attach_kvexport_functions(program.model)
-    functions = sorted({n.op_type for n in program.model.graph if n.domain == "kvexport"} - {LIBRARY_OP})
+    functions = sorted({n.op_type for n in program.model.graph if n.domain == "kvexport"} - set(LIBRARY_OPS))
     type_library_outputs(program.model)
     folded = fold_weight_transposes(program.model)
     program.model.metadata_props["kvexport.metadata"] = json.dumps(metadata)
@@ -247,7 +255,8 @@ def write_program(
         exported = Path(work) / "model.onnx"
         program.save(exported, external_data=True)
         del program
-        model = onnx.load(str(exported)) if weights == "fp32" else ort_tools.quantize_weights(exported, weights)
+        model = (onnx.load(str(exported)) if weights == "fp32"
+                 else ort_tools.quantize_weights(exported, weights, library=library is not None))
     fused = onnx_fuse.fuse(model, step.cache.layout.max_context)
     log(f"        glue: {fused['skip_rms_norm']} residual + RMSNorm chains -> SkipSimplifiedLayerNormalization, "
         f"{fused['rotary']} rotary chains -> RotaryEmbedding")
@@ -265,6 +274,7 @@ def write_program(
             f"the exported ONNX graph fails onnx.checker ({str(err).splitlines()[0]}); this is a kvexport bug"
         ) from None
     save_initial_state(step, out_dir / INITIAL_STATE)
+    counts = op_counts(onnx_path)
     info = {
         "graph": f"one graph for both steps: T=1 is the decode step, 1<T<={step.cache.max_chunk} the prefill step",
         "inputs": ["tokens", "input_pos", *(STATE_IN + n for n in names)],
@@ -278,8 +288,9 @@ def write_program(
         "state_aliased": aliased,
         "kvexport_functions": f"kvexport::{'/'.join(functions)} nodes; their standard-ONNX bodies are the model's "
         "local functions (runtimes inline them)",
-        **({"custom_ops_library": LIBRARY_NAME, "custom_ops": [f"kvexport::{LIBRARY_OP}"]} if library else {}),
-        "op_counts": op_counts(onnx_path),
+        **({"custom_ops_library": LIBRARY_NAME,
+            "custom_ops": [f"kvexport::{op}" for op in LIBRARY_OPS if f"kvexport::{op}" in counts]} if library else {}),
+        "op_counts": counts,
     }
     files = ["model.onnx", *(["model.onnx.data"] if external else []), INITIAL_STATE]
     opsets, ir_version, file_ops = ort_tools.onnx_file_ops(onnx_path)

@@ -6,9 +6,12 @@ of 32) is rewritten when ``Wᵀ`` holds exact codes (:mod:`kvexport.models.q4`, 
 * Q4_1 (the block linears): ``w = d·q + m = d·(q − z) + (m + z·d)`` per block of 32 with the integer
   ``z`` of :func:`kvexport.models.q4.onnx_zero_points`, so ``MatMulNBits(bits=4, block_size=32)`` with codes
   ``q`` (0..15, two per byte, element ``2i`` in the low nibble), scales ``d`` and packed uint8 zero points
-  ``z``, plus ``MatMul(MatMul(x, block indicator [K, K/32]), (m + z·d)ᵀ [K/32, N])`` in fp32. Float zero
-  points ``−m/d`` in the MatMulNBits itself would need no second product, but ONNX Runtime 1.32 has no fast
-  kernel for them: one 576 x 1536 product took 1.11 ms against 0.075 ms with uint8 zero points (2 threads).
+  ``z``, plus ``MatMul(MatMul(x, block indicator [K, K/32]), (m + z·d)ᵀ [K/32, N])`` in fp32 — in a program
+  that runs with our custom-op library (``--ops fused``) one ``kvexport::block_offset(y, x, offsets)`` node
+  instead of those two MatMuls and the Add (240 nodes fewer on the default model; the same fp32 arithmetic,
+  block sums then a sum over blocks). Float zero points ``−m/d`` in the MatMulNBits itself would need no
+  second product, but ONNX Runtime 1.32 has no fast kernel for them: one 576 x 1536 product took 1.11 ms
+  against 0.075 ms with uint8 zero points (2 threads).
 * Q8_0 (the tied lm_head): ``MatMulNBits(bits=8, block_size=32)`` with codes ``q + 128`` (uint8), scales ``d``
   and packed uint8 zero points 128. Its ``[N, K/32, 32]`` code initializer is row for row the embedding
   table, so the embedding ``Gather`` is rewritten to read it too (``Gather`` codes and scales,
@@ -33,6 +36,7 @@ import torch
 from kvexport.export.onnx_graph import GraphIndex, replace_nodes
 from kvexport.models.q4 import BLOCK, block_ones, onnx_zero_points, q4_1_codes
 from kvexport.models.tied import q8_0_codes
+from kvexport.ops.onnx import BLOCK_OFFSET_OP, DOMAIN
 
 Q4_CONTRIB = "com.microsoft"
 
@@ -42,9 +46,10 @@ def _nbits_node(helper, a: str, out: str, name: str, k: int, n: int, bits: int, 
                             K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=4)
 
 
-def rewrite(model, keep: list[str] = ()) -> dict:
+def rewrite(model, keep: list[str] = (), library: bool = False) -> dict:
     """Rewrite ``model`` (``onnx.ModelProto``, initializers loaded) in place, all MatMuls but those named in
-    ``keep``; returns counts for the manifest: ``{"q4_1": n, "q8_0": n, "fp32": n, "embedding_shared": bool}``."""
+    ``keep``; ``library``: block offsets as ``kvexport::block_offset`` nodes. Returns counts for the manifest:
+    ``{"q4_1": n, "q8_0": n, "fp32": n, "embedding_shared": bool}``."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -86,7 +91,7 @@ def rewrite(model, keep: list[str] = ()) -> dict:
             edits.append(([node], [_nbits_node(helper, node.input[0], node.output[0], name, k, n, bits, names)]))
         else:
             nodes, offset_inits = _block_offset(
-                helper, numpy_helper, node.input[0], node.output[0], name, offset, indicators
+                helper, numpy_helper, node.input[0], node.output[0], name, offset, None if library else indicators
             )
             nodes.insert(0, _nbits_node(helper, node.input[0], f"{name}.codes_part", name, k, n, bits, names))
             edits.append(([node], nodes))
@@ -103,14 +108,18 @@ def rewrite(model, keep: list[str] = ()) -> dict:
     return counts
 
 
-def _block_offset(helper, numpy_helper, x: str, out: str, p: str, offsets: np.ndarray, indicators: set):
+def _block_offset(helper, numpy_helper, x: str, out: str, p: str, offsets: np.ndarray, indicators: set | None):
     """Nodes (after the MatMulNBits ``p``, whose output is ``<p>.codes_part``) that add ``block sums of the
-    input x [.., K/32] @ offsets [K/32, N]`` and write ``out``, and their initializers (``indicators``: names
-    already added). The block sums are a ``MatMul`` with the 0/1 indicator ``block_onesᵀ`` ``[K, K/32]`` (exact
-    products; one node where ``Reshape`` + ``ReduceSum`` took four on a decode step)."""
+    input x [.., K/32] @ offsets [K/32, N]`` and write ``out``, and their initializers. ``indicators``: names
+    already added, or None for one ``kvexport::block_offset`` node (our library). Otherwise the block sums are a
+    ``MatMul`` with the 0/1 indicator ``block_onesᵀ`` ``[K, K/32]`` (exact products; one node where ``Reshape`` +
+    ``ReduceSum`` took four on a decode step)."""
     n_blocks = offsets.shape[0]
-    blocks = f"block_indicator.{n_blocks * BLOCK}"  # one per input width K
     inits = [numpy_helper.from_array(np.ascontiguousarray(offsets, dtype=np.float32), f"{p}.block_offsets")]
+    if indicators is None:
+        return [helper.make_node(BLOCK_OFFSET_OP, [f"{p}.codes_part", x, f"{p}.block_offsets"], [out],
+                                 domain=DOMAIN)], inits
+    blocks = f"block_indicator.{n_blocks * BLOCK}"  # one per input width K
     if blocks not in indicators:
         inits.append(numpy_helper.from_array(block_ones(n_blocks * BLOCK).T.contiguous().numpy(), blocks))
         indicators.add(blocks)

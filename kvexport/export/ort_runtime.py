@@ -21,7 +21,7 @@ import torch
 from kvexport.errors import KvxError
 from kvexport.export import ort_tools
 from kvexport.export.onnx import STATE_IN, STATE_OUT
-from kvexport.export.runtime import StepRunner
+from kvexport.export.runtime import StepRunner, one_torch_thread
 
 
 class OrtRunner(StepRunner):
@@ -39,10 +39,6 @@ class OrtRunner(StepRunner):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
         opts.inter_op_num_threads = 1
-        # workers sleep between parallel sections instead of spinning: with as many threads as cores the spinning
-        # workers took turns with the caller's thread (decode medians on the scheduler's 4 ms ticks; fused learned
-        # B=4 program, 2 threads, 128 tokens: median 32.0 -> 25.5 ms/token, 2,000 tokens: 34.7 -> 31.0; README)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
         library = self.manifest["onnx"].get("custom_ops_library")
         if library:
@@ -100,6 +96,7 @@ class OrtRunner(StepRunner):
         b = self.bindings[self.current]
         b.bind_cpu_input("tokens", tokens.numpy())
         b.bind_cpu_input("input_pos", input_pos.numpy())
-        self.session.run_with_iobinding(b)
-        self.current = 1 - self.current
-        return self.logits.clone(), self.stats.clone()
+        with one_torch_thread():  # ONNX Runtime's workers spin between parallel sections: no OpenMP worker beside them
+            self.session.run_with_iobinding(b)
+            self.current = 1 - self.current
+            return self.logits.clone(), self.stats.clone()

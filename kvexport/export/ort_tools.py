@@ -166,11 +166,11 @@ def compatibility(opsets: dict, ir_version: int, ops: dict, ort_format: str | No
     format version of an ``.ort`` program (None for ``.onnx``)."""
     from onnx import defs
 
-    from kvexport.ops.onnx import LIBRARY_OP
+    from kvexport.ops.onnx import LIBRARY_OPS
 
     opset = opsets.get("ai.onnx", 1)
     onnx_ops = {op: defs.get_schema(op, opset).since_version for op in ops.get("ai.onnx", ())}
-    library = [op for op in ops.get("kvexport", ()) if op == LIBRARY_OP]
+    library = [op for op in ops.get("kvexport", ()) if op in LIBRARY_OPS]
     return Compatibility(
         dict(sorted(opsets.items())), ir_version, onnx_ops, sorted(ops.get("com.microsoft", ())), ort_format, library
     )
@@ -236,9 +236,10 @@ def rotation_matmuls(model) -> list[str]:
     return names
 
 
-def quantize_weights(src: Path, weights: str):
+def quantize_weights(src: Path, weights: str, library: bool = False):
     """Quantize the constant-weight MatMuls of the ONNX file ``src`` (all but :func:`rotation_matmuls`);
-    returns the ModelProto."""
+    returns the ModelProto. ``library``: the program runs with our custom-op library (``q4``'s block offsets
+    become ``kvexport::block_offset`` nodes)."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -247,7 +248,7 @@ def quantize_weights(src: Path, weights: str):
     if weights == "q4":
         from kvexport.export import onnx_q4
 
-        if not onnx_q4.rewrite(model, keep)["q4_1"]:
+        if not onnx_q4.rewrite(model, keep, library=library)["q4_1"]:
             raise KvxError(
                 "--weights q4 for onnx/ort needs a model whose linears hold Q4_1 codes (a Q4_1 GGUF); "
                 "this one has none: use --weights int4 or fp32, or --target executorch (re-quantizes)"
@@ -268,8 +269,8 @@ def quantize_weights(src: Path, weights: str):
 
 def convert_to_ort(onnx_path: Path, out_dir: Path, custom_op_library: Path | None = None) -> tuple[Path, Path]:
     """``model.onnx`` -> ``model.ort`` and ``required_operators.config`` (for a reduced build) in ``out_dir``;
-    ``custom_op_library``: the library a program's ``kvexport::layer_attention`` needs (ORT loads the graph to
-    convert it)."""
+    ``custom_op_library``: the library a fused program's ``kvexport::`` ops need (ORT loads the graph to convert
+    it)."""
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
     level = os.environ.get("ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL")
@@ -327,7 +328,7 @@ def custom_ops_library(name: str) -> Path:
     try:
         return build_ort_library()
     except BuildError as err:
-        raise KvxError(f"this program runs kvexport::layer_attention from {name}: {err}") from None
+        raise KvxError(f"this program runs kvexport ops (layer_attention, ...) from {name}: {err}") from None
 
 
 def check_installed(manifest: dict) -> None:

@@ -11,6 +11,7 @@ runtime (a corrupt file aborts it).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -134,19 +135,27 @@ class ExecuTorchRunner(StepRunner):
         return out[0], out[1]
 
 
-def execute(method, inputs: list) -> list:
-    """``method.execute(inputs)`` for every ExecuTorch runner (ours and ``export_llama``'s), with one torch
-    thread for the call. The pybindings return clones made by torch, which copies the ``[1, V]`` logits
-    in an OpenMP loop: with more torch threads, libgomp's worker then spins on a core that ExecuTorch's
-    own pool (XNNPACK, our kernels) needs for the next step (perf: a quarter of the samples of a 2-thread
-    decode loop; 25 -> 19 ms/token for the default program at 128 tokens). The program's pool keeps its
-    size (:func:`kvexport.bench.set_threads`)."""
+@contextlib.contextmanager
+def one_torch_thread():
+    """One torch thread meanwhile, for every runner's step (ExecuTorch's and ONNX Runtime's programs have their own
+    thread pools, sized by :func:`kvexport.bench.set_threads`). The runners hand back logits as torch copies, and torch
+    copies a ``[1, V]`` tensor in an OpenMP loop: with more torch threads, libgomp's worker then spins on a core that
+    the runtime's own pool needs for the next step (ExecuTorch, perf: a quarter of the samples of a 2-thread decode
+    loop, 25 -> 19 ms/token for the default program at 128 tokens; ONNX Runtime: the reason its spinning workers
+    lost to sleeping ones, README)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return method.execute(inputs)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def execute(method, inputs: list) -> list:
+    """``method.execute(inputs)`` for every ExecuTorch runner (ours and ``export_llama``'s), with
+    :func:`one_torch_thread` (the pybindings return clones made by torch)."""
+    with one_torch_thread():
+        return method.execute(inputs)
 
 
 def program_constants(program) -> dict:

@@ -421,9 +421,10 @@ class MixedKVCache(nn.Module):
         return torch.cat([feat_state[:, :3], feat_state[:, 3:5] / n], dim=-1)
 
     def _allocate(self, desired: torch.Tensor, valid: torch.Tensor):
-        """The overflow rule (:mod:`kvexport.kv.allocate`): ``kvexport::allocate`` with the layer kernel,
-        else its reference. desired/valid ``[N]`` -> (class ``[N]``, slot ``[N]``, new fill ``[4]``)."""
-        if self.layer_kernel and not self.onnx_kernel:
+        """The overflow rule (:mod:`kvexport.kv.allocate`): ``kvexport::allocate`` with the layer kernel (an
+        ExecuTorch kernel, or an op of our ONNX Runtime library), else its reference. desired/valid ``[N]`` ->
+        (class ``[N]``, slot ``[N]``, new fill ``[4]``)."""
+        if self.layer_kernel:
             from kvexport import ops
 
             return ops.allocate(desired, valid, self.fill, self.caps)

@@ -37,12 +37,12 @@ from kvexport.fsutil import cache_root
 EXECUTORCH_VERSION = "1.4.1"
 LIB_NAME = "libkvexport_ops.so"
 SOURCES = ("kvexport_ops.cpp", "layer_attention.cpp", "layer_attention_executorch.cpp", "q8_linear.cpp")
-HEADERS = ("kernel_common.h", "kernel_math.h", "layer_attention.h")
+HEADERS = ("allocate.h", "kernel_common.h", "kernel_math.h", "layer_attention.h")
 CSRC = Path(__file__).resolve().parent / "csrc"
 ORT_LIB_NAME = "libkvexport_ort.so"
 ORT_API_VERSION = 18  # what the library asks ONNX Runtime for (ort_ops.cpp kApiVersion): releases from 1.18 on
 ORT_SOURCES = ("ort_ops.cpp", "layer_attention.cpp")
-ORT_HEADERS = ("kernel_math.h", "layer_attention.h")
+ORT_HEADERS = ("allocate.h", "kernel_math.h", "layer_attention.h")
 ORT_HEADERS_NPM = ("com.github.asus4.onnxruntime", "0.4.9")
 # the C/C++ API headers inside the npm tarball (any one framework's copy)
 ORT_HEADERS_IN_TARBALL = ("package/Plugins/iOS~/onnxruntime.xcframework/ios-arm64_x86_64-simulator/"

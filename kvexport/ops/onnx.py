@@ -187,6 +187,13 @@ _TYPES = {"F": "tensor(float)", "H": "tensor(float16)", "U": "tensor(uint8)", "I
 # outputs out, recv and the layer's staged K and V rows. Each input and output has its own type variable (float
 # parts may be fp16 or fp32; pools mix codes and scales), checked by the kernel.
 LIBRARY_OP = "layer_attention"
+# kvexport::allocate (library op, no body): the overflow rule (kvexport.kv.allocate), desired int64 [N], valid bool [N],
+# fill / caps int64 [K] -> class, slot int64 [N], new fill int64 [K]
+ALLOCATE_OP = "allocate"
+# kvexport::block_offset (library op, no body): y [.., N] + block sums of x [.., K] (blocks of 32) @ offsets [K/32, N],
+# the second term of an exact Q4_1 linear in --ops fused programs (kvexport.export.onnx_q4)
+BLOCK_OFFSET_OP = "block_offset"
+LIBRARY_OPS = (LIBRARY_OP, ALLOCATE_OP, BLOCK_OFFSET_OP)  # what libkvexport_ort.so runs
 
 
 def _layer_attention_schema():
@@ -232,6 +239,21 @@ def register_schemas() -> None:
         )
     if not defs.has(LIBRARY_OP, DOMAIN):
         defs.register_schema(_layer_attention_schema())
+    if not defs.has(ALLOCATE_OP, DOMAIN):
+        defs.register_schema(OpSchema(
+            ALLOCATE_OP, DOMAIN, VERSION,
+            inputs=[OpSchema.FormalParameter(n, t) for n, t in
+                    (("desired", "I"), ("valid", "B"), ("fill", "I"), ("caps", "I"))],
+            outputs=[OpSchema.FormalParameter(n, "I") for n in ("cls", "slot", "fill_out")],
+            type_constraints=[("I", ["tensor(int64)"], ""), ("B", ["tensor(bool)"], "")],
+        ))
+    if not defs.has(BLOCK_OFFSET_OP, DOMAIN):
+        defs.register_schema(OpSchema(
+            BLOCK_OFFSET_OP, DOMAIN, VERSION,
+            inputs=[OpSchema.FormalParameter(n, "T") for n in ("y", "x", "offsets")],
+            outputs=[OpSchema.FormalParameter("out", "T")],
+            type_constraints=[("T", ["tensor(float)"], "")],
+        ))
 
 
 def node_translation_table() -> dict:
@@ -245,7 +267,8 @@ def node_translation_table() -> dict:
 
     ops.load()
     register_schemas()
-    node = {name: Op(kvexport_opset, name, defs.get_schema(name, VERSION, DOMAIN)) for name in (*FUNCTIONS, LIBRARY_OP)}
+    node = {name: Op(kvexport_opset, name, defs.get_schema(name, VERSION, DOMAIN))
+            for name in (*FUNCTIONS, LIBRARY_OP, ALLOCATE_OP)}
 
     # One typed translation per op: torch.onnx binds the ATen arguments to these signatures.
     def quantize_pack_node(x, bits: int, group: int, clip: float = 1.0):
@@ -263,8 +286,12 @@ def node_translation_table() -> dict:
         return node[LIBRARY_OP](q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, *pools, layer=layer,
                                 group=group, scale=scale, features=int(features), rotate=int(rotate))
 
+    def allocate_node(desired, valid, fill, caps):
+        return node[ALLOCATE_OP](desired, valid, fill, caps)
+
     return {
         torch.ops.kvexport.layer_attention_onnx.default: layer_attention_node,
+        torch.ops.kvexport.allocate.default: allocate_node,
         torch.ops.kvexport.quantize_pack.default: quantize_pack_node,
         torch.ops.kvexport.pool_attention.default: pool_attention_node,
     }

@@ -1,5 +1,6 @@
 """The overflow rule: the vectorised reference (kvexport.kv.allocate) against a plain loop written from its
-docstring, and the ExecuTorch kernel ``kvexport::allocate`` (a real .pte) against the reference."""
+docstring, and the ExecuTorch kernel ``kvexport::allocate`` (a real .pte) and the op of our ONNX Runtime library
+(a real session) against the reference."""
 
 from __future__ import annotations
 
@@ -94,3 +95,28 @@ def test_kernel_equals_reference(allocate_method):
         want = allocate(desired, valid, fill, caps)
         for a, b, name in zip(got, want, ("class", "slot", "fill")):
             assert torch.equal(a, b), (name, desired.tolist(), valid.tolist(), fill.tolist(), caps.tolist(), a, b)
+
+
+def test_onnx_runtime_op_equals_reference():
+    """The same cases through one ``kvexport::allocate`` node of libkvexport_ort.so."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from kvexport.ops.build import build_ort_library
+
+    io = [("desired", TensorProto.INT64, ["n"]), ("valid", TensorProto.BOOL, ["n"]), ("fill", TensorProto.INT64, [K]),
+          ("caps", TensorProto.INT64, [K])]
+    outs = [("cls", ["n"]), ("slot", ["n"]), ("fill_out", [K])]
+    graph = helper.make_graph(
+        [helper.make_node("allocate", [n for n, *_ in io], [n for n, _ in outs], domain="kvexport")], "g",
+        [helper.make_tensor_value_info(*x) for x in io],
+        [helper.make_tensor_value_info(n, TensorProto.INT64, shape) for n, shape in outs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("kvexport", 1)])
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(build_ort_library()))
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    for desired, valid, fill, caps in cases(300, seed=2):
+        got = session.run(None, {n: x.numpy() for (n, *_), x in zip(io, (desired, valid, fill, caps))})
+        want = allocate(desired, valid, fill, caps)
+        for a, b, name in zip(got, want, ("class", "slot", "fill")):
+            assert torch.equal(torch.from_numpy(a), b), (name, desired.tolist(), valid.tolist(), fill.tolist(), a, b)

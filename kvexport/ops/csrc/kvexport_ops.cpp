@@ -17,6 +17,7 @@
 #include <executorch/runtime/kernel/operator_registry.h>
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
 
+#include "allocate.h"
 #include "kernel_common.h"
 
 #include <algorithm>
@@ -391,10 +392,7 @@ Tensor3 pool_attention_out(KernelRuntimeContext& ctx, const Tensor& q, const Ten
 
 // ---------------------------------------------------------------- allocate.out
 
-// The overflow rule of kvexport/kv/allocate.py, sequentially: round r, class c, tokens in order. The
-// reference ranks a round's candidates for c with a cumulative sum and places those with
-// fill[c] + rank < caps[c]; once one fails every later one fails, so "place while there is room" is the
-// same rule.
+// The overflow rule: kvexport::core::allocate_rule (allocate.h).
 Tensor3 allocate_out(KernelRuntimeContext& ctx, const Tensor& desired, const Tensor& valid, const Tensor& fill,
                      const Tensor& caps, Tensor& cls, Tensor& slot, Tensor& fill_out) {
   Tensor3 ret(cls, slot, fill_out);
@@ -409,29 +407,10 @@ Tensor3 allocate_out(KernelRuntimeContext& ctx, const Tensor& desired, const Ten
   ET_KERNEL_CHECK(ctx, resize_tensor(cls, desired.sizes()) == Error::Ok, InvalidArgument, ret);
   ET_KERNEL_CHECK(ctx, resize_tensor(slot, desired.sizes()) == Error::Ok, InvalidArgument, ret);
   ET_KERNEL_CHECK(ctx, resize_tensor(fill_out, fill.sizes()) == Error::Ok, InvalidArgument, ret);
-  const int64_t n = desired.size(0), k = fill.size(0);
-  const int64_t* want = desired.const_data_ptr<int64_t>();
-  const bool* ok = valid.const_data_ptr<bool>();
-  const int64_t* cap = caps.const_data_ptr<int64_t>();
-  int64_t* c_out = cls.mutable_data_ptr<int64_t>();
-  int64_t* s_out = slot.mutable_data_ptr<int64_t>();
-  int64_t* f = fill_out.mutable_data_ptr<int64_t>();
-  std::memcpy(f, fill.const_data_ptr<int64_t>(), k * sizeof(int64_t));  // fill_out may not alias fill
-  for (int64_t i = 0; i < n; ++i) {
-    c_out[i] = -1;
-    s_out[i] = 0;
-  }
-  for (int64_t r = 0; r < k; ++r) {
-    for (int64_t c = 0; c < k; ++c) {
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t target = want[i] >= r ? want[i] - r : r;
-        if (ok[i] && c_out[i] < 0 && target == c && f[c] < cap[c]) {
-          c_out[i] = c;
-          s_out[i] = f[c]++;
-        }
-      }
-    }
-  }
+  kvexport::core::allocate_rule(desired.const_data_ptr<int64_t>(), valid.const_data_ptr<bool>(), desired.size(0),
+                                fill.const_data_ptr<int64_t>(), caps.const_data_ptr<int64_t>(), fill.size(0),
+                                cls.mutable_data_ptr<int64_t>(), slot.mutable_data_ptr<int64_t>(),
+                                fill_out.mutable_data_ptr<int64_t>());
   return ret;
 }
 

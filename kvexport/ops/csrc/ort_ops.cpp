@@ -1,7 +1,9 @@
 /*
- * The kvexport custom-op library for ONNX Runtime (libkvexport_ort.so): domain "kvexport", op
- * layer_attention (version 1), loaded with SessionOptions.register_custom_ops_library. A thin wrapper
- * around the core of layer_attention.h, the same source the ExecuTorch kernel runs.
+ * The kvexport custom-op library for ONNX Runtime (libkvexport_ort.so): domain "kvexport", ops
+ * layer_attention, allocate and block_offset (version 1), loaded with SessionOptions.register_custom_ops_library.
+ * layer_attention and allocate are thin wrappers around the runtime-free cores of layer_attention.h and
+ * allocate.h, the sources the ExecuTorch kernels run; block_offset is the second term of an exact Q4_1 linear
+ * (kvexport.export.onnx_q4).
  *
  * Inputs: q, k, v, state, the six cache parts the op writes (sink_k, sink_v, win_k, win_v, evict_k,
  * evict_v), the 20 pools (POOL_NAMES); attributes: layer, group, scale, features, rotate (ints 0/1 for the
@@ -18,9 +20,15 @@
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
 
+#include <algorithm>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <cstring>
 #include <string>
+#include <vector>
 
+#include "allocate.h"
 #include "layer_attention.h"
 
 namespace {
@@ -158,6 +166,154 @@ struct LayerOp : Ort::CustomOpBase<LayerOp<FP>, LayerKernel, true> {
 
 };
 
+// kvexport::block_offset(y [.., N], x [.., K], offsets [K/32, N]) -> y + blocksum(x) @ offsets, with
+// blocksum(x)[.., b] = sum of x[.., 32b : 32b + 32] (kvexport.models.q4.Q4Int8Linear's offset term), in one
+// node where MatMul(x, indicator), MatMul(., offsets) and Add took three. The offsets are a stream of
+// 4 * K/32 bytes per output column (13 MB a decode step on the default model). Prefill rows run as tasks of
+// kColumns columns; a decode row runs on the caller (measured: handing its columns to the two-thread pool
+// cost more than it saved).
+constexpr int64_t kBlock32 = 32;
+constexpr int64_t kColumns = 256;
+
+// Columns [j0, j1) of row r.
+void block_offset_task(const float* y, const float* x, const float* off, int64_t k, int64_t n, int64_t r,
+                       int64_t j0, int64_t j1, float* out) {
+  const int64_t nb = k / kBlock32;
+  float sums[64];  // nb <= 64 per pass: wider inputs take several passes over the columns
+  const float* xr = x + r * k;
+  const float* yr = y + r * n;
+  float* o = out + r * n;
+  for (int64_t b0 = 0; b0 < nb; b0 += 64) {
+    const int64_t b1 = std::min(nb, b0 + 64);
+    for (int64_t b = b0; b < b1; ++b) {
+      float s = 0.0f;
+      for (int64_t i = 0; i < kBlock32; ++i) {
+        s += xr[b * kBlock32 + i];
+      }
+      sums[b - b0] = s;
+    }
+    const float* base = b0 == 0 ? yr : o;  // later passes add to what the first wrote
+    int64_t j = j0;
+#if defined(__AVX2__)
+    // 32 columns a round, their sums in registers over the blocks (the scalar loop's order)
+    for (; j + 32 <= j1; j += 32) {
+      __m256 acc[4];
+      for (int c = 0; c < 4; ++c) {
+        acc[c] = _mm256_loadu_ps(base + j + 8 * c);
+      }
+      for (int64_t b = b0; b < b1; ++b) {
+        const __m256 s = _mm256_set1_ps(sums[b - b0]);
+        const float* ob = off + b * n + j;
+        for (int c = 0; c < 4; ++c) {
+          acc[c] = _mm256_add_ps(acc[c], _mm256_mul_ps(s, _mm256_loadu_ps(ob + 8 * c)));
+        }
+      }
+      for (int c = 0; c < 4; ++c) {
+        _mm256_storeu_ps(o + j + 8 * c, acc[c]);
+      }
+    }
+#endif
+    for (; j < j1; ++j) {
+      float acc = base[j];
+      for (int64_t b = b0; b < b1; ++b) {
+        acc += sums[b - b0] * off[b * n + j];
+      }
+      o[j] = acc;
+    }
+  }
+}
+
+struct BlockOffsetKernel {
+  explicit BlockOffsetKernel(const OrtKernelInfo*) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const Ort::ConstValue y = ctx.GetInput(0), x = ctx.GetInput(1), off = ctx.GetInput(2);
+    const std::vector<int64_t> ys = y.GetTensorTypeAndShapeInfo().GetShape();
+    const std::vector<int64_t> xs = x.GetTensorTypeAndShapeInfo().GetShape();
+    const std::vector<int64_t> os = off.GetTensorTypeAndShapeInfo().GetShape();
+    const int64_t n = ys.empty() ? 0 : ys.back(), k = xs.empty() ? 0 : xs.back();
+    int64_t rows = 1;
+    for (size_t i = 0; i + 1 < ys.size(); ++i) {
+      rows *= ys[i];
+    }
+    if (ys.empty() || ys.size() != xs.size() || os.size() != 2 || k % kBlock32 || os[0] != k / kBlock32 ||
+        os[1] != n || !std::equal(ys.begin(), ys.end() - 1, xs.begin())) {
+      return Ort::Status("kvexport::block_offset: expected y [.., N], x [.., K] with the same leading dims and "
+                         "offsets [K/32, N], K a multiple of 32", ORT_INVALID_ARGUMENT).release();
+    }
+    struct Job {
+      const float *y, *x, *off;
+      int64_t k, n, chunks;
+      float* out;
+    } job{y.GetTensorData<float>(), x.GetTensorData<float>(), off.GetTensorData<float>(), k, n,
+          (n + kColumns - 1) / kColumns, ctx.GetOutput(0, ys.data(), ys.size()).GetTensorMutableData<float>()};
+    if (rows == 1) {  // a decode row: a few microseconds, less than handing tasks to the pool costs
+      block_offset_task(job.y, job.x, job.off, k, n, 0, 0, n, job.out);
+      return nullptr;
+    }
+    ctx.ParallelFor([](void* p, size_t i) {
+      const Job& jb = *static_cast<const Job*>(p);
+      const int64_t r = static_cast<int64_t>(i) / jb.chunks, j0 = static_cast<int64_t>(i) % jb.chunks * kColumns;
+      block_offset_task(jb.y, jb.x, jb.off, jb.k, jb.n, r, j0, std::min(jb.n, j0 + kColumns), jb.out);
+    }, static_cast<size_t>(rows * job.chunks), 0, &job);
+    return nullptr;
+  }
+};
+
+// The kernel factory of the ops whose kernels read no attributes.
+template <typename Op, typename Kernel>
+struct PlainOp : Ort::CustomOpBase<Op, Kernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    *kernel = new Kernel(info);
+    return nullptr;
+  }
+};
+
+struct BlockOffsetOp : PlainOp<BlockOffsetOp, BlockOffsetKernel> {
+  const char* GetName() const { return "block_offset"; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+// kvexport::allocate(desired int64 [N], valid bool [N], fill int64 [K], caps int64 [K]) -> (cls [N], slot [N],
+// fill_out [K]): the overflow rule (allocate.h), one node where the exported reference took ~14 a (round, class).
+struct AllocateKernel {
+  explicit AllocateKernel(const OrtKernelInfo*) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const Ort::ConstValue desired = ctx.GetInput(0), valid = ctx.GetInput(1), fill = ctx.GetInput(2),
+                          caps = ctx.GetInput(3);
+    const std::vector<int64_t> ds = desired.GetTensorTypeAndShapeInfo().GetShape();
+    const std::vector<int64_t> vs = valid.GetTensorTypeAndShapeInfo().GetShape();
+    const std::vector<int64_t> fs = fill.GetTensorTypeAndShapeInfo().GetShape();
+    const std::vector<int64_t> cs = caps.GetTensorTypeAndShapeInfo().GetShape();
+    if (ds.size() != 1 || vs != ds || fs.size() != 1 || cs != fs) {
+      return Ort::Status("kvexport::allocate: expected desired/valid [N], fill/caps [K]", ORT_INVALID_ARGUMENT)
+          .release();
+    }
+    kvexport::core::allocate_rule(desired.GetTensorData<int64_t>(), valid.GetTensorData<bool>(), ds[0],
+                                  fill.GetTensorData<int64_t>(), caps.GetTensorData<int64_t>(), fs[0],
+                                  ctx.GetOutput(0, ds.data(), 1).GetTensorMutableData<int64_t>(),
+                                  ctx.GetOutput(1, ds.data(), 1).GetTensorMutableData<int64_t>(),
+                                  ctx.GetOutput(2, fs.data(), 1).GetTensorMutableData<int64_t>());
+    return nullptr;
+  }
+};
+
+struct AllocateOp : PlainOp<AllocateOp, AllocateKernel> {
+  const char* GetName() const { return "allocate"; }
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  }
+  size_t GetOutputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64; }
+};
+
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
@@ -169,12 +325,16 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   Ort::InitApi(api);
   static LayerOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16> op_half;
   static LayerOp<ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT> op_float;
+  static BlockOffsetOp op_block_offset;
+  static AllocateOp op_allocate;
   static Ort::CustomOpDomain domain{nullptr};
   try {
     if (!domain) {
       domain = Ort::CustomOpDomain("kvexport");
       domain.Add(&op_half);
       domain.Add(&op_float);
+      domain.Add(&op_block_offset);
+      domain.Add(&op_allocate);
     }
     Ort::UnownedSessionOptions(options).Add(domain);
   } catch (const Ort::Exception& e) {

@@ -221,13 +221,18 @@ def test_onnx_runtime_block_int8_linear_is_the_reference(out_f, in_f, rows, libr
     Q4Int8Linear to float rounding, while quantizing the input moves it ~1e-2 from x @ wᵀ; an input column with an
     outlier (late down_proj inputs reach 447) included. Shapes: prefill rows (the library op's parallel tasks) and
     a decode row; 66 blocks (more than the op sums in one pass)."""
+    import numpy as np
+    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     from kvexport.export import onnx_q4
     from kvexport.ops.build import build_ort_library
 
-    w = dequantize_q4_1(*random_q4_1(out_f, in_f, seed=5))
+    codes, d, _ = random_q4_1(out_f, in_f, seed=5)
+    # blocks whose range holds 0, as in a real model's linears (m = -d·u, u in [0, 15))
+    m = (-torch.rand(d.shape, generator=torch.Generator().manual_seed(7)) * 15 * d).half().float()
+    w = dequantize_q4_1(codes, d, m)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, in_f])],
@@ -237,16 +242,27 @@ def test_onnx_runtime_block_int8_linear_is_the_reference(out_f, in_f, rows, libr
     assert onnx_q4.rewrite(model, library=library)["q4_1"] == 1
     ops = [n.op_type for n in model.graph.node]
     assert ops == (["MatMulNBits", "block_offset"] if library else ["MatMulNBits", "MatMul", "MatMul", "Add"]), ops
+    offsets = next(t for t in model.graph.initializer if t.name.endswith(".block_offsets"))
+    # Q4_1's fp16 m and d give offsets m + z·d that fp16 holds exactly: the library op reads them in fp16
+    assert offsets.data_type == (TensorProto.FLOAT16 if library else TensorProto.FLOAT)
     opts = ort.SessionOptions()
     if library:
         opts.register_custom_ops_library(str(build_ort_library()))
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     x = torch.randn(1, rows, in_f, generator=torch.Generator().manual_seed(6)) * 3
     x[..., 7] = 300.0
-    got = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
     want, exact = Q4Int8Linear(w)(x), x @ w.T
     scale = exact.abs().max()
-    assert (got - want).abs().max() / scale < 2e-6
+    variants = [model]
+    if library:  # the op's fp32 offsets too (what a model whose offsets fp16 cannot hold gets)
+        fp32 = onnx.ModelProto()
+        fp32.CopyFrom(model)
+        t = next(t for t in fp32.graph.initializer if t.name == offsets.name)
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(offsets).astype(np.float32), offsets.name))
+        variants.append(fp32)
+    for variant in variants:
+        session = ort.InferenceSession(variant.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+        assert (got - want).abs().max() / scale < 2e-6
     assert 1e-4 < (want - exact).abs().max() / scale < 5e-2  # the input's int8 rounding, not wrong codes
 
 

@@ -9,9 +9,12 @@ of 32) is rewritten when ``Wᵀ`` holds exact codes (:mod:`kvexport.models.q4`, 
   ``z``, plus ``MatMul(MatMul(x, block indicator [K, K/32]), (m + z·d)ᵀ [K/32, N])`` in fp32 — in a program
   that runs with our custom-op library (``--ops fused``) one ``kvexport::block_offset(y, x, offsets)`` node
   instead of those two MatMuls and the Add (240 nodes fewer on the default model; the same fp32 arithmetic,
-  block sums then a sum over blocks). Float zero points ``−m/d`` in the MatMulNBits itself would need no
-  second product, but ONNX Runtime 1.32 has no fast kernel for them: one 576 x 1536 product took 1.11 ms
-  against 0.075 ms with uint8 zero points (2 threads).
+  block sums then a sum over blocks), with the offsets stored in fp16 where a linear's all are exact: every
+  one of the default model's 3.3M (``|m + z·d| <= d/2`` is a multiple of the finer of ``m``'s and ``d``'s fp16
+  steps, so 11 bits hold it; a block whose range excludes 0 clamps ``z`` and may not be): 13 -> 6.6 MB a step.
+  Float zero points ``−m/d`` in the MatMulNBits itself would need no second product, but ONNX Runtime 1.32
+  has no fast kernel for them: one 576 x 1536 product took 1.11 ms against 0.075 ms with uint8 zero points
+  (2 threads).
 * Q8_0 (the tied lm_head): ``MatMulNBits(bits=8, block_size=32)`` with codes ``q + 128`` (uint8), scales ``d``
   and packed uint8 zero points 128. Its ``[N, K/32, 32]`` code initializer is row for row the embedding
   table, so the embedding ``Gather`` is rewritten to read it too (``Gather`` codes and scales,
@@ -115,10 +118,14 @@ def _block_offset(helper, numpy_helper, x: str, out: str, p: str, offsets: np.nd
     ``MatMul`` with the 0/1 indicator ``block_onesᵀ`` ``[K, K/32]`` (exact products; one node where ``Reshape`` +
     ``ReduceSum`` took four on a decode step)."""
     n_blocks = offsets.shape[0]
-    inits = [numpy_helper.from_array(np.ascontiguousarray(offsets, dtype=np.float32), f"{p}.block_offsets")]
-    if indicators is None:
+    offsets = np.ascontiguousarray(offsets, dtype=np.float32)
+    if indicators is None:  # the library op also reads fp16 offsets: half the bytes where that is exact
+        half = offsets.astype(np.float16)
+        stored = half if np.array_equal(half.astype(np.float32), offsets) else offsets
+        inits = [numpy_helper.from_array(stored, f"{p}.block_offsets")]
         return [helper.make_node(BLOCK_OFFSET_OP, [f"{p}.codes_part", x, f"{p}.block_offsets"], [out],
                                  domain=DOMAIN)], inits
+    inits = [numpy_helper.from_array(offsets, f"{p}.block_offsets")]
     blocks = f"block_indicator.{n_blocks * BLOCK}"  # one per input width K
     if blocks not in indicators:
         inits.append(numpy_helper.from_array(block_ones(n_blocks * BLOCK).T.contiguous().numpy(), blocks))

@@ -190,7 +190,8 @@ LIBRARY_OP = "layer_attention"
 # kvexport::allocate (library op, no body): the overflow rule (kvexport.kv.allocate), desired int64 [N], valid bool [N],
 # fill / caps int64 [K] -> class, slot int64 [N], new fill int64 [K]
 ALLOCATE_OP = "allocate"
-# kvexport::block_offset (library op, no body): y [.., N] + block sums of x [.., K] (blocks of 32) @ offsets [K/32, N],
+# kvexport::block_offset (library op, no body): y [.., N] + block sums of x [.., K] (blocks of 32) @ offsets [K/32, N]
+# (fp32, or fp16 where exact),
 # the second term of an exact Q4_1 linear in --ops fused programs (kvexport.export.onnx_q4)
 BLOCK_OFFSET_OP = "block_offset"
 LIBRARY_OPS = (LIBRARY_OP, ALLOCATE_OP, BLOCK_OFFSET_OP)  # what libkvexport_ort.so runs
@@ -250,9 +251,10 @@ def register_schemas() -> None:
     if not defs.has(BLOCK_OFFSET_OP, DOMAIN):
         defs.register_schema(OpSchema(
             BLOCK_OFFSET_OP, DOMAIN, VERSION,
-            inputs=[OpSchema.FormalParameter(n, "T") for n in ("y", "x", "offsets")],
+            inputs=[OpSchema.FormalParameter("y", "T"), OpSchema.FormalParameter("x", "T"),
+                    OpSchema.FormalParameter("offsets", "O")],
             outputs=[OpSchema.FormalParameter("out", "T")],
-            type_constraints=[("T", ["tensor(float)"], "")],
+            type_constraints=[("T", ["tensor(float)"], ""), ("O", ["tensor(float)", "tensor(float16)"], "")],
         ))
 
 

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "allocate.h"
+#include "kernel_math.h"
 #include "layer_attention.h"
 
 namespace {
@@ -168,16 +169,33 @@ struct LayerOp : Ort::CustomOpBase<LayerOp<FP>, LayerKernel, true> {
 
 // kvexport::block_offset(y [.., N], x [.., K], offsets [K/32, N]) -> y + blocksum(x) @ offsets, with
 // blocksum(x)[.., b] = sum of x[.., 32b : 32b + 32] (kvexport.models.q4.Q4Int8Linear's offset term), in one
-// node where MatMul(x, indicator), MatMul(., offsets) and Add took three. The offsets are a stream of
-// 4 * K/32 bytes per output column (13 MB a decode step on the default model). Prefill rows run as tasks of
-// kColumns columns; a decode row runs on the caller (measured: handing its columns to the two-thread pool
-// cost more than it saved).
+// node where MatMul(x, indicator), MatMul(., offsets) and Add took three. The offsets are fp32 or fp16 (the
+// exporter stores fp16 where that is exact: every offset of the default model); they are a stream of 2-4 bytes
+// x K/32 per output column, the op's whole cost. Prefill rows run as tasks of kColumns columns; a decode row
+// runs on the caller (measured: handing its columns to the two-thread pool cost more than it saved).
 constexpr int64_t kBlock32 = 32;
 constexpr int64_t kColumns = 256;
 
+template <typename T>
+inline float offset_at(const T* off, int64_t i);
+template <>
+inline float offset_at<float>(const float* off, int64_t i) { return off[i]; }
+template <>
+inline float offset_at<uint16_t>(const uint16_t* off, int64_t i) {
+  return kvexport::native::common::f16_to_f32(off[i]);
+}
+
+#if defined(__AVX2__)
+inline __m256 offsets8(const float* off) { return _mm256_loadu_ps(off); }
+inline __m256 offsets8(const uint16_t* off) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(off)));
+}
+#endif
+
 // Columns [j0, j1) of row r.
-void block_offset_task(const float* y, const float* x, const float* off, int64_t k, int64_t n, int64_t r,
-                       int64_t j0, int64_t j1, float* out) {
+template <typename T>
+void block_offset_task(const float* y, const float* x, const T* off, int64_t k, int64_t n, int64_t r, int64_t j0,
+                       int64_t j1, float* out) {
   const int64_t nb = k / kBlock32;
   float sums[64];  // nb <= 64 per pass: wider inputs take several passes over the columns
   const float* xr = x + r * k;
@@ -203,9 +221,9 @@ void block_offset_task(const float* y, const float* x, const float* off, int64_t
       }
       for (int64_t b = b0; b < b1; ++b) {
         const __m256 s = _mm256_set1_ps(sums[b - b0]);
-        const float* ob = off + b * n + j;
+        const T* ob = off + b * n + j;
         for (int c = 0; c < 4; ++c) {
-          acc[c] = _mm256_add_ps(acc[c], _mm256_mul_ps(s, _mm256_loadu_ps(ob + 8 * c)));
+          acc[c] = _mm256_add_ps(acc[c], _mm256_mul_ps(s, offsets8(ob + 8 * c)));
         }
       }
       for (int c = 0; c < 4; ++c) {
@@ -216,12 +234,29 @@ void block_offset_task(const float* y, const float* x, const float* off, int64_t
     for (; j < j1; ++j) {
       float acc = base[j];
       for (int64_t b = b0; b < b1; ++b) {
-        acc += sums[b - b0] * off[b * n + j];
+        acc += sums[b - b0] * offset_at(off, b * n + j);
       }
       o[j] = acc;
     }
   }
 }
+
+// One block_offset call: its rows, columns and offsets' type.
+struct BlockOffsetJob {
+  const float *y, *x;
+  const void* off;
+  bool half;
+  int64_t k, n, chunks;
+  float* out;
+
+  void run(int64_t r, int64_t j0, int64_t j1) const {
+    if (half) {
+      block_offset_task(y, x, static_cast<const uint16_t*>(off), k, n, r, j0, j1, out);
+    } else {
+      block_offset_task(y, x, static_cast<const float*>(off), k, n, r, j0, j1, out);
+    }
+  }
+};
 
 struct BlockOffsetKernel {
   explicit BlockOffsetKernel(const OrtKernelInfo*) {}
@@ -231,32 +266,32 @@ struct BlockOffsetKernel {
     const Ort::ConstValue y = ctx.GetInput(0), x = ctx.GetInput(1), off = ctx.GetInput(2);
     const std::vector<int64_t> ys = y.GetTensorTypeAndShapeInfo().GetShape();
     const std::vector<int64_t> xs = x.GetTensorTypeAndShapeInfo().GetShape();
-    const std::vector<int64_t> os = off.GetTensorTypeAndShapeInfo().GetShape();
+    const auto off_info = off.GetTensorTypeAndShapeInfo();
+    const std::vector<int64_t> os = off_info.GetShape();
+    const auto off_type = off_info.GetElementType();
     const int64_t n = ys.empty() ? 0 : ys.back(), k = xs.empty() ? 0 : xs.back();
     int64_t rows = 1;
     for (size_t i = 0; i + 1 < ys.size(); ++i) {
       rows *= ys[i];
     }
     if (ys.empty() || ys.size() != xs.size() || os.size() != 2 || k % kBlock32 || os[0] != k / kBlock32 ||
-        os[1] != n || !std::equal(ys.begin(), ys.end() - 1, xs.begin())) {
+        os[1] != n || !std::equal(ys.begin(), ys.end() - 1, xs.begin()) ||
+        (off_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && off_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)) {
       return Ort::Status("kvexport::block_offset: expected y [.., N], x [.., K] with the same leading dims and "
-                         "offsets [K/32, N], K a multiple of 32", ORT_INVALID_ARGUMENT).release();
+                         "offsets [K/32, N] fp32 or fp16, K a multiple of 32", ORT_INVALID_ARGUMENT).release();
     }
-    struct Job {
-      const float *y, *x, *off;
-      int64_t k, n, chunks;
-      float* out;
-    } job{y.GetTensorData<float>(), x.GetTensorData<float>(), off.GetTensorData<float>(), k, n,
-          (n + kColumns - 1) / kColumns, ctx.GetOutput(0, ys.data(), ys.size()).GetTensorMutableData<float>()};
+    const BlockOffsetJob job{y.GetTensorData<float>(), x.GetTensorData<float>(), off.GetTensorRawData(),
+                             off_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, k, n, (n + kColumns - 1) / kColumns,
+                             ctx.GetOutput(0, ys.data(), ys.size()).GetTensorMutableData<float>()};
     if (rows == 1) {  // a decode row: a few microseconds, less than handing tasks to the pool costs
-      block_offset_task(job.y, job.x, job.off, k, n, 0, 0, n, job.out);
+      job.run(0, 0, n);
       return nullptr;
     }
     ctx.ParallelFor([](void* p, size_t i) {
-      const Job& jb = *static_cast<const Job*>(p);
+      const BlockOffsetJob& jb = *static_cast<const BlockOffsetJob*>(p);
       const int64_t r = static_cast<int64_t>(i) / jb.chunks, j0 = static_cast<int64_t>(i) % jb.chunks * kColumns;
-      block_offset_task(jb.y, jb.x, jb.off, jb.k, jb.n, r, j0, std::min(jb.n, j0 + kColumns), jb.out);
-    }, static_cast<size_t>(rows * job.chunks), 0, &job);
+      jb.run(r, j0, std::min(jb.n, j0 + kColumns));
+    }, static_cast<size_t>(rows * job.chunks), 0, const_cast<BlockOffsetJob*>(&job));
     return nullptr;
   }
 };
@@ -273,7 +308,10 @@ struct PlainOp : Ort::CustomOpBase<Op, Kernel, true> {
 struct BlockOffsetOp : PlainOp<BlockOffsetOp, BlockOffsetKernel> {
   const char* GetName() const { return "block_offset"; }
   size_t GetInputTypeCount() const { return 3; }
-  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  // y, x fp32; offsets fp32 or fp16 (the one input of undefined type ONNX Runtime allows), checked by the kernel
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };

@@ -158,10 +158,11 @@ FUNCTIONS = {
 HELPERS = (dequantize,)  # local functions the op bodies call
 
 
-# Signatures of the two ops as ONNX schemas (inputs, outputs, attributes). Registering them lets
-# the exporter emit plain ``kvexport::<op>`` nodes, which its version-conversion pass leaves alone
-# (it inlines functions, not nodes of other domains); :func:`function_protos` then become the
-# model's local functions, so the ops stay visible as calls and stock ONNX Runtime runs the bodies.
+# Signatures of the ops as ONNX schemas (inputs, outputs, attributes; a type letter of _TYPES each). Registering
+# them lets the exporter emit plain ``kvexport::<op>`` nodes, which its version-conversion pass leaves alone
+# (it inlines functions, not nodes of other domains); for the two function ops :func:`function_protos` then become
+# the model's local functions, so the ops stay visible as calls and stock ONNX Runtime runs the bodies. The
+# library ops (LIBRARY_OPS) have no body: our ONNX Runtime library runs them.
 _SCHEMAS = {
     "quantize_pack": (
         [("x", "F")], [("packed", "U"), ("scale", "H"), ("zero", "H")], {"bits": "INT", "group": "INT", "clip": "FLOAT"}
@@ -180,8 +181,12 @@ _SCHEMAS = {
         [("o", "F"), ("m", "F"), ("l", "F")],
         {"bits": "INT", "group": "INT", "scale": "FLOAT"},
     ),
+    "allocate": ([("desired", "I"), ("valid", "B"), ("fill", "I"), ("caps", "I")],
+                 [("cls", "I"), ("slot", "I"), ("fill_out", "I")], {}),
+    "block_offset": ([("y", "F"), ("x", "F"), ("offsets", "O")], [("out", "F")], {}),
 }
-_TYPES = {"F": "tensor(float)", "H": "tensor(float16)", "U": "tensor(uint8)", "I": "tensor(int64)"}
+_TYPES = {"F": ["tensor(float)"], "H": ["tensor(float16)"], "U": ["tensor(uint8)"], "I": ["tensor(int64)"],
+          "B": ["tensor(bool)"], "O": ["tensor(float)", "tensor(float16)"]}
 
 # kvexport::layer_attention (library op, no body): inputs q, k, v, state, the parts it writes in place, the pools;
 # outputs out, recv and the layer's staged K and V rows. Each input and output has its own type variable (float
@@ -234,28 +239,12 @@ def register_schemas() -> None:
                 VERSION,
                 inputs=[OpSchema.FormalParameter(n, f"T{t}") for n, t in ins],
                 outputs=[OpSchema.FormalParameter(n, f"T{t}") for n, t in outs],
-                type_constraints=[(f"T{t}", [_TYPES[t]], "") for t in used],
+                type_constraints=[(f"T{t}", _TYPES[t], "") for t in used],
                 attributes=[OpSchema.Attribute(a, getattr(OpSchema.AttrType, k), "") for a, k in attrs.items()],
             )
         )
     if not defs.has(LIBRARY_OP, DOMAIN):
         defs.register_schema(_layer_attention_schema())
-    if not defs.has(ALLOCATE_OP, DOMAIN):
-        defs.register_schema(OpSchema(
-            ALLOCATE_OP, DOMAIN, VERSION,
-            inputs=[OpSchema.FormalParameter(n, t) for n, t in
-                    (("desired", "I"), ("valid", "B"), ("fill", "I"), ("caps", "I"))],
-            outputs=[OpSchema.FormalParameter(n, "I") for n in ("cls", "slot", "fill_out")],
-            type_constraints=[("I", ["tensor(int64)"], ""), ("B", ["tensor(bool)"], "")],
-        ))
-    if not defs.has(BLOCK_OFFSET_OP, DOMAIN):
-        defs.register_schema(OpSchema(
-            BLOCK_OFFSET_OP, DOMAIN, VERSION,
-            inputs=[OpSchema.FormalParameter("y", "T"), OpSchema.FormalParameter("x", "T"),
-                    OpSchema.FormalParameter("offsets", "O")],
-            outputs=[OpSchema.FormalParameter("out", "T")],
-            type_constraints=[("T", ["tensor(float)"], ""), ("O", ["tensor(float)", "tensor(float16)"], "")],
-        ))
 
 
 def node_translation_table() -> dict:

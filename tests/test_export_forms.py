@@ -1,8 +1,7 @@
-"""The layer forms that keep a decode step inside XNNPACK: rotate_half as a linear (exact), the q4
-block sums as a linear, RMSNorm's mean as a linear, q/k/v and gate/up as one linear each — each against
-the reference form in float64 — and the census they buy: a layer adds only its
-``kvexport::layer_attention`` call, four views and two splits to the operator calls a fused ExecuTorch
-program makes outside XNNPACK."""
+"""The layer forms that keep a decode step inside XNNPACK: the q4 block sums as a linear, RMSNorm's mean as a linear,
+q/k/v and gate/up as one linear each — each against the reference form in float64 — and the census they buy: a layer
+adds only its ``kvexport::layer_attention`` call (which splits the heads and applies RoPE itself) and two splits to
+the operator calls a fused ExecuTorch program makes outside XNNPACK."""
 
 from __future__ import annotations
 
@@ -10,27 +9,18 @@ import dataclasses
 import json
 import re
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from kvexport.export.build import build
 from kvexport.export.executorch import LinearRMSNorm, delegable_forms
-from kvexport.models.llama import Attention, FeedForward, FusedAttention, FusedFeedForward, RMSNorm, half_turn
+from kvexport.models.llama import Attention, FeedForward, FusedAttention, FusedFeedForward, RMSNorm
 from kvexport.models.loader import LoadedModel
 from kvexport.models.q4 import BLOCK, Q4Linear, block_ones
 from kvexport.session import CacheOptions
 
-# layer_attention + the views of q, k, v and of the attention output + the splits of qkv and gate_up (XNNPACK takes
-# no slice of a dynamic-length tensor)
-PER_LAYER_CALLS = 7
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_half_turn_is_rotate_half_exactly(dtype):
-    x = torch.randn(2, 3, 5, 64, dtype=dtype) * 1e3
-    want = torch.cat([-x[..., 32:], x[..., :32]], dim=-1)
-    assert torch.equal(F.linear(x, half_turn(64).to(dtype)), want)
+# layer_attention + the splits of qkv and gate_up (XNNPACK takes no slice of a dynamic-length tensor)
+PER_LAYER_CALLS = 3
 
 
 def test_block_sums_and_linear_norm_match_the_reference_forms_in_float64():
@@ -61,13 +51,11 @@ def test_stacked_projections_compute_the_separate_ones_in_float64(tiny_model):
     assert fused.fuse_projections() is fused and type(fused.layers[0].mlp) is FusedFeedForward  # idempotent
 
 
-def test_delegable_forms_replace_every_norm_and_rotate_half_in_place(tiny_model):
+def test_delegable_forms_replace_every_norm_in_place(tiny_model):
     model = tiny_model.build()
     norms = {fqn: m for fqn, m in model.named_modules() if type(m) is RMSNorm}
-    assert model.half_turn is None  # the reference's rotate_half: slices and a cat
-    assert delegable_forms(model, rope=True) == len(norms) == 2 * tiny_model.args.n_layers + 1
-    assert torch.equal(model.half_turn, half_turn(tiny_model.args.head_dim))
-    assert delegable_forms(model, rope=False) == 0 and model.half_turn is None  # portable programs
+    assert delegable_forms(model) == len(norms) == 2 * tiny_model.args.n_layers + 1
+    assert delegable_forms(model) == 0  # nothing left to replace
     for fqn, old in norms.items():
         new = model.get_submodule(fqn)
         assert isinstance(new, LinearRMSNorm) and new.weight is old.weight and new.eps == old.eps
@@ -85,7 +73,7 @@ def test_q4_linears_share_one_block_indicator_per_width(tiny_model):
     assert sorted(by_width) == [tiny_model.args.dim, tiny_model.args.intermediate_size]
 
 
-def test_a_layer_adds_only_its_kernel_and_four_views_outside_xnnpack(tiny_model, tmp_path):
+def test_a_layer_adds_only_its_kernel_and_two_splits_outside_xnnpack(tiny_model, tmp_path):
     # 2 and 3 layers (the third a copy of the second): a 1-layer program partitions its tail differently
     state = {**tiny_model.state_dict, **{k.replace("layers.1.", "layers.2."): v
                                          for k, v in tiny_model.state_dict.items() if "layers.1." in k}}

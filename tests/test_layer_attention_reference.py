@@ -9,6 +9,7 @@ import torch
 
 from kvexport.kv import layer_attention as ref
 from kvexport.kv import quant
+from kvexport.models.llama import rope_cos_sin
 from kvexport.session import CacheOptions, Session, build_cache
 
 IDS = list(range(1000, 1100))
@@ -32,12 +33,13 @@ def test_reference_equals_cache_step(tiny_model, opts, n_prefix, t):
     evict = [torch.zeros(t, *cache.sink_k.shape[1:], dtype=cache.sink_k.dtype) for _ in range(2)]
     pools = [getattr(cache, n) for n in ref.POOL_NAMES]
     step = cache.begin(torch.tensor([n_prefix]))
+    cos, sin = rope_cos_sin(n_prefix + torch.arange(t), lay.head_dim, tiny_model.args.rope_theta)
     for layer in range(lay.n_layers):
-        q = torch.randn(1, hq, t, lay.head_dim, generator=g)
-        k = torch.randn(1, lay.n_kv_heads, t, lay.head_dim, generator=g)
-        v = torch.randn(1, lay.n_kv_heads, t, lay.head_dim, generator=g)
-        want = cache.attend(step, layer, q, k, v)
-        got, recv = ref.layer_attention(q, k, v, state, *mutable.values(), *evict, pools, layer, lay.group,
+        q = torch.randn(1, t, hq * lay.head_dim, generator=g)  # the projection's rows, before RoPE
+        k = torch.randn(1, t, lay.n_kv_heads * lay.head_dim, generator=g)
+        v = torch.randn(1, t, lay.n_kv_heads * lay.head_dim, generator=g)
+        want = cache.attend(step, layer, q, k, v, (cos, sin))
+        got, recv = ref.layer_attention(q, k, v, cos, sin, state, *mutable.values(), *evict, pools, layer, lay.group,
                                         lay.head_dim**-0.5, layer == lay.n_layers - 1, lay.rotate_keys)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     win_sums, chunk_sums = cache._attention_features(step.received, t)

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from kvexport.kv import quant
 from kvexport.kv.policy import CLASSES
 from kvexport.kv.schedule import quantized_visibility
-from kvexport.models.llama import Transformer, apply_rope, rope_cos_sin
+from kvexport.models.llama import Transformer, rope_cos_sin, rope_heads
 
 QUANT_CLASSES = (2, 4, 8)
 
@@ -47,7 +47,7 @@ def gated_forward(model: Transformer, tokens: torch.Tensor, gates: dict[int, tor
     args = model.args
     T = tokens.shape[0]
     pos = torch.arange(T)
-    rope = (*rope_cos_sin(pos, args.head_dim, args.rope_theta), model.half_turn)
+    rope = rope_cos_sin(pos, args.head_dim, args.rope_theta)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     scale = 1.0 / math.sqrt(args.head_dim)
     rep = args.n_heads // args.n_kv_heads
@@ -56,8 +56,7 @@ def gated_forward(model: Transformer, tokens: torch.Tensor, gates: dict[int, tor
     def block(layer, x, gates):
         att = layer.self_attn
         h = layer.input_layernorm(x)
-        q, k, v = att.project(h)  # [1, Hq, T, D], [1, H, T, D] x 2
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = rope_heads(*att.project(h), rope, args.head_dim)  # [1, Hq, T, D], [1, H, T, D] x 2
         if rotation is not None:
             q, k = q @ rotation, k @ rotation
         k = k + (k.detach().half().float() - k.detach())  # fp16 storage, straight-through

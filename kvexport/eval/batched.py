@@ -38,6 +38,7 @@ from kvexport.kv import quant, schedule
 from kvexport.kv.cache import MixedKVCache
 from kvexport.kv.policy import CLASSES
 from kvexport.kv.schedule import NEVER
+from kvexport.models.llama import merge_heads, rope_heads
 
 LOGIT_ROWS = 2048  # rows per LM-head call (bounds the [rows, vocab] logits tensor)
 
@@ -75,8 +76,10 @@ class PackedCache:
                 out = torch.where(cls == i, quant.dequantize(codes, scale, zero, self.layout.group), out)
         return out
 
-    def attend(self, step: PackedStep, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q ``[B, Hq, T, D]``, k/v ``[B, H, T, D]`` (after RoPE) -> ``[B, Hq, T, D]``."""
+    def attend(self, step: PackedStep, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               rope: tuple) -> torch.Tensor:
+        """The projection's q ``[B, T, Hq·D]``, k/v ``[B, T, H·D]`` (before RoPE), ``rope`` -> ``[B, T, Hq·D]``."""
+        q, k, v = rope_heads(q, k, v, rope, self.layout.head_dim)
         b, hq, t, d = q.shape
         h = k.shape[1]
         if self.rotation is not None:  # the cache's MatMul
@@ -96,7 +99,7 @@ class PackedCache:
             out = out + torch.matmul(p * step.stored, vq.unsqueeze(2))
         if step.keep_probs and layer == self.layout.n_layers - 1:
             step.last_probs = p.reshape(b, hq, t, t)
-        return out.reshape(b, hq, t, d)
+        return merge_heads(out.reshape(b, hq, t, d))
 
 
 class Plan:

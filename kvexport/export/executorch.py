@@ -23,7 +23,7 @@ from torch.export import Dim, ExportedProgram, export
 
 from kvexport.errors import KvxError
 from kvexport.export.program import StepProgram
-from kvexport.models.llama import RMSNorm, Transformer, half_turn
+from kvexport.models.llama import RMSNorm, Transformer
 from kvexport.models.weights import q4_manifest, quantize_weights
 
 # Substrings of the state buffers whose initial values the program must carry.
@@ -46,14 +46,10 @@ class LinearRMSNorm(RMSNorm):
         return x * torch.rsqrt(F.linear(x * x, self.inv_dim) + self.eps) * self.weight
 
 
-def delegable_forms(model: Transformer, rope: bool) -> int:
+def delegable_forms(model: Transformer) -> int:
     """ExecuTorch's forms of the reference, in place: every :class:`RMSNorm` becomes its
-    :class:`LinearRMSNorm`, and with ``rope`` RoPE's rotate_half a linear (:func:`half_turn`, exact).
-    Returns how many norms were replaced.
-
-    ``rope`` is for ``--ops fused`` only: in a portable program (attention in core ATen around it) the
-    XNNPACK partitioner fails on the rotate_half linear ("Invalid partition, found dependency cycles")."""
-    model.half_turn = half_turn(model.args.head_dim) if rope else None
+    :class:`LinearRMSNorm`. Returns how many norms were replaced. (RoPE needs no form of its own: a fused
+    program applies it inside ``kvexport::layer_attention``.)"""
     found = [(fqn, mod) for fqn, mod in model.named_modules() if type(mod) is RMSNorm]
     for fqn, mod in found:
         parent, _, name = fqn.rpartition(".")
@@ -145,7 +141,7 @@ def write_program(step: StepProgram, out_dir: Path, *, target: str, ops: str, we
     t0 = time.perf_counter()
     log(f"[1/3] export: ops {ops}, weights {weights}")
     quantize_weights(step.model, weights)
-    delegable_forms(step.model, rope=ops == "fused")
+    delegable_forms(step.model)
     ep = export_step(step)
     t1 = time.perf_counter()
     log(f"[2/3] lower to ExecuTorch (XNNPACK): {len(ep.graph.nodes)} nodes (export took {t1 - t0:.0f} s)")

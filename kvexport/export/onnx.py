@@ -134,7 +134,7 @@ def type_library_outputs(model) -> int:
         outs[0].type, outs[0].shape = ir.TensorType(ir.DataType.FLOAT), node.inputs[0].shape
         outs[1].type = ir.TensorType(ir.DataType.FLOAT)
         for rows in outs[2:]:
-            rows.type = node.inputs[4].type
+            rows.type = node.inputs[6].type  # sink_k: the cache's float type
     return typed
 
 
@@ -259,7 +259,7 @@ def write_program(
                  else ort_tools.quantize_weights(exported, weights, library=library is not None))
     fused = onnx_fuse.fuse(model, step.cache.layout.max_context)
     log(f"        glue: {fused['skip_rms_norm']} residual + RMSNorm chains -> SkipSimplifiedLayerNormalization, "
-        f"{fused['rotary']} rotary chains -> RotaryEmbedding")
+        + (f"RoPE in kvexport::{LIBRARY_OP}" if in_place else f"{fused['rotary']} rotary chains -> RotaryEmbedding"))
     aliased = aliased_state(model, [n for n in names if n not in in_place])
     external = save_onnx(model, onnx_path)
     del model

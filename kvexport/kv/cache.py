@@ -67,6 +67,7 @@ from torch import nn
 from kvexport.kv import attention, quant, schedule
 from kvexport.kv.allocate import allocate
 from kvexport.kv.policy import CLASSES, Policy
+from kvexport.models.llama import merge_heads, rope_heads
 
 N_FEAT_STATE = 6  # rarity, entropy, max_prob, attn_received_sum, attn_head_var_sum, n_observations
 QUANT_BITS = (2, 4, 8)
@@ -305,15 +306,21 @@ class MixedKVCache(nn.Module):
             return x
         return quant.rotate(x) if self.fwht else x @ self.rotation
 
-    def attend(self, step: CacheStep, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q ``[B, Hq, T, D]``, new k/v ``[B, H, T, D]`` (after RoPE) -> attention output ``[B, Hq, T, D]``.
-        Records the chunk's k/v (and, in the last layer, the attention it needs for features) in ``step``."""
+    def attend(self, step: CacheStep, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               rope: tuple) -> torch.Tensor:
+        """The projection's q ``[B, T, Hq·D]``, new k/v ``[B, T, H·D]`` (before RoPE) and the step's RoPE tables ->
+        attention output ``[B, T, Hq·D]``. Records the chunk's k/v (and, in the last layer, the attention it needs
+        for features) in ``step``."""
+        if self.layer_kernel:  # the kernel applies RoPE and rotates q and k itself
+            return self._layer_attention(step, layer, q, k, v, rope)
+        return merge_heads(self._attend(step, layer, *rope_heads(q, k, v, rope, self.layout.head_dim)))
+
+    def _attend(self, step: CacheStep, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q ``[B, Hq, T, D]``, new k/v ``[B, H, T, D]`` (after RoPE) -> ``[B, Hq, T, D]``."""
         lay = self.layout
         fp = lay.torch_fp_dtype
         b, hq, t, d = q.shape
         scale = 1.0 / math.sqrt(d)
-        if self.layer_kernel:  # the kernel rotates q and k itself
-            return self._layer_attention(step, layer, q, k, v, scale)
         q = self._rotate(q)
         k = self._rotate(k).to(fp).float()  # what the cache will hold, so later steps see the same
         v = v.to(fp).float()
@@ -367,16 +374,20 @@ class MixedKVCache(nn.Module):
             step.received = (win_part if lay.window else None, (cp[0], cm[0]), lse)
         return out.reshape(hq, b, t, d).transpose(0, 1)
 
-    def _layer_attention(self, step: CacheStep, layer: int, q, k, v, scale: float) -> torch.Tensor:
-        """``kvexport::layer_attention`` for batch 1: q ``[1, Hq, T, D]``, k/v ``[1, H, T, D]`` (not yet
-        rotated) -> ``[1, Hq, T, D]``; keeps the last layer's features ``recv [W + T, 3]`` in ``step.received``."""
+    def _layer_attention(self, step: CacheStep, layer: int, q, k, v, rope: tuple) -> torch.Tensor:
+        """``kvexport::layer_attention`` for batch 1: the projection's q ``[1, T, Hq·D]``, k/v ``[1, T, H·D]`` and
+        ``rope``'s cos, sin ``[T, D]`` -> ``[1, T, Hq·D]``; keeps the last layer's features ``recv [W + T, 3]`` in
+        ``step.received``."""
         from kvexport import ops
         from kvexport.kv.layer_attention import POOL_NAMES, WRITTEN_PARTS
 
         features = layer == self.layout.n_layers - 1 and self.policy.needs_features
-        res = ops.layer_attention(q, k, v, step.kernel_state, [getattr(self, n) for n in WRITTEN_PARTS],
-                                  [getattr(self, n) for n in POOL_NAMES], layer, self.layout.group, scale, features,
-                                  self.layout.rotate_keys, onnx=self.onnx_kernel)
+        scale = 1.0 / math.sqrt(self.layout.head_dim)
+        cos, sin = rope
+        res = ops.layer_attention(q, k, v, cos, sin, step.kernel_state,
+                                  [getattr(self, n) for n in WRITTEN_PARTS], [getattr(self, n) for n in POOL_NAMES],
+                                  layer, self.layout.group, scale, features, self.layout.rotate_keys,
+                                  onnx=self.onnx_kernel)
         out, recv = res[:2]
         if self.onnx_kernel:
             step.staged_k.append(res[2])

@@ -2,8 +2,11 @@
 
 For a chunk of ``T`` tokens at positions ``p0 + [0, T)`` of one layer, batch 1, the op
 
-0. with ``rotate`` (``--kv-rotate``) first rotates the chunk's queries and keys
-   (:func:`kvexport.kv.quant.rotate`: the cache holds rotated keys, scores are unchanged);
+0. takes the chunk's queries, keys and values as the projection writes them (token-major, before RoPE), splits
+   them into heads and applies RoPE (``cos``, ``sin`` of the chunk's positions, Hugging Face's "rotate_half"
+   layout: :func:`kvexport.models.llama.apply_rope`); with ``rotate`` (``--kv-rotate``) it then rotates queries
+   and keys (:func:`kvexport.kv.quant.rotate`: the cache holds rotated keys, scores are unchanged). So the graph
+   around the op is the projection's ``Split`` before it and the output projection after it, nothing else;
 
 1. attends the chunk's queries over sinks + FP16 ring window + the FP16 pool + every quantized
    pool + the chunk itself (causal), reading only filled slots;
@@ -25,14 +28,14 @@ front to back from position ``S``, and softmax does not care about slot order), 
 ``[0, fill_c)`` (every count clamped to its part's capacity).
 
 Shapes (``S`` sinks, ``W`` window, ``L`` layers, ``H`` KV heads, ``Hq`` query heads, ``D`` head_dim):
-``q [1, Hq, T, D]`` f32, new ``k, v [1, H, T, D]`` f32 (both before the rotation) (batch 1, the model's own
-layout: no select or unsqueeze op around the kernel); ``sink_k/v [S+1, L, H, D]``,
+``q [1, T, Hq·D]`` f32, new ``k, v [1, T, H·D]`` f32 (the projection's outputs, before RoPE and the rotation),
+``cos, sin [T, D]`` f32; ``sink_k/v [S+1, L, H, D]``,
 ``win_k/v [W+1, L, H, D]``, ``evict_k/v [Tmax >= T, L, H, D]`` in the cache's float dtype (fp16 or
 fp32); ``pools`` in :data:`POOL_NAMES` order with the (layer-major) shapes of :mod:`kvexport.kv.cache` (each side's
 bits follow from its packed width, so a class may store values coarser than keys). Returns
-``out [1, Hq, T, D]`` f32 and ``recv [W + T, 3]`` f32: window rows then chunk rows, columns (sum over
-query rows of the head-mean normalised weight, sum of the head variance, observing rows), zeros
-without ``features``. This Python function is the oracle the C++ kernel is tested against.
+``out [1, T, Hq·D]`` f32 (the output projection's input) and ``recv [W + T, 3]`` f32: window rows then chunk
+rows, columns (sum over query rows of the head-mean normalised weight, sum of the head variance, observing
+rows), zeros without ``features``. This Python function is the oracle the C++ kernel is tested against.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import torch
 
 from kvexport.kv import attention, quant
 from kvexport.kv.cache import pool_rows
+from kvexport.models import llama
 
 POOL_NAMES = ("pool16_k", "pool16_v") + tuple(
     f"pool{b}_{name}" for b in (2, 4, 8) for name in ("k", "ks", "kz", "v", "vs", "vz")
@@ -57,10 +61,11 @@ def filled(state: torch.Tensor, sinks: int, window: int, caps: list[int]) -> tup
     return p0, min(p0, sinks), min(max(p0 - sinks, 0), window), [min(f, c) for f, c in zip(fills, caps)]
 
 
-def layer_attention(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer: int,
+def layer_attention(q, k, v, cos, sin, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer: int,
                     group: int, scale: float, features: bool, rotate: bool):
     """See the module docstring; mutates ``sink_k/v``, ``win_k/v``, ``evict_k/v``."""
     S, W = sink_k.shape[0] - 1, win_k.shape[0] - 1
+    q, k, v = llama.rope_heads(q, k, v, (cos, sin), sink_k.shape[3])
     q, k, v = q[0], k[0], v[0]  # [Hq, T, D], [H, T, D]
     if rotate:
         q, k = quant.rotate(q), quant.rotate(k)
@@ -106,7 +111,7 @@ def layer_attention(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict
             win_k[slot, layer], win_v[slot, layer] = k[:, j].to(fp), v[:, j].to(fp)
         else:
             evict_k[j, layer], evict_v[j, layer] = k[:, j].to(fp), v[:, j].to(fp)
-    return out.unsqueeze(0), recv
+    return llama.merge_heads(out.unsqueeze(0)), recv
 
 
 def _received(q, keys, lse, n_keys, scale, seen):

@@ -2,10 +2,12 @@
 
 No framework cache classes: the caller owns a cache object (``kvexport.kv.cache.MixedKVCache``) and
 passes it in. :meth:`Transformer.forward_step` starts a step (``step = cache.begin(input_pos)``),
-each attention layer hands its rotated queries and fresh keys/values to
-``cache.attend(step, layer, q, k, v)``, and the step comes back with the logits: the caller may
-``cache.commit(step, tokens, logits)`` the chunk into the cache (decode/prefill) or not (scoring
-continuations over a fixed context; :meth:`Transformer.forward` returns the logits only).
+each attention layer hands its queries and fresh keys/values (the projection's outputs, before RoPE) and
+the step's RoPE tables to ``cache.attend(step, layer, q, k, v, rope)``, which returns the output projection's
+input (:func:`rope_heads` and :func:`merge_heads` are the layout rule every cache follows), and the step
+comes back with the logits: the caller may ``cache.commit(step, tokens, logits)`` the chunk into the cache
+(decode/prefill) or not (scoring continuations over a fixed context; :meth:`Transformer.forward` returns the
+logits only).
 
 Every program and reference runs the **stacked** form (:meth:`Transformer.fuse_projections`, which
 :meth:`~kvexport.models.loader.LoadedModel.build` applies): q/k/v one linear, gate/up one linear, so a block
@@ -85,27 +87,12 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
     return emb.cos(), emb.sin()
 
 
-def half_turn(head_dim: int) -> torch.Tensor:
-    """``[D, D]`` with ``F.linear(x, half_turn(D)) == cat(-x[D/2:], x[:D/2])`` exactly ("rotate_half": one ±1
-    per row, so every output is one input, sign flipped or not): the ExecuTorch export's form
-    (:func:`kvexport.export.executorch.delegable_forms`), which XNNPACK runs inside the layer's partition
-    where the slices and the cat ran as four ops outside it. Not for ONNX: its weight quantizers would
-    quantize this matmul too."""
-    h = head_dim // 2
-    m = torch.zeros(head_dim, head_dim)
-    m[:h, h:] = -torch.eye(h)  # out[j] = -x[h + j]
-    m[h:, :h] = torch.eye(h)  # out[h + j] = x[j]
-    return m
-
-
 def apply_rope(x: torch.Tensor, rope: tuple) -> torch.Tensor:
-    """x ``[B, H, T, D]``; rope = (cos, sin ``[T, D]`` or ``[B, 1, T, D]``, ``None`` or :func:`half_turn`)."""
-    cos, sin, turn = rope
-    if turn is None:
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    else:
-        rotated = F.linear(x, turn)  # the same values, exactly
+    """x ``[B, H, T, D]``; rope = (cos, sin ``[T, D]`` or ``[B, 1, T, D]``) (``--ops fused`` programs apply it in
+    ``kvexport::layer_attention``, the same arithmetic)."""
+    cos, sin = rope
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
 
 
@@ -119,22 +106,31 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x ``[B, T, dim]`` -> q ``[B, Hq, T, D]``, k, v ``[B, H, T, D]`` (before RoPE)."""
-        return (split_heads(self.q_proj(x), self.n_heads), split_heads(self.k_proj(x), self.n_kv_heads),
-                split_heads(self.v_proj(x), self.n_kv_heads))
+        """x ``[B, T, dim]`` -> q ``[B, T, Hq·D]``, k, v ``[B, T, H·D]`` (before RoPE)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, rope, cache, step, layer: int) -> torch.Tensor:
-        b, t, _ = x.shape
         q, k, v = self.project(x)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = cache.attend(step, layer, q, k, v)  # [B, Hq, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return self.o_proj(cache.attend(step, layer, q, k, v, rope))  # attend: [B, T, Hq·D]
 
 
-def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[B, T, heads·D]`` -> ``[B, heads, T, D]``."""
+def rope_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple, head_dim: int):
+    """The projection's q ``[B, T, Hq·D]``, k, v ``[B, T, H·D]`` -> q ``[B, Hq, T, D]``, k, v ``[B, H, T, D]``,
+    RoPE applied to q and k: what every cache's ``attend`` (and ``kvexport::layer_attention``) does first."""
+    q, k, v = (split_heads(x, head_dim) for x in (q, k, v))
+    return apply_rope(q, rope), apply_rope(k, rope), v
+
+
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``[B, T, H·D]`` -> ``[B, H, T, D]``."""
     b, t, _ = x.shape
-    return x.view(b, t, heads, -1).transpose(1, 2)
+    return x.view(b, t, -1, head_dim).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, T, D]`` -> ``[B, T, H·D]`` (the output projection's input)."""
+    b, _, t, _ = x.shape
+    return x.transpose(1, 2).reshape(b, t, -1)
 
 
 def stacked_linear(*parts: nn.Linear) -> nn.Linear:
@@ -158,8 +154,7 @@ class FusedAttention(Attention):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hq, h = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([hq, h, h], dim=-1)  # of [B, T, (Hq + 2H)·D]
-        return split_heads(q, self.n_heads), split_heads(k, self.n_kv_heads), split_heads(v, self.n_kv_heads)
+        return self.qkv_proj(x).split([hq, h, h], dim=-1)  # of [B, T, (Hq + 2H)·D]
 
 
 class FeedForward(nn.Module):
@@ -211,7 +206,6 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("half_turn", None, persistent=False)  # export forms set it (apply_rope)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, cache) -> torch.Tensor:
         """Run the chunk through all layers, attending over ``cache``; returns logits ``[B, T, V]``."""
@@ -231,7 +225,7 @@ class Transformer(nn.Module):
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, cache, step) -> torch.Tensor:
         """Last layer's output (before the final norm) ``[B, T, dim]``; positions ``[T]`` or ``[B, T]``.
         ``step`` is what ``cache.attend`` takes with each layer (``cache.begin``'s value)."""
-        rope = (*rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta), self.half_turn)
+        rope = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, cache, step, i)

@@ -240,16 +240,17 @@ def pool_attention(
     )
 
 
-def layer_attention(q, k, v, state, parts, pools, layer: int, group: int, scale: float, features: bool,
+def layer_attention(q, k, v, cos, sin, state, parts, pools, layer: int, group: int, scale: float, features: bool,
                     rotate: bool, *, onnx: bool = False):
-    """``kvexport::layer_attention`` (spec: :mod:`kvexport.kv.layer_attention`); ``parts``: the cache parts it
-    writes (sink_k, sink_v, win_k, win_v, evict_k, evict_v), in place. Returns ``(out [1, Hq, T, D], recv
-    [W + T, 3])``; ``onnx=True`` (``kvexport::layer_attention_onnx``, the form an ONNX graph holds: declared
+    """``kvexport::layer_attention`` (spec: :mod:`kvexport.kv.layer_attention`): q ``[1, T, Hq·D]``, k, v
+    ``[1, T, H·D]`` before RoPE, ``cos, sin [T, D]``; ``parts``: the cache parts it writes (sink_k, sink_v, win_k,
+    win_v, evict_k, evict_v), in place. Returns ``(out [1, T, Hq·D], recv [W + T, 3])``;
+    ``onnx=True`` (``kvexport::layer_attention_onnx``, the form an ONNX graph holds: declared
     functional, run in place by our ONNX Runtime kernel) also returns this layer's staged rows
     ``evict_k[:T, layer]``, ``evict_v[:T, layer]``, which eviction reads."""
     load()
     fn = torch.ops.kvexport.layer_attention_onnx if onnx else torch.ops.kvexport.layer_attention
-    return fn(q, k, v, state, *parts, list(pools), layer, group, float(scale), bool(features), bool(rotate))
+    return fn(q, k, v, cos, sin, state, *parts, list(pools), layer, group, float(scale), bool(features), bool(rotate))
 
 
 def allocate(desired, valid, fill, caps):

@@ -35,12 +35,14 @@ SCHEMAS = {
         " Tensor(b!) m, Tensor(c!) l) -> (Tensor(a!), Tensor(b!), Tensor(c!))"
     ),
     "layer_attention": (
-        "layer_attention(Tensor q, Tensor k, Tensor v, Tensor state, Tensor(a!) sink_k, Tensor(b!) sink_v,"
+        "layer_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor state,"
+        " Tensor(a!) sink_k, Tensor(b!) sink_v,"
         " Tensor(c!) win_k, Tensor(d!) win_v, Tensor(e!) evict_k, Tensor(f!) evict_v, Tensor[] pools, int layer,"
         " int group, float scale, bool features, bool rotate) -> (Tensor out, Tensor recv)"
     ),
     "layer_attention.out": (
-        "layer_attention.out(Tensor q, Tensor k, Tensor v, Tensor state, Tensor(a!) sink_k, Tensor(b!) sink_v,"
+        "layer_attention.out(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor state,"
+        " Tensor(a!) sink_k, Tensor(b!) sink_v,"
         " Tensor(c!) win_k, Tensor(d!) win_v, Tensor(e!) evict_k, Tensor(f!) evict_v, Tensor[] pools, int layer,"
         " int group, float scale, bool features, bool rotate, *, Tensor(g!) out, Tensor(h!) recv)"
         " -> (Tensor(g!), Tensor(h!))"
@@ -49,7 +51,8 @@ SCHEMAS = {
     # an exported graph stays functional; the ONNX Runtime kernel writes the six cache parts in place (they are
     # in-place inputs of the program) and also returns the layer's staged rows ([T, H, D] each) that eviction reads.
     "layer_attention_onnx": (
-        "layer_attention_onnx(Tensor q, Tensor k, Tensor v, Tensor state, Tensor sink_k, Tensor sink_v,"
+        "layer_attention_onnx(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor state,"
+        " Tensor sink_k, Tensor sink_v,"
         " Tensor win_k, Tensor win_v, Tensor evict_k, Tensor evict_v, Tensor[] pools, int layer, int group,"
         " float scale, bool features, bool rotate) -> (Tensor out, Tensor recv, Tensor evict_k_rows,"
         " Tensor evict_v_rows)"
@@ -107,16 +110,14 @@ def _pool_attention_impl(q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero
 
 
 def _layer_attention_shapes(q, win_k):
-    _, hq, t, d = q.shape
-    return (1, hq, t, d), (win_k.shape[0] - 1 + t, layer_attention.N_RECV)
+    _, t, _ = q.shape
+    return tuple(q.shape), (win_k.shape[0] - 1 + t, layer_attention.N_RECV)
 
 
-def _layer_attention_impl(
-    q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features, rotate
-):
-    out, recv = layer_attention.layer_attention(
-        q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features, rotate
-    )
+def _layer_attention_impl(q, k, v, cos, sin, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer,
+                          group, scale, features, rotate):
+    out, recv = layer_attention.layer_attention(q, k, v, cos, sin, state, sink_k, sink_v, win_k, win_v, evict_k,
+                                                evict_v, pools, layer, group, scale, features, rotate)
     return out.contiguous(), recv
 
 
@@ -124,10 +125,10 @@ def _staged_rows(evict: torch.Tensor, layer: int, t: int) -> torch.Tensor:
     return evict[:t, layer].clone()  # [T, H, D]
 
 
-def _layer_attention_onnx_impl(q, k, v, state, *args):
-    layer, t = args[7], q.shape[2]
-    out, recv = _layer_attention_impl(q, k, v, state, *args)
-    return out, recv, _staged_rows(args[4], layer, t), _staged_rows(args[5], layer, t)
+def _layer_attention_onnx_impl(*args):
+    evict_k, evict_v, layer, t = args[10], args[11], args[13], args[0].shape[1]
+    out, recv = _layer_attention_impl(*args)
+    return out, recv, _staged_rows(evict_k, layer, t), _staged_rows(evict_v, layer, t)
 
 
 def _allocate_impl(desired, valid, fill, caps):
@@ -176,14 +177,8 @@ def _pool_attention_out_impl(
     return tuple(_copy_out(res, (o, m, l)))
 
 
-def _layer_attention_out_impl(
-    q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features, rotate, *,
-    out, recv
-):
-    res = _layer_attention_impl(
-        q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features, rotate
-    )
-    return tuple(_copy_out(res, (out, recv)))
+def _layer_attention_out_impl(*args, out, recv):
+    return tuple(_copy_out(_layer_attention_impl(*args), (out, recv)))
 
 
 def _allocate_out_impl(desired, valid, fill, caps, *, cls, slot, fill_out):
@@ -223,24 +218,19 @@ def _pool_attention_out_meta(
     return o.resize_(o_shape), m.resize_(ml_shape), l.resize_(ml_shape)
 
 
-def _layer_attention_fake(
-    q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features, rotate
-):
-    out_shape, recv_shape = _layer_attention_shapes(q, win_k)
+def _layer_attention_fake(q, *args):
+    out_shape, recv_shape = _layer_attention_shapes(q, args[7])  # args[7]: win_k
     return q.new_empty(out_shape, dtype=torch.float32), q.new_empty(recv_shape, dtype=torch.float32)
 
 
-def _layer_attention_onnx_fake(q, k, v, state, *args):
-    rows = (q.shape[2], k.shape[1], k.shape[3])
-    evict_k = args[4]
-    return (*_layer_attention_fake(q, k, v, state, *args), evict_k.new_empty(rows), evict_k.new_empty(rows))
+def _layer_attention_onnx_fake(q, *args):
+    evict_k = args[9]
+    rows = (q.shape[1], *evict_k.shape[2:])  # [T, H, D]
+    return (*_layer_attention_fake(q, *args), evict_k.new_empty(rows), evict_k.new_empty(rows))
 
 
-def _layer_attention_out_meta(
-    q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group, scale, features, rotate, *,
-    out, recv
-):
-    out_shape, recv_shape = _layer_attention_shapes(q, win_k)
+def _layer_attention_out_meta(q, *args, out, recv):
+    out_shape, recv_shape = _layer_attention_shapes(q, args[7])
     return out.resize_(out_shape), recv.resize_(recv_shape)
 
 

@@ -188,9 +188,9 @@ _SCHEMAS = {
 _TYPES = {"F": ["tensor(float)"], "H": ["tensor(float16)"], "U": ["tensor(uint8)"], "I": ["tensor(int64)"],
           "B": ["tensor(bool)"], "O": ["tensor(float)", "tensor(float16)"]}
 
-# kvexport::layer_attention (library op, no body): inputs q, k, v, state, the parts it writes in place, the pools;
-# outputs out, recv and the layer's staged K and V rows. Each input and output has its own type variable (float
-# parts may be fp16 or fp32; pools mix codes and scales), checked by the kernel.
+# kvexport::layer_attention (library op, no body): inputs q, k, v, cos, sin, state, the parts it writes in place,
+# the pools; outputs out, recv and the layer's staged K and V rows. Each input and output has its own type variable
+# (float parts may be fp16 or fp32; pools mix codes and scales), checked by the kernel.
 LIBRARY_OP = "layer_attention"
 # kvexport::allocate (library op, no body): the overflow rule (kvexport.kv.allocate), desired int64 [N], valid bool [N],
 # fill / caps int64 [K] -> class, slot int64 [N], new fill int64 [K]
@@ -207,7 +207,7 @@ def _layer_attention_schema():
 
     from kvexport.kv.layer_attention import POOL_NAMES, WRITTEN_PARTS
 
-    ins = ["q", "k", "v", "state", *WRITTEN_PARTS, *POOL_NAMES]
+    ins = ["q", "k", "v", "cos", "sin", "state", *WRITTEN_PARTS, *POOL_NAMES]
     outs = ["out", "recv", "evict_k_rows", "evict_v_rows"]
     any_type = ["tensor(float)", "tensor(float16)", "tensor(uint8)", "tensor(int32)"]
     params = [(f"I{i}", n) for i, n in enumerate(ins)] + [(f"O{i}", n) for i, n in enumerate(outs)]
@@ -272,10 +272,10 @@ def node_translation_table() -> dict:
             q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, n_valid, bits=bits, group=group, scale=scale
         )
 
-    def layer_attention_node(q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer: int,
-                             group: int, scale: float, features: bool, rotate: bool):
-        return node[LIBRARY_OP](q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, *pools, layer=layer,
-                                group=group, scale=scale, features=int(features), rotate=int(rotate))
+    def layer_attention_node(q, k, v, cos, sin, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools,
+                             layer: int, group: int, scale: float, features: bool, rotate: bool):
+        return node[LIBRARY_OP](q, k, v, cos, sin, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, *pools,
+                                layer=layer, group=group, scale=scale, features=int(features), rotate=int(rotate))
 
     def allocate_node(desired, valid, fill, caps):
         return node[ALLOCATE_OP](desired, valid, fill, caps)

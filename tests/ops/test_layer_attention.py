@@ -6,8 +6,8 @@ Every unfilled slot holds NaN (fp parts, and the scales/zeros of quantized pools
 beyond the fill counts shows up. Cases cover empty caches, sinks only, a chunk crossing from the
 sinks into the window, window only, a wrapped ring, full and over-full pools (fills are clamped),
 T > 1 chunks, fp16 and fp32 storage, a window of 0 (the chunk itself is staged for eviction), with and
-without the key rotation (its written keys must match the reference bit for bit), classes with values
-coarser than keys (k4v2, k8v4) beside equal ones."""
+without the key rotation (its written keys, RoPE applied by the kernel, must match the reference bit for bit),
+classes with values coarser than keys (k4v2, k8v4) beside equal ones."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from kvops_testlib import export_et
 
 import kvexport.ops as ops
 from kvexport.kv import layer_attention as ref
+from kvexport.models.llama import rope_cos_sin
 
 L, H, HQ, D = 2, 3, 9, 64
 SCALE = 1.0 / math.sqrt(D)
@@ -54,21 +55,21 @@ class LayerStep(torch.nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.layer, self.features, self.rotate, self.group = cfg[4], cfg[5], cfg[6], cfg[8]
-        self.proj = torch.nn.Linear(D, D)
+        self.proj = torch.nn.Linear(HQ * D, HQ * D)
         with torch.no_grad():
-            self.proj.weight.copy_(torch.eye(D))
+            self.proj.weight.copy_(torch.eye(HQ * D))
             self.proj.bias.zero_()
         shapes = cache_shapes(cfg)
         for name in MUTABLE:
             self.register_buffer(name, torch.zeros(shapes[name], dtype=cfg[2]))
 
-    def forward(self, q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, *pools):
+    def forward(self, q, k, v, cos, sin, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, *pools):
         bufs = [getattr(self, n) for n in MUTABLE]
         for buf, x in zip(bufs, (sink_k, sink_v, win_k, win_v, evict_k, evict_v)):
             buf.copy_(x)
         q = self.proj(q)
-        out, recv = ops.layer_attention(q, k, v, state, bufs, pools, self.layer, self.group, SCALE, self.features,
-                                        self.rotate)
+        out, recv = ops.layer_attention(q, k, v, cos, sin, state, bufs, pools, self.layer, self.group, SCALE,
+                                        self.features, self.rotate)
         return (out, recv, *(b.clone() for b in bufs))
 
 
@@ -96,17 +97,18 @@ def make_inputs(cfg, p0: int, t: int, fills, seed: int):
             slots = x if per_layer is None else x.view(L, per_layer, *shape[1:]).transpose(0, 1)
             slots[filled[part]:] = float("nan")
         cache[name] = x
-    q = torch.randn(1, HQ, t, D, generator=g) * 2.0
-    k = torch.randn(1, H, t, D, generator=g) * 1.5
-    v = torch.randn(1, H, t, D, generator=g)
+    q = torch.randn(1, t, HQ * D, generator=g) * 2.0  # the projection's rows, before RoPE
+    k = torch.randn(1, t, H * D, generator=g) * 1.5
+    v = torch.randn(1, t, H * D, generator=g)
+    cos, sin = rope_cos_sin(p0 + torch.arange(t), D, 10000.0)
     state = torch.tensor([p0, *fills], dtype=torch.int32)
-    return [q, k, v, state, *(cache[n] for n in MUTABLE), *(cache[n] for n in ref.POOL_NAMES)]
+    return [q, k, v, cos, sin, state, *(cache[n] for n in MUTABLE), *(cache[n] for n in ref.POOL_NAMES)]
 
 
 def reference(cfg, inputs):
-    q, k, v, state, *rest = [x.clone() for x in inputs]
+    q, k, v, cos, sin, state, *rest = [x.clone() for x in inputs]
     bufs, pools = rest[:6], rest[6:]
-    out, recv = ref.layer_attention(q, k, v, state, *bufs, pools, cfg[4], cfg[8], SCALE, cfg[5], cfg[6])
+    out, recv = ref.layer_attention(q, k, v, cos, sin, state, *bufs, pools, cfg[4], cfg[8], SCALE, cfg[5], cfg[6])
     return [out, recv, *bufs]
 
 
@@ -135,7 +137,7 @@ def programs(et_runtime):
             cfg = CONFIGS[name]
             example = make_inputs(cfg, 0, 2, [0, 0, 0, 0], seed=0)
             dyn_t = torch.export.Dim("T", min=1, max=cfg[1] or T_MAX)
-            dynamic = ({2: dyn_t}, {2: dyn_t}, {2: dyn_t}) + (None,) * 7 + ((None,) * len(ref.POOL_NAMES),)
+            dynamic = ({1: dyn_t},) * 3 + ({0: dyn_t},) * 2 + (None,) * 7 + ((None,) * len(ref.POOL_NAMES),)
             pte = export_et(LayerStep(cfg).eval(), tuple(example), dynamic=dynamic)
             assert ops.program_custom_ops(pte) == ["kvexport::layer_attention.out"]
             loaded[name] = (pte, et_runtime.load_program(pte).load_method("forward"))  # the bytes must outlive it
@@ -169,7 +171,7 @@ def test_kernel_matches_reference(programs, name):
         check_case(f"{name} p0={p0} T={t} fills={fills}", cfg, method.execute(inputs), reference(cfg, inputs))
 
 
-INPUT_NAMES = ("q", "k", "v", "state", *MUTABLE, *ref.POOL_NAMES)
+INPUT_NAMES = ("q", "k", "v", "cos", "sin", "state", *MUTABLE, *ref.POOL_NAMES)
 
 
 def ort_session(cfg, layers):
@@ -186,7 +188,8 @@ def ort_session(cfg, layers):
 
     example = make_inputs(cfg, 0, 2, [0, 0, 0, 0], seed=0)
     types = {n: onnx.helper.np_dtype_to_tensor_dtype(x.numpy().dtype) for n, x in zip(INPUT_NAMES, example)}
-    shape = {n: (["T" if i == 2 else s for i, s in enumerate(x.shape)] if n in "qkv" else list(x.shape))
+    chunk_dim = {"q": 1, "k": 1, "v": 1, "cos": 0, "sin": 0}  # the dimension of size T
+    shape = {n: ["T" if i == chunk_dim.get(n) else s for i, s in enumerate(x.shape)]
              for n, x in zip(INPUT_NAMES, example)}
     nodes, outs = [], []
     for i, layer in enumerate(layers):
@@ -213,7 +216,7 @@ def ort_session(cfg, layers):
             binding.bind_output(name, "cpu")
         session.run_with_iobinding(binding)
         got = [torch.from_numpy(x) for x in binding.copy_outputs_to_cpu()]
-        return got, [torch.from_numpy(a) for a in arrays[4:10]]
+        return got, [torch.from_numpy(a) for a in arrays[6:12]]
 
     return run
 
@@ -242,7 +245,7 @@ def test_ort_layers_share_the_parts():
     cfg = CONFIGS["fp16-s4-w8"]
     inputs = make_inputs(cfg, 4 + 8 + 3, 2, [3, 20, 2, 1], seed=5)
     first = reference((*cfg[:4], 0, *cfg[5:]), inputs)  # layer 0
-    second = reference(cfg, [*inputs[:4], *first[2:], *inputs[10:]])  # then layer 1
+    second = reference(cfg, [*inputs[:6], *first[2:], *inputs[12:]])  # then layer 1
     got, parts = ort_session(cfg, [0, 1])(inputs)
     check_case("ort two layers", cfg, [*got[:2], *parts], second)
     check_staged_rows("ort two layers", got[2:], parts, 1, 2)

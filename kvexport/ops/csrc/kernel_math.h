@@ -164,6 +164,17 @@ inline void exp_neg_shifted(float* x, int64_t n, float m) {
   }
 }
 
+// y = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[h:], x[:h]) with h = d / 2 (Hugging Face's layout;
+// kvexport.models.llama.apply_rope): each product and the sum rounded once, as torch computes it, so the
+// result is bit-identical to the reference (-ffp-contract=off keeps the compiler from fusing them).
+inline void rope_row(const float* x, const float* cos, const float* sin, int64_t d, float* y) {
+  const int64_t h = d / 2;
+  for (int64_t j = 0; j < d; ++j) {
+    const float turned = j < h ? -x[j + h] : x[j - h];
+    y[j] = x[j] * cos[j] + turned * sin[j];
+  }
+}
+
 // x <- x @ H (orthonormal Sylvester-Hadamard, d a power of two): the fast Walsh-Hadamard transform in
 // kvexport.kv.quant.rotate's order (pairs (j, j + h) for h = 1, 2, 4, ...), then one multiply by
 // fp32(1 / sqrt(d)). Additions only, so the result is bit-identical to the reference.

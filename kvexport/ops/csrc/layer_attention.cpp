@@ -436,20 +436,29 @@ constexpr int kBitOf[3] = {2, 4, 8};
 
 int value_bits(const LayerCall& c, int cls) {
   const View& vcodes = c.pools[5 + 6 * cls];
-  return vcodes.dim == 3 ? static_cast<int>(vcodes.size(2) * 8 / c.q.size(3)) : 0;
+  return vcodes.dim == 3 ? static_cast<int>(vcodes.size(2) * 8 / c.sink_k.size(3)) : 0;  // sink_k: [.., D]
 }
 
 }  // namespace
 
 std::string check(const LayerCall& c) {
-  if (!(is(c.q, DType::kFloat, 4) && is(c.k, DType::kFloat, 4) && is(c.v, DType::kFloat, 4) && c.q.size(0) == 1 &&
-        c.k.size(0) == 1 && c.v.size(0) == 1)) {
-    return "q [1,Hq,T,D], k/v [1,H,T,D] must be float32";
+  const View& sk = c.sink_k;  // [S+1, L, H, D]: the head count and size the chunk is split by
+  if (sk.dim != 4 || sk.size(2) <= 0 || sk.size(3) <= 0) {
+    return "float cache parts must be dense [N+1, L, H, D]";
   }
-  const int64_t hq = c.q.size(1), t = c.q.size(2), d = c.q.size(3), hkv = c.k.size(1);
-  if (!(hkv > 0 && hq % hkv == 0 && c.k.size(2) == t && c.k.size(3) == d && c.v.size(1) == hkv &&
-        c.v.size(2) == t && c.v.size(3) == d)) {
-    return "q/k/v shapes do not match";
+  const int64_t hkv = sk.size(2), d = sk.size(3);
+  if (!(is(c.q, DType::kFloat, 3) && is(c.k, DType::kFloat, 3) && is(c.v, DType::kFloat, 3) && c.q.size(0) == 1 &&
+        c.k.size(0) == 1 && c.v.size(0) == 1)) {
+    return "q [1,T,Hq*D], k/v [1,T,H*D] must be float32";
+  }
+  const int64_t t = c.q.size(1), hq = c.q.size(2) / d;
+  if (!(hq > 0 && hq % hkv == 0 && c.q.size(2) == hq * d && c.k.size(1) == t && c.k.size(2) == hkv * d &&
+        c.v.size(1) == t && c.v.size(2) == hkv * d)) {
+    return "q/k/v shapes do not match the cache's heads";
+  }
+  if (!(is(c.cos, DType::kFloat, 2) && is(c.sin, DType::kFloat, 2) && c.cos.size(0) == t && c.cos.size(1) == d &&
+        c.sin.size(0) == t && c.sin.size(1) == d && d % 2 == 0)) {
+    return "cos/sin must be float32 [T, D]";
   }
   if (!(c.state.dtype == DType::kInt && c.state.dim == 1 && c.state.size(0) == kStateSize)) {
     return "state must be int32 [5]";
@@ -501,17 +510,16 @@ std::string check(const LayerCall& c) {
   return "";
 }
 
-void out_sizes(const LayerCall& c, int64_t out[4], int64_t recv[2]) {
+void out_sizes(const LayerCall& c, int64_t out[3], int64_t recv[2]) {
   out[0] = 1;
   out[1] = c.q.size(1);
   out[2] = c.q.size(2);
-  out[3] = c.q.size(3);
-  recv[0] = c.win_k.size(0) - 1 + c.q.size(2);
+  recv[0] = c.win_k.size(0) - 1 + c.q.size(1);
   recv[1] = 3;
 }
 
 bool run(const LayerCall& c, float* op, float* rp, const ParallelFor& parallel_for) {
-  const int64_t hq = c.q.size(1), t = c.q.size(2), d = c.q.size(3), hkv = c.k.size(1);
+  const int64_t hkv = c.sink_k.size(2), d = c.sink_k.size(3), t = c.q.size(1), hq = c.q.size(2) / d;
   const int64_t n_layers = c.sink_k.size(1), layer = c.layer, group = c.group;
   const int64_t sinks = c.sink_k.size(0) - 1, window = c.win_k.size(0) - 1, ng = d / group;
   const View* pools = c.pools;
@@ -531,24 +539,32 @@ bool run(const LayerCall& c, float* op, float* rp, const ParallelFor& parallel_f
     fills[cls] = std::min<int64_t>(std::max<int32_t>(st[1 + cls], 0), rows_of[cls] - 1);
   }
 
-  // ---- the chunk (keys rotated with rotate), rounded to the storage dtype (what the cache will hold)
+  // ---- the chunk: heads split from the token-major rows, RoPE on q and k (then the rotation with rotate),
+  // k and v rounded to the storage dtype (what the cache will hold); qr [Hq, T, D], kr / vr [H, T, D]
   const bool half = c.sink_k.dtype == DType::kHalf;
   const int64_t nkv = hkv * t * d;
-  const float* q_in = static_cast<const float*>(c.q.data);
-  const float* k_in = static_cast<const float*>(c.k.data);
-  const float* v_in = static_cast<const float*>(c.v.data);
-  std::vector<float> kr(k_in, k_in + nkv);
-  std::vector<float> qr(c.rotate ? hq * t * d : 0);
-  if (c.rotate) {
-    std::copy(q_in, q_in + hq * t * d, qr.begin());
-    for (int64_t r = 0; r < hq * t; ++r) {
-      rotate_row(qr.data() + r * d, d);
+  const float* cos = static_cast<const float*>(c.cos.data);
+  const float* sin = static_cast<const float*>(c.sin.data);
+  std::vector<float> qr(hq * t * d), kr(nkv), vr(nkv);
+  auto heads = [&](const float* src, int64_t n_heads, bool rope, float* dst) {
+    for (int64_t hh = 0; hh < n_heads; ++hh) {
+      for (int64_t r = 0; r < t; ++r) {
+        const float* x = src + (r * n_heads + hh) * d;
+        float* y = dst + (hh * t + r) * d;
+        if (!rope) {
+          std::copy(x, x + d, y);
+          continue;
+        }
+        rope_row(x, cos + r * d, sin + r * d, d, y);
+        if (c.rotate) {
+          rotate_row(y, d);
+        }
+      }
     }
-    for (int64_t r = 0; r < hkv * t; ++r) {
-      rotate_row(kr.data() + r * d, d);
-    }
-  }
-  std::vector<float> vr(v_in, v_in + nkv);
+  };
+  heads(static_cast<const float*>(c.q.data), hq, true, qr.data());
+  heads(static_cast<const float*>(c.k.data), hkv, true, kr.data());
+  heads(static_cast<const float*>(c.v.data), hkv, false, vr.data());
   std::vector<uint16_t> kh(half ? nkv : 0), vh(half ? nkv : 0);
   if (half) {
     for (int64_t i = 0; i < nkv; ++i) {
@@ -624,7 +640,7 @@ bool run(const LayerCall& c, float* op, float* rp, const ParallelFor& parallel_f
   }
   const int64_t per_head = static_cast<int64_t>(tasks.size()) / hkv;
   const int64_t grp = hq / hkv, nq = grp * t;
-  const float* qp = c.rotate ? qr.data() : q_in;
+  const float* qp = qr.data();
   std::vector<float> qsum(hq * t * ng);
   for (int64_t r = 0; r < hq * t; ++r) {
     for (int64_t g = 0; g < ng; ++g) {
@@ -661,7 +677,7 @@ bool run(const LayerCall& c, float* op, float* rp, const ParallelFor& parallel_f
       for (int64_t i = 0; i < per_head; ++i) {
         m = std::max(m, partial[(h * per_head + i) * stride + qi * (d + 2) + d]);
       }
-      float* o = op + qrow * d;
+      float* o = op + ((qi % t) * hq + h * grp + qi / t) * d;  // out [T, Hq, D]: the output projection's rows
       std::fill(o, o + d, 0.0f);
       float l = 0.0f;
       for (int64_t i = 0; i < per_head; ++i) {

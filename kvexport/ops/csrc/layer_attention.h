@@ -3,7 +3,7 @@
  * attention over every part of the cache plus the chunk's cache write. Both runtimes' kernels are thin
  * wrappers around it: layer_attention_executorch.cpp (ExecuTorch tensors, ExecuTorch's thread pool) and
  * ort_ops.cpp (ONNX Runtime tensors, ONNX Runtime's intra-op thread pool). A wrapper turns its tensors
- * into Views, asks check() for the rule every argument must follow, sizes `out` [1, Hq, T, D] and
+ * into Views, asks check() for the rule every argument must follow, sizes `out` [1, T, Hq*D] and
  * `recv` [W + T, 3] (out_sizes) and calls run().
  */
 #pragma once
@@ -30,7 +30,7 @@ constexpr int kPools = 20;  // POOL_NAMES: pool16 k/v, then k, ks, kz, v, vs, vz
 
 // One call. sink_k ... evict_v are written in place (the chunk's rows, and the rows it evicts).
 struct LayerCall {
-  View q, k, v, state;                                  // q [1,Hq,T,D], k/v [1,H,T,D] fp32; state int32 [5]
+  View q, k, v, cos, sin, state;  // q [1,T,Hq*D], k/v [1,T,H*D] fp32 before RoPE; cos/sin [T,D]; state int32 [5]
   View sink_k, sink_v, win_k, win_v, evict_k, evict_v;  // [N+1, L, H, D] fp16 or fp32
   View pools[kPools];                                   // layer-major [L*(C+1), H, ...]
   int64_t layer = 0, group = 0;
@@ -44,8 +44,8 @@ using ParallelFor = std::function<bool(int64_t n, const std::function<void(int64
 // "" when the call follows the rules, else what is wrong (one line, without the op's name).
 std::string check(const LayerCall& c);
 
-// out [1, Hq, T, D]; recv [W + T, 3].
-void out_sizes(const LayerCall& c, int64_t out[4], int64_t recv[2]);
+// out [1, T, Hq*D]; recv [W + T, 3].
+void out_sizes(const LayerCall& c, int64_t out[3], int64_t recv[2]);
 
 // Attend and write the chunk; out / recv: dense fp32 of out_sizes. false when parallel_for failed.
 bool run(const LayerCall& c, float* out, float* recv, const ParallelFor& parallel_for);

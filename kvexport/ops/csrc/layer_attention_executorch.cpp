@@ -43,8 +43,8 @@ core::View view(const Tensor& t) {
 }  // namespace
 
 std::tuple<Tensor&, Tensor&> layer_attention_out(
-    KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
-    const Tensor& state, Tensor& sink_k, Tensor& sink_v, Tensor& win_k, Tensor& win_v,
+    KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cos,
+    const Tensor& sin, const Tensor& state, Tensor& sink_k, Tensor& sink_v, Tensor& win_k, Tensor& win_v,
     Tensor& evict_k, Tensor& evict_v, ArrayRef<Tensor> pools, int64_t layer, int64_t group,
     double scale, bool features, bool rotate, Tensor& out, Tensor& recv) {
   std::tuple<Tensor&, Tensor&> ret(out, recv);
@@ -55,6 +55,8 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
   c.q = view(q);
   c.k = view(k);
   c.v = view(v);
+  c.cos = view(cos);
+  c.sin = view(sin);
   c.state = view(state);
   c.sink_k = view(sink_k);
   c.sink_v = view(sink_v);
@@ -62,7 +64,7 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
   c.win_v = view(win_v);
   c.evict_k = view(evict_k);
   c.evict_v = view(evict_v);
-  bool all_dense = dense(q) && dense(k) && dense(v) && dense(out) && dense(recv);
+  bool all_dense = dense(q) && dense(k) && dense(v) && dense(cos) && dense(sin) && dense(out) && dense(recv);
   for (const Tensor* t : {&sink_k, &sink_v, &win_k, &win_v, &evict_k, &evict_v}) {
     all_dense = all_dense && dense(*t);
   }
@@ -82,12 +84,12 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
   const std::string problem = core::check(c);
   ET_KERNEL_CHECK_MSG(ctx, problem.empty(), InvalidArgument, ret, "%s: %s", name, problem.c_str());
   {
-    int64_t os[4], rs[2];
+    int64_t os[3], rs[2];
     core::out_sizes(c, os, rs);
-    const SizesType o4[4] = {static_cast<SizesType>(os[0]), static_cast<SizesType>(os[1]),
-                             static_cast<SizesType>(os[2]), static_cast<SizesType>(os[3])};
+    const SizesType o3[3] = {static_cast<SizesType>(os[0]), static_cast<SizesType>(os[1]),
+                             static_cast<SizesType>(os[2])};
     const SizesType r2[2] = {static_cast<SizesType>(rs[0]), static_cast<SizesType>(rs[1])};
-    ET_KERNEL_CHECK(ctx, resize_tensor(out, {o4, 4}) == Error::Ok, InvalidArgument, ret);
+    ET_KERNEL_CHECK(ctx, resize_tensor(out, {o3, 3}) == Error::Ok, InvalidArgument, ret);
     ET_KERNEL_CHECK(ctx, resize_tensor(recv, {r2, 2}) == Error::Ok, InvalidArgument, ret);
   }
   const bool ok = core::run(c, out.mutable_data_ptr<float>(), recv.mutable_data_ptr<float>(),
@@ -108,22 +110,19 @@ using executorch::runtime::Kernel;
 using executorch::runtime::KernelRuntimeContext;
 using executorch::runtime::Span;
 
-// Stack: q, k, v, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group,
-// scale, features, rotate, out, recv (then the returned values). Programs built before rotate was an
-// argument (17 values before the returned ones) run unrotated.
+// Stack: q, k, v, cos, sin, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group,
+// scale, features, rotate, out, recv (then the returned values). A program of an older kvexport (q/k/v
+// after RoPE, no cos/sin) has a tensor where rotate is: it is refused.
 void layer_attention_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
-  ET_KERNEL_CHECK_MSG(ctx, stack.size() >= 17, InvalidProgram, ,
-                      "kvexport::layer_attention.out: expected 18 arguments, got %zu", stack.size());
-  const bool has_rotate = stack[15]->isBool();
-  const size_t o = has_rotate ? 16 : 15;
-  ET_KERNEL_CHECK_MSG(ctx, stack.size() >= o + 2, InvalidProgram, ,
-                      "kvexport::layer_attention.out: expected 18 arguments, got %zu", stack.size());
+  ET_KERNEL_CHECK_MSG(ctx, stack.size() >= 20 && stack[17]->isBool(), InvalidProgram, ,
+                      "kvexport::layer_attention.out: expected 20 arguments (q, k, v, cos, sin, ...): a program "
+                      "of an older kvexport; rebuild it");
   kvexport::native::layer_attention_out(
       ctx, stack[0]->toTensor(), stack[1]->toTensor(), stack[2]->toTensor(), stack[3]->toTensor(),
       stack[4]->toTensor(), stack[5]->toTensor(), stack[6]->toTensor(), stack[7]->toTensor(),
-      stack[8]->toTensor(), stack[9]->toTensor(), stack[10]->toTensorList(), stack[11]->toInt(),
-      stack[12]->toInt(), stack[13]->toDouble(), stack[14]->toBool(), has_rotate && stack[15]->toBool(),
-      stack[o]->toTensor(), stack[o + 1]->toTensor());
+      stack[8]->toTensor(), stack[9]->toTensor(), stack[10]->toTensor(), stack[11]->toTensor(),
+      stack[12]->toTensorList(), stack[13]->toInt(), stack[14]->toInt(), stack[15]->toDouble(),
+      stack[16]->toBool(), stack[17]->toBool(), stack[18]->toTensor(), stack[19]->toTensor());
 }
 
 const Kernel kLayerKernels[] = {Kernel("kvexport::layer_attention.out", layer_attention_boxed)};

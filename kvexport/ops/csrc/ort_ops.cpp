@@ -38,8 +38,8 @@ using kvexport::core::DType;
 using kvexport::core::View;
 
 constexpr uint32_t kApiVersion = 18;  // == kvexport.ops.build.ORT_API_VERSION (KernelContext_ParallelFor: 17)
-constexpr size_t kParts = 6;          // sink_k .. evict_v: inputs 4..9
-constexpr size_t kInputs = 10 + kvexport::core::kPools;
+constexpr size_t kParts = 6;          // sink_k .. evict_v: inputs 6..11
+constexpr size_t kInputs = 12 + kvexport::core::kPools;
 
 View view(const Ort::ConstValue& value) {
   View v;
@@ -79,19 +79,21 @@ struct LayerKernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     if (ctx.GetInputCount() != kInputs || ctx.GetOutputCount() != 4) {
-      return Ort::Status("kvexport::layer_attention: expected 30 inputs and 4 outputs", ORT_INVALID_ARGUMENT).release();
+      return Ort::Status("kvexport::layer_attention: expected 32 inputs and 4 outputs", ORT_INVALID_ARGUMENT).release();
     }
     kvexport::core::LayerCall c;
     View* parts[kParts] = {&c.sink_k, &c.sink_v, &c.win_k, &c.win_v, &c.evict_k, &c.evict_v};
     c.q = view(ctx.GetInput(0));
     c.k = view(ctx.GetInput(1));
     c.v = view(ctx.GetInput(2));
-    c.state = view(ctx.GetInput(3));
+    c.cos = view(ctx.GetInput(3));
+    c.sin = view(ctx.GetInput(4));
+    c.state = view(ctx.GetInput(5));
     for (size_t i = 0; i < kParts; ++i) {
-      *parts[i] = view(ctx.GetInput(4 + i));
+      *parts[i] = view(ctx.GetInput(6 + i));
     }
     for (int i = 0; i < kvexport::core::kPools; ++i) {
-      c.pools[i] = view(ctx.GetInput(10 + i));
+      c.pools[i] = view(ctx.GetInput(6 + kParts + i));
     }
     c.layer = layer;
     c.group = group;
@@ -102,9 +104,9 @@ struct LayerKernel {
     if (!problem.empty()) {
       return Ort::Status(("kvexport::layer_attention: " + problem).c_str(), ORT_INVALID_ARGUMENT).release();
     }
-    int64_t os[4], rs[2];
+    int64_t os[3], rs[2];
     kvexport::core::out_sizes(c, os, rs);
-    float* out = ctx.GetOutput(0, os, 4).GetTensorMutableData<float>();
+    float* out = ctx.GetOutput(0, os, 3).GetTensorMutableData<float>();
     float* recv = ctx.GetOutput(1, rs, 2).GetTensorMutableData<float>();
     const bool ok = kvexport::core::run(c, out, recv, [&](int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
       ctx.ParallelFor([](void* f, size_t i) {
@@ -117,7 +119,7 @@ struct LayerKernel {
       return Ort::Status("kvexport::layer_attention: parallel_for failed", ORT_FAIL).release();
     }
     // the staged rows of this layer: evict[j, layer] for j < T
-    const int64_t t = c.q.size(2), hkv = c.k.size(1), d = c.k.size(3), n_layers = c.evict_k.size(1);
+    const int64_t t = c.q.size(1), n_layers = c.evict_k.size(1), hkv = c.evict_k.size(2), d = c.evict_k.size(3);
     const size_t row = hkv * d * element_bytes(c.evict_k.dtype);
     const int64_t rows_shape[3] = {t, hkv, d};
     for (int side = 0; side < 2; ++side) {
@@ -145,19 +147,19 @@ struct LayerOp : Ort::CustomOpBase<LayerOp<FP>, LayerKernel, true> {
 
   const char* GetName() const { return "layer_attention"; }
   size_t GetInputTypeCount() const { return kInputs; }
-  // q, k, v float; state int32; the float parts and the 16-bit pool in the cache's float type; per class codes
-  // uint8, scales and zero points fp16
+  // q, k, v, cos, sin float; state int32; the float parts and the 16-bit pool in the cache's float type; per class
+  // codes uint8, scales and zero points fp16
   ONNXTensorElementDataType GetInputType(size_t i) const {
-    if (i < 3) {
+    if (i < 5) {
       return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     }
-    if (i == 3) {
+    if (i == 5) {
       return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
     }
-    if (i < 12) {
+    if (i < 14) {
       return FP;
     }
-    const size_t e = (i - 12) % 3;  // k, ks, kz, v, vs, vz
+    const size_t e = (i - 14) % 3;  // k, ks, kz, v, vs, vz
     return e == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
   }
   size_t GetOutputTypeCount() const { return 4; }

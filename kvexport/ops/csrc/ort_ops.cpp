@@ -5,9 +5,10 @@
  * allocate.h, the sources the ExecuTorch kernels run; block_offset is the second term of an exact Q4_1 linear
  * (kvexport.export.onnx_q4).
  *
- * Inputs: q, k, v, state, the six cache parts the op writes (sink_k, sink_v, win_k, win_v, evict_k,
- * evict_v), the 20 pools (POOL_NAMES); attributes: layer, group, scale, features, rotate (ints 0/1 for the
- * flags). Outputs: out [1, Hq, T, D], recv [W + T, 3], and this layer's staged K and V rows
+ * Inputs: q [1, T, Hq*D], k, v [1, T, H*D] (the projection's rows, before RoPE), cos, sin [T, D], state, the six
+ * cache parts the op writes (sink_k, sink_v, win_k, win_v, evict_k, evict_v), the 20 pools (POOL_NAMES);
+ * attributes: layer, group, scale, features, rotate (ints 0/1 for the flags). Outputs: out [1, T, Hq*D], recv
+ * [W + T, 3], and this layer's staged K and V rows
  * (evict_k[:T, layer], evict_v[:T, layer]: [T, H, D]). The six parts are written IN PLACE, in the input
  * buffers: they are graph inputs of the program that no other node reads (kvexport.export.onnx.in_place_state),
  * each layer's op touches only its own layer's rows, and eviction reads the staged rows this op returns, so

@@ -125,9 +125,11 @@ def _staged_rows(evict: torch.Tensor, layer: int, t: int) -> torch.Tensor:
     return evict[:t, layer].clone()  # [T, H, D]
 
 
-def _layer_attention_onnx_impl(*args):
-    evict_k, evict_v, layer, t = args[10], args[11], args[13], args[0].shape[1]
-    out, recv = _layer_attention_impl(*args)
+def _layer_attention_onnx_impl(q, k, v, cos, sin, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer,
+                               *rest):
+    out, recv = _layer_attention_impl(q, k, v, cos, sin, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools,
+                                      layer, *rest)
+    t = q.shape[1]
     return out, recv, _staged_rows(evict_k, layer, t), _staged_rows(evict_v, layer, t)
 
 
@@ -218,19 +220,19 @@ def _pool_attention_out_meta(
     return o.resize_(o_shape), m.resize_(ml_shape), l.resize_(ml_shape)
 
 
-def _layer_attention_fake(q, *args):
-    out_shape, recv_shape = _layer_attention_shapes(q, args[7])  # args[7]: win_k
+def _layer_attention_fake(q, k, v, cos, sin, state, sink_k, sink_v, win_k, *rest):
+    out_shape, recv_shape = _layer_attention_shapes(q, win_k)
     return q.new_empty(out_shape, dtype=torch.float32), q.new_empty(recv_shape, dtype=torch.float32)
 
 
-def _layer_attention_onnx_fake(q, *args):
-    evict_k = args[9]
+def _layer_attention_onnx_fake(q, k, v, cos, sin, state, sink_k, sink_v, win_k, win_v, evict_k, *rest):
     rows = (q.shape[1], *evict_k.shape[2:])  # [T, H, D]
-    return (*_layer_attention_fake(q, *args), evict_k.new_empty(rows), evict_k.new_empty(rows))
+    return (*_layer_attention_fake(q, k, v, cos, sin, state, sink_k, sink_v, win_k), evict_k.new_empty(rows),
+            evict_k.new_empty(rows))
 
 
-def _layer_attention_out_meta(q, *args, out, recv):
-    out_shape, recv_shape = _layer_attention_shapes(q, args[7])
+def _layer_attention_out_meta(q, k, v, cos, sin, state, sink_k, sink_v, win_k, *rest, out, recv):
+    out_shape, recv_shape = _layer_attention_shapes(q, win_k)
     return out.resize_(out_shape), recv.resize_(recv_shape)
 
 

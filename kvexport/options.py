@@ -1,19 +1,53 @@
 """Command-line options shared by several ``kvexport`` commands, and the objects they turn into.
 
 ``add_model_args`` / ``add_cache_args`` / ``add_data_args`` add the option groups; ``load_model``
-and ``cache_options`` read them back. ``kvexport.cli`` and the command modules it registers
+and ``cache_options`` read them back, the latter into a :class:`CacheOptions` (everything that decides a cache:
+``kvexport.session.build_cache`` builds it, manifests record it). Nothing here imports torch: the runners read
+manifests in torch-free processes. ``kvexport.cli`` and the command modules it registers
 (``kvexport.eval.cli``, ...) import from here, never from each other.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict, dataclass
 
 from kvexport import validate
 from kvexport.models.registry import DEFAULT_MODEL
 
+DEFAULT_CLIP = "k2=0.7"  # --kv-clip: 2-bit keys on the middle 70% of each group's range (calibration/README.md)
+DEFAULT_CLASSES = "k2v2,k4v4,k8v8"  # --kv-classes: keys and values at the same bits (quant.classes_spec, test-pinned)
 POLICY_GRAMMAR = ("fp32, fp16, static-2|4|8, static-k<b>v<c> (e.g. static-k4v2), random:B, random:f2,f4,f8,f16, rule, "
                   "learned[:FILE]")
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """Everything that decides the cache: ``--kv-policy``, ``--kv-window``, ``--kv-sinks``, ..."""
+
+    policy: str = "fp16"
+    max_context: int = 2048
+    sinks: int = 4
+    window: int = 32
+    group: int | None = None  # default: head_dim
+    rotate_keys: bool = True  # --kv-rotate
+    budget_bits: float | None = None  # picks the default learned controller
+    seed: int = 0
+    clip: str = DEFAULT_CLIP  # --kv-clip (quant.parse_clip)
+    classes: str = DEFAULT_CLASSES  # --kv-classes (quant.parse_classes)
+
+    def to_dict(self) -> dict:
+        """The fields; ``classes`` only where not the default, so eval records and program identities from
+        before ``--kv-classes`` keep their keys."""
+        d = asdict(self)
+        if d["classes"] == DEFAULT_CLASSES:
+            del d["classes"]
+        return d
+
+    @classmethod
+    def from_manifest(cls, options: dict) -> CacheOptions:
+        """The options a program was built with (programs from before ``--kv-clip`` clipped nothing)."""
+        return cls(**{"clip": "none", **options})
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -54,9 +88,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                         "else the Hugging Face hub copy, fetched once)")
 
 
-def cache_options(a: argparse.Namespace):
-    from kvexport.session import CacheOptions
-
+def cache_options(a: argparse.Namespace) -> CacheOptions:
     return CacheOptions(policy=a.kv_policy, max_context=a.max_context, sinks=a.kv_sinks, window=a.kv_window,
                         group=a.kv_group, rotate_keys=a.kv_rotate, budget_bits=a.kv_budget_bits, seed=a.seed,
                         **({} if a.kv_clip is None else {"clip": a.kv_clip}),

@@ -29,10 +29,12 @@ from pathlib import Path
 
 import torch
 
-from kvexport.export.build import loaded_for_manifest, read_manifest
+from kvexport.export.build import loaded_for_manifest
+from kvexport.export.manifest import read_manifest
 from kvexport.export.runners import open_runner
 from kvexport.kv import stats as kv_stats
-from kvexport.models.weights import NBITS_FORMATS, quantize_weights
+from kvexport.models.formats import NBITS_FORMATS
+from kvexport.models.weights import quantize_weights
 from kvexport.session import CacheOptions, Session
 
 # Documented tolerances. XNNPACK reorders float sums, so logits differ by ~1e-5..1e-2; and when a
@@ -125,7 +127,7 @@ def run_parity(program_dir: Path, prompt: str = DEFAULT_PROMPT, steps: int = 64,
 
     def compare(kind: str, chunk: list[int]) -> int:
         ref = session.step(chunk)[-1]
-        prog = runner.step(chunk)
+        prog = torch.from_numpy(runner.step(chunk))
         if noisy is not None:
             with perturbed(model, seed=len(rows)):
                 noise = noisy.step(chunk)[-1]

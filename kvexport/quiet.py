@@ -16,6 +16,8 @@ Errors still show: the loggers keep ERROR, and nothing of ours goes through them
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import logging
 import os
 import sys
@@ -36,10 +38,36 @@ def configure() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=NOISY_MODULES)
-    import torch  # noqa: F401  (importing torch resets the "torch" logger's level: set it after)
+    _quiet_loggers()
+    if "torch" not in sys.modules:  # importing torch resets the "torch" logger's level: again once it is imported
+        sys.meta_path.insert(0, _AfterImport("torch", _quiet_loggers))
 
+
+def _quiet_loggers() -> None:
     for name in LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``then()`` right after module ``name`` is first imported (a torch-free command, ``kvexport run`` of an
+    ONNX program, never imports it), then leaves ``sys.meta_path``."""
+
+    def __init__(self, name: str, then):
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        exec_module, then = spec.loader.exec_module, self.then
+
+        def exec_then(module):
+            exec_module(module)
+            then()
+
+        spec.loader.exec_module = exec_then
+        return spec
 
 
 @contextmanager

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -17,13 +16,12 @@ from kvexport.errors import KvxError
 from kvexport.kv import quant
 from kvexport.kv import stats as kv_stats
 from kvexport.kv.cache import CacheLayout, MixedKVCache
-from kvexport.kv.policy import CLASSES, build_policy, parse_policy
+from kvexport.kv.policy import build_policy, parse_policy
 from kvexport.models.llama import Transformer
 from kvexport.models.loader import LoadedModel
+from kvexport.options import CacheOptions
 
 DEFAULT_BUDGET_BITS = 4.0
-DEFAULT_CLIP = "k2=0.7"  # --kv-clip: 2-bit keys on the middle 70% of each group's range (calibration/README.md)
-DEFAULT_CLASSES = quant.classes_spec(quant.EQUAL_VALUE_BITS)  # --kv-classes: keys and values at the same bits
 
 
 def calibration_dir() -> Path:
@@ -58,35 +56,6 @@ def default_controller_path(model_name: str, budget_bits: float | None) -> Path:
     """The committed controller for a model and budget: ``calibration/<model>/controller-<B>.safetensors``."""
     budget = DEFAULT_BUDGET_BITS if budget_bits is None else budget_bits
     return _model_calibration_dir(model_name) / f"controller-{budget:g}.safetensors"
-
-
-@dataclass(frozen=True)
-class CacheOptions:
-    """Everything that decides the cache: ``--kv-policy``, ``--kv-window``, ``--kv-sinks``, ..."""
-
-    policy: str = "fp16"
-    max_context: int = 2048
-    sinks: int = 4
-    window: int = 32
-    group: int | None = None  # default: head_dim
-    rotate_keys: bool = True  # --kv-rotate
-    budget_bits: float | None = None  # picks the default learned controller
-    seed: int = 0
-    clip: str = DEFAULT_CLIP  # --kv-clip (quant.parse_clip)
-    classes: str = DEFAULT_CLASSES  # --kv-classes (quant.parse_classes)
-
-    def to_dict(self) -> dict:
-        """The fields; ``classes`` only where not the default, so eval records and program identities from
-        before ``--kv-classes`` keep their keys."""
-        d = asdict(self)
-        if d["classes"] == DEFAULT_CLASSES:
-            del d["classes"]
-        return d
-
-    @classmethod
-    def from_manifest(cls, options: dict) -> CacheOptions:
-        """The options a program was built with (programs from before ``--kv-clip`` clipped nothing)."""
-        return cls(**{"clip": "none", **options})
 
 
 def build_cache(
@@ -132,18 +101,6 @@ def build_cache(
         rarity = torch.zeros(args.vocab_size)
     return MixedKVCache(layout, policy, rarity, trim=trim, fused_ops=fused_ops, layer_kernel=layer_kernel, fwht=fwht,
                         onnx_kernel=onnx_kernel)
-
-
-def kv_stats_dict(stats: torch.Tensor) -> dict:
-    """The ``kv_stats [8]`` tensor (cache or program output) as a readable dict."""
-    s = kv_stats.named(stats)
-    return {
-        "kv_bytes_allocated": int(s["kv_bytes_allocated"]),
-        "kv_bytes_used": int(s["kv_bytes_used"]),
-        "avg_bits": round(s["avg_bits"], 4),
-        "class_histogram": {str(c): int(s[f"tokens_{c}bit"]) for c in CLASSES},
-        "tokens_cached": int(s["tokens_cached"]),
-    }
 
 
 class Session:
@@ -218,7 +175,7 @@ class Session:
         return scores
 
     def kv_stats(self) -> dict:
-        return kv_stats_dict(self.cache.stats())
+        return kv_stats.readable(self.cache.stats())
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, on_token=None) -> dict:
         """Greedy generation; ``on_token(id)`` is called for each new token. Returns ids + timings."""

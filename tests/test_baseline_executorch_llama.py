@@ -8,8 +8,7 @@ import torch
 
 from kvexport.baselines.executorch_llama import TARGET, export_baseline, meta_state_dict
 from kvexport.errors import KvxError
-from kvexport.export.build import read_manifest
-from kvexport.export.program import LAYOUT_VERSION
+from kvexport.export.manifest import LAYOUT_VERSION, read_manifest
 from kvexport.export.runners import open_runner
 from kvexport.session import CacheOptions, Session
 
@@ -24,8 +23,9 @@ def baseline(tiny_model, tmp_path_factory):
     return export_baseline(tiny_model, MAX_CONTEXT, out, log=lambda m: None)
 
 
-def _close(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
+def _close(a, b: torch.Tensor) -> float:
+    """``a``: the runner's logits (numpy), ``b``: the reference's."""
+    return ((torch.from_numpy(a) - b).abs().max() / b.abs().max()).item()
 
 
 def test_manifest_is_a_kvexport_program(baseline):

@@ -83,7 +83,7 @@ def test_program_runs_with_one_torch_thread_and_restores_the_count(built):
     program's own pool needs): torch runs single-threaded inside the call, and the count comes back."""
     import torch
 
-    from kvexport.export import runtime
+    from kvexport.export import et_runtime
 
     runner = open_runner(built)
     seen = []
@@ -100,7 +100,7 @@ def test_program_runs_with_one_torch_thread_and_restores_the_count(built):
     runner.step([5, 6])
     assert seen == [1] and torch.get_num_threads() == before
     with pytest.raises(AttributeError):
-        runtime.execute(None, [])  # no method: fails inside the call, and the count is still restored
+        et_runtime.execute(None, [])  # no method: fails inside the call, and the count is still restored
     assert torch.get_num_threads() == before
 
 

@@ -3,6 +3,8 @@ parity engine (state as explicit graph inputs/outputs, double-buffered between s
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -99,7 +101,7 @@ def test_fused_program_names_its_library(built, monkeypatch):
     when our library cannot be built the runner says which library it needed, in one line."""
     import onnxruntime as ort
 
-    from kvexport.ops.build import BuildError
+    from kvexport.native_build import BuildError
 
     m = json.loads((built / "manifest.json").read_text())
     if m["ops_mode"] != "fused":
@@ -113,6 +115,16 @@ def test_fused_program_names_its_library(built, monkeypatch):
     monkeypatch.setattr(ort_tools, "build_ort_library", no_npm)
     with pytest.raises(KvxError, match=r"kvexport ops \(layer_attention, ...\) from libkvexport_ort.so: npm not"):
         open_runner(built)
+
+
+def test_kvexport_run_of_an_onnx_program_imports_no_torch(built):
+    """``kvexport run`` of an ONNX program is the session, numpy and the tokenizer: torch (245 MB of RSS) stays out
+    of the process, the command line, the manifest check, the custom-op library's build and the runner alike."""
+    code = ("import sys; from kvexport.cli import main; rc = main(['run', sys.argv[1], '--prompt', 'hello world', "
+            "'--max-new-tokens', '3']); print('torch imported:', 'torch' in sys.modules); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, str(built)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "torch imported: False" in done.stdout and "KV cache:" in done.stderr
 
 
 def test_state_is_reset_between_runs(built):

@@ -13,7 +13,8 @@ These builds are the longest tests of the suite (minutes each on 2 cores); each 
 
 import pytest
 
-from kvexport.export.build import DEFAULT_WEIGHTS, build, read_manifest
+from kvexport.export.build import DEFAULT_WEIGHTS, build
+from kvexport.export.manifest import read_manifest
 from kvexport.export.runners import open_runner
 from kvexport.parity import dynamic_activations, reference_model, run_parity
 from kvexport.session import CacheOptions, Session

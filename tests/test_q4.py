@@ -227,7 +227,7 @@ def test_onnx_runtime_block_int8_linear_is_the_reference(out_f, in_f, rows, libr
     from onnx import TensorProto, helper, numpy_helper
 
     from kvexport.export import onnx_q4
-    from kvexport.ops.build import build_ort_library
+    from kvexport.native_build import build_ort_library
 
     codes, d, _ = random_q4_1(out_f, in_f, seed=5)
     # blocks whose range holds 0, as in a real model's linears (m = -d·u, u in [0, 15))

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from kvexport.kv import quant
 from kvexport.kv.policy import class_bits
+from kvexport.options import DEFAULT_CLASSES
 
 
 @settings(max_examples=60, deadline=None)
@@ -110,3 +111,5 @@ def test_class_specs_name_value_bits_per_key_class():
         with pytest.raises(ValueError, match="bad --kv-classes entry"):
             quant.parse_classes(bad)
     assert class_bits(64, (2, 2, 4)) == [2.5, 3.5, 6.5, 16.0]
+    # the torch-free default of --kv-classes (kvexport.options) names the equal classes
+    assert DEFAULT_CLASSES == quant.classes_spec(quant.EQUAL_VALUE_BITS)

@@ -116,8 +116,8 @@ def read_program(program_dir) -> ProgramInfo:
     for f in TOKENIZER_FILES:
         if not (program_dir / f).is_file():
             raise ContractError(f"{program_dir}: tokenizer file {f} missing")
-    from kvexport.export.build import verify_hashes
     from kvexport.export.executorch import check_pte_header
+    from kvexport.export.manifest import verify_hashes
 
     try:  # the runtime aborts the process on some corrupt programs: hashes and header first
         verify_hashes(program_dir, manifest)

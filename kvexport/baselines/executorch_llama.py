@@ -35,7 +35,8 @@ from kvexport import quiet
 from kvexport.baselines.peer_program import peer_identity, peer_manifest, replaceable_peer, synthetic_stats
 from kvexport.errors import KvxError
 from kvexport.export.build import copy_tokenizer
-from kvexport.export.runtime import StepRunner, execute, program_constants
+from kvexport.export.et_runtime import execute, program_constants, size_pool
+from kvexport.export.runtime import StepRunner
 from kvexport.fsutil import atomic_directory
 from kvexport.models.loader import LoadedModel
 from kvexport.models.weights import INT4_GROUP
@@ -189,6 +190,7 @@ class ExecuTorchLlamaRunner(StepRunner):
         from kvexport.export.executorch import check_pte_header
 
         check_pte_header(self.path)
+        size_pool()
         try:
             import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama:: kernels)
             import executorch.kernels.quantized  # noqa: F401  (quantized_decomposed:: kernels of the int8 KV cache)
@@ -207,7 +209,7 @@ class ExecuTorchLlamaRunner(StepRunner):
         return program_constants(self.program)
 
     def _execute(self, tokens, input_pos):
-        logits = execute(self.method, [tokens, input_pos])[0]
+        logits = execute(self.method, [torch.from_numpy(tokens), torch.from_numpy(input_pos)])[0]
         if logits.dim() == 3:  # [1, T, V] if exported with --generate_full_logits
             logits = logits[:, -1]
-        return logits, synthetic_stats(self.manifest, int(input_pos[0]) + tokens.shape[1])
+        return logits.numpy(), synthetic_stats(self.manifest, int(input_pos[0]) + tokens.shape[1])

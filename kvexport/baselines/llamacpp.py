@@ -9,7 +9,7 @@ cache type: ``f16`` (its default) or ``q8_0`` (8-bit blocks of 32 with an fp16 s
 flash attention for a quantized V cache, so that peer runs with it on).
 
 :class:`LlamaCppRunner` keeps one ``Llama`` context (``n_ctx`` = the program's context, ``n_batch`` = its
-chunk, threads = ``torch.get_num_threads()``); :meth:`reset` clears its cache, ``eval`` runs a chunk and
+chunk, threads = ``kvexport.threads.count()``); :meth:`reset` clears its cache, ``eval`` runs a chunk and
 ``llama_get_logits_ith(ctx, -1)`` reads the last token's logits.
 """
 
@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
+import kvexport.threads
 from kvexport.baselines.peer_program import (
     peer_constants,
     peer_identity,
@@ -91,7 +91,7 @@ class LlamaCppRunner(StepRunner):
             from llama_cpp import Llama, llama_get_logits_ith
 
             kv = self.manifest["llama_cpp"]["type_k"]
-            threads = torch.get_num_threads()
+            threads = kvexport.threads.count()
             try:
                 self.llm = Llama(model_path=str(self.path), n_ctx=self.max_context, n_batch=self.max_chunk,
                                  n_ubatch=self.max_chunk, n_threads=threads, n_threads_batch=threads,
@@ -110,5 +110,5 @@ class LlamaCppRunner(StepRunner):
     def _execute(self, tokens, input_pos):
         self.llm.eval(tokens[0].tolist())
         row = np.ctypeslib.as_array(self._last_logits(), shape=(self.llm.n_vocab(),))
-        logits = torch.from_numpy(row.copy()).reshape(1, -1)
+        logits = row.copy().reshape(1, -1)
         return logits, synthetic_stats(self.manifest, int(input_pos[0]) + tokens.shape[1])

@@ -11,7 +11,7 @@ token come from the dtype of the graph's ``past_key_values`` inputs (what the bu
 
 :class:`OrtGenaiRunner` drives ``onnxruntime_genai.Generator``: ``append_tokens`` runs the model on
 a chunk (prefill or one decode step), ``get_logits`` reads the last token's logits; intra-op threads =
-``torch.get_num_threads()`` (``kvexport bench --threads`` sets both), applied through a config overlay.
+``kvexport.threads.count()`` (``kvexport bench --threads`` sets it), applied through a config overlay.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvexport import threads
 from kvexport.baselines.peer_program import (
     peer_constants,
     peer_identity,
@@ -139,7 +140,7 @@ class OrtGenaiRunner(StepRunner):
         if getattr(self, "model", None) is None:
             config = og.Config(str(self.dir))
             config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-                "intra_op_num_threads": torch.get_num_threads(), "inter_op_num_threads": 1}}}}))
+                "intra_op_num_threads": threads.count(), "inter_op_num_threads": 1}}}}))
             try:
                 self.model = og.Model(config)
             except Exception as err:
@@ -155,6 +156,6 @@ class OrtGenaiRunner(StepRunner):
                 "get_vocab_size": config["model"]["vocab_size"]}
 
     def _execute(self, tokens, input_pos):
-        self.generator.append_tokens(tokens.numpy().astype(np.int32))
-        logits = torch.from_numpy(np.asarray(self.generator.get_logits(), dtype=np.float32)).reshape(1, -1)
+        self.generator.append_tokens(tokens.astype(np.int32))
+        logits = np.array(self.generator.get_logits(), dtype=np.float32).reshape(1, -1)
         return logits, synthetic_stats(self.manifest, int(input_pos[0]) + tokens.shape[1])

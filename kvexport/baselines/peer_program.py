@@ -17,10 +17,10 @@ import json
 import time
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from kvexport.export.build import replaceable_program, tokenizer_entry, versions
-from kvexport.export.program import LAYOUT_VERSION
+from kvexport.export.manifest import LAYOUT_VERSION
 from kvexport.fsutil import sha256_file
 from kvexport.kv import stats as kv_stats
 from kvexport.models.loader import LoadedModel
@@ -71,12 +71,12 @@ def peer_constants(loaded: LoadedModel, max_context: int, max_chunk: int) -> dic
             "get_vocab_size": loaded.args.vocab_size, "get_bos_id": tok.bos_id, "get_eos_ids": list(tok.eos_ids)}
 
 
-def synthetic_stats(manifest: dict, cached: int) -> torch.Tensor:
-    """``kv_stats`` float32 ``[len(FIELDS)]`` of a peer that holds ``cached`` tokens."""
+def synthetic_stats(manifest: dict, cached: int) -> np.ndarray:
+    """``kv_stats`` float32 ``[len(FIELDS)]`` (numpy, as runners return it) of a peer holding ``cached`` tokens."""
     per_token = manifest["cache"]["kv_bytes_per_token"]
     a = manifest["model"]["args"]
     elements = 2 * a["n_layers"] * a["n_kv_heads"] * (a["dim"] // a["n_heads"])  # K and V values of one token
-    stats = torch.zeros(len(kv_stats.FIELDS), dtype=torch.float32)
+    stats = np.zeros(len(kv_stats.FIELDS), dtype=np.float32)
     stats[kv_stats.INDEX["kv_bytes_allocated"]] = per_token * manifest["cache"]["max_context"]
     stats[kv_stats.INDEX["kv_bytes_used"]] = per_token * cached
     stats[kv_stats.INDEX["avg_bits"]] = 8 * per_token / elements

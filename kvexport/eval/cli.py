@@ -37,6 +37,7 @@ from kvexport import validate
 from kvexport.errors import KvxError
 from kvexport.eval.passkey import FILLERS
 from kvexport.eval.tasks import ALL_TASKS, LONG_TASKS, MC_TASKS
+from kvexport.models.formats import REFERENCE_FORMATS
 from kvexport.options import POLICY_GRAMMAR, add_cache_args, add_data_args, add_model_args
 
 DEFAULT_POLICIES = "fp16,static-8,static-4,static-2"
@@ -97,10 +98,22 @@ def depth_list(text: str) -> list[float]:
     return depths
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from kvexport.eval.scoring import BACKENDS
-    from kvexport.models.weights import REFERENCE_FORMATS
+BACKENDS = ("reference", "executorch", "onnx")
+# Which program targets each program backend runs.
+BACKEND_TARGETS = {"executorch": ("executorch",), "onnx": ("onnx", "ort")}
 
+
+def check_backend(backend: str, program: str | None = None) -> None:
+    """:class:`KvxError` (one line) unless ``backend`` (with ``program`` where it needs one) can run."""
+    if backend not in BACKENDS:
+        raise KvxError(f"unknown --backend '{backend}'; use one of {', '.join(BACKENDS)}")
+    if backend == "reference" and program:
+        raise KvxError("--program needs --backend executorch or onnx (the program's runtime)")
+    if backend != "reference" and not program:
+        raise KvxError(f"--backend {backend} needs --program graphs/<name> (a program built with kvexport build)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     # a list: split_policies parses each spec before the model loads
     add_cache_args(
@@ -241,8 +254,8 @@ def _settings(args, evaluation) -> dict:
 
 def program_setup(program: str, backend: str):
     """(model, cache options, [policy], weights) of a built program, for the reference run beside it."""
-    from kvexport.eval.scoring import BACKEND_TARGETS
-    from kvexport.export.build import loaded_for_manifest, read_manifest
+    from kvexport.export.build import loaded_for_manifest
+    from kvexport.export.manifest import read_manifest
     from kvexport.session import CacheOptions
 
     manifest = read_manifest(Path(program))
@@ -293,7 +306,6 @@ def run(args: argparse.Namespace) -> int:
     from kvexport.eval.records import RecordStore
     from kvexport.eval.report import summarize, write_reports
     from kvexport.eval.runner import EvalConfig, Evaluation
-    from kvexport.eval.scoring import check_backend
     from kvexport.options import cache_options, load_model
 
     policies = split_policies(args.kv_policy)

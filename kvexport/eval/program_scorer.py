@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from kvexport.eval.scoring import SCORING_VERSION, default_prefill_chunk
-from kvexport.session import CacheOptions, kv_stats_dict
+from kvexport.kv import stats as kv_stats
+from kvexport.session import CacheOptions
 
 
 class ProgramScorer:
@@ -39,13 +40,13 @@ class ProgramScorer:
         logits = None
         for i in range(0, len(ids), self.prefill_chunk):
             logits = self.runner.step(ids[i : i + self.prefill_chunk])
-        return logits
+        return torch.from_numpy(logits)
 
     def score(self, context: list[int], continuations: list[list[int]]) -> list[float]:
         if not context or not continuations or not all(continuations):
             raise ValueError("context and every continuation need at least one token")
         last = torch.log_softmax(self._feed(context).double(), -1)
-        self._stats = self.runner.last_stats.clone()
+        self._stats = self.runner.last_stats.copy()
         scores = []
         for n, cont in enumerate(continuations):
             if n:
@@ -54,19 +55,19 @@ class ProgramScorer:
             for i, tok in enumerate(cont):
                 total += float(logp[tok])
                 if i + 1 < len(cont):
-                    logp = torch.log_softmax(self.runner.step([tok]).double(), -1)
+                    logp = torch.log_softmax(torch.from_numpy(self.runner.step([tok])).double(), -1)
             scores.append(total)
         return scores
 
     def kv_stats(self) -> dict:
-        return kv_stats_dict(self._stats)
+        return kv_stats.readable(self._stats)
 
     @torch.no_grad()
     def token_logprobs(self, ids: list[int]) -> torch.Tensor:
         """Token by token (the program returns the last position's logits only)."""
         self.runner.reset()
-        rows = [torch.log_softmax(self.runner.step([t]).float(), -1) for t in ids[:-1]]
-        self._stats = self.runner.last_stats.clone()
+        rows = [torch.log_softmax(torch.from_numpy(self.runner.step([t])), -1) for t in ids[:-1]]
+        self._stats = self.runner.last_stats.copy()
         return torch.stack(rows)
 
     def describe(self) -> dict:

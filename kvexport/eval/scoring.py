@@ -27,10 +27,10 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from kvexport.errors import KvxError
+from kvexport.kv import stats as kv_stats
 from kvexport.models.loader import LoadedModel
-from kvexport.session import CacheOptions, Session, kv_stats_dict
+from kvexport.session import CacheOptions, Session
 
-BACKENDS = ("reference", "executorch", "onnx")
 SCORING_VERSION = "score_continuations-v1"  # bump when the protocol changes (part of the resume key)
 
 
@@ -141,7 +141,7 @@ class ReferenceScorer:
         out = []
         for i, (ctx, conts) in enumerate(pairs):
             if ok[i]:
-                out.append((scores[i], kv_stats_dict(stats[i]), "packed"))
+                out.append((scores[i], kv_stats.readable(stats[i]), "packed"))
             else:
                 out.append((self.score(ctx, conts), self.kv_stats(), "cache"))
         return out
@@ -160,7 +160,7 @@ class ReferenceScorer:
             self.session.check_room(len(ids), start=0)
             plan, classes, ok = self._plan([(ids, [])])
             if ok[0]:
-                self._stats = kv_stats_dict(self.engine.stats(plan, classes)[0])
+                self._stats = kv_stats.readable(self.engine.stats(plan, classes)[0])
                 return self.engine.token_logprobs(plan, classes)[0]
         self.session.reset()
         self._stats = None
@@ -194,20 +194,6 @@ def make_scorer(
     return ReferenceScorer(
         loaded, opts, model=model, prefill_chunk=prefill_chunk, batch_items=batch_items, device=device
     )
-
-
-# Which program targets each program backend runs.
-BACKEND_TARGETS = {"executorch": ("executorch",), "onnx": ("onnx", "ort")}
-
-
-def check_backend(backend: str, program: str | None = None) -> None:
-    """:class:`KvxError` (one line) unless ``backend`` (with ``program`` where it needs one) can run."""
-    if backend not in BACKENDS:
-        raise KvxError(f"unknown --backend '{backend}'; use one of {', '.join(BACKENDS)}")
-    if backend == "reference" and program:
-        raise KvxError("--program needs --backend executorch or onnx (the program's runtime)")
-    if backend != "reference" and not program:
-        raise KvxError(f"--backend {backend} needs --program graphs/<name> (a program built with kvexport build)")
 
 
 def with_policy(opts: CacheOptions, policy: str) -> CacheOptions:

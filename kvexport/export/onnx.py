@@ -36,12 +36,12 @@ from torch import nn
 from kvexport.errors import KvxError
 from kvexport.export import onnx_fuse, ort_tools
 from kvexport.export.onnx_graph import GraphIndex
+from kvexport.export.ort_tools import STATE_IN, STATE_OUT
 from kvexport.export.program import StepProgram
-from kvexport.ops.build import ORT_LIB_NAME as LIBRARY_NAME
+from kvexport.native_build import ORT_LIB_NAME as LIBRARY_NAME
 from kvexport.ops.onnx import LIBRARY_OP, LIBRARY_OPS
 
 OPSET = 18  # torch.onnx's own (TORCHLIB) opset: no conversion of op versions, oldest runtime needed
-STATE_IN, STATE_OUT = "state.", "new_state."
 INITIAL_STATE = "initial_state.safetensors"
 EXTERNAL_DATA_BYTES = 100 * 2**20
 

@@ -16,6 +16,9 @@ The ``.ort`` conversion uses ORT's "basic" optimization level (constant folding,
 elimination): higher levels fuse into contrib ops whose first release this table cannot know, and a
 reduced build would then have to carry them. The fusions that pay on a decode step are done by the export
 itself, into contrib ops this table lists (:mod:`kvexport.export.onnx_fuse`).
+
+The runner (:mod:`kvexport.export.ort_runtime`) uses this module in a torch-free process: what imports torch is
+imported inside the build-time functions that need it.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvexport.errors import KvxError
-from kvexport.models.weights import NBITS_BLOCK, NBITS_FORMATS
-from kvexport.ops.build import ORT_API_VERSION, ORT_LIB_NAME, BuildError, build_ort_library
+from kvexport.models.formats import NBITS_BLOCK, NBITS_FORMATS
+from kvexport.native_build import ORT_API_VERSION, ORT_LIB_NAME, BuildError, build_ort_library
 
 # ONNX Runtime release -> (newest ai.onnx opset, newest ONNX IR version) it implements.
+STATE_IN, STATE_OUT = "state.", "new_state."  # prefixes of a program's cache-state inputs and outputs
 ORT_RELEASES = {
     "1.8": (14, 7),
     "1.9": (15, 8),

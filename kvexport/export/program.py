@@ -13,10 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kvexport.export.manifest import LAYOUT_VERSION
 from kvexport.kv.cache import MixedKVCache
 from kvexport.models.llama import Transformer
-
-LAYOUT_VERSION = 1
 
 
 class StepProgram(nn.Module):

@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvexport.errors import KvxError
-from kvexport.export.build import read_manifest
+from kvexport.export.manifest import read_manifest
 from kvexport.export.runtime import StepRunner
 
 
 def runner_class(target: str) -> type[StepRunner]:
     if target == "executorch":
-        from kvexport.export.runtime import ExecuTorchRunner
+        from kvexport.export.et_runtime import ExecuTorchRunner
 
         return ExecuTorchRunner
     if target in ("onnx", "ort"):
@@ -34,7 +34,7 @@ def runner_class(target: str) -> type[StepRunner]:
     raise KvxError(f"no runner for target '{target}'; rebuild the program with this kvexport")
 
 
-def open_runner(program_dir: Path) -> StepRunner:
-    """The runner for a program directory, chosen by its manifest's target."""
-    manifest = read_manifest(Path(program_dir))
+def open_runner(program_dir: Path, manifest: dict | None = None) -> StepRunner:
+    """The runner for a program directory, chosen by its manifest's target (``manifest``: read already)."""
+    manifest = manifest or read_manifest(Path(program_dir))
     return runner_class(manifest["target"])(program_dir, manifest)

@@ -7,22 +7,25 @@ chunking and the context limit live here. At load, the program's own metadata
 (``get_max_context_len``, ``get_max_seq_len``, ``get_vocab_size``) must agree with the manifest, whose
 numbers the loop trusts; an ExecuTorch program's file header is checked before its bytes reach the
 runtime (a corrupt file aborts it).
+
+Arrays cross this interface as numpy (tokens, logits, ``kv_stats``), and this module and the ONNX Runtime runner import
+no torch: ``kvexport run`` of an ONNX program is a process without it (245 MB of RSS less). Callers that compute with
+the logits wrap them with ``torch.from_numpy`` (no copy).
 """
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from kvexport.errors import KvxError
-from kvexport.export.build import read_manifest
+from kvexport.export.manifest import read_manifest
 
 
 class StepRunner:
-    """Loads ``graphs/<name>``; ``step(ids)`` commits a chunk and returns its last logits ``[V]``
-    (float32); ``last_stats`` holds the program's ``kv_stats`` float32 ``[8]`` after each step."""
+    """Loads ``graphs/<name>``; ``step(ids)`` commits a chunk and returns its last logits, numpy float32 ``[V]``;
+    ``last_stats`` holds the program's ``kv_stats``, numpy float32 ``[8]``, after each step."""
 
     targets: tuple[str, ...] = ()
 
@@ -57,7 +60,7 @@ class StepRunner:
         self.pos = 0
         self.last_stats = None
 
-    def step(self, ids: list[int]) -> torch.Tensor:
+    def step(self, ids: list[int]) -> np.ndarray:
         if len(ids) > self.max_chunk:
             raise ValueError(f"chunk of {len(ids)} > max_chunk {self.max_chunk}")
         if self.pos + len(ids) > self.max_context:
@@ -65,14 +68,12 @@ class StepRunner:
                 f"{self.pos + len(ids)} tokens exceed the program's context of {self.max_context}; "
                 "rebuild with a larger --max-context"
             )
-        logits, stats = self._execute(
-            torch.tensor([ids], dtype=torch.int64), torch.tensor([self.pos], dtype=torch.int64)
-        )
+        logits, stats = self._execute(np.array([ids], dtype=np.int64), np.array([self.pos], dtype=np.int64))
         self.pos += len(ids)
         self.last_stats = stats
         return logits[0]
 
-    def prefill(self, ids: list[int]) -> torch.Tensor:
+    def prefill(self, ids: list[int]) -> np.ndarray:
         """Feed a prompt in chunks; returns the last token's logits ``[V]``."""
         logits = None
         for i in range(0, len(ids), self.max_chunk):
@@ -86,87 +87,7 @@ class StepRunner:
         """The loaded program's constant methods (:data:`CHECKED_METADATA` at least) as ints."""
         raise NotImplementedError
 
-    def _execute(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens int64 [1, T], input_pos int64 [1] -> (logits float32 [1, V], kv_stats float32 [8])."""
+    def _execute(self, tokens: np.ndarray, input_pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """tokens int64 [1, T], input_pos int64 [1] -> (logits float32 [1, V], kv_stats float32 [8]), numpy arrays the
+        caller may keep (not the runner's buffers)."""
         raise NotImplementedError
-
-
-class ExecuTorchRunner(StepRunner):
-    """``.pte`` programs through the ExecuTorch Python runtime (our kernels loaded for fused ones)."""
-
-    targets = ("executorch",)
-
-    def __init__(self, program_dir: Path, manifest: dict | None = None):
-        from kvexport import ops
-
-        manifest = manifest or read_manifest(Path(program_dir))
-        if manifest["ops_mode"] == "fused" and manifest["target"] == "executorch":
-            try:
-                ops.load_executorch_kernels()
-            except Exception as err:  # BuildError / KernelLibraryError carry one-line messages
-                raise KvxError(f"{err}; or rebuild the program with --ops portable") from None
-        super().__init__(program_dir, manifest)
-
-    def _load(self) -> None:
-        from executorch.runtime import Runtime
-
-        from kvexport import ops, quiet
-        from kvexport.export.executorch import check_pte_header
-
-        check_pte_header(self.path)
-        try:
-            # Load from the path: a program loaded from a bytes object must outlive the method, and
-            # the runtime does not keep it alive (a segfault on the next execute otherwise).
-            self.program = Runtime.get().load_program(self.path)
-            with quiet.native_stderr():  # the threadpool set-up's cpuinfo lines
-                self.method = self.program.load_method("forward")
-        except RuntimeError as err:
-            try:
-                ops.raise_if_missing_kernel(err, self.path)
-            except ops.KernelLibraryError as missing:
-                raise KvxError(str(missing)) from None
-            raise KvxError(f"ExecuTorch cannot load {self.path} ({str(err).splitlines()[0]}); rebuild it") from None
-
-    def _metadata(self) -> dict:
-        return program_constants(self.program)
-
-    def _execute(self, tokens, input_pos):
-        out = execute(self.method, [tokens, input_pos])
-        return out[0], out[1]
-
-
-@contextlib.contextmanager
-def one_torch_thread():
-    """One torch thread meanwhile, for every runner's step (ExecuTorch's and ONNX Runtime's programs have their own
-    thread pools, sized by :func:`kvexport.bench.set_threads`). The runners hand back logits as torch copies, and torch
-    copies a ``[1, V]`` tensor in an OpenMP loop: with more torch threads, libgomp's worker then spins on a core that
-    the runtime's own pool needs for the next step (ExecuTorch, perf: a quarter of the samples of a 2-thread decode
-    loop, 25 -> 19 ms/token for the default program at 128 tokens; ONNX Runtime: the reason its spinning workers
-    lost to sleeping ones, README)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def execute(method, inputs: list) -> list:
-    """``method.execute(inputs)`` for every ExecuTorch runner (ours and ``export_llama``'s), with
-    :func:`one_torch_thread` (the pybindings return clones made by torch)."""
-    with one_torch_thread():
-        return method.execute(inputs)
-
-
-def program_constants(program) -> dict:
-    """An ExecuTorch program's constant methods (every method but ``forward``) as JSON values: one
-    int each, a list for ``get_eos_ids``."""
-    out = {}
-    for name in sorted(program.method_names):
-        if name == "forward":
-            continue
-        vals = []
-        for v in program.load_method(name).execute([]):
-            vals.extend(v.flatten().tolist() if isinstance(v, torch.Tensor) else [v])
-        out[name] = vals if name == "get_eos_ids" or len(vals) != 1 else vals[0]
-    return out

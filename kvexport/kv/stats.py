@@ -18,3 +18,15 @@ def named(stats) -> dict[str, float]:
     """A ``kv_stats`` vector (tensor or sequence of 8 numbers) -> ``{field: value}``."""
     values = stats.tolist() if hasattr(stats, "tolist") else list(stats)
     return dict(zip(FIELDS, values, strict=True))
+
+
+def readable(stats) -> dict:
+    """A ``kv_stats`` vector as the dict commands print and records keep: bytes, average bits, tokens per class."""
+    s = named(stats)
+    return {
+        "kv_bytes_allocated": int(s["kv_bytes_allocated"]),
+        "kv_bytes_used": int(s["kv_bytes_used"]),
+        "avg_bits": round(s["avg_bits"], 4),
+        "class_histogram": {f.removeprefix("tokens_").removesuffix("bit"): int(s[f]) for f in TOKEN_COUNTS[:-1]},
+        "tokens_cached": int(s["tokens_cached"]),
+    }

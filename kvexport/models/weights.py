@@ -28,12 +28,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-TORCHAO_FORMATS = ("fp32", "8da8w", "8da4w", "q4", "q4-h8", "q4-h4", "q4-q8")
+from kvexport.models.formats import NBITS_BLOCK, NBITS_FORMATS, TORCHAO_FORMATS
+
 Q4_HEADS = {"q4-h8": "8da8w", "q4-h4": "q4", "q4-q8": "q8_0"}  # q4 format -> lm_head format (kvexport.models.tied)
 INT4_GROUP = 32
-NBITS_FORMATS = {"int8": 8, "int4": 4}  # onnx/ort: MatMulNBits, weight-only, symmetric, blocks of NBITS_BLOCK
-NBITS_BLOCK = 32
-REFERENCE_FORMATS = TORCHAO_FORMATS + tuple(NBITS_FORMATS)  # what quantize_weights (the eager reference) applies
 
 
 def quantize_weights(model: nn.Module, weights: str) -> nn.Module:

@@ -8,7 +8,7 @@ read in place: the ``q4-q8`` lm_head, :mod:`kvexport.models.tied`).
 * :func:`load_executorch_kernels` loads the compiled ExecuTorch kernels (building them on first
   use) into the ExecuTorch Python runtime, exactly once per process, from one path.
 * ONNX Runtime runs ``kvexport::layer_attention`` from ``libkvexport_ort.so``
-  (:func:`kvexport.ops.build.build_ort_library`): the same C++ core (``csrc/layer_attention.cpp``) behind a
+  (:func:`kvexport.native_build.build_ort_library`): the same C++ core (``csrc/layer_attention.cpp``) behind a
   second thin wrapper (``csrc/ort_ops.cpp``); an ONNX graph holds the op's ONNX form
   (``layer_attention(..., onnx=True)``).
 * :func:`quantize_pack` / :func:`pool_attention` are what model code
@@ -33,8 +33,8 @@ import torch
 
 from kvexport.kv import attention as _attention
 from kvexport.kv import quant as _quant
+from kvexport.native_build import BuildError, build_kernels, library_path
 from kvexport.ops import library as _library
-from kvexport.ops.build import BuildError, build_kernels, library_path
 
 __all__ = [
     "BuildError",
@@ -177,7 +177,7 @@ def missing_kernel_message(
     return (
         f"the program calls the custom operator(s) {', '.join(names)} but the kvexport ExecuTorch kernel library "
         "(libkvexport_ops.so) is not loaded: call kvexport.ops.load_executorch_kernels() before loading it "
-        "(build: python -m kvexport.ops.build), or re-export with --ops portable"
+        "(build: python -m kvexport.native_build), or re-export with --ops portable"
     )
 
 

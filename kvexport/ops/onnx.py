@@ -1,7 +1,7 @@
 """ONNX translation of the kvexport ops: ONNX functions in the custom domain ``kvexport`` (opset
 version 1) whose bodies are standard ONNX (opset 18) ops, so stock ONNX Runtime runs them with no
 extra library; and ``kvexport::layer_attention`` (``torch.ops.kvexport.layer_attention_onnx``), which has
-no body: our ONNX Runtime library (``libkvexport_ort.so``, :func:`kvexport.ops.build.build_ort_library`)
+no body: our ONNX Runtime library (``libkvexport_ort.so``, :func:`kvexport.native_build.build_ort_library`)
 runs it, writing the cache parts it is given in place.
 
 Export (``kvexport.export.onnx``) uses :func:`node_translation_table`: each op becomes one

@@ -199,7 +199,7 @@ def test_learned_policy_in_cache_uses_controller(tiny_model, tmp_path):
 
 # ---------------------------------------------------------------- the command
 def _args(tmp_path, corpus, **over):
-    from kvexport.controller.calibrate import add_arguments
+    from kvexport.controller.cli import add_arguments
 
     p = argparse.ArgumentParser()
     add_arguments(p)

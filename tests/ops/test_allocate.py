@@ -102,7 +102,7 @@ def test_onnx_runtime_op_equals_reference():
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from kvexport.ops.build import build_ort_library
+    from kvexport.native_build import build_ort_library
 
     io = [("desired", TensorProto.INT64, ["n"]), ("valid", TensorProto.BOOL, ["n"]), ("fill", TensorProto.INT64, [K]),
           ("caps", TensorProto.INT64, [K])]

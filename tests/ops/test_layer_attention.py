@@ -184,7 +184,7 @@ def ort_session(cfg, layers):
     import onnxruntime as ort
     from onnx import helper
 
-    from kvexport.ops.build import build_ort_library
+    from kvexport.native_build import build_ort_library
 
     example = make_inputs(cfg, 0, 2, [0, 0, 0, 0], seed=0)
     types = {n: onnx.helper.np_dtype_to_tensor_dtype(x.numpy().dtype) for n, x in zip(INPUT_NAMES, example)}

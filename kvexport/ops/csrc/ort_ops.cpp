@@ -38,7 +38,7 @@ namespace {
 using kvexport::core::DType;
 using kvexport::core::View;
 
-constexpr uint32_t kApiVersion = 18;  // == kvexport.ops.build.ORT_API_VERSION (KernelContext_ParallelFor: 17)
+constexpr uint32_t kApiVersion = 18;  // == kvexport.native_build.ORT_API_VERSION (KernelContext_ParallelFor: 17)
 constexpr size_t kParts = 6;          // sink_k .. evict_v: inputs 6..11
 constexpr size_t kInputs = 12 + kvexport::core::kPools;
 

@@ -4,7 +4,7 @@
 The library is cached under ``$KVEXPORT_CACHE`` (default ``~/.cache/kvexport``)
 ``/ops/<key>/libkvexport_ops.so`` where ``key`` hashes the kernel sources, the compiler flags, the
 executorch version and the location of executorch's ``_portable_lib`` (the library is linked to
-that exact file, with an rpath to it). ``python -m kvexport.ops.build [--force]`` builds it ahead of
+that exact file, with an rpath to it). ``python -m kvexport.native_build [--force]`` builds it ahead of
 time (the install step); :func:`kvexport.ops.load_executorch_kernels` builds it on first use.
 
 The ONNX Runtime library compiles ``ort_ops.cpp`` and the runtime-free core ``layer_attention.cpp`` against
@@ -13,6 +13,9 @@ the ONNX Runtime C/C++ API headers, which the pip wheel does not ship: they come
 Runtime from 1.18 on loads it), fetched once with ``npm pack`` into ``$KVEXPORT_CACHE/ort-headers/``. The
 library itself lives in ``$KVEXPORT_CACHE/ops-ort/<key>/`` (key: sources, flags, header package). It links
 to nothing: ONNX Runtime hands it its API when a session registers it.
+
+This module imports no torch (it sits outside :mod:`kvexport.ops`, whose import registers the torch ops): the ONNX
+Runtime runner builds and loads the library in a torch-free process (:mod:`kvexport.export.ort_runtime`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ EXECUTORCH_VERSION = "1.4.1"
 LIB_NAME = "libkvexport_ops.so"
 SOURCES = ("kvexport_ops.cpp", "layer_attention.cpp", "layer_attention_executorch.cpp", "q8_linear.cpp")
 HEADERS = ("allocate.h", "kernel_common.h", "kernel_math.h", "layer_attention.h")
-CSRC = Path(__file__).resolve().parent / "csrc"
+CSRC = Path(__file__).resolve().parent / "ops" / "csrc"
 ORT_LIB_NAME = "libkvexport_ort.so"
 ORT_API_VERSION = 18  # what the library asks ONNX Runtime for (ort_ops.cpp kApiVersion): releases from 1.18 on
 ORT_SOURCES = ("ort_ops.cpp", "layer_attention.cpp")
@@ -252,7 +255,7 @@ def build_ort_library(force: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvexport.ops.build", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m kvexport.native_build", description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="rebuild even if the cached library exists")
     parser.add_argument("--print-path", action="store_true", help="only print where the library is/would be")
     args = parser.parse_args(argv)

@@ -292,3 +292,9 @@ def test_onnx_q4_program_matches_its_reference(gguf_like, tmp_path):
     # code, one step reaches KL ~4e-3 (the 1e-6-perturbed reference: 7e-4), within the noise rule. Wrong codes,
     # scales or zero points cost KL >= 0.1 at every step.
     assert result["passed"] and result["median_kl"] < 1e-6 and result["top1_agreement"] == 1.0, result
+    # kvexport eval --program scores beside it a reference with the same arithmetic (it took fp32 weights before)
+    from kvexport.eval.cli import program_setup
+    from kvexport.models.q4 import Q4Int8Linear
+
+    *_, label, model = program_setup(str(out), "onnx", loaded=gguf_like)
+    assert label == "onnx:q4" and sum(isinstance(m, Q4Int8Linear) for m in model.modules()) == 8

@@ -232,7 +232,7 @@ def _settings(args, evaluation) -> dict:
     first = evaluation.runs[0].describe if evaluation.runs else {}
     return {
         "backend": args.backend,
-        "weights": args.weights,
+        "weights": evaluation.cfg.weights,
         "window": opts.window,
         "sinks": opts.sinks,
         "group": opts.group or evaluation.loaded.args.head_dim,
@@ -252,10 +252,14 @@ def _settings(args, evaluation) -> dict:
     }
 
 
-def program_setup(program: str, backend: str):
-    """(model, cache options, [policy], weights) of a built program, for the reference run beside it."""
+def program_setup(program: str, backend: str, loaded=None):
+    """(loaded model, cache options, [policy], weights label, reference model) of a built program, for the reference
+    run beside it: the reference has the program's weights as ``kvexport parity`` builds them
+    (:func:`kvexport.parity.reference_model`; ONNX ``int8`` / ``int4`` / ``q4`` with ONNX Runtime's arithmetic,
+    labelled ``onnx:<weights>``). ``loaded``: the program's model, where it is already loaded."""
     from kvexport.export.build import loaded_for_manifest
     from kvexport.export.manifest import read_manifest
+    from kvexport.parity import reference_model
     from kvexport.session import CacheOptions
 
     manifest = read_manifest(Path(program))
@@ -264,9 +268,11 @@ def program_setup(program: str, backend: str):
             f"{program} is a {manifest['target']} program; use --backend "
             f"{next(b for b, t in BACKEND_TARGETS.items() if manifest['target'] in t)}"
         )
-    weights = manifest["weights"] if manifest["target"] == "executorch" else "fp32"
-    opts = CacheOptions.from_manifest(manifest["cache_options"])
-    return loaded_for_manifest(manifest), opts, [opts.policy], weights
+    weights = manifest["weights"]
+    if manifest["target"] != "executorch" and weights != "fp32":
+        weights = f"onnx:{weights}"
+    opts, loaded = CacheOptions.from_manifest(manifest["cache_options"]), loaded or loaded_for_manifest(manifest)
+    return loaded, opts, [opts.policy], weights, reference_model(loaded, manifest)
 
 
 def _long_settings(args, ev) -> dict:
@@ -332,9 +338,9 @@ def run(args: argparse.Namespace) -> int:
             data_file(task, args.data_dir)
     if args.text_file:
         check_text_file(args.text_file)
-    opts, weights = cache_options(args), args.weights
+    opts, weights, model = cache_options(args), args.weights, None
     if args.program:  # the program fixes model, policy, cache and weights: the reference follows it
-        loaded, opts, policies, weights = program_setup(args.program, args.backend)
+        loaded, opts, policies, weights, model = program_setup(args.program, args.backend)
     else:
         loaded = load_model(args)
     data_dir = Path(args.data_dir) if args.data_dir else None
@@ -357,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
             batch_items=args.batch_items,
             device=args.device,
         )
-        evaluation = Evaluation(loaded, cfg)
+        evaluation = Evaluation(loaded, cfg, model=model)
     if long_tasks:
         long_cfg = LongConfig(
             policies=policies,

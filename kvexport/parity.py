@@ -55,9 +55,9 @@ NOISE_RULE = {"factor": 3.0, "slack": 2e-3, "top1_slack": 0.1}
 
 
 def dynamic_activations(manifest: dict) -> bool:
-    """Whether a program quantizes activations at run time: ExecuTorch's quantized formats, and onnx/ort ``q4``
-    (every MatMulNBits quantizes its input to int8 per block of 32)."""
-    return manifest["weights"] != "fp32" and (manifest["target"] == "executorch" or manifest["weights"] == "q4")
+    """Whether a program quantizes activations at run time: every format but fp32 (ExecuTorch's quantized formats;
+    onnx/ort ``q4`` / ``int8`` / ``int4``, whose MatMulNBits quantize their input to int8 per block of 32)."""
+    return manifest["weights"] != "fp32"
 
 
 def tolerances_for(manifest: dict) -> dict:

@@ -16,8 +16,10 @@ the embedding lookup on its exact Q8_0 codes, the ``lm_head`` int8 per channel (
 lookup's Q8_0 table (stored once) through ``kvexport::q8_linear``: exact, but only for programs that
 carry our kernel library (``--ops fused``; a portable build of the same model uses ``q4-h8``).
 
-The onnx/ort targets' ``int8`` / ``int4`` (weight-only ``MatMulNBits``, symmetric, blocks of 32, fp32
-activations) have their reference here too (:func:`nbits_weights`: ONNX Runtime's own codes, dequantized).
+The onnx/ort targets' ``int8`` / ``int4`` (``MatMulNBits``, symmetric, blocks of 32, at accuracy level 4: inputs
+int8 per block of 32) have their reference here too (:func:`nbits_weights`: ONNX Runtime's own codes, in its
+arithmetic). At accuracy level 0 (fp32 inputs) ONNX Runtime 1.32 has no fast 8-bit kernel: the default model's
+``int8`` program decoded at 166 ms/token at 128 tokens against 12.5 at level 4.
 
 The quantized reference (eager torchao) is what ``kvexport parity`` compares a quantized program
 with and what ``kvexport eval --weights`` measures perplexity with.
@@ -75,10 +77,9 @@ def quantize_weights(model: nn.Module, weights: str) -> nn.Module:
 def nbits_weights(model: nn.Module, weights: str) -> nn.Module:
     """The onnx/ort ``int8`` / ``int4`` weights in the reference, in place: every linear the ONNX weight quantizer
     rewrites (the block linears and the ``lm_head``, untied from the embedding, which stays a float ``Gather``)
-    gets ONNX Runtime's own block quantization (``quantize_matmul_{8,4}bits``, the routine its
-    ``MatMulNBitsQuantizer`` calls: symmetric, blocks of :data:`NBITS_BLOCK` along the input) dequantized as
-    MatMulNBits does, ``(q − 2^(bits−1))·scale``. The program keeps fp32 activations, so it computes what this
-    model computes up to float summation order. Returns the model."""
+    becomes an :class:`NBitsLinear` on ONNX Runtime's own block quantization (``quantize_matmul_{8,4}bits``, the
+    routine its ``MatMulNBitsQuantizer`` calls: symmetric, blocks of :data:`NBITS_BLOCK` along the input), codes
+    ``q − 2^(bits−1)``, computed as ``MatMulNBits`` at accuracy level 4 does. Returns the model."""
     import numpy as np
     from onnxruntime.capi import _pybind_state as ort_c
 
@@ -99,9 +100,27 @@ def nbits_weights(model: nn.Module, weights: str) -> nn.Module:
         codes = torch.from_numpy(packed).int()  # [n, nb, 32 * bits / 8]
         if bits == 4:  # two codes a byte, the first in the low nibble
             codes = torch.stack([codes & 15, codes >> 4], -1).flatten(-2)
-        w = (codes.float() - 2 ** (bits - 1)) * torch.from_numpy(scales)[..., None]  # [n, nb, 32]
-        mod.weight = nn.Parameter(w.reshape(n, k), requires_grad=False)
+        parent, _, name = fqn.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, name,
+                NBitsLinear(codes.float() - 2 ** (bits - 1), torch.from_numpy(scales)))
     return model
+
+
+class NBitsLinear(nn.Module):
+    """``MatMulNBits`` at accuracy level 4 on symmetric codes: ``w = scale·c``, ``c = q − 2^(bits−1)`` (float32
+    ``[out, in/32, 32]``), scales float32 ``[out, in/32]``; the input quantized per block of 32 to int8 and exact
+    integer block sums (:func:`kvexport.models.q4.block_int8_linear`, which ONNX Runtime's ``q4`` head matches to
+    ~6e-7)."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from kvexport.models.q4 import block_int8_linear
+
+        return block_int8_linear(x, self.codes, self.scales)  # [..., out]
 
 
 def q4_manifest(model: nn.Module, weights: str) -> dict:

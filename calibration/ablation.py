@@ -19,6 +19,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from kvexport.controller import calibrate  # noqa: E402
+from kvexport.controller.cli import add_arguments  # noqa: E402
 from kvexport.kv.policy import FEATURES  # noqa: E402
 
 
@@ -59,7 +60,7 @@ def main() -> int:
                 if (model_dir / "ablation" / f"report-{b:g}-no-{f}.json").is_file():
                     continue
                 cp = argparse.ArgumentParser()
-                calibrate.add_arguments(cp)
+                add_arguments(cp)
                 args = cp.parse_args(["--model", a.model, "--kv-budget-bits", f"{b:g}", "--drop-feature", f,
                                       "--out", str(model_dir / "ablation")])
                 calibrate.run(args)

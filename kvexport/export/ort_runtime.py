@@ -34,7 +34,8 @@ class OrtRunner(StepRunner):
         self.session = None
         super().__init__(program_dir, manifest)
 
-    def _open(self) -> None:
+    def _open(self, initial: dict[str, np.ndarray]) -> None:
+        """The session, the state buffers shaped like ``initial`` and the two bindings."""
         import onnxruntime as ort
 
         ort_tools.check_installed(self.manifest)
@@ -51,7 +52,6 @@ class OrtRunner(StepRunner):
             raise KvxError(
                 f"ONNX Runtime cannot load {self.path} ({str(err).splitlines()[0][:200]}); rebuild it"
             ) from None
-        initial = self._initial_state()
         self.names = list(initial)
         aliased = set(self.manifest["onnx"].get("state_aliased", ()))
         single = set(self.manifest["onnx"].get("state_in_place", ())) | aliased
@@ -74,16 +74,14 @@ class OrtRunner(StepRunner):
                     b.bind_ortvalue_output(STATE_OUT + name, values[dst][name])
             self.bindings.append(b)
 
-    def _initial_state(self) -> dict[str, np.ndarray]:
+    def _load(self) -> None:
+        """Fresh state: the initial values (read from their file) into buffer set 0, which the next step reads."""
         from safetensors.numpy import load_file
 
-        return load_file(str(self.dir / self.manifest["onnx"]["initial_state"]))
-
-    def _load(self) -> None:
-        """Fresh state: the initial values into buffer set 0, which the next step reads."""
+        initial = load_file(str(self.dir / self.manifest["onnx"]["initial_state"]))
         if self.session is None:
-            self._open()
-        for name, value in self._initial_state().items():
+            self._open(initial)
+        for name, value in initial.items():
             np.copyto(self.buffers[0][name], value)
         self.current = 0
 

@@ -4,8 +4,8 @@
                                    [--out results/kv-study] [--threads 2]
 
 Every pooled token (outside sinks and window, the cache's visibility rule) is stored at one class, given
-per side as (key bits, value bits) — 16 keeps a side at fp16 — with or without the Hadamard key rotation
-and clip ratios (``--kv-clip``); the measured KL(fp16 || configuration) per token comes from
+per side as (key bits, value bits) — 16 keeps a side at fp16 — with or without the Hadamard rotation of keys
+and of values, and clip ratios (``--kv-clip``); the measured KL(fp16 || configuration) per token comes from
 :func:`kvexport.controller.labels.measured_kl` (the gated forward: the cache's quantizer, bit for bit).
 Windows are the held-out half of WikiText-2 test (as ``calibration/oracle.py``). Writes ``kv_study.json``
 and ``kv_study.md`` to ``--out``.
@@ -32,21 +32,27 @@ from kvexport.fsutil import write_text_atomic  # noqa: E402
 from kvexport.kv import quant  # noqa: E402
 from kvexport.models.loader import resolve  # noqa: E402
 
-# name: ((key bits, value bits), rotate keys, --kv-clip spec)
+# name: ((key bits, value bits), rotation mask (1 keys: --kv-rotate, 2 values: --kv-rotate-values), --kv-clip spec)
 CONFIGS = {
-    "K2V2": ((2, 2), False, "none"),
-    "K2V16": ((2, 16), False, "none"),
-    "K16V2": ((16, 2), False, "none"),
-    "K2V2 rot": ((2, 2), True, "none"),
-    "K2V2 clip k2=0.7": ((2, 2), False, "k2=0.7"),
-    "K2V2 rot clip k2=0.7": ((2, 2), True, "k2=0.7"),
-    "K2V2 rot clip k2=0.65,v2=0.9": ((2, 2), True, "k2=0.65,v2=0.9"),
-    "K2V16 rot clip k2=0.7": ((2, 16), True, "k2=0.7"),
-    "K4V2": ((4, 2), False, "none"),
-    "K4V2 rot": ((4, 2), True, "none"),
-    "K4V4": ((4, 4), False, "none"),
-    "K4V4 rot": ((4, 4), True, "none"),
-    "K8V4": ((8, 4), False, "none"),
+    "K2V2": ((2, 2), 0, "none"),
+    "K2V16": ((2, 16), 0, "none"),
+    "K16V2": ((16, 2), 0, "none"),
+    "K2V2 rot": ((2, 2), 1, "none"),
+    "K2V2 clip k2=0.7": ((2, 2), 0, "k2=0.7"),
+    "K2V2 rot clip k2=0.7": ((2, 2), 1, "k2=0.7"),
+    "K2V2 rot clip k2=0.65,v2=0.9": ((2, 2), 1, "k2=0.65,v2=0.9"),
+    "K2V16 rot clip k2=0.7": ((2, 16), 1, "k2=0.7"),
+    "K4V2": ((4, 2), 0, "none"),
+    "K4V2 rot": ((4, 2), 1, "none"),
+    "K4V4": ((4, 4), 0, "none"),
+    "K4V4 rot": ((4, 4), 1, "none"),
+    "K8V4": ((8, 4), 0, "none"),
+    "K16V2 vrot": ((16, 2), 2, "none"),
+    "K16V2 vrot clip v2=0.85": ((16, 2), 2, "v2=0.85"),
+    "K4V2 rot vrot": ((4, 2), 3, "none"),
+    "K4V2 rot vrot clip v2=0.85": ((4, 2), 3, "v2=0.85"),
+    "K4V4 rot vrot": ((4, 4), 3, "none"),
+    "K2V2 rot vrot clip k2=0.7,v2=0.85": ((2, 2), 3, "k2=0.7,v2=0.85"),
 }
 
 
@@ -81,7 +87,8 @@ def main() -> int:
             kl[name] += L.measured_kl(model, tokens, {cls: torch.ones(a.tokens)}, sinks=a.sinks, window=a.window,
                                       chunk=chunk, group=group, ref=ref, rotate=rot,
                                       clip=quant.parse_clip(clip)) / (a.tokens * a.windows)
-    rows = [{"config": n, "key_bits": c[0], "value_bits": c[1], "rotate": r, "clip": s,
+    rows = [{"config": n, "key_bits": c[0], "value_bits": c[1], "rotate_keys": bool(r & 1),
+             "rotate_values": bool(r & 2), "clip": s,
              "bits_per_element": bits_per_element(c, group), "kl_per_token": kl[n]} for n, (c, r, s) in CONFIGS.items()]
     result = {"model": loaded.name, "windows": a.windows, "tokens": a.tokens, "sinks": a.sinks, "window": a.window,
               "group": group, "rows": rows}

@@ -2,7 +2,8 @@
 (:mod:`kvexport.controller.oracle` is the method).
 
     python calibration/oracle.py [--model M] [--windows 2] [--tokens 2048] [--budgets 2.75 3 3.5 4]
-                                 [--seeds 0 1] [--kv-rotate] [--data-dir DIR] [--out results/oracle] [--threads 2]
+                                 [--seeds 0 1] [--kv-rotate] [--kv-rotate-values]
+                                 [--data-dir DIR] [--out results/oracle] [--threads 2]
 
 Windows come from the held-out half of WikiText-2 test (the half ``kvexport calibrate`` evaluates
 on). Each finished window is kept as ``<out>/window<k>.json``, so an interrupted run resumes; the
@@ -41,6 +42,7 @@ def main() -> int:
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--kv-rotate", action="store_true", help="keys quantized after the Hadamard rotation")
+    p.add_argument("--kv-rotate-values", action="store_true", help="values quantized after the Hadamard rotation")
     p.add_argument("--kv-clip", default="none", help="clip ratios per class (kvexport --kv-clip), default none")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=str(HERE.parent / "results" / "oracle"))
@@ -54,6 +56,7 @@ def main() -> int:
                                         group=group), model=model)
     settings = {"tokens": a.tokens, "sinks": a.sinks, "window": a.window, "chunk": sess.max_chunk, "group": group,
                 "budgets": a.budgets, "seeds": a.seeds, "ig_steps": {2: 2, 4: 1, 8: 1}, "rotate": a.kv_rotate,
+                **({"rotate_values": True} if a.kv_rotate_values else {}),
                 **({} if a.kv_clip == "none" else {"clip": a.kv_clip})}
     _, held = wikitext_halves(data_file("wikitext", a.data_dir))
     ids = tokenize_blocks(loaded.tokenizer, held, a.windows * a.tokens)
@@ -69,7 +72,8 @@ def main() -> int:
                   file=sys.stderr)
             res = oracle.measure_window(model, w_ids, sinks=a.sinks, window=a.window, chunk=sess.max_chunk,
                                         group=group, budgets=a.budgets, seeds=a.seeds, steps=settings["ig_steps"],
-                                        rotate=a.kv_rotate, clip=quant.parse_clip(a.kv_clip))
+                                        rotate=int(a.kv_rotate) | 2 * a.kv_rotate_values,
+                                        clip=quant.parse_clip(a.kv_clip))
             done = {"settings": settings, "ids": w_ids, **res}
             write_text_atomic(path, json.dumps(done))
         windows.append({k2: v for k2, v in done.items() if k2 != "ids"})

@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass
 from kvexport import validate
 from kvexport.models.registry import DEFAULT_MODEL
 
-DEFAULT_CLIP = "k2=0.7"  # --kv-clip: 2-bit keys on the middle 70% of each group's range (calibration/README.md)
+# --kv-clip: 2-bit keys on the middle 70% of each group's range, 2-bit (rotated) values on the middle 85%
+# (calibration/README.md, "2-bit keys", "2-bit values")
+DEFAULT_CLIP = "k2=0.7,v2=0.85"
 DEFAULT_CLASSES = "k2v2,k4v4,k8v8"  # --kv-classes: keys and values at the same bits (quant.classes_spec, test-pinned)
 POLICY_GRAMMAR = ("fp32, fp16, static-2|4|8, static-k<b>v<c> (e.g. static-k4v2), random:B, random:f2,f4,f8,f16, rule, "
                   "learned[:FILE]")
@@ -31,23 +33,27 @@ class CacheOptions:
     window: int = 32
     group: int | None = None  # default: head_dim
     rotate_keys: bool = True  # --kv-rotate
+    rotate_values: bool = True  # --kv-rotate-values
     budget_bits: float | None = None  # picks the default learned controller
     seed: int = 0
     clip: str = DEFAULT_CLIP  # --kv-clip (quant.parse_clip)
     classes: str = DEFAULT_CLASSES  # --kv-classes (quant.parse_classes)
 
     def to_dict(self) -> dict:
-        """The fields; ``classes`` only where not the default, so eval records and program identities from
-        before ``--kv-classes`` keep their keys."""
+        """The fields; ``classes`` only where not the default and ``rotate_values`` only where on, so eval records
+        and program identities from before ``--kv-classes`` / ``--kv-rotate-values`` keep their keys."""
         d = asdict(self)
         if d["classes"] == DEFAULT_CLASSES:
             del d["classes"]
+        if not d["rotate_values"]:
+            del d["rotate_values"]
         return d
 
     @classmethod
     def from_manifest(cls, options: dict) -> CacheOptions:
-        """The options a program was built with (programs from before ``--kv-clip`` clipped nothing)."""
-        return cls(**{"clip": "none", **options})
+        """The options a program was built with (programs from before ``--kv-clip`` clipped nothing, those from
+        before ``--kv-rotate-values`` rotated no values)."""
+        return cls(**{"clip": "none", "rotate_values": False, **options})
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -70,9 +76,11 @@ def add_cache_args(p: argparse.ArgumentParser, default_policy: str | None = "fp1
     p.add_argument("--kv-rotate", action=argparse.BooleanOptionalAction, default=True,
                    help="Hadamard-rotate queries and keys so keys are quantized in the rotated basis (default: on; "
                         "--no-kv-rotate for head_dims that are not a power of two)")
+    p.add_argument("--kv-rotate-values", action=argparse.BooleanOptionalAction, default=True,
+                   help="Hadamard-rotate values before they are cached and the attention output back (default: on)")
     p.add_argument("--kv-clip", type=validate.kv_clip, default=None,
                    help="clip ratios of the quantization range per class and side, e.g. 'k2=0.7,v2=0.9', or "
-                        "'none' (default: k2=0.7)")
+                        "'none' (default: k2=0.7,v2=0.85)")
     p.add_argument("--kv-classes", type=validate.kv_classes, default=None,
                    help="value bits per class, named by key bits: e.g. 'k4v2,k8v4' stores the values of the 4-bit "
                         "(8-bit) class at 2 (4) bits; values no finer than keys (default: k2v2,k4v4,k8v8)")
@@ -90,7 +98,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 def cache_options(a: argparse.Namespace) -> CacheOptions:
     return CacheOptions(policy=a.kv_policy, max_context=a.max_context, sinks=a.kv_sinks, window=a.kv_window,
-                        group=a.kv_group, rotate_keys=a.kv_rotate, budget_bits=a.kv_budget_bits, seed=a.seed,
+                        group=a.kv_group, rotate_keys=a.kv_rotate, rotate_values=a.kv_rotate_values,
+                        budget_bits=a.kv_budget_bits, seed=a.seed,
                         **({} if a.kv_clip is None else {"clip": a.kv_clip}),
                         **({} if a.kv_classes is None else {"classes": a.kv_classes}))
 

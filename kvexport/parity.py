@@ -106,8 +106,8 @@ def reference_model(loaded, manifest: dict):
 
 def reference_session(loaded, opts: CacheOptions, model, manifest: dict) -> Session:
     """A reference :class:`Session` with the program's rotation arithmetic: a layer-kernel program (ExecuTorch
-    ``--ops fused``, or ONNX with our ONNX Runtime library) rotates keys inside its kernel (the fast transform),
-    every other program by a MatMul."""
+    ``--ops fused``, or ONNX with our ONNX Runtime library) rotates keys and values inside its kernel (the fast
+    transform), every other program by a MatMul."""
     kernel = manifest["ops_mode"] == "fused" and (
         manifest["target"] == "executorch" or bool(manifest.get("onnx", {}).get("custom_ops_library")))
     return Session(loaded, opts, model=model, fwht=kernel)

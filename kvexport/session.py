@@ -87,6 +87,7 @@ def build_cache(
             fractions=policy.fractions,
             fp_dtype="float32" if spec.kind == "fp32" else "float16",
             rotate_keys=opts.rotate_keys,
+            rotate_values=opts.rotate_values,
             clip=quant.parse_clip(opts.clip),
             value_bits=value_bits,
         )

@@ -92,17 +92,20 @@ def test_quantized_policies_change_logits_in_order_of_bits(tiny_model):
 
 
 def test_rotation_keeps_fp_results_and_changes_quantized_ones(tiny_model):
-    # 20 tokens inside a 32-token window: every key attended at fp16, rotated or not
-    base = CacheOptions(policy="static-4", max_context=64, window=32, sinks=0, rotate_keys=False)
-    rot = CacheOptions(policy="static-4", max_context=64, window=32, sinks=0, rotate_keys=True)
+    # 20 tokens inside a 32-token window: every key and value attended at fp16, rotated or not
+    off = dict(rotate_keys=False, rotate_values=False)
+    base = CacheOptions(policy="static-4", max_context=64, window=32, sinks=0, **off)
+    rot = CacheOptions(policy="static-4", max_context=64, window=32, sinks=0)  # keys and values: the default
     rs, fwht = Session(tiny_model, rot), Session(tiny_model, rot, fwht=True)
-    assert rs.cache.layout.rotate_keys and not Session(tiny_model, CacheOptions(policy="fp16")).cache.layout.rotate_keys
+    assert rs.cache.layout.rotation == 3 and Session(tiny_model, CacheOptions(policy="fp16")).cache.layout.rotation == 0
     a, b, c = (run(s, IDS[:20], 4) for s in (Session(tiny_model, base), rs, fwht))
-    # fp16 storage rounds the keys in another basis (seen: 0.04 on logits of ~5); MatMul vs transform: 6e-4
+    # fp16 storage rounds keys and values in another basis (seen: 0.04 on logits of ~5); MatMul vs transform: 6e-4
     assert (a - b).abs().max() < 0.1 and (b - c).abs().max() < 2e-3
-    q = CacheOptions(policy="static-2", max_context=64, window=0, sinks=0, rotate_keys=False)
-    qr = CacheOptions(policy="static-2", max_context=64, window=0, sinks=0, rotate_keys=True)
-    assert (run(Session(tiny_model, q), IDS[:20], 4) - run(Session(tiny_model, qr), IDS[:20], 4)).abs().max() > 1.0
+    plain = run(Session(tiny_model, CacheOptions(policy="static-2", max_context=64, window=0, sinks=0, **off)),
+                IDS[:20], 4)
+    for side in ("rotate_keys", "rotate_values"):  # seen: 23 and 14
+        q = CacheOptions(policy="static-2", max_context=64, window=0, sinks=0, **{**off, side: True})
+        assert (run(Session(tiny_model, q), IDS[:20], 4) - plain).abs().max() > 1.0, side
 
 
 def test_clip_ratios_reach_the_pools_of_their_class_and_side(tiny_model):

@@ -40,7 +40,7 @@ def test_reference_equals_cache_step(tiny_model, opts, n_prefix, t):
         v = torch.randn(1, t, lay.n_kv_heads * lay.head_dim, generator=g)
         want = cache.attend(step, layer, q, k, v, (cos, sin))
         got, recv = ref.layer_attention(q, k, v, cos, sin, state, *mutable.values(), *evict, pools, layer, lay.group,
-                                        lay.head_dim**-0.5, layer == lay.n_layers - 1, lay.rotate_keys)
+                                        lay.head_dim**-0.5, layer == lay.n_layers - 1, lay.rotation)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     win_sums, chunk_sums = cache._attention_features(step.received, t)
     W = lay.window
@@ -80,8 +80,11 @@ def test_layer_kernel_cache_decodes_like_the_reference_cache(tiny_model, hand_co
     b = Session(tiny_model, CacheOptions(max_context=96, **opts), model=a.model)
     b.cache = build_cache(tiny_model, b.opts, trim=False, fused_ops=True, layer_kernel=True)
     chunk = min(a.max_chunk, 4)
-    for i in range(0, 60, chunk):  # logits ~16 here; summation order alone moves them by ~1e-4
-        torch.testing.assert_close(b.step(IDS[i : i + chunk]), a.step(IDS[i : i + chunk]), rtol=1e-4, atol=2e-3)
+    # logits ~16 here; summation order alone moves them by ~1e-4, and this random model amplifies that noise at
+    # some steps (seen, learned case: 9.5e-4 without the value rotation, 7.1e-3 with it, while every pool code
+    # but one 8-bit value agreed: no class decision differs). A wrong part, mask or rotation moves them by O(1).
+    for i in range(0, 60, chunk):
+        torch.testing.assert_close(b.step(IDS[i : i + chunk]), a.step(IDS[i : i + chunk]), rtol=1e-4, atol=1.5e-2)
     state = b.cache.state_buffers()
     for name, buf in a.cache.state_buffers().items():
         got = state[name]

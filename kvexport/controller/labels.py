@@ -33,15 +33,17 @@ QUANT_CLASSES = (2, 4, 8)
 
 
 def gated_forward(model: Transformer, tokens: torch.Tensor, gates: dict[int, torch.Tensor] | None, group: int,
-                  qvis: torch.Tensor, rotate: bool = False, clip=quant.NO_CLIP) -> torch.Tensor:
+                  qvis: torch.Tensor, rotate: int = 0, clip=quant.NO_CLIP) -> torch.Tensor:
     """Full-sequence forward (batch 1, positions from 0) with gated quantization of K/V.
 
     tokens int64 ``[T]``; gates ``{class: gate float [T]}``, a class being ``bits`` or a ``(key bits, value bits)``
     pair, 16 for a side kept at fp16 (a gate may require grad; a token whose
     gates are 0 stays fp16, one with gate 1 at ``bits`` is stored at that class) or None (pure fp16
     storage); returns log-probs ``[T, V]``. Keys are rounded to fp16 after RoPE, as the cache stores them;
-    with ``rotate`` (``--kv-rotate``) queries and keys are multiplied by ``hadamard(D)`` first, as the
-    cache does, so keys are stored and quantized in the rotated basis. ``clip``: (key, value) clip ratios per
+    ``rotate`` is the cache's mask (:attr:`kvexport.kv.cache.CacheLayout.rotation`): with bit 1 (``--kv-rotate``)
+    queries and keys are multiplied by ``hadamard(D)`` first, with bit 2 (``--kv-rotate-values``) values, and the
+    attention output back, as the cache does, so each side is stored and quantized in the rotated basis.
+    ``clip``: (key, value) clip ratios per
     class (:func:`kvexport.kv.quant.parse_clip`; the cache layout's ``key_clip`` / ``value_clip``).
     """
     args = model.args
@@ -52,13 +54,15 @@ def gated_forward(model: Transformer, tokens: torch.Tensor, gates: dict[int, tor
     scale = 1.0 / math.sqrt(args.head_dim)
     rep = args.n_heads // args.n_kv_heads
     qv = qvis.float()
-    rotation = quant.hadamard(args.head_dim) if rotate else None
+    rotation = quant.hadamard(args.head_dim) if rotate else None  # H @ H = I
     def block(layer, x, gates):
         att = layer.self_attn
         h = layer.input_layernorm(x)
         q, k, v = rope_heads(*att.project(h), rope, args.head_dim)  # [1, Hq, T, D], [1, H, T, D] x 2
-        if rotation is not None:
+        if rotate & 1:
             q, k = q @ rotation, k @ rotation
+        if rotate & 2:
+            v = v @ rotation
         k = k + (k.detach().half().float() - k.detach())  # fp16 storage, straight-through
         v = v + (v.detach().half().float() - v.detach())
         kh, vh = k[0].repeat_interleave(rep, 0), v[0].repeat_interleave(rep, 0)  # [Hq, T, D]
@@ -77,6 +81,8 @@ def gated_forward(model: Transformer, tokens: torch.Tensor, gates: dict[int, tor
         o = p @ vh
         if gates:
             o = o + (p * qv) @ gdv
+        if rotate & 2:
+            o = o @ rotation
         o = o.unsqueeze(0).transpose(1, 2).reshape(1, T, -1)
         x = x + att.o_proj(o)
         return x + layer.mlp(layer.post_attention_layernorm(x))
@@ -109,7 +115,7 @@ def _kl_sum(ref: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
 
 
 def attribute(model: Transformer, tokens: torch.Tensor, *, sinks: int, window: int, chunk: int, group: int,
-              steps: dict[int, int], ref: torch.Tensor | None = None, rotate: bool = False,
+              steps: dict[int, int], ref: torch.Tensor | None = None, rotate: int = 0,
               clip=quant.NO_CLIP) -> dict:
     """Integrated-gradients attribution of the measured KL to each token, per quantized class.
 
@@ -136,7 +142,7 @@ def attribute(model: Transformer, tokens: torch.Tensor, *, sinks: int, window: i
 
 @torch.no_grad()
 def measured_kl(model: Transformer, tokens: torch.Tensor, gates: dict[int, torch.Tensor], *, sinks: int,
-                window: int, chunk: int, group: int, ref: torch.Tensor, rotate: bool = False,
+                window: int, chunk: int, group: int, ref: torch.Tensor, rotate: int = 0,
                 clip=quant.NO_CLIP) -> float:
     """Directly measured summed KL with ``gates`` (``{bits: 0/1 per token}``, at most one 1 per token)."""
     qvis = quantized_visibility(tokens.shape[0], sinks, window, chunk)

@@ -76,10 +76,10 @@ def gates_of(choice: torch.Tensor) -> dict[int, torch.Tensor]:
 
 
 def measure_window(model, ids: list[int], *, sinks: int, window: int, chunk: int, group: int,
-                   budgets: list[float], seeds: list[int], steps: dict[int, int], rotate: bool = False,
+                   budgets: list[float], seeds: list[int], steps: dict[int, int], rotate: int = 0,
                    clip=quant.NO_CLIP, progress: bool = True) -> dict:
-    """Attribution, assignments and measured KL of one window (see the module docstring); ``rotate``:
-    keys quantized after ``--kv-rotate``'s Hadamard rotation, as the cache does; ``clip``: the classes'
+    """Attribution, assignments and measured KL of one window (see the module docstring); ``rotate``: the
+    cache's rotation mask (1 keys, 2 values: :attr:`kvexport.kv.cache.CacheLayout.rotation`); ``clip``: the classes'
     clip ratios (:func:`kvexport.kv.quant.parse_clip`)."""
     tokens = torch.tensor(ids)
     T = len(ids)

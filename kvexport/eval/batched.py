@@ -62,7 +62,7 @@ class PackedCache:
     def __init__(self, cache: MixedKVCache, device: torch.device):
         self.layout = cache.layout
         self.fp_dtype = cache.layout.torch_fp_dtype
-        self.rotation = quant.hadamard(cache.layout.head_dim).to(device) if cache.layout.rotate_keys else None
+        self.rotation = quant.hadamard(cache.layout.head_dim).to(device) if cache.layout.rotation else None
 
     def _stored_values(self, classes: torch.Tensor, x: torch.Tensor, side: int) -> torch.Tensor:
         """x ``[B, H, T, D]`` (float-rounded keys, ``side`` 0, or values, 1) -> each row as its class's pool
@@ -82,8 +82,11 @@ class PackedCache:
         q, k, v = rope_heads(q, k, v, rope, self.layout.head_dim)
         b, hq, t, d = q.shape
         h = k.shape[1]
-        if self.rotation is not None:  # the cache's MatMul
+        lay = self.layout
+        if lay.rotate_keys:  # the cache's MatMuls
             q, k = q @ self.rotation, k @ self.rotation
+        if lay.rotate_values:
+            v = v @ self.rotation
         k = k.to(self.fp_dtype).float()
         v = v.to(self.fp_dtype).float()
         qg = q.reshape(b, h, hq // h, t, d)  # query head h*rep + r reads KV head h
@@ -99,7 +102,8 @@ class PackedCache:
             out = out + torch.matmul(p * step.stored, vq.unsqueeze(2))
         if step.keep_probs and layer == self.layout.n_layers - 1:
             step.last_probs = p.reshape(b, hq, t, t)
-        return merge_heads(out.reshape(b, hq, t, d))
+        out = out.reshape(b, hq, t, d)
+        return merge_heads(out @ self.rotation if lay.rotate_values else out)  # H @ H = I
 
 
 class Plan:

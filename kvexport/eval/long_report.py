@@ -395,7 +395,8 @@ def markdown(summary: dict) -> str:
         f"# Long-context KV evaluation: {summary['model']}",
         "",
         f"Settings: weights {s.get('weights')}, window {s.get('window')}, sinks {s.get('sinks')}, group "
-        f"{s.get('group')}, rotate keys {s.get('rotate_keys')}, clip {s.get('clip', 'none')}, prefill chunk "
+        f"{s.get('group')}, rotate keys {s.get('rotate_keys')} / values {s.get('rotate_values', False)}, clip "
+        f"{s.get('clip', 'none')}, prefill chunk "
         f"{s.get('prefill_chunk')}, "
         f"seed {s.get('seed')}; the cache sized to each context; reference `{summary['reference']}`. "
         f"95% percentile bootstrap CIs ({summary['bootstrap']['n_boot']:,} resamples, seed "

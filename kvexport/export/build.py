@@ -75,8 +75,8 @@ def tokenizer_entry(tokenizer) -> dict:
 
 
 def default_name(loaded: LoadedModel, opts: CacheOptions, target: str, ops: str, weights: str) -> str:
-    """``<model>-<policy>[-b<budget>]-w<window>-s<sinks>-g<group>[-norot][-seed<seed>][-clip-<spec>][-<classes>]-ctx<N>-``
-    ``<weights>-<ops>-<target>`` (``<classes>``: the split ones of ``--kv-classes``, e.g. ``k4v2``):
+    """``<model>-<policy>[-b<budget>]-w<window>-s<sinks>-g<group>[-norot][-novrot][-seed<seed>][-clip-<spec>]``
+    ``[-<classes>]-ctx<N>-<weights>-<ops>-<target>`` (``<classes>``: the split ones of ``--kv-classes``, e.g. ``k4v2``):
     every option that changes the program (budget only where it picks the controller)."""
     policy = re.sub(r"[^A-Za-z0-9_+=-]", "_", opts.policy.replace(":", "-").replace(",", "_").replace(".", "p"))
     default = CacheOptions()
@@ -85,7 +85,8 @@ def default_name(loaded: LoadedModel, opts: CacheOptions, target: str, ops: str,
     split = [c for c in quant.classes_spec(quant.parse_classes(opts.classes)).split(",") if c[1] != c[3]]
     classes = "".join(f"-{c}" for c in split)
     return (f"{loaded.name}-{policy}{budget}-w{opts.window}-s{opts.sinks}-g{opts.group or loaded.args.head_dim}"
-            f"{'' if opts.rotate_keys else '-norot'}{f'-seed{opts.seed}' if opts.seed != default.seed else ''}{clip}"
+            f"{'' if opts.rotate_keys else '-norot'}{'' if opts.rotate_values else '-novrot'}"
+            f"{f'-seed{opts.seed}' if opts.seed != default.seed else ''}{clip}"
             f"{classes}"
             f"-ctx{opts.max_context}-{weights}-{ops}-{target}")
 

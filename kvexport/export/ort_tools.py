@@ -222,9 +222,9 @@ def describe_weights(weights: str) -> str:
 
 
 def rotation_matmuls(model) -> list[str]:
-    """Names of the MatMuls by ``--kv-rotate``'s Hadamard matrix (a ``[D, D]`` initializer of entries
-    ``±1/sqrt(D)``, :func:`kvexport.kv.quant.hadamard`): weight quantizers must leave them alone (a
-    quantized rotation would add its own error to every key). Unnamed ones are named here."""
+    """Names of the MatMuls by the cache's Hadamard matrix (``--kv-rotate(-values)``; a ``[D, D]`` initializer of
+    entries ``±1/sqrt(D)``, :func:`kvexport.kv.quant.hadamard`): weight quantizers must leave them alone (a
+    quantized rotation would add its own error to every key or value). Unnamed ones are named here."""
     import numpy as np
     from onnx import numpy_helper
 

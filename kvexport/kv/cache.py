@@ -50,7 +50,11 @@ overflow rule runs in standard ops.
 
 Eviction happens at step granularity: within one chunk, tokens see each other at full precision.
 Keys are stored after RoPE, optionally multiplied by an orthonormal Hadamard matrix (queries get
-the same rotation, so scores are unchanged while outliers spread across channels before quantizing).
+the same rotation, so scores are unchanged while outliers spread across channels before quantizing);
+values optionally too (``rotate_values``, ``--kv-rotate-values``): the cache holds ``v @ H`` and the attention
+output, a weighted sum of rotated values, is multiplied by ``H`` again (``H @ H = I``) before the output
+projection, so only the quantization error changes (a 2-bit value grid then spans a near-Gaussian group
+instead of one spent on outlier channels: calibration/README.md, "2-bit values").
 Each quantized class may clip its grid to the middle of each group's range, keys and values apart
 (``key_clip`` / ``value_clip`` of the layout; the rule is :func:`kvexport.kv.quant.quantize`'s).
 """
@@ -103,6 +107,12 @@ class CacheLayout:
     key_clip: tuple[float, float, float] = (1.0, 1.0, 1.0)  # clip ratio of keys at 2, 4, 8 bits (quant.quantize)
     value_clip: tuple[float, float, float] = (1.0, 1.0, 1.0)  # the same for values
     value_bits: tuple[int, int, int] = quant.EQUAL_VALUE_BITS  # values of the 2-, 4-, 8-bit-key classes (--kv-classes)
+    rotate_values: bool = False  # --kv-rotate-values: values stored as v @ H, the attention output rotated back
+
+    @property
+    def rotation(self) -> int:
+        """The layer kernel's ``rotate`` argument: 1 rotates queries and keys, 2 values and the output."""
+        return int(self.rotate_keys) | 2 * int(self.rotate_values)
 
     @property
     def torch_fp_dtype(self) -> torch.dtype:
@@ -138,12 +148,12 @@ class CacheLayout:
     @classmethod
     def build(
         cls, *, n_layers, n_kv_heads, head_dim, max_context, sinks, window, group, fractions, fp_dtype, rotate_keys,
-        clip=quant.NO_CLIP, value_bits=quant.EQUAL_VALUE_BITS,
+        clip=quant.NO_CLIP, value_bits=quant.EQUAL_VALUE_BITS, rotate_values=False,
     ):
         """Size the pools: class ``c`` gets ``ceil(fraction_c * pooled tokens)`` slots; ``clip``: (key, value)
         clip ratios per bit-width (:func:`kvexport.kv.quant.parse_clip`); ``value_bits``: the classes' value
-        bits (:func:`kvexport.kv.quant.parse_classes`). ``rotate_keys`` holds only where a quantized pool has
-        slots (the rotation changes nothing else)."""
+        bits (:func:`kvexport.kv.quant.parse_classes`). ``rotate_keys`` / ``rotate_values`` hold only where a
+        quantized pool has slots (the rotation changes nothing else)."""
         if sinks < 0 or window < 0 or sinks + window > max_context:
             raise ValueError(f"sinks ({sinks}) + window ({window}) must fit in the context ({max_context})")
         for b in QUANT_BITS:
@@ -153,11 +163,12 @@ class CacheLayout:
         if sum(caps) < n_pool:  # rounding guard: every pooled token must have a slot somewhere
             i = max(range(len(caps)), key=lambda j: fractions[j])
             caps = tuple(c + (n_pool - sum(caps) if j == i else 0) for j, c in enumerate(caps))
-        rotate_keys = rotate_keys and any(caps[: len(QUANT_BITS)])
-        if rotate_keys:
+        quantized = any(caps[: len(QUANT_BITS)])
+        rotate_keys, rotate_values = rotate_keys and quantized, rotate_values and quantized
+        if rotate_keys or rotate_values:
             quant.check_rotation(head_dim)
         return cls(n_layers, n_kv_heads, head_dim, max_context, sinks, window, group, caps, fp_dtype, rotate_keys,
-                   *clip, tuple(value_bits))
+                   *clip, tuple(value_bits), rotate_values)
 
 
 class QuantPool(NamedTuple):
@@ -224,7 +235,7 @@ class MixedKVCache(nn.Module):
         L, H, D, S, W = layout.n_layers, layout.n_kv_heads, layout.head_dim, layout.sinks, layout.window
         fp = layout.torch_fp_dtype
         self.register_buffer("rarity", rarity.float(), persistent=False)
-        if layout.rotate_keys and not (layer_kernel or fwht):
+        if layout.rotation and not (layer_kernel or fwht):
             self.register_buffer("rotation", quant.hadamard(D), persistent=False)
         self.register_buffer("sink_k", torch.zeros(S + 1, L, H, D, dtype=fp))
         self.register_buffer("sink_v", torch.zeros(S + 1, L, H, D, dtype=fp))
@@ -301,8 +312,9 @@ class MixedKVCache(nn.Module):
         kernel_state = torch.cat([input_pos, self.fill]).to(torch.int32) if self.layer_kernel else None
         return CacheStep(input_pos, n_fill, kernel_state=kernel_state)
 
-    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.layout.rotate_keys:
+    def _rotate(self, x: torch.Tensor, on: bool) -> torch.Tensor:
+        """``x @ hadamard(D)`` where ``on`` (the layout's key or value rotation), else ``x``."""
+        if not on:
             return x
         return quant.rotate(x) if self.fwht else x @ self.rotation
 
@@ -311,7 +323,7 @@ class MixedKVCache(nn.Module):
         """The projection's q ``[B, T, Hq·D]``, new k/v ``[B, T, H·D]`` (before RoPE) and the step's RoPE tables ->
         attention output ``[B, T, Hq·D]``. Records the chunk's k/v (and, in the last layer, the attention it needs
         for features) in ``step``."""
-        if self.layer_kernel:  # the kernel applies RoPE and rotates q and k itself
+        if self.layer_kernel:  # the kernel applies RoPE and rotates q, k and v itself
             return self._layer_attention(step, layer, q, k, v, rope)
         return merge_heads(self._attend(step, layer, *rope_heads(q, k, v, rope, self.layout.head_dim)))
 
@@ -321,9 +333,9 @@ class MixedKVCache(nn.Module):
         fp = lay.torch_fp_dtype
         b, hq, t, d = q.shape
         scale = 1.0 / math.sqrt(d)
-        q = self._rotate(q)
-        k = self._rotate(k).to(fp).float()  # what the cache will hold, so later steps see the same
-        v = v.to(fp).float()
+        q = self._rotate(q, lay.rotate_keys)
+        k = self._rotate(k, lay.rotate_keys).to(fp).float()  # what the cache will hold, so later steps see the same
+        v = self._rotate(v, lay.rotate_values).to(fp).float()
         step.new_k.append(k)
         step.new_v.append(v)
         rows = q.transpose(0, 1).reshape(hq, b * t, d)
@@ -372,7 +384,7 @@ class MixedKVCache(nn.Module):
         out, lse = attention.merge_partials(parts)
         if layer == lay.n_layers - 1 and b == 1:
             step.received = (win_part if lay.window else None, (cp[0], cm[0]), lse)
-        return out.reshape(hq, b, t, d).transpose(0, 1)
+        return self._rotate(out.reshape(hq, b, t, d).transpose(0, 1), lay.rotate_values)  # H @ H = I
 
     def _layer_attention(self, step: CacheStep, layer: int, q, k, v, rope: tuple) -> torch.Tensor:
         """``kvexport::layer_attention`` for batch 1: the projection's q ``[1, T, Hq·D]``, k/v ``[1, T, H·D]`` and
@@ -386,7 +398,7 @@ class MixedKVCache(nn.Module):
         cos, sin = rope
         res = ops.layer_attention(q, k, v, cos, sin, step.kernel_state,
                                   [getattr(self, n) for n in WRITTEN_PARTS], [getattr(self, n) for n in POOL_NAMES],
-                                  layer, self.layout.group, scale, features, self.layout.rotate_keys,
+                                  layer, self.layout.group, scale, features, self.layout.rotation,
                                   onnx=self.onnx_kernel)
         out, recv = res[:2]
         if self.onnx_kernel:

@@ -4,9 +4,11 @@ For a chunk of ``T`` tokens at positions ``p0 + [0, T)`` of one layer, batch 1, 
 
 0. takes the chunk's queries, keys and values as the projection writes them (token-major, before RoPE), splits
    them into heads and applies RoPE (``cos``, ``sin`` of the chunk's positions, Hugging Face's "rotate_half"
-   layout: :func:`kvexport.models.llama.apply_rope`); with ``rotate`` (``--kv-rotate``) it then rotates queries
-   and keys (:func:`kvexport.kv.quant.rotate`: the cache holds rotated keys, scores are unchanged). So the graph
-   around the op is the projection's ``Split`` before it and the output projection after it, nothing else;
+   layout: :func:`kvexport.models.llama.apply_rope`); ``rotate`` is a bit mask (:attr:`CacheLayout.rotation`): with
+   bit 1 (``--kv-rotate``) it then rotates queries and keys (:func:`kvexport.kv.quant.rotate`: the cache holds
+   rotated keys, scores are unchanged), with bit 2 (``--kv-rotate-values``) the values, and rotates the attention
+   output back (the same transform: ``H @ H = I``). So the graph around the op is the projection's ``Split``
+   before it and the output projection after it, nothing else;
 
 1. attends the chunk's queries over sinks + FP16 ring window + the FP16 pool + every quantized
    pool + the chunk itself (causal), reading only filled slots;
@@ -62,13 +64,15 @@ def filled(state: torch.Tensor, sinks: int, window: int, caps: list[int]) -> tup
 
 
 def layer_attention(q, k, v, cos, sin, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer: int,
-                    group: int, scale: float, features: bool, rotate: bool):
+                    group: int, scale: float, features: bool, rotate: int):
     """See the module docstring; mutates ``sink_k/v``, ``win_k/v``, ``evict_k/v``."""
     S, W = sink_k.shape[0] - 1, win_k.shape[0] - 1
     q, k, v = llama.rope_heads(q, k, v, (cos, sin), sink_k.shape[3])
     q, k, v = q[0], k[0], v[0]  # [Hq, T, D], [H, T, D]
-    if rotate:
+    if rotate & 1:
         q, k = quant.rotate(q), quant.rotate(k)
+    if rotate & 2:
+        v = quant.rotate(v)
     hq, t, _ = q.shape
     pool = dict(zip(POOL_NAMES, pools))
     n_layers = sink_k.shape[1]
@@ -93,6 +97,8 @@ def layer_attention(q, k, v, cos, sin, state, sink_k, sink_v, win_k, win_v, evic
     o, m, l, _ = attention.partial_attention(q, kc, vc, causal, scale)
     parts.append((o, m, l))
     out, lse = attention.merge_partials(parts)  # [Hq, T, D], [Hq, T]
+    if rotate & 2:
+        out = quant.rotate(out)  # back from the values' basis
 
     recv = torch.zeros(W + t, N_RECV)
     if features:

@@ -21,8 +21,9 @@ Conventions (all functions):
     (``calibration/README.md``, "2-bit keys").
   * packing: ``8 // bits`` codes per byte, code ``i`` of a byte in bits ``[bits*i, bits*(i+1))``
     (little-endian within the byte); packed shape ``[..., D * bits // 8]``.
-  * rotation (``--kv-rotate``): ``x @ H`` with ``H = hadamard(D)`` the orthonormal Sylvester-Hadamard
-    matrix, a MatMul in the cache and in export graphs. The layer kernel computes it as the fast
+  * rotation (``--kv-rotate`` for queries and keys, ``--kv-rotate-values`` for values and, back, the attention
+    output): ``x @ H`` with ``H = hadamard(D)`` the orthonormal, symmetric Sylvester-Hadamard matrix
+    (``H @ H = I``), a MatMul in the cache and in export graphs. The layer kernel computes it as the fast
     Walsh-Hadamard transform (:func:`rotate`, its spec): for ``h = 1, 2, 4, ... < D``, every pair
     ``(j, j + h)`` with ``j mod 2h < h`` becomes ``(x_j + x_{j+h}, x_j - x_{j+h})``; then each element is
     multiplied by ``fp32(1 / sqrt(D))`` — additions in a fixed order, so kernel and reference agree bit

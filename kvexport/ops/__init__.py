@@ -241,7 +241,7 @@ def pool_attention(
 
 
 def layer_attention(q, k, v, cos, sin, state, parts, pools, layer: int, group: int, scale: float, features: bool,
-                    rotate: bool, *, onnx: bool = False):
+                    rotate: int, *, onnx: bool = False):
     """``kvexport::layer_attention`` (spec: :mod:`kvexport.kv.layer_attention`): q ``[1, T, Hq·D]``, k, v
     ``[1, T, H·D]`` before RoPE, ``cos, sin [T, D]``; ``parts``: the cache parts it writes (sink_k, sink_v, win_k,
     win_v, evict_k, evict_v), in place. Returns ``(out [1, T, Hq·D], recv [W + T, 3])``;
@@ -250,7 +250,7 @@ def layer_attention(q, k, v, cos, sin, state, parts, pools, layer: int, group: i
     ``evict_k[:T, layer]``, ``evict_v[:T, layer]``, which eviction reads."""
     load()
     fn = torch.ops.kvexport.layer_attention_onnx if onnx else torch.ops.kvexport.layer_attention
-    return fn(q, k, v, cos, sin, state, *parts, list(pools), layer, group, float(scale), bool(features), bool(rotate))
+    return fn(q, k, v, cos, sin, state, *parts, list(pools), layer, group, float(scale), bool(features), int(rotate))
 
 
 def allocate(desired, valid, fill, caps):

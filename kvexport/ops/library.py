@@ -38,13 +38,13 @@ SCHEMAS = {
         "layer_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor state,"
         " Tensor(a!) sink_k, Tensor(b!) sink_v,"
         " Tensor(c!) win_k, Tensor(d!) win_v, Tensor(e!) evict_k, Tensor(f!) evict_v, Tensor[] pools, int layer,"
-        " int group, float scale, bool features, bool rotate) -> (Tensor out, Tensor recv)"
+        " int group, float scale, bool features, int rotate) -> (Tensor out, Tensor recv)"
     ),
     "layer_attention.out": (
         "layer_attention.out(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor state,"
         " Tensor(a!) sink_k, Tensor(b!) sink_v,"
         " Tensor(c!) win_k, Tensor(d!) win_v, Tensor(e!) evict_k, Tensor(f!) evict_v, Tensor[] pools, int layer,"
-        " int group, float scale, bool features, bool rotate, *, Tensor(g!) out, Tensor(h!) recv)"
+        " int group, float scale, bool features, int rotate, *, Tensor(g!) out, Tensor(h!) recv)"
         " -> (Tensor(g!), Tensor(h!))"
     ),
     # The ONNX form of layer_attention (kvexport.ops.layer_attention, onnx=True): declared without mutation, so
@@ -54,7 +54,7 @@ SCHEMAS = {
         "layer_attention_onnx(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor state,"
         " Tensor sink_k, Tensor sink_v,"
         " Tensor win_k, Tensor win_v, Tensor evict_k, Tensor evict_v, Tensor[] pools, int layer, int group,"
-        " float scale, bool features, bool rotate) -> (Tensor out, Tensor recv, Tensor evict_k_rows,"
+        " float scale, bool features, int rotate) -> (Tensor out, Tensor recv, Tensor evict_k_rows,"
         " Tensor evict_v_rows)"
     ),
     "allocate": (

@@ -273,7 +273,7 @@ def node_translation_table() -> dict:
         )
 
     def layer_attention_node(q, k, v, cos, sin, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools,
-                             layer: int, group: int, scale: float, features: bool, rotate: bool):
+                             layer: int, group: int, scale: float, features: bool, rotate: int):
         return node[LIBRARY_OP](q, k, v, cos, sin, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, *pools,
                                 layer=layer, group=group, scale=scale, features=int(features), rotate=int(rotate))
 

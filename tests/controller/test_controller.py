@@ -43,8 +43,8 @@ def tiny_attr(tiny_model):
 
 
 def test_gated_forward_matches_the_cache(tiny_model, tiny_attr):
-    """gate=None is the fp16 cache; gate=1 at 8 bits is static-8 (same visibility rule, same quantizer, keys
-    rotated where the cache rotates them: by default wherever it quantizes)."""
+    """gate=None is the fp16 cache; gate=1 at 8 bits is static-8 (same visibility rule, same quantizer, keys and
+    values rotated where the cache rotates them: by default wherever it quantizes)."""
     model, tokens, out = tiny_attr
     ids = tokens.tolist()
     for policy, gates in (("fp16", None), ("static-8", {8: torch.ones(len(ids))})):
@@ -57,7 +57,7 @@ def test_gated_forward_matches_the_cache(tiny_model, tiny_attr):
         with torch.no_grad():
             lp = L.gated_forward(
                 model, tokens, gates, GROUP, L.quantized_visibility(len(ids), SINKS, WINDOW, WINDOW),
-                sess.cache.layout.rotate_keys,
+                sess.cache.layout.rotation,
             )
         assert (lp - lp_cache).abs().max() < 2e-2, policy
 

@@ -89,8 +89,8 @@ def test_measure_window_and_report(tiny_model, tmp_path):
 
 
 def test_rotated_gated_forward_matches_the_rotated_cache(tiny_model):
-    """With --kv-rotate the cache quantizes keys in the Hadamard basis, with the default --kv-clip; the gated
-    forward must too."""
+    """With --kv-rotate (--kv-rotate-values) the cache quantizes keys (values) in the Hadamard basis, with the
+    default --kv-clip; the gated forward must too."""
     from kvexport.session import CacheOptions, Session
 
     model = tiny_model.build()
@@ -102,9 +102,13 @@ def test_rotated_gated_forward_matches_the_rotated_cache(tiny_model):
     with torch.no_grad():
         gates = {2: torch.ones(len(ids))}
         clip = (sess.cache.layout.key_clip, sess.cache.layout.value_clip)  # the default --kv-clip
-        rotated = L.gated_forward(model, torch.tensor(ids), gates, GROUP, qvis, True, clip)
+        mask = sess.cache.layout.rotation  # keys and values (the defaults)
+        rotated = L.gated_forward(model, torch.tensor(ids), gates, GROUP, qvis, mask, clip)
         plain = L.gated_forward(model, torch.tensor(ids), gates, GROUP, qvis, clip=clip)
-        unclipped = L.gated_forward(model, torch.tensor(ids), gates, GROUP, qvis, True)
+        keys_only = L.gated_forward(model, torch.tensor(ids), gates, GROUP, qvis, 1, clip)
+        unclipped = L.gated_forward(model, torch.tensor(ids), gates, GROUP, qvis, mask)
     assert (rotated - lp_cache).abs().max() < 2e-2
+    assert mask == 3
     assert (plain - lp_cache).abs().max() > (rotated - lp_cache).abs().max()
+    assert (keys_only - lp_cache).abs().max() > (rotated - lp_cache).abs().max()
     assert (unclipped - lp_cache).abs().max() > (rotated - lp_cache).abs().max()

@@ -46,10 +46,11 @@ def test_batched_equals_cache_path(tiny_model, policy, window, sinks):
     # rule: random token ids are mostly "rare" -> 8-bit, whose pool (10%) overflows in long contexts.
     # Unrotated: the rotation mixes every channel's GEMM noise (other matmul shapes) into each key, and a
     # 2-bit code at a group's edge flips (seen: 0.043 nats on a 113-nat score, random shares, no window);
-    # rotation: test_batched_with_key_rotation here, and in float64 the real-model test below.
+    # rotation: test_batched_with_rotation here, and in float64 the real-model test below.
     _compare(
         tiny_model,
-        CacheOptions(policy=policy, max_context=256, window=window, sinks=sinks, group=16, rotate_keys=False),
+        CacheOptions(policy=policy, max_context=256, window=window, sinks=sinks, group=16, rotate_keys=False,
+                     rotate_values=False),
         expect_packed=policy != "rule",
     )
 
@@ -64,16 +65,16 @@ def test_batched_learned_with_attention_features_and_chunks(tiny_model, hand_con
     _compare(tiny_model, w0, prefill_chunk=5, expect_packed=False)  # window 0, attention received inside a chunk
 
 
-def test_batched_with_key_rotation(tiny_model):
-    _compare(
-        tiny_model, CacheOptions(policy="static-2", max_context=256, window=8, sinks=4, group=16, rotate_keys=True)
-    )
+@pytest.mark.parametrize("keys,values", [(True, False), (False, True), (True, True)])
+def test_batched_with_rotation(tiny_model, keys, values):
+    _compare(tiny_model, CacheOptions(policy="static-2", max_context=256, window=8, sinks=4, group=16,
+                                      rotate_keys=keys, rotate_values=values))
 
 
 def test_batched_with_split_classes(tiny_model):
     """Values coarser than keys (k4v2, k8v4) in both engines, every class in use."""
     _compare(tiny_model, CacheOptions(policy="random:0.2,0.4,0.3,0.1", max_context=256, window=8, sinks=4, group=16,
-                                      rotate_keys=False, classes="k4v2,k8v4"))
+                                      rotate_keys=False, rotate_values=False, classes="k4v2,k8v4"))
 
 
 def test_overflowing_items_fall_back_to_the_cache_path(tiny_model):
@@ -85,7 +86,7 @@ def test_overflowing_items_fall_back_to_the_cache_path(tiny_model):
 
 def test_wikitext_logprobs_match(tiny_model, hand_controller):
     opts = CacheOptions(policy=f"learned:{hand_controller}", max_context=256, window=8, sinks=4, group=16,
-                        rotate_keys=False)  # see test_batched_equals_cache_path
+                        rotate_keys=False, rotate_values=False)  # see test_batched_equals_cache_path
     exact = ReferenceScorer(tiny_model, opts)
     batched = ReferenceScorer(tiny_model, opts, model=exact.session.model, batch_items=4)
     ids = _items(1, seed=3)[0][0]

@@ -24,13 +24,14 @@ from kvexport.models.llama import rope_cos_sin
 L, H, HQ, D = 2, 3, 9, 64
 SCALE = 1.0 / math.sqrt(D)
 T_MAX = 4
-# name: (sinks, window, float dtype, pool capacities (2, 4, 8, 16 bit), layer, features, rotate,
-#        value bits of the 2-, 4-, 8-bit-key classes, quantization group); the groups take the kernel's
+# name: (sinks, window, float dtype, pool capacities (2, 4, 8, 16 bit), layer, features, rotate (mask: 1 keys,
+#        2 values), value bits of the 2-, 4-, 8-bit-key classes, quantization group); the groups take the kernel's
 #        three ways of summing V rows (32, 8 or 1 columns at a time)
 CONFIGS = {
-    "fp16-s4-w8": (4, 8, torch.float16, (5, 70, 7, 3), 1, True, True, (2, 2, 8), 32),
-    "fp32-s0-w4": (0, 4, torch.float32, (3, 0, 4, 2), 0, True, False, (2, 4, 4), 16),
-    "fp16-s2-w0": (2, 0, torch.float16, (0, 9, 0, 66), 1, False, True, (2, 4, 8), 4),
+    "fp16-s4-w8": (4, 8, torch.float16, (5, 70, 7, 3), 1, True, 3, (2, 2, 8), 32),
+    "fp32-s0-w4": (0, 4, torch.float32, (3, 0, 4, 2), 0, True, 0, (2, 4, 4), 16),
+    "fp16-s2-w0": (2, 0, torch.float16, (0, 9, 0, 66), 1, False, 2, (2, 4, 8), 4),
+    "fp16-s4-w8-keys": (4, 8, torch.float16, (5, 70, 7, 3), 0, True, 1, (2, 4, 8), 64),
 }
 MUTABLE = ("sink_k", "sink_v", "win_k", "win_v", "evict_k", "evict_v")
 

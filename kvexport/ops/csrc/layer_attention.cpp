@@ -484,8 +484,8 @@ std::string check(const LayerCall& c) {
   if (!(c.layer >= 0 && c.layer < n_layers && c.group > 0 && d % c.group == 0 && d % 4 == 0)) {
     return "bad layer or group";
   }
-  if (c.rotate && (d & (d - 1)) != 0) {
-    return "rotate needs a power-of-two head_dim";
+  if ((c.rotate & ~(kRotateKeys | kRotateValues)) != 0 || (c.rotate != 0 && (d & (d - 1)) != 0)) {
+    return "rotate must be a mask of 1 (keys) and 2 (values), and needs a power-of-two head_dim";
   }
   if (!(c.evict_k.size(0) >= t && (c.win_k.size(0) == 1 || t <= c.win_k.size(0) - 1))) {
     return "chunk longer than the window or the eviction staging rows";
@@ -539,32 +539,33 @@ bool run(const LayerCall& c, float* op, float* rp, const ParallelFor& parallel_f
     fills[cls] = std::min<int64_t>(std::max<int32_t>(st[1 + cls], 0), rows_of[cls] - 1);
   }
 
-  // ---- the chunk: heads split from the token-major rows, RoPE on q and k (then the rotation with rotate),
+  // ---- the chunk: heads split from the token-major rows, RoPE on q and k (then the rotations rotate asks for),
   // k and v rounded to the storage dtype (what the cache will hold); qr [Hq, T, D], kr / vr [H, T, D]
   const bool half = c.sink_k.dtype == DType::kHalf;
   const int64_t nkv = hkv * t * d;
   const float* cos = static_cast<const float*>(c.cos.data);
   const float* sin = static_cast<const float*>(c.sin.data);
   std::vector<float> qr(hq * t * d), kr(nkv), vr(nkv);
-  auto heads = [&](const float* src, int64_t n_heads, bool rope, float* dst) {
+  const bool rotate_k = (c.rotate & kRotateKeys) != 0, rotate_v = (c.rotate & kRotateValues) != 0;
+  auto heads = [&](const float* src, int64_t n_heads, bool rope, bool rotate, float* dst) {
     for (int64_t hh = 0; hh < n_heads; ++hh) {
       for (int64_t r = 0; r < t; ++r) {
         const float* x = src + (r * n_heads + hh) * d;
         float* y = dst + (hh * t + r) * d;
-        if (!rope) {
+        if (rope) {
+          rope_row(x, cos + r * d, sin + r * d, d, y);
+        } else {
           std::copy(x, x + d, y);
-          continue;
         }
-        rope_row(x, cos + r * d, sin + r * d, d, y);
-        if (c.rotate) {
+        if (rotate) {
           rotate_row(y, d);
         }
       }
     }
   };
-  heads(static_cast<const float*>(c.q.data), hq, true, qr.data());
-  heads(static_cast<const float*>(c.k.data), hkv, true, kr.data());
-  heads(static_cast<const float*>(c.v.data), hkv, false, vr.data());
+  heads(static_cast<const float*>(c.q.data), hq, true, rotate_k, qr.data());
+  heads(static_cast<const float*>(c.k.data), hkv, true, rotate_k, kr.data());
+  heads(static_cast<const float*>(c.v.data), hkv, false, rotate_v, vr.data());
   std::vector<uint16_t> kh(half ? nkv : 0), vh(half ? nkv : 0);
   if (half) {
     for (int64_t i = 0; i < nkv; ++i) {
@@ -690,6 +691,9 @@ bool run(const LayerCall& c, float* op, float* rp, const ParallelFor& parallel_f
       }
       for (int64_t e = 0; e < d; ++e) {
         o[e] /= l;
+      }
+      if (rotate_v) {
+        rotate_row(o, d);  // back from the values' basis (H @ H = I)
       }
       lse[qrow] = m + std::log(l);
     }

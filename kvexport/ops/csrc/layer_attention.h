@@ -27,6 +27,7 @@ struct View {
 };
 
 constexpr int kPools = 20;  // POOL_NAMES: pool16 k/v, then k, ks, kz, v, vs, vz for 2, 4, 8
+constexpr int64_t kRotateKeys = 1, kRotateValues = 2;  // LayerCall::rotate bits (CacheLayout.rotation)
 
 // One call. sink_k ... evict_v are written in place (the chunk's rows, and the rows it evicts).
 struct LayerCall {
@@ -35,7 +36,8 @@ struct LayerCall {
   View pools[kPools];                                   // layer-major [L*(C+1), H, ...]
   int64_t layer = 0, group = 0;
   double scale = 1.0;
-  bool features = false, rotate = false;
+  bool features = false;
+  int64_t rotate = 0;  // mask: kRotateKeys (queries and keys), kRotateValues (values, and the output back)
 };
 
 // fn(begin, end) over [0, n), split over the runtime's threads; false when the runtime failed.

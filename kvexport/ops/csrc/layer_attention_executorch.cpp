@@ -46,7 +46,7 @@ std::tuple<Tensor&, Tensor&> layer_attention_out(
     KernelRuntimeContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cos,
     const Tensor& sin, const Tensor& state, Tensor& sink_k, Tensor& sink_v, Tensor& win_k, Tensor& win_v,
     Tensor& evict_k, Tensor& evict_v, ArrayRef<Tensor> pools, int64_t layer, int64_t group,
-    double scale, bool features, bool rotate, Tensor& out, Tensor& recv) {
+    double scale, bool features, int64_t rotate, Tensor& out, Tensor& recv) {
   std::tuple<Tensor&, Tensor&> ret(out, recv);
   const char* name = "kvexport::layer_attention";
   ET_KERNEL_CHECK_MSG(ctx, pools.size() == core::kPools, InvalidArgument, ret, "%s: expected 20 pool tensors",
@@ -111,10 +111,11 @@ using executorch::runtime::KernelRuntimeContext;
 using executorch::runtime::Span;
 
 // Stack: q, k, v, cos, sin, state, sink_k, sink_v, win_k, win_v, evict_k, evict_v, pools, layer, group,
-// scale, features, rotate, out, recv (then the returned values). A program of an older kvexport (q/k/v
+// scale, features, rotate, out, recv (then the returned values). rotate is an int mask; programs from before
+// value rotation hold a bool there (keys only), read as 0 / 1. A program of an older kvexport still (q/k/v
 // after RoPE, no cos/sin) has a tensor where rotate is: it is refused.
 void layer_attention_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
-  ET_KERNEL_CHECK_MSG(ctx, stack.size() >= 20 && stack[17]->isBool(), InvalidProgram, ,
+  ET_KERNEL_CHECK_MSG(ctx, stack.size() >= 20 && (stack[17]->isBool() || stack[17]->isInt()), InvalidProgram, ,
                       "kvexport::layer_attention.out: expected 20 arguments (q, k, v, cos, sin, ...): a program "
                       "of an older kvexport; rebuild it");
   kvexport::native::layer_attention_out(
@@ -122,7 +123,8 @@ void layer_attention_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
       stack[4]->toTensor(), stack[5]->toTensor(), stack[6]->toTensor(), stack[7]->toTensor(),
       stack[8]->toTensor(), stack[9]->toTensor(), stack[10]->toTensor(), stack[11]->toTensor(),
       stack[12]->toTensorList(), stack[13]->toInt(), stack[14]->toInt(), stack[15]->toDouble(),
-      stack[16]->toBool(), stack[17]->toBool(), stack[18]->toTensor(), stack[19]->toTensor());
+      stack[16]->toBool(), stack[17]->isBool() ? int64_t{stack[17]->toBool()} : stack[17]->toInt(),
+      stack[18]->toTensor(), stack[19]->toTensor());
 }
 
 const Kernel kLayerKernels[] = {Kernel("kvexport::layer_attention.out", layer_attention_boxed)};

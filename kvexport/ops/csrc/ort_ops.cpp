@@ -7,7 +7,7 @@
  *
  * Inputs: q [1, T, Hq*D], k, v [1, T, H*D] (the projection's rows, before RoPE), cos, sin [T, D], state, the six
  * cache parts the op writes (sink_k, sink_v, win_k, win_v, evict_k, evict_v), the 20 pools (POOL_NAMES);
- * attributes: layer, group, scale, features, rotate (ints 0/1 for the flags). Outputs: out [1, T, Hq*D], recv
+ * attributes: layer, group, scale, features (0/1), rotate (mask: 1 keys, 2 values). Outputs: out [1, T, Hq*D], recv
  * [W + T, 3], and this layer's staged K and V rows
  * (evict_k[:T, layer], evict_v[:T, layer]: [T, H, D]). The six parts are written IN PLACE, in the input
  * buffers: they are graph inputs of the program that no other node reads (kvexport.export.onnx.in_place_state),
@@ -66,7 +66,8 @@ size_t element_bytes(DType t) { return t == DType::kFloat || t == DType::kInt ? 
 struct LayerKernel {
   int64_t layer, group;
   float scale;
-  bool features, rotate;
+  bool features;
+  int64_t rotate;  // mask: 1 keys, 2 values (programs from before value rotation: 0 / 1)
 
   explicit LayerKernel(const OrtKernelInfo* info) {
     Ort::ConstKernelInfo ki(info);
@@ -74,7 +75,7 @@ struct LayerKernel {
     group = ki.GetAttribute<int64_t>("group");
     scale = ki.GetAttribute<float>("scale");
     features = ki.GetAttribute<int64_t>("features") != 0;
-    rotate = ki.GetAttribute<int64_t>("rotate") != 0;
+    rotate = ki.GetAttribute<int64_t>("rotate");
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {

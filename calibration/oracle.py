@@ -72,7 +72,7 @@ def main() -> int:
                   file=sys.stderr)
             res = oracle.measure_window(model, w_ids, sinks=a.sinks, window=a.window, chunk=sess.max_chunk,
                                         group=group, budgets=a.budgets, seeds=a.seeds, steps=settings["ig_steps"],
-                                        rotate=int(a.kv_rotate) | 2 * a.kv_rotate_values,
+                                        rotate=quant.rotation_mask(a.kv_rotate, a.kv_rotate_values),
                                         clip=quant.parse_clip(a.kv_clip))
             done = {"settings": settings, "ids": w_ids, **res}
             write_text_atomic(path, json.dumps(done))

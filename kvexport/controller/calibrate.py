@@ -91,7 +91,8 @@ class Calibrator:
         self.windows, self.window_tokens, self.horizon = windows, window_tokens, horizon
         self.steps = steps or {2: 2, 4: 1, 8: 1}
         default = CacheOptions()  # labels measure the quantizer the cache runs by default
-        self.clip, self.rotate = quant.parse_clip(default.clip), int(default.rotate_keys) | 2 * default.rotate_values
+        self.clip = quant.parse_clip(default.clip)
+        self.rotate = quant.rotation_mask(default.rotate_keys, default.rotate_values)
         self.progress = progress
         if not corpus.is_file():
             raise KvxError(f"corpus not found: {corpus}; pass --corpus PATH to a WikiText raw file")

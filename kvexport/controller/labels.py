@@ -59,9 +59,9 @@ def gated_forward(model: Transformer, tokens: torch.Tensor, gates: dict[int, tor
         att = layer.self_attn
         h = layer.input_layernorm(x)
         q, k, v = rope_heads(*att.project(h), rope, args.head_dim)  # [1, Hq, T, D], [1, H, T, D] x 2
-        if rotate & 1:
+        if rotate & quant.ROTATE_KEYS:
             q, k = q @ rotation, k @ rotation
-        if rotate & 2:
+        if rotate & quant.ROTATE_VALUES:
             v = v @ rotation
         k = k + (k.detach().half().float() - k.detach())  # fp16 storage, straight-through
         v = v + (v.detach().half().float() - v.detach())
@@ -81,7 +81,7 @@ def gated_forward(model: Transformer, tokens: torch.Tensor, gates: dict[int, tor
         o = p @ vh
         if gates:
             o = o + (p * qv) @ gdv
-        if rotate & 2:
+        if rotate & quant.ROTATE_VALUES:
             o = o @ rotation
         o = o.unsqueeze(0).transpose(1, 2).reshape(1, T, -1)
         x = x + att.o_proj(o)

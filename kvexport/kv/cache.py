@@ -111,8 +111,8 @@ class CacheLayout:
 
     @property
     def rotation(self) -> int:
-        """The layer kernel's ``rotate`` argument: 1 rotates queries and keys, 2 values and the output."""
-        return int(self.rotate_keys) | 2 * int(self.rotate_values)
+        """The layer kernel's ``rotate`` argument (:func:`kvexport.kv.quant.rotation_mask`)."""
+        return quant.rotation_mask(self.rotate_keys, self.rotate_values)
 
     @property
     def torch_fp_dtype(self) -> torch.dtype:

@@ -69,9 +69,9 @@ def layer_attention(q, k, v, cos, sin, state, sink_k, sink_v, win_k, win_v, evic
     S, W = sink_k.shape[0] - 1, win_k.shape[0] - 1
     q, k, v = llama.rope_heads(q, k, v, (cos, sin), sink_k.shape[3])
     q, k, v = q[0], k[0], v[0]  # [Hq, T, D], [H, T, D]
-    if rotate & 1:
+    if rotate & quant.ROTATE_KEYS:
         q, k = quant.rotate(q), quant.rotate(k)
-    if rotate & 2:
+    if rotate & quant.ROTATE_VALUES:
         v = quant.rotate(v)
     hq, t, _ = q.shape
     pool = dict(zip(POOL_NAMES, pools))
@@ -97,7 +97,7 @@ def layer_attention(q, k, v, cos, sin, state, sink_k, sink_v, win_k, win_v, evic
     o, m, l, _ = attention.partial_attention(q, kc, vc, causal, scale)
     parts.append((o, m, l))
     out, lse = attention.merge_partials(parts)  # [Hq, T, D], [Hq, T]
-    if rotate & 2:
+    if rotate & quant.ROTATE_VALUES:
         out = quant.rotate(out)  # back from the values' basis
 
     recv = torch.zeros(W + t, N_RECV)

@@ -43,6 +43,7 @@ FP16_NUDGE = 2.0**-10  # relative nudge: >= one fp16 ulp of the value
 FP16_TINY = 2.0**-24  # absolute nudge: one fp16 subnormal step
 NO_CLIP = ((1.0,) * len(SUPPORTED_BITS),) * 2  # (key, value) clip ratios per class: none
 EQUAL_VALUE_BITS = SUPPORTED_BITS  # value bits of the 2-, 4-, 8-bit(-key) classes: keys and values alike
+ROTATE_KEYS, ROTATE_VALUES = 1, 2  # bits of a rotation mask (the layer kernel's kRotateKeys / kRotateValues)
 
 
 def check_layout(head_dim: int, bits: int, group: int) -> None:
@@ -196,6 +197,12 @@ def check_rotation(dim: int) -> None:
     """Raise ``ValueError`` unless ``dim`` (the head_dim) is a power of two."""
     if dim <= 0 or dim & (dim - 1):
         raise ValueError(f"--kv-rotate needs a power-of-two head_dim, got {dim}; pass --no-kv-rotate")
+
+
+def rotation_mask(keys: bool, values: bool) -> int:
+    """The rotation mask of ``--kv-rotate`` / ``--kv-rotate-values``: :data:`ROTATE_KEYS` rotates queries and keys,
+    :data:`ROTATE_VALUES` values and, back, the attention output."""
+    return ROTATE_KEYS * bool(keys) | ROTATE_VALUES * bool(values)
 
 
 def rotation_scale(dim: int) -> float:

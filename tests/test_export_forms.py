@@ -61,7 +61,7 @@ def test_delegable_forms_replace_every_norm_in_place(tiny_model):
         assert isinstance(new, LinearRMSNorm) and new.weight is old.weight and new.eps == old.eps
 
 
-def test_q4_linears_share_one_block_indicator_per_width(tiny_model):
+def test_q4_linears_share_one_block_sum_weight_per_width(tiny_model):
     from kvexport.models.q4 import quantize_q4
 
     model = tiny_model.build()
@@ -69,7 +69,7 @@ def test_q4_linears_share_one_block_indicator_per_width(tiny_model):
     by_width = {}
     for m in model.modules():
         if isinstance(m, Q4Linear):
-            assert by_width.setdefault(m.in_features, m.block_ones) is m.block_ones
+            assert by_width.setdefault(m.in_features, m.block_sums) is m.block_sums
     assert sorted(by_width) == [tiny_model.args.dim, tiny_model.args.intermediate_size]
 
 

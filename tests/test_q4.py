@@ -13,6 +13,7 @@ from kvexport.models.q4 import (
     Q4Int8Linear,
     Q4Linear,
     dequantize_q4_1,
+    int4_weight,
     q4_1_codes,
     quantize_q4,
     quantize_q8_0_rows,
@@ -52,10 +53,15 @@ def test_rewrite_matches_direct_dequantize_and_matmul():
     sums = x.unflatten(-1, (128 // BLOCK, BLOCK)).sum(-1)
     rewritten = F.linear(x, lin.weight.dequantize()) + F.linear(sums, lin.offsets)
     torch.testing.assert_close(rewritten, F.linear(x, w), rtol=0, atol=2e-5)
-    # The module adds per-token asymmetric int8 activations to the first term only.
-    direct = F.linear(x, w)
-    err = (lin(x) - direct).abs().max() / direct.abs().max()
-    assert 0 < err < 2e-2
+    # The module: the same weights applied to the int8 input x~ (per token, asymmetric) in BOTH terms, the
+    # block sums included; x~ read back through an identity 8da4w weight (codes 1, scales 1: exact).
+    identity = int4_weight(torch.eye(128, dtype=torch.int8), torch.ones(128, 128 // BLOCK))
+    x_int8 = F.linear(x, identity)
+    assert 0 < (x_int8 - x).abs().max() < 0.05
+    torch.testing.assert_close(lin(x), F.linear(x_int8, w), rtol=0, atol=2e-5)
+    # block sums of the float input instead (the form before) miss it by the offsets times the rounding
+    float_sums = F.linear(x, lin.weight) + F.linear(sums, lin.offsets)
+    assert (float_sums - F.linear(x_int8, w)).abs().max() > 1e-3
 
 
 def test_bf16_scale_rounding_is_the_only_weight_difference():

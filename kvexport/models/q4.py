@@ -3,18 +3,24 @@
 Q4_1 (every block linear of the default model's GGUF): per block of :data:`BLOCK` = 32 input
 channels of one output row, ``w = d·q + m`` with fp16 ``d``, ``m`` and codes ``q`` in 0..15.
 XNNPACK's blockwise 4-bit GEMM has one zero point per tensor (8) and bf16 block scales, so it cannot
-hold ``m`` — but ``w = d·(q − 8) + (m + 8d)``, hence for ``x`` ``[..., in]``::
+hold ``m`` — but ``w = d·(q − 8) + (m + 8d)``, hence for ``x`` ``[..., in]`` and its int8 form ``x̃``::
 
-    y = linear_8da4w(x; codes q − 8, scales bf16(d))      # [..., out], torchao/XNNPACK 8da4w
-      + blocksum(x) @ cᵀ                                  # blocksum [..., in/32], c = m + 8d [out, in/32]
+    y = linear_8da4w(x; codes q − 8, scales bf16(d))      # [..., out]: d·(q − 8) · x̃
+      + blocksum_8da4w(x) @ cᵀ                            # [..., in/32] @ [in/32, out], c = m + 8d
 
-The first term is torchao's ``IntxUnpackedToInt8Tensor`` with per-token asymmetric int8 activations
-(the form ExecuTorch's XNNPACK partitioner lowers to its 8da4w GEMM); the second is two small fp32
-linears on the unquantized input (the block sums are a linear with a 0/1 block indicator, so XNNPACK
-runs the whole rewrite in one partition: a ``sum`` op would run outside it, once per linear). The
-only departures from the GGUF's arithmetic are the bf16 rounding of ``d`` and the int8 activations
-of the first term; the eager reference (this module) computes what the program computes (up to
-float32 summation order), so ``kvexport parity`` compares like with like.
+Both 8da4w terms are torchao's ``IntxUnpackedToInt8Tensor`` with per-token asymmetric int8 activations
+(the form ExecuTorch's XNNPACK partitioner lowers to its 8da4w GEMM), so both read the same ``x̃``: the
+block sums are a 4-bit linear whose codes are a 0/1 block indicator with scales 1 (:func:`block_sum_weight`,
+one per width, shared), and the offsets a small fp32 linear. So the program applies the GGUF's weights
+(bf16 ``d``) to ``x̃`` exactly — llama.cpp's own Q4_1 x Q8_1 dot product also takes the block minimum
+times the sum of the *quantized* input. Measured on the default model (WikiText-2 test, first 4,096
+tokens, 512-token windows, fp16 KV, eager, ``q4``): block sums of ``x̃`` 30.647, of the float ``x``
+(until this change) 30.946; fp32 weights 30.357. (The float sums left ``d·(q − 8)·(x̃ − x)`` as the
+activation error, whose weights are larger than ``w``'s wherever ``c`` offsets them.) Every op stays in
+one XNNPACK partition (a ``sum`` op would run outside it, once per linear). The only departures from the
+GGUF's arithmetic are the bf16 rounding of ``d`` and the int8 activations; the eager reference (this
+module) computes what the program computes (up to float32 summation order), so ``kvexport parity``
+compares like with like.
 
 Codes are recovered from the loaded float weights (the GGUF converter dequantized them with
 ``d·q + m`` in fp32): in a Q4_1 block the min is ``m`` (code 0) and the max ``m + 15d`` (code 15),
@@ -48,8 +54,7 @@ def q4_1_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def block_ones(in_features: int) -> torch.Tensor:
-    """``[in/32, in]`` block indicator: ``F.linear(x, block_ones(in))`` sums each block of 32 inputs
-    (:func:`quantize_q4` shares one per width among the linears, so the program stores it once)."""
+    """``[in/32, in]`` block indicator: ``F.linear(x, block_ones(in))`` sums each block of 32 inputs."""
     return torch.eye(in_features // BLOCK).repeat_interleave(BLOCK, dim=1)
 
 
@@ -122,36 +127,48 @@ def dequantize_q4_1(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> to
     return (d[..., None] * q + m[..., None]).reshape(out_f, in_f)
 
 
+def int4_weight(qdata: torch.Tensor, scale: torch.Tensor) -> nn.Parameter:
+    """int8 codes ``[out, in]`` in -8..7 and block scales ``[out, in/32]`` -> a frozen 8da4w weight (per-token
+    asymmetric int8 activations; scales kept in bf16, as XNNPACK's blockwise 4-bit GEMM keeps them)."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor,
+        IntxUnpackedToInt8TensorActivationQuantization,
+    )
+
+    return nn.Parameter(IntxUnpackedToInt8Tensor(
+        qdata=qdata, scale=scale.to(torch.bfloat16), zero_point=torch.zeros(scale.shape, dtype=torch.int8),
+        target_dtype=torch.int4, block_size=(1, BLOCK), dtype=torch.float32,
+        activation_quantization=IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN),
+        requires_grad=False)
+
+
+def block_sum_weight(in_features: int) -> nn.Parameter:
+    """The 8da4w linear ``[in/32, in]`` whose outputs are the block sums of the int8 input: codes 1 inside
+    block b's 32 columns, 0 elsewhere, scales 1 (:func:`quantize_q4` shares one per width, so the program
+    stores it once)."""
+    nb = in_features // BLOCK
+    return int4_weight(block_ones(in_features).to(torch.int8), torch.ones(nb, nb))
+
+
 class Q4Linear(nn.Module):
     """A bias-free linear with Q4_1 weights in the rewritten form (module docstring)."""
 
     def __init__(self, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, exact: bool,
-                 ones: torch.Tensor | None = None):
+                 block_sums: nn.Parameter | None = None):
         super().__init__()
-        from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
-            IntxUnpackedToInt8Tensor,
-            IntxUnpackedToInt8TensorActivationQuantization,
-        )
-
         self.out_features, self.in_features = codes.shape
         self.exact = exact  # codes recovered bit-exactly (True) or re-quantized (False)
-        weight = IntxUnpackedToInt8Tensor(
-            qdata=(codes.to(torch.int16) - 8).to(torch.int8),  # [out, in] in -8..7
-            scale=d.to(torch.bfloat16),  # [out, in/32]: XNNPACK keeps blockwise scales in bf16
-            zero_point=torch.zeros(d.shape, dtype=torch.int8),
-            target_dtype=torch.int4, block_size=(1, BLOCK), dtype=torch.float32,
-            activation_quantization=IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN)
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight = int4_weight((codes.to(torch.int16) - 8).to(torch.int8), d)  # [out, in] in -8..7
         self.offsets = nn.Parameter(m + 8 * d, requires_grad=False)  # [out, in/32]: c = m + 8d
-        ones = block_ones(self.in_features) if ones is None else ones  # [in/32, in], shared when given
-        self.register_buffer("block_ones", ones, persistent=False)
+        # [in/32, in], shared when given
+        self.block_sums = block_sum_weight(self.in_features) if block_sums is None else block_sums
 
     @classmethod
-    def from_float(cls, w: torch.Tensor, ones: torch.Tensor | None = None) -> "Q4Linear":
-        return cls(*q4_1_codes(w), ones)
+    def from_float(cls, w: torch.Tensor, block_sums: nn.Parameter | None = None) -> "Q4Linear":
+        return cls(*q4_1_codes(w), block_sums)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sums = F.linear(x, self.block_ones)  # [..., in/32]: one XNNPACK linear, not a sum op
+        sums = F.linear(x, self.block_sums)  # [..., in/32]: of the int8 input the first term reads
         return F.linear(x, self.weight) + F.linear(sums, self.offsets)  # [..., out]
 
 
@@ -159,10 +176,10 @@ def quantize_q4(model: nn.Module) -> dict:
     """Replace every block ``nn.Linear`` of ``model`` whose width is a multiple of 32 by a
     :class:`Q4Linear`, in place. Returns the manifest's summary: how many were exact, how many
     re-quantized."""
-    ones = {}  # width -> its block_ones, one per width
+    sums = {}  # width -> its block_sum_weight, one per width
     for fqn, mod in _block_linears(model):
         parent, _, name = fqn.rpartition(".")
-        shared = ones.setdefault(mod.in_features, block_ones(mod.in_features))
+        shared = sums.setdefault(mod.in_features, block_sum_weight(mod.in_features))
         setattr(model.get_submodule(parent), name, Q4Linear.from_float(mod.weight.detach(), shared))
     return q4_summary(model)
 
